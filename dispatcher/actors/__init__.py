@@ -1,0 +1,1 @@
+"""Zone actors: one Ray actor per zone serializes assignment for that zone."""

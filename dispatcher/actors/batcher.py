@@ -1,0 +1,87 @@
+"""PingBatcher: coalesces concurrent pings per zone into one actor call every few ms."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+
+from dispatcher.actors.messages import Ping, PingVerdict
+
+log = logging.getLogger(__name__)
+
+Flush = Callable[[str, Sequence[Ping]], Awaitable[list[PingVerdict]]]
+
+
+class _ZoneQueue:
+    def __init__(self) -> None:
+        self.items: list[tuple[Ping, asyncio.Future[PingVerdict]]] = []
+        self.wakeup = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+
+class PingBatcher:
+    """One flusher per zone with at most one call in flight.
+
+    A ping's future resolves only after its batch is committed to PostgreSQL, so a 204
+    means "persisted"; a failed batch fails each of its pings with the same error.
+    """
+
+    def __init__(self, flush: Flush, *, interval_s: float, max_batch: int) -> None:
+        self._flush = flush
+        self._interval_s = interval_s
+        self._max_batch = max_batch
+        self._zones: dict[str, _ZoneQueue] = {}
+        self._closed = False
+
+    async def submit(self, zone_id: str, ping: Ping) -> PingVerdict:
+        return (await self.submit_many(zone_id, [ping]))[0]
+
+    async def submit_many(self, zone_id: str, pings: Sequence[Ping]) -> list[PingVerdict]:
+        if self._closed:
+            raise RuntimeError("ping batcher closed")
+        queue = self._zones.get(zone_id)
+        if queue is None:
+            queue = self._zones[zone_id] = _ZoneQueue()
+            queue.task = asyncio.create_task(self._run(zone_id, queue), name=f"pings:{zone_id}")
+        loop = asyncio.get_running_loop()
+        futures = [loop.create_future() for _ in pings]
+        queue.items.extend(zip(pings, futures, strict=True))
+        queue.wakeup.set()
+        return list(await asyncio.gather(*futures))
+
+    async def _run(self, zone_id: str, queue: _ZoneQueue) -> None:
+        while True:
+            await queue.wakeup.wait()
+            queue.wakeup.clear()
+            # Let concurrent requests join this batch: the cost of one actor call is
+            # shared by every ping that arrives within the interval.
+            if self._interval_s > 0:
+                await asyncio.sleep(self._interval_s)
+            while queue.items:
+                batch, queue.items = queue.items[: self._max_batch], queue.items[self._max_batch :]
+                await self._send(zone_id, batch)
+
+    async def _send(self, zone_id: str, batch: list[tuple[Ping, asyncio.Future[PingVerdict]]]) -> None:
+        try:
+            verdicts = await self._flush(zone_id, [p for p, _ in batch])
+        except Exception as exc:
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(exc)
+            return
+        for (_, fut), verdict in zip(batch, verdicts, strict=True):
+            if not fut.done():
+                fut.set_result(verdict)
+
+    async def close(self) -> None:
+        self._closed = True
+        for queue in self._zones.values():
+            if queue.task is not None:
+                queue.task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await queue.task
+            for _, fut in queue.items:
+                if not fut.done():
+                    fut.set_exception(RuntimeError("shutting down"))

@@ -1,0 +1,114 @@
+"""ZoneDirectory: the ingress's typed facade over zone actor handles, with bounded retries."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
+
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+
+from dispatcher.actors.messages import (
+    AssignRequest,
+    AssignResult,
+    Ping,
+    PingVerdict,
+    ZoneStats,
+)
+from dispatcher.actors.options import zone_actor_name, zone_actor_options
+from dispatcher.actors.zone import ZoneActorRemote
+from dispatcher.config import ResolvedSettings
+from dispatcher.errors import DispatchError, StaleEpochError, ZoneUnavailableError
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# A zone that died is restarted by Ray in about a second; three tries over ~2 s ride
+# out a restart, after which the caller gets a retryable 503.
+RETRY_DELAYS_S = (0.1, 0.5, 1.5)
+
+
+class ZoneDirectory:
+    """Get-or-create zone actors by name and call them.
+
+    Every method is safe to retry: assignment is keyed by sellerOrderId and pings are
+    ordered by recordedAt, so a call that failed after succeeding does no harm.
+    """
+
+    def __init__(self, settings: ResolvedSettings, *, use_resource: bool = False) -> None:
+        self.settings = settings
+        self._settings_json = settings.model_dump_json()
+        self._handles: dict[str, Any] = {}
+        self._use_resource = use_resource
+
+    @property
+    def zone_ids(self) -> list[str]:
+        return sorted(self._handles)
+
+    def _get_or_create(self, zone_id: str) -> Any:
+        options = zone_actor_options(zone_id, self.settings.ray_namespace, use_resource=self._use_resource)
+        return ZoneActorRemote.options(**options).remote(zone_id, self._settings_json)
+
+    async def _handle(self, zone_id: str) -> Any:
+        handle = self._handles.get(zone_id)
+        if handle is None:
+            # Creating or looking up a named actor is a blocking GCS round trip.
+            handle = await asyncio.to_thread(self._get_or_create, zone_id)
+            self._handles[zone_id] = handle
+        return handle
+
+    async def _call(self, zone_id: str, invoke: Callable[[Any], Awaitable[T]]) -> T:
+        last: BaseException | None = None
+        for delay in (0.0, *RETRY_DELAYS_S):
+            if delay:
+                await asyncio.sleep(delay)
+            try:
+                handle = await self._handle(zone_id)
+                async with asyncio.timeout(self.settings.actor_call_timeout_s):
+                    return await invoke(handle)
+            except RayTaskError as exc:
+                cause = exc.cause
+                if isinstance(cause, DispatchError):
+                    raise cause from None
+                if not isinstance(cause, StaleEpochError):
+                    raise
+                last = cause
+                self._handles.pop(zone_id, None)
+            except (RayActorError, ValueError) as exc:
+                # The actor died or is restarting (ValueError: a name not found yet).
+                last = exc
+                self._handles.pop(zone_id, None)
+            except TimeoutError as exc:
+                raise ZoneUnavailableError(f"zone {zone_id} did not answer in time") from exc
+        log.warning("zone %s unavailable: %s", zone_id, last)
+        raise ZoneUnavailableError(f"zone {zone_id} is restarting; retry shortly")
+
+    async def assign(self, zone_id: str, req: AssignRequest) -> AssignResult:
+        return await self._call(zone_id, lambda h: h.assign.remote(req))
+
+    async def apply_pings(self, zone_id: str, pings: Sequence[Ping]) -> list[PingVerdict]:
+        return await self._call(zone_id, lambda h: h.apply_pings.remote(list(pings)))
+
+    async def refresh(self, zone_id: str, driver_ids: Sequence[str]) -> None:
+        await self._call(zone_id, lambda h: h.refresh.remote(list(driver_ids)))
+
+    async def stats(self, zone_id: str) -> ZoneStats:
+        return await self._call(zone_id, lambda h: h.stats.remote())
+
+    async def sweep_now(self, zone_id: str) -> None:
+        await self._call(zone_id, lambda h: h.sweep_now.remote())
+
+    async def shutdown_all(self, zone_ids: Sequence[str]) -> None:
+        """Close every zone's connections; used when this process owns the Ray instance."""
+        for zone_id in zone_ids:
+            try:
+                handle = await asyncio.to_thread(
+                    ray.get_actor, zone_actor_name(zone_id), self.settings.ray_namespace
+                )
+                async with asyncio.timeout(5):
+                    await handle.shutdown.remote()
+            except Exception as exc:
+                log.info("zone %s shutdown skipped: %s", zone_id, exc)

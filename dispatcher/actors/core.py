@@ -1,0 +1,240 @@
+"""ZoneCore: one zone's shard, assignment and mirror upkeep; plain asyncio, no Ray."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+from dispatcher.actors.messages import (
+    AssignRequest,
+    AssignResult,
+    LookupPath,
+    Ping,
+    PingVerdict,
+    ZoneStats,
+)
+from dispatcher.config import ResolvedSettings
+from dispatcher.errors import DispatchError
+from dispatcher.models import UnassignedResponse
+from dispatcher.store.deliveries import (
+    Booking,
+    DeliveryStore,
+    ExistingOrder,
+    OrderExistsError,
+)
+from dispatcher.store.drivers import DriverStore, MirrorEntry
+from dispatcher.store.geo import GeoMirror, MirrorUnavailableError, is_dispatchable
+from dispatcher.store.pg import activate_zone
+from dispatcher.zoning import Zoning
+
+log = logging.getLogger(__name__)
+
+# Redis narrows the search to this many nearest mirror members; PostgreSQL then picks
+# the nearest dispatchable one among them with exact distances.
+CANDIDATES = 8
+
+
+class ZoneCore:
+    """Serializes every write of one zone behind one lock.
+
+    Guarantees: PostgreSQL is written before the mirror; a mirror failure never fails
+    a request (the zone is marked dirty and rebuilt by the sweeper); every write
+    transaction checks this incarnation's epoch, so a stale one cannot commit.
+    """
+
+    def __init__(
+        self,
+        zone_id: str,
+        settings: ResolvedSettings,
+        *,
+        drivers: DriverStore,
+        deliveries: DeliveryStore,
+        mirror: GeoMirror,
+        zoning: Zoning,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.zone_id = zone_id
+        self.settings = settings
+        self.drivers = drivers
+        self.deliveries = deliveries
+        self.mirror = mirror
+        self.zoning = zoning
+        self.clock = clock
+        self.epoch = 0
+        self.shard: dict[str, MirrorEntry] = {}
+        self._lock = asyncio.Lock()
+        self._mirror_dirty = True
+        self._last_reconcile = 0.0
+        self._sweeper: asyncio.Task[None] | None = None
+
+    # ---- lifetime -----------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Take the zone (new epoch), rebuild the shard and the mirror from PostgreSQL."""
+        async with self._lock:
+            self.epoch = await activate_zone(self.drivers.pool, self.zone_id)
+            await self._reconcile()
+        self._sweeper = asyncio.create_task(self._sweep_forever(), name=f"sweep:{self.zone_id}")
+        log.info("zone %s active at epoch %d with %d drivers", self.zone_id, self.epoch, len(self.shard))
+
+    async def stop(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+
+    # ---- pings --------------------------------------------------------------------
+
+    async def apply_pings(self, pings: Sequence[Ping]) -> list[PingVerdict]:
+        newest: dict[str, Ping] = {}
+        for ping in pings:
+            kept = newest.get(ping.driver_id)
+            if kept is None or ping.recorded_at > kept.recorded_at:
+                newest[ping.driver_id] = ping
+        unique = list(newest.values())
+        async with self._lock:
+            verdicts, entries, moved = await self.drivers.apply_pings(
+                self.zone_id, self.epoch, unique, self.settings.max_ping_speed_kmh
+            )
+            for entry in entries:
+                self.shard[entry.driver_id] = entry
+            await self._mirror_write(entries, moved)
+        by_driver: dict[str, PingVerdict] = dict(zip((p.driver_id for p in unique), verdicts, strict=True))
+        return [
+            by_driver[p.driver_id] if newest[p.driver_id] is p else PingVerdict.STALE
+            for p in pings
+        ]
+
+    async def _mirror_write(self, entries: list[MirrorEntry], moved: dict[str, str]) -> None:
+        try:
+            await self.mirror.apply(self.zone_id, entries, self.clock(), self.settings.heartbeat_ttl_s)
+            for old_zone in set(moved.values()):
+                await self.mirror.forget(old_zone, [d for d, z in moved.items() if z == old_zone])
+        except MirrorUnavailableError:
+            self._mirror_dirty = True
+
+    # ---- assignment ---------------------------------------------------------------
+
+    async def assign(self, req: AssignRequest) -> AssignResult:
+        async with self._lock:
+            existing = await self.deliveries.existing(req.seller_order_id)
+            if existing is not None:
+                return _replay(req, existing)
+            try:
+                booking, path = await self._book(req)
+            except OrderExistsError:
+                # Same order booked concurrently through another zone (different pickup).
+                existing = await self.deliveries.existing(req.seller_order_id)
+                assert existing is not None
+                return _replay(req, existing)
+            if booking is None:
+                body = UnassignedResponse(seller_order_id=req.seller_order_id).model_dump_json()
+                return AssignResult("unassigned", body, "none")
+            await self._booked(booking)
+            return AssignResult("assigned", booking.body, path, booking.driver_id)
+
+    async def _book(self, req: AssignRequest) -> tuple[Booking | None, LookupPath]:
+        radius = self.settings.search_radius_km
+        try:
+            zones = self.zoning.zones_near(req.pickup_lat, req.pickup_lon, radius)
+            candidates = await self.mirror.nearest(zones, req.pickup_lat, req.pickup_lon, radius, CANDIDATES)
+        except MirrorUnavailableError:
+            candidates = []
+        if candidates:
+            booking = await self._book_among(req, candidates)
+            if booking is not None:
+                return booking, "redis"
+        # No usable mirror answer: PostgreSQL decides alone, so "nobody" is always
+        # confirmed by the truth and a stale or empty mirror never loses an order.
+        return await self._book_among(req, None), "postgres"
+
+    async def _book_among(self, req: AssignRequest, candidates: list[str] | None) -> Booking | None:
+        return await self.deliveries.book(
+            req,
+            zone_id=self.zone_id,
+            epoch=self.epoch,
+            candidates=candidates,
+            radius_km=self.settings.search_radius_km,
+            heartbeat_ttl_s=self.settings.heartbeat_ttl_s,
+        )
+
+    async def _booked(self, booking: Booking) -> None:
+        entry = self.shard.get(booking.driver_id)
+        if entry is not None:
+            self.shard[booking.driver_id] = _with_status(entry, available=False)
+        zone = booking.driver_zone_id or self.zone_id
+        try:
+            await self.mirror.forget(zone, [booking.driver_id])
+        except MirrorUnavailableError:
+            self._mirror_dirty = True
+
+    # ---- refresh after writes made elsewhere (status, lifecycle, deactivation) ----------
+
+    async def refresh(self, driver_ids: Sequence[str]) -> None:
+        async with self._lock:
+            entries = await self.drivers.mirror_entries(driver_ids)
+            for entry in entries:
+                if entry.zone_id == self.zone_id:
+                    self.shard[entry.driver_id] = entry
+                else:
+                    self.shard.pop(entry.driver_id, None)
+            await self._mirror_write(entries, {})
+
+    def stats(self) -> ZoneStats:
+        now = self.clock()
+        available = sum(
+            1 for e in self.shard.values() if is_dispatchable(e, now, self.settings.heartbeat_ttl_s)
+        )
+        return ZoneStats(self.zone_id, self.epoch, len(self.shard), available)
+
+    # ---- sweeper ------------------------------------------------------------------
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.sweep_interval_s)
+            try:
+                await self.sweep_once()
+            except (MirrorUnavailableError, DispatchError) as exc:
+                self._mirror_dirty = True
+                log.info("zone %s sweep skipped: %s", self.zone_id, exc)
+            except Exception:
+                log.exception("zone %s sweep failed", self.zone_id)
+
+    async def sweep_once(self) -> None:
+        async with self._lock:
+            await self.sweep()
+
+    async def sweep(self) -> None:
+        """Expire silent drivers; rebuild when Redis lost the zone or missed writes."""
+        now = self.clock()
+        due = now - self._last_reconcile >= self.settings.reconcile_interval_s
+        if self._mirror_dirty or due or not await self.mirror.is_built(self.zone_id):
+            await self._reconcile()
+        else:
+            await self.mirror.expire(self.zone_id, now - self.settings.heartbeat_ttl_s)
+
+    async def _reconcile(self) -> None:
+        entries = await self.drivers.zone_entries(self.zone_id)
+        self.shard = {e.driver_id: e for e in entries}
+        self._last_reconcile = self.clock()
+        try:
+            await self.mirror.rebuild(self.zone_id, entries, self.clock(), self.settings.heartbeat_ttl_s)
+        except MirrorUnavailableError:
+            self._mirror_dirty = True
+            return
+        self._mirror_dirty = False
+
+
+def _replay(req: AssignRequest, existing: ExistingOrder) -> AssignResult:
+    if (existing.pickup_lat, existing.pickup_lon) != (req.pickup_lat, req.pickup_lon):
+        return AssignResult("conflict", existing.response_body, "none")
+    return AssignResult("replayed", existing.response_body, "none")
+
+
+def _with_status(entry: MirrorEntry, *, available: bool) -> MirrorEntry:
+    return MirrorEntry(
+        entry.driver_id, entry.zone_id, entry.lat, entry.lon, entry.seen_epoch_s, available
+    )

@@ -1,0 +1,34 @@
+"""Every Ray option of a zone actor, in one place."""
+
+from __future__ import annotations
+
+from typing import Any
+
+# Each zone is its own process; asking for no CPU lets a laptop host dozens of zones,
+# while the custom resource lets a cluster's autoscaler see and place them.
+ZONE_RESOURCE = "dispatcher_zone"
+
+
+def zone_actor_name(zone_id: str) -> str:
+    return f"zone:{zone_id}"
+
+
+def zone_actor_options(zone_id: str, namespace: str, *, use_resource: bool = False) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "name": zone_actor_name(zone_id),
+        "namespace": namespace,
+        "get_if_exists": True,
+        # Detached: zones outlive any one ingress replica and are shared by all.
+        "lifetime": "detached",
+        # A dead zone restarts forever; its constructor rebuilds from PostgreSQL.
+        "max_restarts": -1,
+        # Calls are not retried by Ray: the ingress retries with its own bounded
+        # policy, and every method is idempotent (sellerOrderId, ping recordedAt).
+        "max_task_retries": 0,
+        # One call at a time; ZoneCore's lock also covers the background sweeper.
+        "max_concurrency": 1,
+        "num_cpus": 0,
+    }
+    if use_resource:
+        options["resources"] = {ZONE_RESOURCE: 0.001}
+    return options

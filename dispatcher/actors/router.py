@@ -1,0 +1,55 @@
+"""ZoneRouter: which zone actor serves a ping or an order, with a bounded zone count."""
+
+from __future__ import annotations
+
+import time
+
+import asyncpg
+
+from dispatcher.errors import RequestValidationError
+from dispatcher.store.pg import known_zones
+from dispatcher.zoning import Zoning
+
+# Orders in areas with no known zone re-read the zone list at most this often.
+REFRESH_MIN_INTERVAL_S = 1.0
+
+
+class ZoneRouter:
+    """Pings go to the zone of their point (creating it, up to `max_zones`).
+
+    Orders go to the zone of their pickup if it exists, else to the nearest existing
+    zone within reach; with none, no driver can be in range and no actor is needed.
+    """
+
+    def __init__(self, zoning: Zoning, pool: asyncpg.Pool, *, max_zones: int) -> None:
+        self.zoning = zoning
+        self.pool = pool
+        self.max_zones = max_zones
+        self.known: set[str] = set()
+        self._refreshed_at = 0.0
+
+    async def load(self) -> None:
+        self.known = set(await known_zones(self.pool))
+        self._refreshed_at = time.monotonic()
+
+    async def zone_for_ping(self, lat: float, lon: float) -> str:
+        zone = self.zoning.zone_of(lat, lon)
+        if zone not in self.known:
+            await self._refresh()
+            if zone not in self.known and len(self.known) >= self.max_zones:
+                raise RequestValidationError(
+                    f"location outside the service area: the zone limit ({self.max_zones}) is reached",
+                    errors=[{"loc": ["body", "lat"], "msg": "outside the service area"}],
+                )
+            self.known.add(zone)
+        return zone
+
+    async def zone_for_order(self, lat: float, lon: float, radius_km: float) -> str | None:
+        near = self.zoning.zones_near(lat, lon, radius_km)
+        if not any(z in self.known for z in near):
+            await self._refresh()
+        return next((z for z in near if z in self.known), None)
+
+    async def _refresh(self) -> None:
+        if time.monotonic() - self._refreshed_at >= REFRESH_MIN_INTERVAL_S:
+            await self.load()

@@ -1,0 +1,97 @@
+"""ZoneActor: the Ray shell around ZoneCore; opens its own pool and Redis client."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+import ray
+
+from dispatcher.actors.core import ZoneCore
+from dispatcher.actors.messages import (
+    AssignRequest,
+    AssignResult,
+    Ping,
+    PingVerdict,
+    ZoneStats,
+)
+from dispatcher.config import ResolvedSettings
+from dispatcher.store.deliveries import DeliveryStore
+from dispatcher.store.drivers import DriverStore
+from dispatcher.store.geo import GeoMirror, connect_redis
+from dispatcher.store.pg import create_pool
+from dispatcher.zoning import Zoning
+
+log = logging.getLogger(__name__)
+
+# A zone actor serves one zone's calls one at a time: a small pool is enough.
+ZONE_POOL_SIZE = 3
+
+
+class ZoneActor:
+    """One per zone, named `zone:<id>`. State lives in PostgreSQL; the in-memory shard
+    and the mirror are rebuilt from it whenever this process (re)starts."""
+
+    def __init__(self, zone_id: str, settings_json: str) -> None:
+        logging.basicConfig(level=logging.INFO)
+        self.zone_id = zone_id
+        self.settings = ResolvedSettings.model_validate_json(settings_json)
+        self._core: ZoneCore | None = None
+        self._starting = asyncio.Lock()
+
+    async def _ready(self) -> ZoneCore:
+        # Started lazily on the first call: Ray runs __init__ synchronously, and a
+        # failed start (PostgreSQL down) is then retried by the next call.
+        if self._core is not None:
+            return self._core
+        async with self._starting:
+            if self._core is None:
+                s = self.settings
+                pool = await create_pool(s.database_url, max_size=ZONE_POOL_SIZE, command_timeout_s=s.pg_timeout_s)
+                mirror = GeoMirror(connect_redis(s.redis_url, s.redis_timeout_s), s.redis_timeout_s)
+                core = ZoneCore(
+                    self.zone_id, s,
+                    drivers=DriverStore(pool), deliveries=DeliveryStore(pool),
+                    mirror=mirror, zoning=Zoning(s.zone_resolution),
+                )
+                try:
+                    await core.start()
+                except BaseException:
+                    await pool.close()
+                    await mirror.client.aclose()
+                    raise
+                self._core = core
+        return self._core
+
+    @ray.method
+    async def assign(self, req: AssignRequest) -> AssignResult:
+        return await (await self._ready()).assign(req)
+
+    @ray.method
+    async def apply_pings(self, pings: Sequence[Ping]) -> list[PingVerdict]:
+        return await (await self._ready()).apply_pings(pings)
+
+    @ray.method
+    async def refresh(self, driver_ids: Sequence[str]) -> None:
+        await (await self._ready()).refresh(driver_ids)
+
+    @ray.method
+    async def stats(self) -> ZoneStats:
+        return (await self._ready()).stats()
+
+    @ray.method
+    async def sweep_now(self) -> None:
+        """Run one sweep immediately (operators and tests; the loop runs on its own)."""
+        await (await self._ready()).sweep_once()
+
+    @ray.method
+    async def shutdown(self) -> None:
+        core, self._core = self._core, None
+        if core is not None:
+            await core.stop()
+            await core.drivers.pool.close()
+            await core.mirror.client.aclose()
+
+
+ZoneActorRemote = ray.remote(ZoneActor)

@@ -1,0 +1,1 @@
+"""aiohttp ingress: routes, auth, problem responses, OpenAPI."""

@@ -1,0 +1,105 @@
+"""create_app: the aiohttp ingress with its resources opened and closed in order."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+
+from aiohttp import web
+
+from dispatcher.actors.client import ZoneDirectory
+from dispatcher.actors.router import ZoneRouter
+from dispatcher.api import deliveries, drivers, events, ops
+from dispatcher.api.keys import (
+    DISPATCHER,
+    METRICS,
+    MIRROR,
+    OPENAPI,
+    PG_POOL,
+    SENDER,
+    SETTINGS,
+)
+from dispatcher.api.metrics import Metrics, metrics_middleware
+from dispatcher.api.openapi import build_openapi
+from dispatcher.api.problems import problem_middleware
+from dispatcher.api.spec import RouteSpec
+from dispatcher.config import ResolvedSettings
+from dispatcher.service import Dispatcher
+from dispatcher.store.deliveries import DeliveryStore
+from dispatcher.store.drivers import DriverStore
+from dispatcher.store.geo import GeoMirror, connect_redis
+from dispatcher.store.pg import create_pool
+from dispatcher.webhooks.sender import WebhookSender
+from dispatcher.zoning import Zoning
+
+# CONTRACT §3: bodies over 64 KiB are answered 413.
+MAX_BODY_BYTES = 64 * 1024
+
+ROUTES: list[RouteSpec] = [*events.ROUTES, *drivers.ROUTES, *deliveries.ROUTES, *ops.ROUTES]
+
+
+def create_app(settings: ResolvedSettings, *, zones: ZoneDirectory | None = None) -> web.Application:
+    """The ingress. Ray must already be initialised in this process (see cli.main)."""
+    metrics = Metrics()
+    app = web.Application(
+        client_max_size=MAX_BODY_BYTES,
+        middlewares=[metrics_middleware(metrics), problem_middleware],
+    )
+    app[SETTINGS] = settings
+    app[METRICS] = metrics
+    app[OPENAPI] = build_openapi(ROUTES)
+    for route in ROUTES:
+        app.router.add_route(route.method, route.path, route.handler)
+
+    directory = zones or ZoneDirectory(settings)
+    app.cleanup_ctx.extend([_postgres, _redis, _dispatcher(directory), _webhooks])
+    return app
+
+
+async def _postgres(app: web.Application) -> AsyncIterator[None]:
+    s = app[SETTINGS]
+    app[PG_POOL] = await create_pool(s.database_url, max_size=s.pg_pool_max, command_timeout_s=s.pg_timeout_s)
+    yield
+    await app[PG_POOL].close()
+
+
+async def _redis(app: web.Application) -> AsyncIterator[None]:
+    s = app[SETTINGS]
+    app[MIRROR] = GeoMirror(connect_redis(s.redis_url, s.redis_timeout_s), s.redis_timeout_s)
+    yield
+    await app[MIRROR].client.aclose()
+
+
+def _dispatcher(directory: ZoneDirectory) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def context(app: web.Application) -> AsyncIterator[None]:
+        s = app[SETTINGS]
+        pool = app[PG_POOL]
+        router = ZoneRouter(Zoning(s.zone_resolution), pool, max_zones=s.max_zones)
+        await router.load()
+        dispatcher = Dispatcher(
+            s, drivers=DriverStore(pool), deliveries=DeliveryStore(pool), router=router, zones=directory
+        )
+        app[DISPATCHER] = dispatcher
+        yield
+        await dispatcher.close()
+
+    return context
+
+
+async def _webhooks(app: web.Application) -> AsyncIterator[None]:
+    s = app[SETTINGS]
+    sender = WebhookSender(
+        app[PG_POOL],
+        url=s.vendure_webhook_url,
+        secret=s.vendure_webhook_secret,
+        schedule_s=s.webhook_schedule_s,
+        timeout_s=s.webhook_timeout_s,
+        poll_interval_s=s.webhook_poll_interval_s,
+    )
+    app[SENDER] = sender
+    task = asyncio.create_task(sender.run(), name="webhook-sender")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

@@ -1,0 +1,74 @@
+"""Who is calling: Standard Webhooks signatures for Vendure, bearer tokens for the rest."""
+
+from __future__ import annotations
+
+import hmac
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from dispatcher.api.keys import DISPATCHER, SETTINGS
+from dispatcher.errors import ForbiddenError, UnauthorizedError
+from dispatcher.webhooks.signing import InvalidSignatureError, verify
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """An operator (driver_id None) or exactly one driver."""
+
+    driver_id: str | None
+
+    @property
+    def is_operator(self) -> bool:
+        return self.driver_id is None
+
+    def may_act_for(self, driver_id: str) -> bool:
+        return self.is_operator or self.driver_id == driver_id
+
+
+def verify_inbound(request: web.Request, body: bytes) -> None:
+    """Vendure's events: signature over the raw body, 300 s tolerance; else 401."""
+    try:
+        verify([request.app[SETTINGS].inbound_secret], request.headers, body)
+    except InvalidSignatureError as exc:
+        raise UnauthorizedError(f"invalid webhook signature: {exc}") from None
+
+
+def _bearer(request: web.Request) -> str:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise UnauthorizedError("missing bearer token (Authorization: Bearer <token>)")
+    return token.strip()
+
+
+def _is_admin(request: web.Request, token: str) -> bool:
+    return hmac.compare_digest(token.encode(), request.app[SETTINGS].admin_token.encode())
+
+
+async def require_operator(request: web.Request) -> Principal:
+    principal = await authenticate(request)
+    if not principal.is_operator:
+        raise ForbiddenError("this route needs the operator token")
+    return principal
+
+
+async def authenticate(request: web.Request) -> Principal:
+    """The operator, or the active driver the token names."""
+    token = _bearer(request)
+    if _is_admin(request, token):
+        return Principal(None)
+    found = await request.app[DISPATCHER].drivers.identify(token)
+    if found is None:
+        raise UnauthorizedError("unknown token")
+    driver_id, is_active = found
+    if not is_active:
+        raise ForbiddenError(f"driver {driver_id} is deactivated")
+    return Principal(driver_id)
+
+
+async def require_driver(request: web.Request, driver_id: str) -> Principal:
+    principal = await authenticate(request)
+    if not principal.may_act_for(driver_id):
+        raise ForbiddenError("a driver token may only act for its own driver")
+    return principal

@@ -1,0 +1,22 @@
+"""Typed application keys for everything the handlers share."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import asyncpg
+from aiohttp import web
+
+from dispatcher.api.metrics import Metrics
+from dispatcher.config import ResolvedSettings
+from dispatcher.service import Dispatcher
+from dispatcher.store.geo import GeoMirror
+from dispatcher.webhooks.sender import WebhookSender
+
+SETTINGS = web.AppKey("settings", ResolvedSettings)
+PG_POOL = web.AppKey("pg_pool", asyncpg.Pool)
+MIRROR = web.AppKey("mirror", GeoMirror)
+DISPATCHER = web.AppKey("dispatcher", Dispatcher)
+SENDER = web.AppKey("webhook_sender", WebhookSender)
+METRICS = web.AppKey("metrics", Metrics)
+OPENAPI = web.AppKey("openapi", dict[str, Any])

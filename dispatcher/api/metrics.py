@@ -1,0 +1,62 @@
+"""Prometheus metrics of one ingress process, in a registry of its own."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+# Dispatch latencies live between a millisecond and a few seconds.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "dispatcher_http_requests", "HTTP requests answered", ["method", "route", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "dispatcher_http_request_seconds", "HTTP request latency", ["route"],
+            buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.assignments = Counter(
+            "dispatcher_assignments", "seller-order-ready outcomes", ["outcome", "path"],
+            registry=self.registry,
+        )
+        self.pings = Counter(
+            "dispatcher_pings", "location pings by verdict", ["verdict"], registry=self.registry
+        )
+        self.outbox_pending = Gauge(
+            "dispatcher_outbox_pending", "webhooks not yet delivered", registry=self.registry
+        )
+        self.redis_up = Gauge(
+            "dispatcher_redis_up", "1 when the GEO mirror answers", registry=self.registry
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def metrics_middleware(metrics: Metrics) -> Any:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+        started = time.perf_counter()
+        route = request.match_info.route.resource
+        # Label by route template, never by raw path: ids would explode the series.
+        name = route.canonical if route is not None else "unmatched"
+        response: web.StreamResponse = await handler(request)
+        metrics.requests.labels(request.method, name, str(response.status)).inc()
+        metrics.latency.labels(name).observe(time.perf_counter() - started)
+        return response
+
+    return middleware

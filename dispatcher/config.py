@@ -1,0 +1,95 @@
+"""Settings: every DISPATCHER_* environment variable, typed and frozen."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Vendure's retry window is days, the Standard Webhooks example schedule spans about
+# three of them: immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 14 h, 20 h, 24 h.
+DEFAULT_WEBHOOK_SCHEDULE_S: tuple[float, ...] = (
+    0,
+    5,
+    300,
+    1800,
+    7200,
+    18000,
+    36000,
+    50400,
+    72000,
+    86400,
+)
+
+
+def default_data_dir() -> Path:
+    return Path.home() / ".local" / "share" / "dispatcher"
+
+
+class Settings(BaseSettings):
+    """Process configuration; built once in `main()` and passed down, never global."""
+
+    model_config = SettingsConfigDict(env_prefix="DISPATCHER_", frozen=True, extra="ignore")
+
+    # The contract's table (CONTRACT §1). `None` means "start an embedded one".
+    database_url: str | None = None
+    redis_url: str | None = None
+    ray_address: str | None = None
+    data_dir: Path = Field(default_factory=default_data_dir)
+    vendure_webhook_url: str | None = None
+    vendure_webhook_secret: str | None = None
+    inbound_secret: str | None = None
+    admin_token: str | None = None
+    search_radius_km: float = Field(default=5.0, gt=0, le=100)
+    heartbeat_ttl_s: float = Field(default=60.0, gt=0)
+
+    # Our own knobs, documented in the README.
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    ray_namespace: str = "dispatcher"
+    zone_resolution: int = Field(default=5, ge=0, le=9)
+    # Each zone is a process: bound how many pings can conjure up.
+    max_zones: int = Field(default=64, ge=1)
+    sweep_interval_s: float = Field(default=5.0, gt=0)
+    reconcile_interval_s: float = Field(default=60.0, gt=0)
+    ping_flush_interval_ms: float = Field(default=2.0, ge=0)
+    ping_batch_max: int = Field(default=500, ge=1)
+    redis_timeout_s: float = Field(default=0.25, gt=0)
+    pg_timeout_s: float = Field(default=5.0, gt=0)
+    pg_pool_max: int = Field(default=8, ge=1)
+    actor_call_timeout_s: float = Field(default=10.0, gt=0)
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+    webhook_schedule_s: tuple[float, ...] = DEFAULT_WEBHOOK_SCHEDULE_S
+    webhook_poll_interval_s: float = Field(default=1.0, gt=0)
+    max_ping_speed_kmh: float = Field(default=250.0, gt=0)
+    log_level: str = "INFO"
+
+    def require_resolved(self) -> ResolvedSettings:
+        """Narrow to settings whose servers and secrets are all known."""
+        missing = [
+            name
+            for name in (
+                "database_url",
+                "redis_url",
+                "vendure_webhook_secret",
+                "inbound_secret",
+                "admin_token",
+            )
+            if getattr(self, name) is None
+        ]
+        if missing:
+            raise ValueError(f"unresolved settings: {', '.join(missing)}")
+        return ResolvedSettings.model_validate(self.model_dump())
+
+
+class ResolvedSettings(Settings):
+    """Settings after embedded servers started and secrets were loaded."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="ignore")
+
+    database_url: str
+    redis_url: str
+    vendure_webhook_secret: str
+    inbound_secret: str
+    admin_token: str

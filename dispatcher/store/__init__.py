@@ -1,0 +1,1 @@
+"""Storage: PostgreSQL truth, Redis GEO mirror, migrations."""

@@ -1,0 +1,215 @@
+"""Deliveries in PostgreSQL: booking a driver (the final gate), lifecycle, reads."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from dispatcher.actors.messages import AssignRequest
+from dispatcher.errors import ConflictError, NotFoundError
+from dispatcher.geo import bounding_box, round_km
+from dispatcher.models import AssignedResponse
+from dispatcher.store.pg import check_epoch, connection, haversine_sql
+from dispatcher.webhooks.outbox import enqueue
+
+ACTIVE_STATUSES = ("ASSIGNED", "PICKED_UP")
+
+# step -> (statuses it may start from, new status, timestamp column, webhook type)
+STEPS: dict[str, tuple[tuple[str, ...], str, str, str]] = {
+    "picked-up": (("ASSIGNED",), "PICKED_UP", "picked_up_at", "delivery.picked_up"),
+    "delivered": (("PICKED_UP",), "DELIVERED", "delivered_at", "delivery.delivered"),
+    "failed": (ACTIVE_STATUSES, "FAILED", "failed_at", "delivery.failed"),
+    "cancelled": (ACTIVE_STATUSES, "CANCELLED", "cancelled_at", "delivery.cancelled"),
+}
+FREEING_STATUSES = ("DELIVERED", "FAILED", "CANCELLED")
+
+# The dispatchability rule of CONTRACT §4, identical on the Redis and fallback paths:
+# active, AVAILABLE, fresh heartbeat, location known, within the radius.
+# $1/$2 pickup, $3 heartbeat TTL s, $4..$7 bounding box, $8 candidates or NULL, $9 radius.
+PICK_SQL = f"""
+SELECT id, zone_id, {haversine_sql("$1", "$2", "lat", "lon")} AS distance_km
+FROM drivers
+WHERE status = 'AVAILABLE' AND is_active AND lat IS NOT NULL
+  AND last_seen_at > now() - make_interval(secs => $3)
+  AND lat BETWEEN $4 AND $5 AND lon BETWEEN $6 AND $7
+  AND ($8::text[] IS NULL OR id = ANY($8::text[]))
+  AND {haversine_sql("$1", "$2", "lat", "lon")} <= $9
+ORDER BY distance_km, id
+LIMIT 1
+FOR UPDATE SKIP LOCKED
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class ExistingOrder:
+    response_body: str
+    pickup_lat: float
+    pickup_lon: float
+
+
+@dataclass(frozen=True, slots=True)
+class Booking:
+    driver_id: str
+    driver_zone_id: str | None
+    body: str
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    seller_order_id: str
+    driver_id: str
+    changed: bool
+
+
+class OrderExistsError(Exception):
+    """Another request booked this sellerOrderId first; replay or 409."""
+
+
+class DeliveryStore:
+    """Every SQL statement about deliveries."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def existing(self, seller_order_id: str) -> ExistingOrder | None:
+        async with connection(self.pool) as conn:
+            row = await conn.fetchrow(
+                "SELECT response_body, pickup_lat, pickup_lon FROM deliveries WHERE seller_order_id = $1",
+                seller_order_id,
+            )
+        return None if row is None else ExistingOrder(row["response_body"], row["pickup_lat"], row["pickup_lon"])
+
+    async def book(
+        self,
+        req: AssignRequest,
+        *,
+        zone_id: str,
+        epoch: int,
+        candidates: Sequence[str] | None,
+        radius_km: float,
+        heartbeat_ttl_s: float,
+    ) -> Booking | None:
+        """Book the nearest dispatchable driver, among `candidates` if given.
+
+        One transaction: lock the driver row, mark it BUSY, insert the delivery, its
+        history and the `delivery.assigned` outbox row. The unique indexes on
+        deliveries are the final gate against double booking.
+        """
+        lat, lon = req.pickup_lat, req.pickup_lon
+        box = bounding_box(lat, lon, radius_km)
+        async with connection(self.pool) as conn, conn.transaction():
+            await check_epoch(conn, zone_id, epoch)
+            pick = await conn.fetchrow(
+                PICK_SQL, lat, lon, heartbeat_ttl_s, *box,
+                None if candidates is None else list(candidates), radius_km,
+            )
+            if pick is None:
+                return None
+            driver_id: str = pick["id"]
+            assignment_id = "asg_" + uuid.uuid4().hex[:20]
+            distance_km = round_km(pick["distance_km"])
+            body = AssignedResponse(
+                seller_order_id=req.seller_order_id,
+                driver_id=driver_id,
+                assignment_id=assignment_id,
+                distance_km=distance_km,
+                zone_id=zone_id,
+            ).model_dump_json()
+            await conn.execute(
+                "UPDATE drivers SET status = 'BUSY', updated_at = now() WHERE id = $1", driver_id
+            )
+            try:
+                await conn.execute(
+                    """INSERT INTO deliveries (seller_order_id, assignment_id, driver_id, zone_id, status,
+                           pickup_lat, pickup_lon, drop_lat, drop_lon, distance_km, response_body)
+                       VALUES ($1, $2, $3, $4, 'ASSIGNED', $5, $6, $7, $8, $9, $10)""",
+                    req.seller_order_id, assignment_id, driver_id, zone_id,
+                    lat, lon, req.drop_lat, req.drop_lon, distance_km, body,
+                )
+            except asyncpg.UniqueViolationError as exc:
+                if exc.constraint_name == "deliveries_pkey":
+                    raise OrderExistsError(req.seller_order_id) from exc
+                raise
+            await conn.execute(
+                "INSERT INTO delivery_history (seller_order_id, status) VALUES ($1, 'ASSIGNED')",
+                req.seller_order_id,
+            )
+            await enqueue(
+                conn,
+                event_type="delivery.assigned",
+                seller_order_id=req.seller_order_id,
+                data={
+                    "sellerOrderId": req.seller_order_id,
+                    "driverId": driver_id,
+                    "assignmentId": assignment_id,
+                    "distanceKm": distance_km,
+                    "sequence": 1,
+                },
+            )
+        return Booking(driver_id=driver_id, driver_zone_id=pick["zone_id"], body=body)
+
+    async def step(self, seller_order_id: str, step: str, *, reason: str | None = None) -> StepResult:
+        """Advance the delivery; repeating the current step is a no-op, an illegal one 409.
+
+        Terminal steps free the driver (back to AVAILABLE) in the same transaction.
+        """
+        sources, target, column, event_type = STEPS[step]
+        async with connection(self.pool) as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "SELECT driver_id, assignment_id, status FROM deliveries WHERE seller_order_id = $1 FOR UPDATE",
+                seller_order_id,
+            )
+            if row is None:
+                raise NotFoundError(f"no delivery for sellerOrderId {seller_order_id!r}")
+            if row["status"] == target:
+                return StepResult(seller_order_id, row["driver_id"], changed=False)
+            if row["status"] not in sources:
+                raise ConflictError(
+                    f"delivery {seller_order_id!r} is {row['status']}; cannot become {target}"
+                )
+            sequence: int = await conn.fetchval(
+                f"""UPDATE deliveries SET status = $2, {column} = now(), sequence = sequence + 1,
+                        failure_reason = coalesce($3, failure_reason)
+                    WHERE seller_order_id = $1 RETURNING sequence""",
+                seller_order_id, target, reason,
+            )
+            await conn.execute(
+                "INSERT INTO delivery_history (seller_order_id, status) VALUES ($1, $2)",
+                seller_order_id, target,
+            )
+            if target in FREEING_STATUSES:
+                await conn.execute(
+                    "UPDATE drivers SET status = 'AVAILABLE', updated_at = now() WHERE id = $1 AND status = 'BUSY'",
+                    row["driver_id"],
+                )
+            data: dict[str, Any] = {
+                "sellerOrderId": seller_order_id,
+                "driverId": row["driver_id"],
+                "assignmentId": row["assignment_id"],
+                "status": target,
+                "sequence": sequence,
+            }
+            if reason is not None:
+                data["reason"] = reason
+            await enqueue(conn, event_type=event_type, seller_order_id=seller_order_id, data=data)
+        return StepResult(seller_order_id, row["driver_id"], changed=True)
+
+    async def get(self, seller_order_id: str) -> tuple[asyncpg.Record, list[asyncpg.Record]] | None:
+        async with connection(self.pool) as conn:
+            row = await conn.fetchrow("SELECT * FROM deliveries WHERE seller_order_id = $1", seller_order_id)
+            if row is None:
+                return None
+            history = await conn.fetch(
+                "SELECT status, at FROM delivery_history WHERE seller_order_id = $1 ORDER BY id",
+                seller_order_id,
+            )
+        return row, list(history)
+
+
+def delivery_times(row: asyncpg.Record) -> dict[str, datetime | None]:
+    return {c: row[c] for c in ("assigned_at", "picked_up_at", "delivered_at", "failed_at", "cancelled_at")}

@@ -1,0 +1,267 @@
+"""Driver rows in PostgreSQL: creation, reads, status, batched location pings."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from dispatcher.actors.messages import Ping, PingVerdict
+from dispatcher.errors import ConflictError, NotFoundError
+from dispatcher.geo import haversine_km
+from dispatcher.store.pg import check_epoch, connection, haversine_sql
+
+# GPS fixes jitter by tens of metres; below this jump no speed check applies.
+SPEED_CHECK_MIN_KM = 0.2
+
+DRIVER_COLUMNS = """
+    d.id, d.name, d.phone, d.vehicle_type, d.status, d.is_active, d.lat, d.lon,
+    d.last_seen_at, d.zone_id,
+    a.seller_order_id AS active_order, a.assignment_id AS active_assignment,
+    a.status AS active_status
+"""
+DRIVER_FROM = """
+    drivers d LEFT JOIN deliveries a
+    ON a.driver_id = d.id AND a.status IN ('ASSIGNED', 'PICKED_UP')
+"""
+
+
+def hash_token(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
+
+
+@dataclass(frozen=True, slots=True)
+class DriverRecord:
+    """One driver as stored; `active_*` describe the active delivery, if any."""
+
+    id: str
+    name: str
+    phone: str | None
+    vehicle_type: str | None
+    status: str
+    is_active: bool
+    lat: float | None
+    lon: float | None
+    last_seen_at: datetime | None
+    zone_id: str | None
+    active_order: str | None
+    active_assignment: str | None
+    active_status: str | None
+
+    @classmethod
+    def from_row(cls, row: asyncpg.Record) -> DriverRecord:
+        return cls(**{name: row[name] for name in cls.__slots__})
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorEntry:
+    """What the GEO mirror needs to know of one driver after a write."""
+
+    driver_id: str
+    zone_id: str | None
+    lat: float | None
+    lon: float | None
+    seen_epoch_s: float | None
+    dispatchable_status: bool  # AVAILABLE and active; freshness is checked separately
+
+
+class DriverStore:
+    """Every SQL statement about drivers; PostgreSQL is the truth."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    async def create(self, name: str, phone: str | None, vehicle_type: str | None) -> tuple[DriverRecord, str]:
+        driver_id = "drv_" + uuid.uuid4().hex[:20]
+        # The token names its driver so a mismatch is a clear 403, and carries
+        # 256 random bits; only its hash is stored.
+        token = f"{driver_id}.{secrets.token_urlsafe(32)}"
+        async with connection(self.pool) as conn:
+            await conn.execute(
+                "INSERT INTO drivers (id, name, phone, vehicle_type, token_hash) VALUES ($1, $2, $3, $4, $5)",
+                driver_id, name, phone, vehicle_type, hash_token(token),
+            )
+        record = await self.get(driver_id)
+        assert record is not None
+        return record, token
+
+    async def get(self, driver_id: str) -> DriverRecord | None:
+        async with connection(self.pool) as conn:
+            row = await conn.fetchrow(
+                f"SELECT {DRIVER_COLUMNS} FROM {DRIVER_FROM} WHERE d.id = $1", driver_id
+            )
+        return None if row is None else DriverRecord.from_row(row)
+
+    async def list_drivers(self, status: str | None, zone_id: str | None, limit: int) -> list[DriverRecord]:
+        async with connection(self.pool) as conn:
+            rows = await conn.fetch(
+                f"""SELECT {DRIVER_COLUMNS} FROM {DRIVER_FROM}
+                WHERE ($1::text IS NULL OR d.status = $1) AND ($2::text IS NULL OR d.zone_id = $2)
+                ORDER BY d.id LIMIT $3""",
+                status, zone_id, limit,
+            )
+        return [DriverRecord.from_row(r) for r in rows]
+
+    async def identify(self, token: str) -> tuple[str, bool] | None:
+        """(driver id, is_active) for a bearer token, or None."""
+        async with connection(self.pool) as conn:
+            row = await conn.fetchrow(
+                "SELECT id, is_active FROM drivers WHERE token_hash = $1", hash_token(token)
+            )
+        return None if row is None else (row["id"], row["is_active"])
+
+    async def update(self, driver_id: str, *, is_active: bool | None, name: str | None) -> DriverRecord:
+        async with connection(self.pool) as conn:
+            found = await conn.fetchval(
+                """UPDATE drivers SET is_active = coalesce($2, is_active), name = coalesce($3, name),
+                       updated_at = now() WHERE id = $1 RETURNING id""",
+                driver_id, is_active, name,
+            )
+        if found is None:
+            raise NotFoundError(f"driver {driver_id} not found")
+        record = await self.get(driver_id)
+        assert record is not None
+        return record
+
+    async def set_status(self, driver_id: str, status: str) -> DriverRecord:
+        """AVAILABLE or OFFLINE; a driver with an active delivery cannot change."""
+        async with connection(self.pool) as conn, conn.transaction():
+            current = await conn.fetchval(
+                "SELECT status FROM drivers WHERE id = $1 FOR UPDATE", driver_id
+            )
+            if current is None:
+                raise NotFoundError(f"driver {driver_id} not found")
+            if current == "BUSY":
+                raise ConflictError(f"driver {driver_id} has an active delivery; finish it first")
+            await conn.execute(
+                "UPDATE drivers SET status = $2, updated_at = now() WHERE id = $1", driver_id, status
+            )
+        record = await self.get(driver_id)
+        assert record is not None
+        return record
+
+    async def mirror_entries(self, driver_ids: Sequence[str]) -> list[MirrorEntry]:
+        async with connection(self.pool) as conn:
+            rows = await conn.fetch(
+                f"SELECT {MIRROR_COLUMNS} FROM drivers WHERE id = ANY($1::text[])", list(driver_ids)
+            )
+        return [_mirror_entry(r) for r in rows]
+
+    async def zone_entries(self, zone_id: str) -> list[MirrorEntry]:
+        """Every located driver of a zone, to rebuild a shard and its mirror."""
+        async with connection(self.pool) as conn:
+            rows = await conn.fetch(
+                f"SELECT {MIRROR_COLUMNS} FROM drivers WHERE zone_id = $1", zone_id
+            )
+        return [_mirror_entry(r) for r in rows]
+
+    async def apply_pings(
+        self, zone_id: str, epoch: int, pings: Sequence[Ping], max_speed_kmh: float
+    ) -> tuple[list[PingVerdict], list[MirrorEntry], dict[str, str]]:
+        """Write a batch of fixes in one transaction.
+
+        Returns a verdict per ping, the mirror entries of accepted drivers, and
+        {driver id: previous zone} for drivers that changed zone.
+        """
+        ids = [p.driver_id for p in pings]
+        async with connection(self.pool) as conn, conn.transaction():
+            await check_epoch(conn, zone_id, epoch)
+            rows = await conn.fetch(
+                PING_SQL,
+                ids,
+                [p.lat for p in pings],
+                [p.lon for p in pings],
+                [p.recorded_at for p in pings],
+                zone_id,
+                max_speed_kmh,
+                SPEED_CHECK_MIN_KM,
+            )
+            updated = {r["id"]: r for r in rows}
+            missing = [i for i in ids if i not in updated]
+            others = {}
+            if missing:
+                others = {
+                    r["id"]: r
+                    for r in await conn.fetch(
+                        "SELECT id, is_active, lat, lon, location_recorded_at FROM drivers WHERE id = ANY($1::text[])",
+                        missing,
+                    )
+                }
+        verdicts = [_verdict(p, updated, others, max_speed_kmh) for p in pings]
+        moved = {
+            r["id"]: r["old_zone"]
+            for r in rows
+            if r["old_zone"] is not None and r["old_zone"] != zone_id
+        }
+        return verdicts, [_mirror_entry(r) for r in rows], moved
+
+
+MIRROR_COLUMNS = """
+    id, zone_id, lat, lon, extract(epoch FROM last_seen_at)::float8 AS seen,
+    (status = 'AVAILABLE' AND is_active) AS dispatchable_status
+"""
+
+# One statement for the whole batch. `o` is the row before the update: it gives the
+# previous zone and the previous fix for the speed check.
+PING_SQL = f"""
+WITH input AS (
+    SELECT * FROM unnest($1::text[], $2::float8[], $3::float8[], $4::timestamptz[])
+        AS t(id, lat, lon, rec)
+)
+UPDATE drivers d
+SET lat = i.lat, lon = i.lon, location_recorded_at = i.rec,
+    last_seen_at = least(i.rec, now()), zone_id = $5, updated_at = now()
+FROM input i, drivers o
+WHERE d.id = i.id AND o.id = i.id AND d.is_active
+  AND (o.location_recorded_at IS NULL OR o.location_recorded_at < i.rec)
+  AND (
+    o.lat IS NULL
+    OR {haversine_sql("o.lat", "o.lon", "i.lat", "i.lon")}
+       <= greatest($7, $6 * extract(epoch FROM i.rec - o.location_recorded_at) / 3600.0)
+  )
+RETURNING d.id, o.zone_id AS old_zone, d.zone_id, d.lat, d.lon,
+    extract(epoch FROM d.last_seen_at)::float8 AS seen,
+    (d.status = 'AVAILABLE' AND d.is_active) AS dispatchable_status
+"""
+
+
+def _mirror_entry(row: asyncpg.Record) -> MirrorEntry:
+    return MirrorEntry(
+        driver_id=row["id"],
+        zone_id=row["zone_id"],
+        lat=row["lat"],
+        lon=row["lon"],
+        seen_epoch_s=row["seen"],
+        dispatchable_status=row["dispatchable_status"],
+    )
+
+
+def _verdict(
+    ping: Ping,
+    updated: dict[str, asyncpg.Record],
+    others: dict[str, Any],
+    max_speed_kmh: float,
+) -> PingVerdict:
+    if ping.driver_id in updated:
+        return PingVerdict.ACCEPTED
+    row = others.get(ping.driver_id)
+    if row is None:
+        return PingVerdict.UNKNOWN_DRIVER
+    if not row["is_active"]:
+        return PingVerdict.INACTIVE
+    last = row["location_recorded_at"]
+    if last is not None and last >= ping.recorded_at:
+        return PingVerdict.STALE
+    if row["lat"] is not None and last is not None:
+        jump = haversine_km(row["lat"], row["lon"], ping.lat, ping.lon)
+        hours = (ping.recorded_at - last).total_seconds() / 3600.0
+        if jump > max(SPEED_CHECK_MIN_KM, max_speed_kmh * hours):
+            return PingVerdict.TOO_FAST
+    # Lost a race with a newer fix written between the two statements.
+    return PingVerdict.STALE

@@ -1,0 +1,173 @@
+"""Redis GEO mirror of dispatchable drivers: bounded-time calls, circuit breaker, rebuild."""
+
+# Pipeline methods are typed as awaitables but only queue commands; execute() runs them.
+# mypy: disable-error-code="unused-awaitable"
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable, Sequence
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from dispatcher.store import keys
+from dispatcher.store.drivers import MirrorEntry
+
+log = logging.getLogger(__name__)
+
+# After a failure, skip Redis this long before probing again, so an outage costs
+# one timeout per breaker period instead of one per request.
+BREAKER_OPEN_S = 1.0
+
+# Quantised GEO coordinates (52-bit geohash) are off by well under a metre: widen the
+# Redis radius by this much so PostgreSQL's exact check sees every true candidate.
+RADIUS_SLACK_KM = 0.005
+
+
+class MirrorUnavailableError(Exception):
+    """Redis did not answer in time; callers fall back to PostgreSQL."""
+
+
+def connect_redis(url: str, timeout_s: float) -> aioredis.Redis:
+    """A client whose every call is bounded and not silently retried."""
+    return aioredis.Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        retry=Retry(NoBackoff(), 0),
+        retry_on_timeout=False,
+        health_check_interval=0,
+    )
+
+
+class GeoMirror:
+    """Per-zone GEO sets plus heartbeat sorted sets.
+
+    Guarantee: every method returns or raises MirrorUnavailableError within
+    `timeout_s`; none is needed for correctness, since PostgreSQL decides.
+    """
+
+    def __init__(self, client: aioredis.Redis, timeout_s: float) -> None:
+        self.client = client
+        self.timeout_s = timeout_s
+        self._open_until = 0.0
+
+    @property
+    def healthy(self) -> bool:
+        return time.monotonic() >= self._open_until
+
+    async def _run(self, pipe: aioredis.client.Pipeline) -> list[object]:
+        if not self.healthy:
+            raise MirrorUnavailableError("circuit open after a recent Redis failure")
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                result: list[object] = await pipe.execute()
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._open_until = time.monotonic() + BREAKER_OPEN_S
+            log.warning("Redis unavailable (%s); using PostgreSQL", type(exc).__name__)
+            raise MirrorUnavailableError(str(exc) or type(exc).__name__) from exc
+        return result
+
+    async def ping(self) -> bool:
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await self.client.ping()
+        except (RedisError, OSError, TimeoutError):
+            return False
+        self._open_until = 0.0
+        return True
+
+    async def nearest(
+        self, zones: Sequence[str], lat: float, lon: float, radius_km: float, count: int
+    ) -> list[str]:
+        """Up to `count` driver ids nearest to the point over several zones' keys."""
+        pipe = self.client.pipeline(transaction=False)
+        for zone in zones:
+            pipe.geosearch(
+                keys.zone_geo(zone), longitude=lon, latitude=lat,
+                radius=radius_km + RADIUS_SLACK_KM, unit="km",
+                sort="ASC", count=count, withdist=True,
+            )
+        found: list[tuple[float, str]] = []
+        for result in await self._run(pipe):
+            assert isinstance(result, list)
+            found.extend((float(dist), _text(member)) for member, dist in result)
+        found.sort()
+        return [member for _, member in found[:count]]
+
+    async def apply(self, zone_id: str, entries: Iterable[MirrorEntry], now_s: float, ttl_s: float) -> None:
+        """Make the mirror agree with freshly written PostgreSQL rows."""
+        pipe = self.client.pipeline(transaction=False)
+        for entry in entries:
+            _stage(pipe, zone_id, entry, now_s, ttl_s)
+        await self._run(pipe)
+
+    async def forget(self, zone_id: str, driver_ids: Sequence[str]) -> None:
+        if not driver_ids:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zrem(keys.zone_geo(zone_id), *driver_ids)
+        pipe.zrem(keys.zone_seen(zone_id), *driver_ids)
+        await self._run(pipe)
+
+    async def expire(self, zone_id: str, cutoff_s: float) -> list[str]:
+        """Drop members whose heartbeat is older than `cutoff_s`; returns their ids."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zrangebyscore(keys.zone_seen(zone_id), "-inf", f"({cutoff_s}")
+        (stale,) = await self._run(pipe)
+        assert isinstance(stale, list)
+        ids = [_text(m) for m in stale]
+        await self.forget(zone_id, ids)
+        return ids
+
+    async def is_built(self, zone_id: str) -> bool:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.exists(keys.zone_built(zone_id))
+        (exists,) = await self._run(pipe)
+        return bool(exists)
+
+    async def rebuild(self, zone_id: str, entries: Iterable[MirrorEntry], now_s: float, ttl_s: float) -> None:
+        """Replace the zone's mirror atomically (MULTI) with what PostgreSQL holds."""
+        pipe = self.client.pipeline(transaction=True)
+        pipe.delete(keys.zone_geo(zone_id), keys.zone_seen(zone_id))
+        for entry in entries:
+            _stage(pipe, zone_id, entry, now_s, ttl_s)
+        pipe.set(keys.zone_built(zone_id), str(now_s))
+        await self._run(pipe)
+
+    async def members(self, zone_id: str) -> set[str]:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zrange(keys.zone_geo(zone_id), 0, -1)
+        (found,) = await self._run(pipe)
+        assert isinstance(found, list)
+        return {_text(m) for m in found}
+
+
+def is_dispatchable(entry: MirrorEntry, now_s: float, ttl_s: float) -> bool:
+    """Invariant 3: in the mirror iff AVAILABLE and active, located, heartbeat fresh."""
+    return (
+        entry.dispatchable_status
+        and entry.lat is not None
+        and entry.lon is not None
+        and entry.seen_epoch_s is not None
+        and entry.seen_epoch_s > now_s - ttl_s
+    )
+
+
+def _stage(pipe: aioredis.client.Pipeline, zone_id: str, entry: MirrorEntry, now_s: float, ttl_s: float) -> None:
+    if entry.zone_id == zone_id and is_dispatchable(entry, now_s, ttl_s):
+        assert entry.lat is not None and entry.lon is not None and entry.seen_epoch_s is not None
+        pipe.geoadd(keys.zone_geo(zone_id), (entry.lon, entry.lat, entry.driver_id))
+        pipe.zadd(keys.zone_seen(zone_id), {entry.driver_id: entry.seen_epoch_s})
+    else:
+        pipe.zrem(keys.zone_geo(zone_id), entry.driver_id)
+        pipe.zrem(keys.zone_seen(zone_id), entry.driver_id)
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,114 @@
+"""PostgreSQL plumbing: pool creation, SQLSTATE translation, zone epochs (fencing)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import asyncpg
+
+from dispatcher.errors import DatabaseUnavailableError, StaleEpochError
+
+log = logging.getLogger(__name__)
+
+# A pool acquire that waits longer than this means PostgreSQL is gone or saturated;
+# answering 503 quickly beats holding the request.
+ACQUIRE_TIMEOUT_S = 3.0
+
+def haversine_sql(lat_a: str, lon_a: str, lat_b: str, lon_b: str) -> str:
+    """SQL for the km between two points: the formula of dispatcher.geo.haversine_km,
+    so both lookup paths compute the same numbers."""
+    return f"""(2 * 6372.797560856 * asin(least(1.0, sqrt(
+        power(sin(radians({lat_b} - {lat_a}) / 2), 2)
+        + cos(radians({lat_a})) * cos(radians({lat_b}))
+          * power(sin(radians({lon_b} - {lon_a}) / 2), 2)))))"""
+
+
+# Errors that mean "PostgreSQL cannot be reached now", as opposed to a bad statement.
+UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+)
+
+
+async def create_pool(dsn: str, *, max_size: int, command_timeout_s: float) -> asyncpg.Pool:
+    """One pool per process; every statement gets `command_timeout_s`."""
+    try:
+        pool: asyncpg.Pool = await asyncpg.create_pool(
+            dsn,
+            min_size=1,
+            max_size=max_size,
+            command_timeout=command_timeout_s,
+            timeout=ACQUIRE_TIMEOUT_S,
+            # A dead server otherwise leaves idle connections that fail once each.
+            max_inactive_connection_lifetime=30.0,
+        )
+    except UNAVAILABLE_ERRORS as exc:
+        raise DatabaseUnavailableError(f"PostgreSQL unreachable: {type(exc).__name__}") from exc
+    return pool
+
+
+@asynccontextmanager
+async def connection(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy[Any]]:
+    """Acquire with a bounded wait; connection failures become DatabaseUnavailableError."""
+    try:
+        async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+            yield conn
+    except UNAVAILABLE_ERRORS as exc:
+        log.warning("PostgreSQL unavailable: %s", exc)
+        raise DatabaseUnavailableError(f"PostgreSQL unavailable: {type(exc).__name__}") from exc
+
+
+async def activate_zone(pool: asyncpg.Pool, zone_id: str) -> int:
+    """Claim the zone for a new actor incarnation; returns its fencing epoch."""
+    async with connection(pool) as conn:
+        epoch: int = await conn.fetchval(
+            """
+            INSERT INTO zones (zone_id, epoch, activated_at) VALUES ($1, 1, now())
+            ON CONFLICT (zone_id)
+            DO UPDATE SET epoch = zones.epoch + 1, activated_at = now()
+            RETURNING epoch
+            """,
+            zone_id,
+        )
+    return epoch
+
+
+async def check_epoch(conn: asyncpg.pool.PoolConnectionProxy[Any], zone_id: str, epoch: int) -> None:
+    """Inside a transaction: hold the zone row shared so no newer activation can
+    interleave, and abort if a newer incarnation already took the zone."""
+    current = await conn.fetchval(
+        "SELECT epoch FROM zones WHERE zone_id = $1 FOR SHARE", zone_id
+    )
+    if current != epoch:
+        raise StaleEpochError(f"zone {zone_id}: epoch {epoch} superseded by {current}")
+
+
+async def known_zones(pool: asyncpg.Pool) -> list[str]:
+    async with connection(pool) as conn:
+        rows = await conn.fetch("SELECT zone_id FROM zones ORDER BY zone_id")
+    return [r["zone_id"] for r in rows]
+
+
+async def ping_database(pool: asyncpg.Pool) -> bool:
+    try:
+        async with connection(pool) as conn:
+            await conn.fetchval("SELECT 1", timeout=1.0)
+    except (DatabaseUnavailableError, *UNAVAILABLE_ERRORS):  # type: ignore[misc]
+        return False
+    return True
+
+
+async def outbox_pending(pool: asyncpg.Pool) -> int:
+    async with connection(pool) as conn:
+        count: int = await conn.fetchval(
+            "SELECT count(*) FROM webhook_outbox WHERE delivered_at IS NULL AND failed_at IS NULL"
+        )
+    return count

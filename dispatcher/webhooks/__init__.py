@@ -1,0 +1,1 @@
+"""Outgoing and incoming Standard Webhooks: signing, verification, outbox sender."""
