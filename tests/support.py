@@ -1,0 +1,174 @@
+"""Test helpers: a real webhook receiver, a signed-request client, driver factories."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from aiohttp import web
+from aiohttp.test_utils import TestClient
+from standardwebhooks.webhooks import Webhook
+
+from dispatcher.config import ResolvedSettings
+from dispatcher.webhooks.signing import sign
+
+BERLIN = (52.52, 13.405)
+
+
+@dataclass
+class Delivery:
+    webhook_id: str
+    body: dict[str, Any]
+
+
+@dataclass
+class WebhookReceiver:
+    """A real HTTP endpoint that verifies every webhook with the reference library.
+
+    `script` holds statuses to answer in turn (then 200); `received` keeps every
+    verified attempt, including retries, so tests can count ids and attempts.
+    """
+
+    secret: str
+    url: str = ""
+    received: list[Delivery] = field(default_factory=list)
+    rejected: int = 0
+    script: list[int | tuple[int, dict[str, str]]] = field(default_factory=list)
+    _runner: web.AppRunner | None = None
+    _arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/hooks", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{port}/hooks"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        raw = await request.read()
+        try:
+            Webhook(self.secret).verify(raw, dict(request.headers))
+        except Exception:
+            self.rejected += 1
+            return web.Response(status=400)
+        if self.script:
+            step = self.script.pop(0)
+            status, headers = step if isinstance(step, tuple) else (step, {})
+            if status >= 300:
+                return web.Response(status=status, headers=headers)
+        self.received.append(Delivery(request.headers["webhook-id"], json.loads(raw)))
+        self._arrived.set()
+        return web.Response(status=204)
+
+    def of_type(self, event_type: str) -> list[Delivery]:
+        return [d for d in self.received if d.body["type"] == event_type]
+
+    def for_order(self, seller_order_id: str) -> list[Delivery]:
+        return [d for d in self.received if d.body["data"]["sellerOrderId"] == seller_order_id]
+
+    async def wait_until(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"webhooks not received in {timeout}s: {len(self.received)} so far")
+            self._arrived.clear()
+            try:
+                await asyncio.wait_for(self._arrived.wait(), min(remaining, 0.2))
+            except TimeoutError:
+                pass
+
+
+@dataclass
+class Driver:
+    driver_id: str
+    token: str
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+class Api:
+    """The service under test, spoken to over real HTTP with real signatures and tokens."""
+
+    def __init__(self, client: TestClient[Any, Any], settings: ResolvedSettings) -> None:
+        self.client = client
+        self.settings = settings
+
+    @property
+    def admin(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.settings.admin_token}"}
+
+    def signed_headers(self, raw: bytes, *, secret: str | None = None, timestamp: int | None = None) -> dict[str, str]:
+        msg_id = "evt_" + uuid.uuid4().hex
+        ts = int(time.time()) if timestamp is None else timestamp
+        signature = sign(secret or self.settings.inbound_secret, msg_id, ts, raw)
+        return {
+            "webhook-id": msg_id,
+            "webhook-timestamp": str(ts),
+            "webhook-signature": signature,
+            "content-type": "application/json",
+        }
+
+    async def signed_post(self, path: str, payload: dict[str, Any] | bytes, **kw: Any) -> Any:
+        raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        return await self.client.post(path, data=raw, headers=self.signed_headers(raw, **kw))
+
+    async def order(self, seller_order_id: str, lat: float, lon: float, **extra: Any) -> Any:
+        body = {"sellerOrderId": seller_order_id, "pickupLat": lat, "pickupLon": lon, **extra}
+        return await self.signed_post("/events/seller-order-ready", body)
+
+    async def cancel(self, seller_order_id: str) -> Any:
+        return await self.signed_post("/events/seller-order-cancelled", {"sellerOrderId": seller_order_id})
+
+    async def create_driver(self, name: str = "Driver") -> Driver:
+        resp = await self.client.post("/drivers", json={"name": name}, headers=self.admin)
+        assert resp.status == 201, await resp.text()
+        body = await resp.json()
+        return Driver(body["driverId"], body["token"])
+
+    async def ping(self, driver: Driver, lat: float, lon: float, recorded_at: datetime | None = None) -> Any:
+        payload: dict[str, Any] = {"lat": lat, "lon": lon}
+        if recorded_at is not None:
+            payload["recordedAt"] = recorded_at.isoformat()
+        return await self.client.patch(f"/drivers/{driver.driver_id}/location", json=payload, headers=driver.auth)
+
+    async def set_status(self, driver: Driver, status: str) -> Any:
+        return await self.client.patch(
+            f"/drivers/{driver.driver_id}/status", json={"status": status}, headers=driver.auth
+        )
+
+    async def online_driver(self, lat: float, lon: float, name: str = "Driver") -> Driver:
+        """A dispatchable driver: registered, AVAILABLE, and pinged at (lat, lon)."""
+        driver = await self.create_driver(name)
+        resp = await self.set_status(driver, "AVAILABLE")
+        assert resp.status == 200, await resp.text()
+        resp = await self.ping(driver, lat, lon)
+        assert resp.status == 204, await resp.text()
+        return driver
+
+    async def step(self, driver: Driver, seller_order_id: str, step: str, body: dict[str, Any] | None = None) -> Any:
+        return await self.client.post(f"/deliveries/{seller_order_id}/{step}", json=body or {}, headers=driver.auth)
+
+
+def offset(lat: float, lon: float, north_km: float, east_km: float) -> tuple[float, float]:
+    """A point `north_km` north and `east_km` east of (lat, lon) (small distances)."""
+    import math
+
+    dlat = north_km / 111.195
+    dlon = east_km / (111.195 * math.cos(math.radians(lat)))
+    return lat + dlat, lon + dlon
