@@ -1,0 +1,486 @@
+"""Outbox sender: delivers webhook_outbox rows to the Vendure endpoint at least once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import random
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from typing import Any, Final
+
+import aiohttp
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+from yarl import URL
+
+from dispatcher import __version__
+from dispatcher.webhooks import signing
+from dispatcher.webhooks.outbox import NOTIFY_CHANNEL
+
+logger = logging.getLogger(__name__)
+
+# Same as Settings.pg_timeout_s's default: an unreachable PostgreSQL must fail a call, not hang it.
+DEFAULT_PG_TIMEOUT_S: Final = 5.0
+# Slack on top of the sending time a lease covers: the claim's own round trip and the
+# scheduling delays around it, so a lease never runs out while its holder may still send.
+LEASE_MARGIN_S: Final = 5.0
+# A broken endpoint answering `Retry-After: <a year>` must not park events past the retry window.
+MAX_RETRY_AFTER_S: Final = 86400.0
+# PostgreSQL outages: retry soon, then back off to a gentle rate while it stays down.
+BACKOFF_MIN_S: Final = 0.5
+BACKOFF_MAX_S: Final = 30.0
+# A silently dropped TCP connection never fires a close event: probe the idle LISTEN link.
+LISTEN_PROBE_S: Final = 30.0
+# last_error is for operators reading a row: enough for the cause, bounded for the table.
+MAX_ERROR_CHARS: Final = 300
+USER_AGENT: Final = f"dispatcher-webhooks/{__version__}"
+_DELTA_SECONDS_RE: Final = re.compile(r"[0-9]{1,10}")
+# What PostgreSQL being down or restarting looks like: expected, so no traceback.
+_OUTAGE_ERRORS: Final = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+)
+
+# Claim and lease in one statement: SKIP LOCKED keeps concurrent senders apart while the
+# statement runs, the pushed next_attempt_at keeps them apart until the lease ends, and a
+# sender that dies mid-send just leaves rows that come due again when it runs out.
+_CLAIM_SQL: Final = """
+WITH due AS (
+    SELECT id FROM webhook_outbox
+    WHERE delivered_at IS NULL AND failed_at IS NULL AND next_attempt_at <= now()
+      AND NOT EXISTS (
+          SELECT 1 FROM webhook_endpoints WHERE url = $1 AND disabled_at IS NOT NULL
+      )
+    ORDER BY next_attempt_at, id
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE webhook_outbox AS o
+SET next_attempt_at = now() + make_interval(secs => $3)
+FROM due
+WHERE o.id = due.id
+RETURNING o.id, o.webhook_id, o.body, o.attempts, o.next_attempt_at
+"""
+# Success is recorded even if our lease ran out meanwhile: the event did arrive.
+_DELIVERED_SQL: Final = """
+UPDATE webhook_outbox
+SET delivered_at = now(), failed_at = NULL, attempts = attempts + 1,
+    last_status = $2, last_error = NULL
+WHERE id = $1 AND delivered_at IS NULL
+"""
+# The other writes are fenced by the lease value: if it changed, another sender owns the row.
+_RETRY_SQL: Final = """
+UPDATE webhook_outbox
+SET attempts = attempts + 1, last_status = $3, last_error = $4,
+    next_attempt_at = now() + make_interval(secs => $5),
+    failed_at = CASE WHEN $6::boolean THEN now() END
+WHERE id = $1 AND next_attempt_at = $2 AND delivered_at IS NULL AND failed_at IS NULL
+"""
+# 410: disable the endpoint and hand the row back at once for a sender with another URL.
+_GONE_SQL: Final = """
+WITH endpoint AS (
+    INSERT INTO webhook_endpoints (url, disabled_at, disabled_reason)
+    VALUES ($3, now(), $4)
+    ON CONFLICT (url) DO UPDATE
+    SET disabled_at = excluded.disabled_at, disabled_reason = excluded.disabled_reason
+    WHERE webhook_endpoints.disabled_at IS NULL
+)
+UPDATE webhook_outbox
+SET attempts = attempts + 1, last_status = 410, last_error = $4, next_attempt_at = now()
+WHERE id = $1 AND next_attempt_at = $2 AND delivered_at IS NULL AND failed_at IS NULL
+"""
+_RELEASE_SQL: Final = """
+UPDATE webhook_outbox SET next_attempt_at = now()
+WHERE id = $1 AND next_attempt_at = $2 AND delivered_at IS NULL AND failed_at IS NULL
+"""
+_PENDING_SQL: Final = """
+SELECT count(*) FROM webhook_outbox WHERE delivered_at IS NULL AND failed_at IS NULL
+"""
+_DISABLED_SQL: Final = """
+SELECT EXISTS (
+    SELECT 1 FROM webhook_endpoints WHERE url = $1 AND disabled_at IS NOT NULL
+)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class _Row:
+    """One claimed outbox row; `lease` is its next_attempt_at while we hold it."""
+
+    id: int
+    webhook_id: str
+    body: bytes
+    attempts: int
+    lease: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class _Outcome:
+    """What one POST produced: an HTTP status, or an error and no status."""
+
+    status: int | None
+    error: str | None = None
+    retry_after_s: float | None = None
+
+
+def parse_retry_after(
+    value: str | None, *, now: datetime | None = None
+) -> float | None:
+    """Seconds to wait from a `Retry-After` header (delta-seconds or HTTP-date), else None."""
+    if value is None:
+        return None
+    value = value.strip()
+    if _DELTA_SECONDS_RE.fullmatch(value):
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:
+        # HTTP-dates are always GMT.
+        when = when.replace(tzinfo=UTC)
+    current = datetime.now(UTC) if now is None else now
+    return max(0.0, (when - current).total_seconds())
+
+
+def _display_url(url: str) -> str:
+    """The URL without credentials or query, which may carry tokens, for logs."""
+    parsed = URL(url)
+    return str(parsed.with_user(None).with_query(None).with_fragment(None))
+
+
+def _validated_url(url: str | None) -> str | None:
+    if url is None:
+        return None
+    parsed = URL(url)
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise ValueError("webhook URL must be an absolute http(s) URL")
+    return url
+
+
+def _describe(exc: BaseException) -> str:
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return text[:MAX_ERROR_CHARS]
+
+
+class WebhookSender:
+    """Delivers outbox rows to one URL, at least once, alongside any number of peers."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        url: str | None,
+        secret: str,
+        schedule_s: Sequence[float],
+        timeout_s: float,
+        poll_interval_s: float,
+        jitter: float = 0.2,
+        batch_size: int = 50,
+        concurrency: int = 8,
+        pg_timeout_s: float = DEFAULT_PG_TIMEOUT_S,
+    ) -> None:
+        signing.decode_secret(secret)  # fail at construction, not at the first event
+        if not schedule_s or any(not (0 <= s < math.inf) for s in schedule_s):
+            raise ValueError("webhook schedule must be a non-empty list of delays >= 0")
+        if timeout_s <= 0 or poll_interval_s <= 0 or pg_timeout_s <= 0:
+            raise ValueError("webhook timeouts and poll interval must be > 0")
+        if not 0 <= jitter < 1:
+            raise ValueError("webhook jitter must be in [0, 1)")
+        if batch_size < 1 or concurrency < 1:
+            raise ValueError("webhook batch size and concurrency must be >= 1")
+        self._pool = pool
+        self._url = _validated_url(url)
+        self._secret = secret
+        self._schedule_s = tuple(float(s) for s in schedule_s)
+        self._timeout_s = timeout_s
+        self._poll_interval_s = poll_interval_s
+        self._jitter = jitter
+        self._batch_size = batch_size
+        self._concurrency = concurrency
+        self._pg_timeout_s = pg_timeout_s
+        # A batch is sent in ceil(batch / concurrency) waves of at most timeout_s each.
+        self._lease_s = timeout_s * math.ceil(batch_size / concurrency) + LEASE_MARGIN_S
+        self._wake = asyncio.Event()
+        self._slots = asyncio.Semaphore(concurrency)
+        # Set by a 410 in the current batch so its rows not yet sent stay unsent.
+        self._gone = False
+
+    # -- public API ----------------------------------------------------------------
+
+    def wake(self) -> None:
+        """Look for due rows now instead of at the next poll."""
+        self._wake.set()
+
+    async def pending_count(self) -> int:
+        """Events neither delivered nor given up on."""
+        return int(await self._fetchval(_PENDING_SQL))
+
+    async def endpoint_disabled(self) -> bool:
+        """Whether the configured URL answered 410 and is disabled."""
+        if self._url is None:
+            return False
+        return bool(await self._fetchval(_DISABLED_SQL, self._url))
+
+    async def run(self) -> None:
+        """Deliver due rows until cancelled; PostgreSQL or endpoint outages never end it."""
+        if self._url is None:
+            logger.warning("no webhook URL configured: events stay in the outbox")
+            await asyncio.Event().wait()  # nothing to do until cancelled
+            return
+        logger.info("sending webhooks to %s", _display_url(self._url))
+        session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=self._timeout_s),
+            connector=aiohttp.TCPConnector(limit=self._concurrency),
+            headers={"user-agent": USER_AGENT},
+        )
+        async with session:
+            listener = asyncio.create_task(
+                self._listen_forever(), name="webhook-listen"
+            )
+            try:
+                await self._poll_forever(session, self._url)
+            finally:
+                listener.cancel()
+                await asyncio.gather(listener, return_exceptions=True)
+
+    # -- polling -------------------------------------------------------------------
+
+    async def _poll_forever(self, session: aiohttp.ClientSession, url: str) -> None:
+        backoff = BACKOFF_MIN_S
+        while True:
+            # Cleared before claiming, so a wake-up during the claim is not lost.
+            self._wake.clear()
+            try:
+                claimed = await self._process_batch(session, url)
+            except Exception as exc:
+                if isinstance(exc, _OUTAGE_ERRORS):
+                    logger.warning(
+                        "webhook outbox unavailable (%s); retrying in %.1f s",
+                        _describe(exc),
+                        backoff,
+                    )
+                else:
+                    # A dead sender would strand every future event: log loudly, go on.
+                    logger.exception(
+                        "webhook batch failed; retrying in %.1f s", backoff
+                    )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX_S)
+                continue
+            backoff = BACKOFF_MIN_S
+            if claimed < self._batch_size:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self._poll_interval_s)
+
+    async def _process_batch(self, session: aiohttp.ClientSession, url: str) -> int:
+        # Taken before the claim so our idea of the lease ends no later than PostgreSQL's.
+        claimed_at = time.monotonic()
+        rows = await self._claim(url)
+        self._gone = False
+        async with asyncio.TaskGroup() as group:
+            for row in rows:
+                group.create_task(self._deliver(session, url, row, claimed_at))
+        return len(rows)
+
+    async def _claim(self, url: str) -> list[_Row]:
+        async with self._pool.acquire(timeout=self._pg_timeout_s) as conn:
+            records = await conn.fetch(
+                _CLAIM_SQL,
+                url,
+                self._batch_size,
+                self._lease_s,
+                timeout=self._pg_timeout_s,
+            )
+        rows = [
+            _Row(
+                id=r["id"],
+                webhook_id=r["webhook_id"],
+                body=r["body"].encode("utf-8"),
+                attempts=r["attempts"],
+                lease=r["next_attempt_at"],
+            )
+            for r in records
+        ]
+        rows.sort(key=lambda row: row.id)
+        return rows
+
+    # -- one row -------------------------------------------------------------------
+
+    async def _deliver(
+        self, session: aiohttp.ClientSession, url: str, row: _Row, claimed_at: float
+    ) -> None:
+        async with self._slots:
+            # Never start a send that could outlive the lease: a peer may claim it then.
+            late = time.monotonic() - claimed_at + self._timeout_s > self._lease_s
+            outcome = (
+                None if self._gone or late else await self._send(session, url, row)
+            )
+        try:
+            if outcome is None:
+                await self._execute(_RELEASE_SQL, row.id, row.lease)
+            else:
+                await self._record(url, row, outcome)
+        except Exception as exc:
+            # The lease runs out and the row is sent again: at least once still holds.
+            logger.warning(
+                "could not record webhook %s (%s); it will be retried",
+                row.webhook_id,
+                _describe(exc),
+            )
+
+    async def _send(
+        self, session: aiohttp.ClientSession, url: str, row: _Row
+    ) -> _Outcome:
+        timestamp = int(time.time())
+        headers = {
+            "content-type": "application/json",
+            "webhook-id": row.webhook_id,
+            "webhook-timestamp": str(timestamp),
+            "webhook-signature": signing.sign(
+                self._secret, row.webhook_id, timestamp, row.body
+            ),
+        }
+        try:
+            # No redirects: a 3xx is a failure, and we only ever talk to the configured URL.
+            async with session.post(
+                url, data=row.body, headers=headers, allow_redirects=False
+            ) as response:
+                status = response.status
+                if 200 <= status < 300:
+                    return _Outcome(status)
+                error = f"HTTP {status} {response.reason or ''}".strip()
+                return _Outcome(
+                    status,
+                    error[:MAX_ERROR_CHARS],
+                    parse_retry_after(response.headers.get("Retry-After")),
+                )
+        except TimeoutError:
+            return _Outcome(None, f"timed out after {self._timeout_s:g} s")
+        except (aiohttp.ClientError, OSError) as exc:
+            return _Outcome(None, _describe(exc))
+
+    async def _record(self, url: str, row: _Row, outcome: _Outcome) -> None:
+        status = outcome.status
+        if status is not None and 200 <= status < 300:
+            await self._execute(_DELIVERED_SQL, row.id, status)
+            logger.debug("webhook %s delivered (HTTP %d)", row.webhook_id, status)
+            return
+        if status == 410:
+            self._gone = True
+            await self._execute(_GONE_SQL, row.id, row.lease, url, "410 Gone")
+            logger.warning(
+                "webhook endpoint %s answered 410 Gone: disabled, events stay in the outbox",
+                _display_url(url),
+            )
+            return
+        attempts = row.attempts + 1
+        exhausted = attempts >= len(self._schedule_s)
+        delay = 0.0 if exhausted else self._retry_delay(attempts, outcome.retry_after_s)
+        await self._execute(
+            _RETRY_SQL, row.id, row.lease, status, outcome.error, delay, exhausted
+        )
+        if exhausted:
+            logger.error(
+                "webhook %s failed for good after %d attempts: %s",
+                row.webhook_id,
+                attempts,
+                outcome.error,
+            )
+        else:
+            logger.warning(
+                "webhook %s attempt %d failed (%s); next in %.1f s",
+                row.webhook_id,
+                attempts,
+                outcome.error,
+                delay,
+            )
+
+    def _retry_delay(self, attempts: int, retry_after_s: float | None) -> float:
+        # schedule_s[n] is the delay before attempt n+1; attempts already made = n.
+        delay = self._schedule_s[attempts] * random.uniform(
+            1 - self._jitter, 1 + self._jitter
+        )
+        if retry_after_s is not None:
+            delay = max(delay, min(retry_after_s, MAX_RETRY_AFTER_S))
+        return delay
+
+    # -- LISTEN --------------------------------------------------------------------
+
+    def _on_notify(self, conn: object, pid: int, channel: str, payload: object) -> None:
+        self.wake()
+
+    async def _listen_forever(self) -> None:
+        backoff = BACKOFF_MIN_S
+        while True:
+            started = time.monotonic()
+            try:
+                await self._listen_once()
+            except Exception as exc:
+                logger.warning(
+                    "LISTEN %s lost (%s); polling every %g s meanwhile",
+                    NOTIFY_CHANNEL,
+                    _describe(exc),
+                    self._poll_interval_s,
+                )
+            if time.monotonic() - started > LISTEN_PROBE_S:
+                backoff = BACKOFF_MIN_S  # it worked for a while: a fresh outage
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, BACKOFF_MAX_S)
+
+    async def _listen_once(self) -> None:
+        """Hold one pooled connection LISTENing until it breaks."""
+        async with self._pool.acquire(timeout=self._pg_timeout_s) as conn:
+            lost = asyncio.Event()
+
+            def on_lost(_: object) -> None:
+                lost.set()
+
+            conn.add_termination_listener(on_lost)
+            try:
+                async with asyncio.timeout(self._pg_timeout_s):
+                    await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
+                self.wake()  # rows may have come while nobody was listening
+                while not lost.is_set():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(lost.wait(), LISTEN_PROBE_S)
+                    if not lost.is_set():
+                        await conn.execute("SELECT 1", timeout=self._pg_timeout_s)
+                raise ConnectionError("listen connection closed")
+            finally:
+                await self._unlisten(conn, on_lost)
+
+    async def _unlisten(
+        self, conn: PoolConnectionProxy, on_lost: Callable[[object], None]
+    ) -> None:
+        """Leave the connection fit for the pool, whatever state it is in."""
+        try:
+            conn.remove_termination_listener(on_lost)
+            async with asyncio.timeout(self._pg_timeout_s):
+                await conn.remove_listener(NOTIFY_CHANNEL, self._on_notify)
+        except asyncpg.InterfaceError:
+            # It broke, so the pool has already taken it back: nothing left to undo.
+            return
+        except Exception:
+            # Unusable connection: drop it rather than return it to the pool.
+            with contextlib.suppress(asyncpg.InterfaceError):
+                conn.terminate()
+
+    # -- PostgreSQL helpers --------------------------------------------------------
+
+    async def _execute(self, sql: str, *args: object) -> None:
+        async with self._pool.acquire(timeout=self._pg_timeout_s) as conn:
+            await conn.execute(sql, *args, timeout=self._pg_timeout_s)
+
+    async def _fetchval(self, sql: str, *args: object) -> Any:
+        async with self._pool.acquire(timeout=self._pg_timeout_s) as conn:
+            return await conn.fetchval(sql, *args, timeout=self._pg_timeout_s)
