@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -13,9 +14,11 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from redis.asyncio import Redis
 from standardwebhooks.webhooks import Webhook
 
 from dispatcher.config import ResolvedSettings
+from dispatcher.store import keys
 from dispatcher.webhooks.signing import sign
 
 BERLIN = (52.52, 13.405)
@@ -79,17 +82,15 @@ class WebhookReceiver:
     def for_order(self, seller_order_id: str) -> list[Delivery]:
         return [d for d in self.received if d.body["data"]["sellerOrderId"] == seller_order_id]
 
-    async def wait_until(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
+    async def wait_until(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:  # noqa: ASYNC109 - a deadline, not a cancellation scope
         deadline = time.monotonic() + timeout
         while not predicate():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise AssertionError(f"webhooks not received in {timeout}s: {len(self.received)} so far")
             self._arrived.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), min(remaining, 0.2))
-            except TimeoutError:
-                pass
 
 
 @dataclass
@@ -172,3 +173,9 @@ def offset(lat: float, lon: float, north_km: float, east_km: float) -> tuple[flo
     dlat = north_km / 111.195
     dlon = east_km / (111.195 * math.cos(math.radians(lat)))
     return lat + dlat, lon + dlon
+
+
+async def geo_members(redis: Redis, zone_id: str) -> set[str]:
+    """Driver ids in the zone's Redis GEO key."""
+    found: list[bytes] = await redis.zrange(keys.zone_geo(zone_id), 0, -1)  # type: ignore[assignment]
+    return {m.decode() for m in found}

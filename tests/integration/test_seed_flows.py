@@ -14,15 +14,10 @@ from redis.asyncio import Redis
 from dispatcher.config import ResolvedSettings
 from dispatcher.embedded import EmbeddedRedis
 from dispatcher.geo import haversine_km, round_km
-from dispatcher.store import keys
 from dispatcher.zoning import Zoning
-from tests.support import BERLIN, Api, WebhookReceiver, offset
+from tests.support import BERLIN, Api, WebhookReceiver, geo_members, offset
 
 pytestmark = pytest.mark.integration
-
-
-async def members(redis: Redis, zone_id: str) -> set[str]:
-    return {m.decode() for m in await redis.zrange(keys.zone_geo(zone_id), 0, -1)}
 
 
 async def test_happy_path_assigns_nearest_and_sends_one_signed_webhook(
@@ -60,7 +55,7 @@ async def test_happy_path_assigns_nearest_and_sends_one_signed_webhook(
     # The mirror no longer offers the busy driver; the other stays.
     for driver, expected in ((near, False), (mid, True)):
         zone = await pg_pool.fetchval("SELECT zone_id FROM drivers WHERE id = $1", driver.driver_id)
-        assert (driver.driver_id in await members(redis_client, zone)) is expected
+        assert (driver.driver_id in await geo_members(redis_client, zone)) is expected
 
     # Vendure gets exactly one signed delivery.assigned (verified by the reference library).
     await receiver.wait_until(lambda: len(receiver.received) >= 1)
