@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -51,10 +52,8 @@ def kill_zone_actors() -> None:
     """Zone actors are detached: end them so the next test starts from PostgreSQL."""
     for entry in ray.util.list_named_actors(all_namespaces=True):
         if entry["name"].startswith("zone:"):
-            try:
+            with contextlib.suppress(ValueError):
                 ray.kill(ray.get_actor(entry["name"], namespace=entry["namespace"]), no_restart=True)
-            except ValueError:
-                pass
 
 
 @pytest.fixture
