@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from dispatcher.actors.batcher import PingBatcher
 from dispatcher.actors.client import ZoneDirectory
+from dispatcher.actors.core import replay
 from dispatcher.actors.messages import AssignRequest, AssignResult, Ping, PingVerdict
 from dispatcher.actors.router import ZoneRouter
 from dispatcher.config import ResolvedSettings
@@ -61,10 +62,10 @@ class Dispatcher:
             # No zone within reach means no located driver within reach: answer
             # without waking an actor. A retry may still find one later.
             existing = await self.deliveries.existing(req.seller_order_id)
-            if existing is None:
-                body = UnassignedResponse(seller_order_id=req.seller_order_id).model_dump_json()
-                return AssignResult("unassigned", body, "none")
-            zone = self.router.zoning.zone_of(req.pickup_lat, req.pickup_lon)
+            if existing is not None:
+                return replay(req, existing)
+            body = UnassignedResponse(seller_order_id=req.seller_order_id).model_dump_json()
+            return AssignResult("unassigned", body, "none")
         return await self.zones.assign(zone, req)
 
     async def step(self, seller_order_id: str, step: str, reason: str | None = None) -> None:

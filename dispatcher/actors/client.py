@@ -42,6 +42,7 @@ class ZoneDirectory:
         self.settings = settings
         self._settings_json = settings.model_dump_json()
         self._handles: dict[str, Any] = {}
+        self._creating: dict[str, asyncio.Task[Any]] = {}
         self._use_resource = use_resource
 
     @property
@@ -54,10 +55,17 @@ class ZoneDirectory:
 
     async def _handle(self, zone_id: str) -> Any:
         handle = self._handles.get(zone_id)
-        if handle is None:
-            # Creating or looking up a named actor is a blocking GCS round trip.
-            handle = await asyncio.to_thread(self._get_or_create, zone_id)
-            self._handles[zone_id] = handle
+        if handle is not None:
+            return handle
+        # Creating or looking up a named actor is a blocking GCS round trip; concurrent
+        # first requests for one zone share a single one instead of racing for the name.
+        task = self._creating.get(zone_id)
+        if task is None:
+            task = asyncio.create_task(asyncio.to_thread(self._get_or_create, zone_id))
+            self._creating[zone_id] = task
+            task.add_done_callback(lambda _: self._creating.pop(zone_id, None))
+        handle = await asyncio.shield(task)
+        self._handles[zone_id] = handle
         return handle
 
     async def _call(self, zone_id: str, invoke: Callable[[Any], Awaitable[T]]) -> T:

@@ -122,14 +122,14 @@ class ZoneCore:
         async with self._lock:
             existing = await self.deliveries.existing(req.seller_order_id)
             if existing is not None:
-                return _replay(req, existing)
+                return replay(req, existing)
             try:
                 booking, path = await self._book(req)
             except OrderExistsError:
                 # Same order booked concurrently through another zone (different pickup).
                 existing = await self.deliveries.existing(req.seller_order_id)
                 assert existing is not None
-                return _replay(req, existing)
+                return replay(req, existing)
             if booking is None:
                 body = UnassignedResponse(seller_order_id=req.seller_order_id).model_dump_json()
                 return AssignResult("unassigned", body, "none")
@@ -228,7 +228,8 @@ class ZoneCore:
         self._mirror_dirty = False
 
 
-def _replay(req: AssignRequest, existing: ExistingOrder) -> AssignResult:
+def replay(req: AssignRequest, existing: ExistingOrder) -> AssignResult:
+    """The stored first answer, or a conflict when the pickup moved."""
     if (existing.pickup_lat, existing.pickup_lon) != (req.pickup_lat, req.pickup_lon):
         return AssignResult("conflict", existing.response_body, "none")
     return AssignResult("replayed", existing.response_body, "none")

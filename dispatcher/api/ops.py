@@ -26,6 +26,20 @@ from dispatcher.store.pg import known_zones, outbox_pending, ping_database
 
 # /zones asks every zone actor; a restarting one must not hold the answer up.
 ZONE_STATS_TIMEOUT_S = 2.0
+# A GCS that cannot list resources this fast is not fit to route orders.
+RAY_PROBE_TIMEOUT_S = 2.0
+
+
+async def _ray_answers() -> bool:
+    """Ray is ready when its control store answers, not merely when init() ran."""
+    if not ray.is_initialized():
+        return False
+    try:
+        async with asyncio.timeout(RAY_PROBE_TIMEOUT_S):
+            await asyncio.to_thread(ray.cluster_resources)
+    except Exception:
+        return False
+    return True
 
 
 async def health(request: web.Request) -> web.StreamResponse:
@@ -35,7 +49,7 @@ async def health(request: web.Request) -> web.StreamResponse:
 async def ready(request: web.Request) -> web.StreamResponse:
     app = request.app
     pg_ok, redis_ok = await asyncio.gather(ping_database(app[PG_POOL]), app[MIRROR].ping())
-    ray_ok = ray.is_initialized()
+    ray_ok = await _ray_answers()
     zones = pending = 0
     if pg_ok:
         try:

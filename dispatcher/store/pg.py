@@ -38,6 +38,9 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+DOWN_ERRORS: tuple[type[BaseException], ...] = (DatabaseUnavailableError, *UNAVAILABLE_ERRORS)
+
+
 async def create_pool(dsn: str, *, max_size: int, command_timeout_s: float) -> asyncpg.Pool:
     """One pool per process; every statement gets `command_timeout_s`."""
     try:
@@ -101,7 +104,7 @@ async def ping_database(pool: asyncpg.Pool) -> bool:
     try:
         async with connection(pool) as conn:
             await conn.fetchval("SELECT 1", timeout=1.0)
-    except (DatabaseUnavailableError, *UNAVAILABLE_ERRORS):  # type: ignore[misc]
+    except DOWN_ERRORS:
         return False
     return True
 
