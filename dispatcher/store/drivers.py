@@ -17,6 +17,9 @@ from dispatcher.errors import ConflictError, NotFoundError
 from dispatcher.geo import haversine_km
 from dispatcher.store.pg import check_epoch, connection, haversine_sql
 
+# Enough for every driver of a large fleet; past it the cache simply starts over.
+TOKEN_CACHE_MAX = 200_000
+
 # GPS fixes jitter by tens of metres; below this jump no speed check applies.
 SPEED_CHECK_MIN_KM = 0.2
 
@@ -76,6 +79,9 @@ class DriverStore:
 
     def __init__(self, pool: asyncpg.Pool) -> None:
         self.pool = pool
+        # token hash -> driver id never changes (tokens are not reassigned), so it can
+        # be cached; whether the driver is active is always read fresh.
+        self._token_owner: dict[bytes, str] = {}
 
     async def create(self, name: str, phone: str | None, vehicle_type: str | None) -> tuple[DriverRecord, str]:
         driver_id = "drv_" + uuid.uuid4().hex[:20]
@@ -108,13 +114,23 @@ class DriverStore:
             )
         return [DriverRecord.from_row(r) for r in rows]
 
-    async def identify(self, token: str) -> tuple[str, bool] | None:
-        """(driver id, is_active) for a bearer token, or None."""
+    async def token_owner(self, token: str) -> str | None:
+        """The driver a bearer token names, or None."""
+        digest = hash_token(token)
+        owner = self._token_owner.get(digest)
+        if owner is None:
+            async with connection(self.pool) as conn:
+                owner = await conn.fetchval("SELECT id FROM drivers WHERE token_hash = $1", digest)
+            if owner is not None:
+                if len(self._token_owner) >= TOKEN_CACHE_MAX:
+                    self._token_owner.clear()
+                self._token_owner[digest] = owner
+        return owner
+
+    async def is_active(self, driver_id: str) -> bool:
         async with connection(self.pool) as conn:
-            row = await conn.fetchrow(
-                "SELECT id, is_active FROM drivers WHERE token_hash = $1", hash_token(token)
-            )
-        return None if row is None else (row["id"], row["is_active"])
+            active: bool | None = await conn.fetchval("SELECT is_active FROM drivers WHERE id = $1", driver_id)
+        return bool(active)
 
     async def update(self, driver_id: str, *, is_active: bool | None, name: str | None) -> DriverRecord:
         async with connection(self.pool) as conn:
