@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     port: int = Field(default=8080, ge=0, le=65535)
     ray_namespace: str = "dispatcher"
     zone_resolution: int = Field(default=5, ge=0, le=9)
+    # >0: each zone actor asks for this much of the custom resource `dispatcher_zone`,
+    # so a cluster's autoscaler places zones on the worker group that offers it.
+    zone_resource_units: float = Field(default=0.0, ge=0)
     # Each zone is a process: bound how many pings can conjure up.
     max_zones: int = Field(default=64, ge=1)
     sweep_interval_s: float = Field(default=5.0, gt=0)

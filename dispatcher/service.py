@@ -76,7 +76,7 @@ class Dispatcher:
     # ---- drivers ----------------------------------------------------------------------
 
     async def ping(self, ping: Ping) -> PingVerdict:
-        zone = await self.router.zone_for_ping(ping.lat, ping.lon)
+        zone = await self.router.zone_for_ping(ping.lat, ping.lon, ping.driver_id)
         return await self.batcher.submit(zone, ping)
 
     async def ping_many(self, pings: Sequence[Ping]) -> list[PingOutcome]:
@@ -85,7 +85,7 @@ class Dispatcher:
         outcomes: list[PingOutcome | None] = [None] * len(pings)
         for index, ping in enumerate(pings):
             try:
-                zone = await self.router.zone_for_ping(ping.lat, ping.lon)
+                zone = await self.router.zone_for_ping(ping.lat, ping.lon, ping.driver_id)
             except DispatchError as exc:
                 outcomes[index] = PingOutcome(None, exc)
                 continue
@@ -123,7 +123,7 @@ class Dispatcher:
             return
         try:
             await self.zones.refresh(zone_id, [driver_id])
-        except ZoneUnavailableError as exc:
+        except DispatchError as exc:
             # PostgreSQL already holds the change; the zone's sweeper repairs the
             # mirror when it is back, and the lookup double-checks in PostgreSQL.
             log.warning("refresh of driver %s in zone %s deferred: %s", driver_id, zone_id, exc)

@@ -30,6 +30,8 @@ T = TypeVar("T")
 # out a restart, after which the caller gets a retryable 503.
 RETRY_DELAYS_S = (0.1, 0.5, 1.5)
 
+ACTOR_REDACTED = ("admin_token", "inbound_secret", "vendure_webhook_secret")
+
 
 class ZoneDirectory:
     """Get-or-create zone actors by name and call them.
@@ -38,19 +40,23 @@ class ZoneDirectory:
     ordered by recordedAt, so a call that failed after succeeding does no harm.
     """
 
-    def __init__(self, settings: ResolvedSettings, *, use_resource: bool = False) -> None:
+    def __init__(self, settings: ResolvedSettings) -> None:
         self.settings = settings
-        self._settings_json = settings.model_dump_json()
+        # Actor arguments are stored by Ray's control store: send no secret a zone
+        # does not use (it needs the DSNs, never the tokens or webhook keys).
+        redacted = settings.model_copy(update=dict.fromkeys(ACTOR_REDACTED, "redacted"))
+        self._settings_json = redacted.model_dump_json()
         self._handles: dict[str, Any] = {}
         self._creating: dict[str, asyncio.Task[Any]] = {}
-        self._use_resource = use_resource
 
     @property
     def zone_ids(self) -> list[str]:
         return sorted(self._handles)
 
     def _get_or_create(self, zone_id: str) -> Any:
-        options = zone_actor_options(zone_id, self.settings.ray_namespace, use_resource=self._use_resource)
+        options = zone_actor_options(
+            zone_id, self.settings.ray_namespace, resource_units=self.settings.zone_resource_units
+        )
         return ZoneActorRemote.options(**options).remote(zone_id, self._settings_json)
 
     async def _handle(self, zone_id: str) -> Any:

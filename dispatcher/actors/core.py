@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from dispatcher.actors.messages import (
     AssignRequest,
@@ -17,11 +17,12 @@ from dispatcher.actors.messages import (
     ZoneStats,
 )
 from dispatcher.config import ResolvedSettings
-from dispatcher.errors import DispatchError
+from dispatcher.errors import DispatchError, StaleEpochError
 from dispatcher.models import UnassignedResponse
 from dispatcher.store.deliveries import (
     Booking,
     DeliveryStore,
+    DriverTakenError,
     ExistingOrder,
     OrderExistsError,
 )
@@ -35,6 +36,8 @@ log = logging.getLogger(__name__)
 # Redis narrows the search to this many nearest mirror members; PostgreSQL then picks
 # the nearest dispatchable one among them with exact distances.
 CANDIDATES = 8
+# Each retry follows a refusal by the one-active-delivery index, which means bad data.
+MAX_TAKEN_RETRIES = 3
 
 
 class ZoneCore:
@@ -69,6 +72,8 @@ class ZoneCore:
         self._mirror_dirty = True
         self._last_reconcile = 0.0
         self._sweeper: asyncio.Task[None] | None = None
+        # Set once a newer incarnation took the zone: this one must not act again.
+        self.fenced = False
 
     # ---- lifetime -----------------------------------------------------------------
 
@@ -88,6 +93,19 @@ class ZoneCore:
 
     # ---- pings --------------------------------------------------------------------
 
+    @contextlib.asynccontextmanager
+    async def _exclusive(self) -> AsyncIterator[None]:
+        """The zone lock; a fencing failure retires this incarnation for good."""
+        async with self._lock:
+            if self.fenced:
+                raise StaleEpochError(f"zone {self.zone_id}: this incarnation was fenced")
+            try:
+                yield
+            except StaleEpochError:
+                self.fenced = True
+                log.warning("zone %s epoch %d fenced by a newer incarnation", self.zone_id, self.epoch)
+                raise
+
     async def apply_pings(self, pings: Sequence[Ping]) -> list[PingVerdict]:
         newest: dict[str, Ping] = {}
         for ping in pings:
@@ -95,7 +113,7 @@ class ZoneCore:
             if kept is None or ping.recorded_at > kept.recorded_at:
                 newest[ping.driver_id] = ping
         unique = list(newest.values())
-        async with self._lock:
+        async with self._exclusive():
             verdicts, entries, moved = await self.drivers.apply_pings(
                 self.zone_id, self.epoch, unique, self.settings.max_ping_speed_kmh
             )
@@ -119,7 +137,7 @@ class ZoneCore:
     # ---- assignment ---------------------------------------------------------------
 
     async def assign(self, req: AssignRequest) -> AssignResult:
-        async with self._lock:
+        async with self._exclusive():
             existing = await self.deliveries.existing(req.seller_order_id)
             if existing is not None:
                 return replay(req, existing)
@@ -132,7 +150,7 @@ class ZoneCore:
                 return replay(req, existing)
             if booking is None:
                 body = UnassignedResponse(seller_order_id=req.seller_order_id).model_dump_json()
-                return AssignResult("unassigned", body, "none")
+                return AssignResult("unassigned", body, "postgres")
             await self._booked(booking)
             return AssignResult("assigned", booking.body, path, booking.driver_id)
 
@@ -152,14 +170,25 @@ class ZoneCore:
         return await self._book_among(req, None), "postgres"
 
     async def _book_among(self, req: AssignRequest, candidates: list[str] | None) -> Booking | None:
-        return await self.deliveries.book(
-            req,
-            zone_id=self.zone_id,
-            epoch=self.epoch,
-            candidates=candidates,
-            radius_km=self.settings.search_radius_km,
-            heartbeat_ttl_s=self.settings.heartbeat_ttl_s,
-        )
+        taken: list[str] = []
+        while True:
+            try:
+                return await self.deliveries.book(
+                    req,
+                    zone_id=self.zone_id,
+                    epoch=self.epoch,
+                    candidates=candidates,
+                    radius_km=self.settings.search_radius_km,
+                    heartbeat_ttl_s=self.settings.heartbeat_ttl_s,
+                    exclude=taken,
+                )
+            except DriverTakenError as exc:
+                # AVAILABLE yet holding an active delivery should not exist; the
+                # index caught it, so skip that driver and say so loudly.
+                log.error("driver %s is AVAILABLE with an active delivery; skipped", exc.driver_id)
+                taken.append(exc.driver_id)
+                if len(taken) > MAX_TAKEN_RETRIES:
+                    raise
 
     async def _booked(self, booking: Booking) -> None:
         entry = self.shard.get(booking.driver_id)
@@ -174,7 +203,7 @@ class ZoneCore:
     # ---- refresh after writes made elsewhere (status, lifecycle, deactivation) ----------
 
     async def refresh(self, driver_ids: Sequence[str]) -> None:
-        async with self._lock:
+        async with self._exclusive():
             entries = await self.drivers.mirror_entries(driver_ids)
             for entry in entries:
                 if entry.zone_id == self.zone_id:
@@ -197,6 +226,8 @@ class ZoneCore:
             await asyncio.sleep(self.settings.sweep_interval_s)
             try:
                 await self.sweep_once()
+            except StaleEpochError:
+                return
             except (MirrorUnavailableError, DispatchError) as exc:
                 self._mirror_dirty = True
                 log.info("zone %s sweep skipped: %s", self.zone_id, exc)
@@ -204,7 +235,7 @@ class ZoneCore:
                 log.exception("zone %s sweep failed", self.zone_id)
 
     async def sweep_once(self) -> None:
-        async with self._lock:
+        async with self._exclusive():
             await self.sweep()
 
     async def sweep(self) -> None:

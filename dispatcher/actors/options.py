@@ -13,7 +13,7 @@ def zone_actor_name(zone_id: str) -> str:
     return f"zone:{zone_id}"
 
 
-def zone_actor_options(zone_id: str, namespace: str, *, use_resource: bool = False) -> dict[str, Any]:
+def zone_actor_options(zone_id: str, namespace: str, *, resource_units: float = 0.0) -> dict[str, Any]:
     options: dict[str, Any] = {
         "name": zone_actor_name(zone_id),
         "namespace": namespace,
@@ -29,6 +29,6 @@ def zone_actor_options(zone_id: str, namespace: str, *, use_resource: bool = Fal
         "max_concurrency": 1,
         "num_cpus": 0,
     }
-    if use_resource:
-        options["resources"] = {ZONE_RESOURCE: 0.001}
+    if resource_units > 0:
+        options["resources"] = {ZONE_RESOURCE: resource_units}
     return options

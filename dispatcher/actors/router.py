@@ -6,8 +6,8 @@ import time
 
 import asyncpg
 
-from dispatcher.errors import RequestValidationError
-from dispatcher.store.pg import known_zones
+from dispatcher.errors import ForbiddenError, NotFoundError, RequestValidationError
+from dispatcher.store.pg import connection, known_zones
 from dispatcher.zoning import Zoning
 
 # Orders in areas with no known zone re-read the zone list at most this often.
@@ -32,17 +32,32 @@ class ZoneRouter:
         self.known = set(await known_zones(self.pool))
         self._refreshed_at = time.monotonic()
 
-    async def zone_for_ping(self, lat: float, lon: float) -> str:
+    async def zone_for_ping(self, lat: float, lon: float, driver_id: str) -> str:
+        """The ping's zone. A new zone (a new actor process) is opened only for an
+        active driver, and only while PostgreSQL counts fewer than `max_zones`."""
         zone = self.zoning.zone_of(lat, lon)
-        if zone not in self.known:
-            await self._refresh()
-            if zone not in self.known and len(self.known) >= self.max_zones:
-                raise RequestValidationError(
-                    f"location outside the service area: the zone limit ({self.max_zones}) is reached",
-                    errors=[{"loc": ["body", "lat"], "msg": "outside the service area"}],
-                )
-            self.known.add(zone)
+        if zone in self.known:
+            return zone
+        await self.load()
+        if zone in self.known:
+            return zone
+        await self._check_may_open_zone(driver_id)
+        if len(self.known) >= self.max_zones:
+            raise RequestValidationError(
+                f"location outside the service area: the zone limit ({self.max_zones}) is reached",
+                errors=[{"loc": ["body", "lat"], "msg": "outside the service area"}],
+            )
+        self.known.add(zone)
         return zone
+
+    async def _check_may_open_zone(self, driver_id: str) -> None:
+        """Same answers as a rejected ping: unknown 404, deactivated 403."""
+        async with connection(self.pool) as conn:
+            active: bool | None = await conn.fetchval("SELECT is_active FROM drivers WHERE id = $1", driver_id)
+        if active is None:
+            raise NotFoundError("unknown driver")
+        if not active:
+            raise ForbiddenError("driver is deactivated")
 
     async def zone_for_order(self, lat: float, lon: float, radius_km: float) -> str | None:
         near = self.zoning.zones_near(lat, lon, radius_km)

@@ -96,6 +96,7 @@ async def _webhooks(app: web.Application) -> AsyncIterator[None]:
         schedule_s=s.webhook_schedule_s,
         timeout_s=s.webhook_timeout_s,
         poll_interval_s=s.webhook_poll_interval_s,
+        pg_timeout_s=s.pg_timeout_s,
     )
     app[SENDER] = sender
     task = asyncio.create_task(sender.run(), name="webhook-sender")

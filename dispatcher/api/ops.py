@@ -48,8 +48,9 @@ async def health(request: web.Request) -> web.StreamResponse:
 
 async def ready(request: web.Request) -> web.StreamResponse:
     app = request.app
-    pg_ok, redis_ok = await asyncio.gather(ping_database(app[PG_POOL]), app[MIRROR].ping())
-    ray_ok = await _ray_answers()
+    pg_ok, redis_ok, ray_ok = await asyncio.gather(
+        ping_database(app[PG_POOL]), app[MIRROR].ping(), _ray_answers()
+    )
     zones = pending = 0
     if pg_ok:
         try:

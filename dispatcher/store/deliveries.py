@@ -30,7 +30,8 @@ FREEING_STATUSES = ("DELIVERED", "FAILED", "CANCELLED")
 
 # The dispatchability rule of CONTRACT §4, identical on the Redis and fallback paths:
 # active, AVAILABLE, fresh heartbeat, location known, within the radius.
-# $1/$2 pickup, $3 heartbeat TTL s, $4..$7 bounding box, $8 candidates or NULL, $9 radius.
+# $1/$2 pickup, $3 heartbeat TTL s, $4..$7 bounding box, $8 candidates or NULL, $9 radius,
+# $10 drivers to skip.
 PICK_SQL = f"""
 SELECT id, zone_id, {haversine_sql("$1", "$2", "lat", "lon")} AS distance_km
 FROM drivers
@@ -38,6 +39,7 @@ WHERE status = 'AVAILABLE' AND is_active AND lat IS NOT NULL
   AND last_seen_at > now() - make_interval(secs => $3)
   AND lat BETWEEN $4 AND $5 AND lon BETWEEN $6 AND $7
   AND ($8::text[] IS NULL OR id = ANY($8::text[]))
+  AND NOT (id = ANY($10::text[]))
   AND {haversine_sql("$1", "$2", "lat", "lon")} <= $9
 ORDER BY distance_km, id
 LIMIT 1
@@ -70,6 +72,14 @@ class OrderExistsError(Exception):
     """Another request booked this sellerOrderId first; replay or 409."""
 
 
+class DriverTakenError(Exception):
+    """The one-active-delivery index refused the driver: PostgreSQL's final gate held."""
+
+    def __init__(self, driver_id: str) -> None:
+        super().__init__(driver_id)
+        self.driver_id = driver_id
+
+
 class DeliveryStore:
     """Every SQL statement about deliveries."""
 
@@ -93,6 +103,7 @@ class DeliveryStore:
         candidates: Sequence[str] | None,
         radius_km: float,
         heartbeat_ttl_s: float,
+        exclude: Sequence[str] = (),
     ) -> Booking | None:
         """Book the nearest dispatchable driver, among `candidates` if given.
 
@@ -106,7 +117,7 @@ class DeliveryStore:
             await check_epoch(conn, zone_id, epoch)
             pick = await conn.fetchrow(
                 PICK_SQL, lat, lon, heartbeat_ttl_s, *box,
-                None if candidates is None else list(candidates), radius_km,
+                None if candidates is None else list(candidates), radius_km, list(exclude),
             )
             if pick is None:
                 return None
@@ -134,7 +145,7 @@ class DeliveryStore:
             except asyncpg.UniqueViolationError as exc:
                 if exc.constraint_name == "deliveries_pkey":
                     raise OrderExistsError(req.seller_order_id) from exc
-                raise
+                raise DriverTakenError(driver_id) from exc
             await conn.execute(
                 "INSERT INTO delivery_history (seller_order_id, status) VALUES ($1, 'ASSIGNED')",
                 req.seller_order_id,
