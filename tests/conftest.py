@@ -16,6 +16,9 @@ from redis.asyncio import Redis
 from dispatcher.embedded import EmbeddedPostgres, EmbeddedRedis
 from dispatcher.store.migrate import migrate_dsn
 
+# Ray, the ingress and the webhook receiver, shared by tests/integration and tests/faults.
+pytest_plugins = ["tests.service_fixtures"]
+
 PG_URL_ENV = "DISPATCHER_TEST_DATABASE_URL"
 REDIS_URL_ENV = "DISPATCHER_TEST_REDIS_URL"
 TEST_DATABASE = "dispatcher_test"

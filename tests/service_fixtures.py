@@ -1,4 +1,4 @@
-"""Integration fixtures: one real local Ray per session, the ingress over real servers."""
+"""Service fixtures (a pytest plugin): one real local Ray per session, the ingress over real servers."""
 
 from __future__ import annotations
 
