@@ -22,9 +22,11 @@ def haversine_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
 
 def bounding_box(lat: float, lon: float, radius_km: float) -> tuple[float, float, float, float]:
     """(min_lat, max_lat, min_lon, max_lon) enclosing a circle; index pre-filter only."""
-    dlat = math.degrees(radius_km / EARTH_RADIUS_KM)
+    # Padded by a hair so a point exactly on the circle is never lost to float rounding;
+    # the exact distance check that follows decides.
+    dlat = math.degrees(radius_km / EARTH_RADIUS_KM) * (1 + 1e-9) + 1e-9
     cos_lat = math.cos(math.radians(min(abs(lat) + dlat, 89.9)))
-    dlon = min(180.0, math.degrees(radius_km / (EARTH_RADIUS_KM * max(cos_lat, 1e-9))))
+    dlon = min(180.0, math.degrees(radius_km / (EARTH_RADIUS_KM * max(cos_lat, 1e-9))) * (1 + 1e-9) + 1e-9)
     return lat - dlat, lat + dlat, lon - dlon, lon + dlon
 
 
