@@ -21,7 +21,11 @@ def haversine_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
 
 
 def bounding_box(lat: float, lon: float, radius_km: float) -> tuple[float, float, float, float]:
-    """(min_lat, max_lat, min_lon, max_lon) enclosing a circle; index pre-filter only."""
+    """(min_lat, max_lat, min_lon, max_lon) enclosing a circle; index pre-filter only.
+
+    Longitudes are not wrapped: near ±180 the box extends past it, and callers match
+    longitudes shifted by ±360 as well (see store/deliveries.py PICK_SQL).
+    """
     # Padded by a hair so a point exactly on the circle is never lost to float rounding;
     # the exact distance check that follows decides.
     dlat = math.degrees(radius_km / EARTH_RADIUS_KM) * (1 + 1e-9) + 1e-9

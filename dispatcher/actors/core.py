@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -114,23 +115,21 @@ class ZoneCore:
                 newest[ping.driver_id] = ping
         unique = list(newest.values())
         async with self._exclusive():
-            verdicts, entries, moved = await self.drivers.apply_pings(
+            verdicts, entries = await self.drivers.apply_pings(
                 self.zone_id, self.epoch, unique, self.settings.max_ping_speed_kmh
             )
             for entry in entries:
                 self.shard[entry.driver_id] = entry
-            await self._mirror_write(entries, moved)
+            await self._mirror_write(entries)
         by_driver: dict[str, PingVerdict] = dict(zip((p.driver_id for p in unique), verdicts, strict=True))
         return [
             by_driver[p.driver_id] if newest[p.driver_id] is p else PingVerdict.STALE
             for p in pings
         ]
 
-    async def _mirror_write(self, entries: list[MirrorEntry], moved: dict[str, str]) -> None:
+    async def _mirror_write(self, entries: list[MirrorEntry]) -> None:
         try:
-            await self.mirror.apply(self.zone_id, entries, self.clock(), self.settings.heartbeat_ttl_s)
-            for old_zone in set(moved.values()):
-                await self.mirror.forget(old_zone, [d for d, z in moved.items() if z == old_zone])
+            await self.mirror.apply(entries, self.clock(), self.settings.heartbeat_ttl_s)
         except MirrorUnavailableError:
             self._mirror_dirty = True
 
@@ -210,7 +209,7 @@ class ZoneCore:
                     self.shard[entry.driver_id] = entry
                 else:
                     self.shard.pop(entry.driver_id, None)
-            await self._mirror_write(entries, {})
+            await self._mirror_write(entries)
 
     def stats(self) -> ZoneStats:
         now = self.clock()
@@ -267,6 +266,4 @@ def replay(req: AssignRequest, existing: ExistingOrder) -> AssignResult:
 
 
 def _with_status(entry: MirrorEntry, *, available: bool) -> MirrorEntry:
-    return MirrorEntry(
-        entry.driver_id, entry.zone_id, entry.lat, entry.lon, entry.seen_epoch_s, available
-    )
+    return dataclasses.replace(entry, dispatchable_status=available)

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import time
-
 import asyncpg
 
 from dispatcher.errors import ForbiddenError, NotFoundError, RequestValidationError
 from dispatcher.store.pg import connection, known_zones
 from dispatcher.zoning import Zoning
-
-# Orders in areas with no known zone re-read the zone list at most this often.
-REFRESH_MIN_INTERVAL_S = 1.0
 
 
 class ZoneRouter:
@@ -26,11 +21,9 @@ class ZoneRouter:
         self.pool = pool
         self.max_zones = max_zones
         self.known: set[str] = set()
-        self._refreshed_at = 0.0
 
     async def load(self) -> None:
         self.known = set(await known_zones(self.pool))
-        self._refreshed_at = time.monotonic()
 
     async def zone_for_ping(self, lat: float, lon: float, driver_id: str) -> str:
         """The ping's zone. A new zone (a new actor process) is opened only for an
@@ -62,9 +55,9 @@ class ZoneRouter:
     async def zone_for_order(self, lat: float, lon: float, radius_km: float) -> str | None:
         near = self.zoning.zones_near(lat, lon, radius_km)
         if not any(z in self.known for z in near):
-            await self._refresh()
+            # Another replica may have opened a zone here a moment ago: "no zone in
+            # reach" is only ever concluded from PostgreSQL, never from this cache.
+            async with connection(self.pool) as conn:
+                rows = await conn.fetch("SELECT zone_id FROM zones WHERE zone_id = ANY($1::text[])", near)
+            self.known.update(r["zone_id"] for r in rows)
         return next((z for z in near if z in self.known), None)
-
-    async def _refresh(self) -> None:
-        if time.monotonic() - self._refreshed_at >= REFRESH_MIN_INTERVAL_S:
-            await self.load()

@@ -37,7 +37,9 @@ SELECT id, zone_id, {haversine_sql("$1", "$2", "lat", "lon")} AS distance_km
 FROM drivers
 WHERE status = 'AVAILABLE' AND is_active AND lat IS NOT NULL
   AND last_seen_at > now() - make_interval(secs => $3)
-  AND lat BETWEEN $4 AND $5 AND lon BETWEEN $6 AND $7
+  AND lat BETWEEN $4 AND $5
+  -- The box may cross the antimeridian: its longitudes then also match shifted by 360.
+  AND (lon BETWEEN $6 AND $7 OR lon BETWEEN $6 + 360 AND $7 + 360 OR lon BETWEEN $6 - 360 AND $7 - 360)
   AND ($8::text[] IS NULL OR id = ANY($8::text[]))
   AND NOT (id = ANY($10::text[]))
   AND {haversine_sql("$1", "$2", "lat", "lon")} <= $9

@@ -72,6 +72,8 @@ class MirrorEntry:
     lon: float | None
     seen_epoch_s: float | None
     dispatchable_status: bool  # AVAILABLE and active; freshness is checked separately
+    # recordedAt of the stored fix (µs): orders mirror writes, newest fix wins.
+    fix_us: int | None = None
 
 
 class DriverStore:
@@ -165,7 +167,7 @@ class DriverStore:
     async def mirror_entries(self, driver_ids: Sequence[str]) -> list[MirrorEntry]:
         async with connection(self.pool) as conn:
             rows = await conn.fetch(
-                f"SELECT {MIRROR_COLUMNS} FROM drivers WHERE id = ANY($1::text[])", list(driver_ids)
+                f"SELECT {mirror_columns()} FROM drivers WHERE id = ANY($1::text[])", list(driver_ids)
             )
         return [_mirror_entry(r) for r in rows]
 
@@ -173,17 +175,16 @@ class DriverStore:
         """Every located driver of a zone, to rebuild a shard and its mirror."""
         async with connection(self.pool) as conn:
             rows = await conn.fetch(
-                f"SELECT {MIRROR_COLUMNS} FROM drivers WHERE zone_id = $1", zone_id
+                f"SELECT {mirror_columns()} FROM drivers WHERE zone_id = $1", zone_id
             )
         return [_mirror_entry(r) for r in rows]
 
     async def apply_pings(
         self, zone_id: str, epoch: int, pings: Sequence[Ping], max_speed_kmh: float
-    ) -> tuple[list[PingVerdict], list[MirrorEntry], dict[str, str]]:
+    ) -> tuple[list[PingVerdict], list[MirrorEntry]]:
         """Write a batch of fixes in one transaction.
 
-        Returns a verdict per ping, the mirror entries of accepted drivers, and
-        {driver id: previous zone} for drivers that changed zone.
+        Returns a verdict per ping and the mirror entries of accepted drivers.
         """
         ids = [p.driver_id for p in pings]
         async with connection(self.pool) as conn, conn.transaction():
@@ -210,40 +211,41 @@ class DriverStore:
                     )
                 }
         verdicts = [_verdict(p, updated, others, max_speed_kmh) for p in pings]
-        moved = {
-            r["id"]: r["old_zone"]
-            for r in rows
-            if r["old_zone"] is not None and r["old_zone"] != zone_id
-        }
-        return verdicts, [_mirror_entry(r) for r in rows], moved
+        return verdicts, [_mirror_entry(r) for r in rows]
 
 
-MIRROR_COLUMNS = """
-    id, zone_id, lat, lon, extract(epoch FROM last_seen_at)::float8 AS seen,
-    (status = 'AVAILABLE' AND is_active) AS dispatchable_status
+def mirror_columns(t: str = "drivers") -> str:
+    """What the GEO mirror needs of a driver row aliased `t`."""
+    return f"""
+    {t}.id, {t}.zone_id, {t}.lat, {t}.lon, extract(epoch FROM {t}.last_seen_at)::float8 AS seen,
+    floor(extract(epoch FROM {t}.location_recorded_at) * 1000000)::bigint AS fix_us,
+    ({t}.status = 'AVAILABLE' AND {t}.is_active) AS dispatchable_status
 """
 
-# One statement for the whole batch. `o` is the row before the update: it gives the
-# previous zone and the previous fix for the speed check.
+
+# One statement for the whole batch. The `locked` CTE takes the rows in id order (two
+# batches sharing drivers cannot deadlock) and every condition reads `d`, which
+# PostgreSQL re-checks against the newest row version after waiting for a lock: a fix
+# written concurrently by another zone's actor can never be overwritten by an older one.
 PING_SQL = f"""
 WITH input AS (
     SELECT * FROM unnest($1::text[], $2::float8[], $3::float8[], $4::timestamptz[])
         AS t(id, lat, lon, rec)
+), locked AS (
+    SELECT d.id FROM drivers d JOIN input i ON i.id = d.id ORDER BY d.id FOR UPDATE OF d
 )
 UPDATE drivers d
 SET lat = i.lat, lon = i.lon, location_recorded_at = i.rec,
     last_seen_at = least(i.rec, now()), zone_id = $5, updated_at = now()
-FROM input i, drivers o
-WHERE d.id = i.id AND o.id = i.id AND d.is_active
-  AND (o.location_recorded_at IS NULL OR o.location_recorded_at < i.rec)
+FROM input i, locked l
+WHERE d.id = i.id AND l.id = i.id AND d.is_active
+  AND (d.location_recorded_at IS NULL OR d.location_recorded_at < i.rec)
   AND (
-    o.lat IS NULL
-    OR {haversine_sql("o.lat", "o.lon", "i.lat", "i.lon")}
-       <= greatest($7, $6 * extract(epoch FROM i.rec - o.location_recorded_at) / 3600.0)
+    d.lat IS NULL
+    OR {haversine_sql("d.lat", "d.lon", "i.lat", "i.lon")}
+       <= greatest($7, $6 * extract(epoch FROM i.rec - d.location_recorded_at) / 3600.0)
   )
-RETURNING d.id, o.zone_id AS old_zone, d.zone_id, d.lat, d.lon,
-    extract(epoch FROM d.last_seen_at)::float8 AS seen,
-    (d.status = 'AVAILABLE' AND d.is_active) AS dispatchable_status
+RETURNING {mirror_columns("d")}
 """
 
 
@@ -255,6 +257,7 @@ def _mirror_entry(row: asyncpg.Record) -> MirrorEntry:
         lon=row["lon"],
         seen_epoch_s=row["seen"],
         dispatchable_status=row["dispatchable_status"],
+        fix_us=row["fix_us"],
     )
 
 

@@ -29,6 +29,36 @@ BREAKER_OPEN_S = 1.0
 RADIUS_SLACK_KM = 0.005
 
 
+# One driver's mirror write, atomic in Redis and ordered by the fix's recordedAt: an
+# older fix never overwrites a newer one, and a driver lives in the keys of one zone
+# only (the zone Redis last saw it in), whichever zone actor's write lands last.
+# It names keys it computes (one Redis, not a cluster: documented in ARCHITECTURE).
+# ARGV: id, zone, lon, lat, seen, fix_us, dispatchable (1/0).
+UPSERT_LUA = f"""
+local id, zone = ARGV[1], ARGV[2]
+local fix = tonumber(ARGV[6])
+local seen_fix = redis.call('HGET', '{keys.DRIVER_FIX}', id)
+if seen_fix and tonumber(seen_fix) > fix then return 0 end
+local old = redis.call('HGET', '{keys.DRIVER_ZONE}', id)
+if old and old ~= zone then
+  redis.call('ZREM', '{keys.ZONE_KEY_PREFIX}' .. old .. ':geo', id)
+  redis.call('ZREM', '{keys.ZONE_KEY_PREFIX}' .. old .. ':seen', id)
+end
+redis.call('HSET', '{keys.DRIVER_FIX}', id, ARGV[6])
+redis.call('HSET', '{keys.DRIVER_ZONE}', id, zone)
+local geo = '{keys.ZONE_KEY_PREFIX}' .. zone .. ':geo'
+local seen = '{keys.ZONE_KEY_PREFIX}' .. zone .. ':seen'
+if ARGV[7] == '1' then
+  redis.call('GEOADD', geo, ARGV[3], ARGV[4], id)
+  redis.call('ZADD', seen, ARGV[5], id)
+else
+  redis.call('ZREM', geo, id)
+  redis.call('ZREM', seen, id)
+end
+return 1
+"""
+
+
 class MirrorUnavailableError(Exception):
     """Redis did not answer in time; callers fall back to PostgreSQL."""
 
@@ -56,6 +86,7 @@ class GeoMirror:
         self.client = client
         self.timeout_s = timeout_s
         self._open_until = 0.0
+        self._upsert = client.register_script(UPSERT_LUA)
 
     @property
     def healthy(self) -> bool:
@@ -100,11 +131,11 @@ class GeoMirror:
         found.sort()
         return [member for _, member in found[:count]]
 
-    async def apply(self, zone_id: str, entries: Iterable[MirrorEntry], now_s: float, ttl_s: float) -> None:
+    async def apply(self, entries: Iterable[MirrorEntry], now_s: float, ttl_s: float) -> None:
         """Make the mirror agree with freshly written PostgreSQL rows."""
         pipe = self.client.pipeline(transaction=False)
         for entry in entries:
-            _stage(pipe, zone_id, entry, now_s, ttl_s)
+            await self._stage(pipe, entry, now_s, ttl_s)
         await self._run(pipe)
 
     async def forget(self, zone_id: str, driver_ids: Sequence[str]) -> None:
@@ -136,9 +167,20 @@ class GeoMirror:
         pipe = self.client.pipeline(transaction=True)
         pipe.delete(keys.zone_geo(zone_id), keys.zone_seen(zone_id))
         for entry in entries:
-            _stage(pipe, zone_id, entry, now_s, ttl_s)
+            if entry.zone_id == zone_id:
+                await self._stage(pipe, entry, now_s, ttl_s)
         pipe.set(keys.zone_built(zone_id), str(now_s))
         await self._run(pipe)
+
+    async def _stage(self, pipe: aioredis.client.Pipeline, entry: MirrorEntry, now_s: float, ttl_s: float) -> None:
+        """Queue one driver's upsert on the pipeline (awaiting only queues it)."""
+        if entry.zone_id is None or entry.fix_us is None or entry.lat is None or entry.lon is None:
+            return  # never located: nothing to mirror
+        args = (
+            entry.driver_id, entry.zone_id, entry.lon, entry.lat, entry.seen_epoch_s or 0.0,
+            entry.fix_us, 1 if is_dispatchable(entry, now_s, ttl_s) else 0,
+        )
+        await self._upsert(keys=[], args=args, client=pipe)
 
     async def members(self, zone_id: str) -> set[str]:
         pipe = self.client.pipeline(transaction=False)
@@ -157,16 +199,6 @@ def is_dispatchable(entry: MirrorEntry, now_s: float, ttl_s: float) -> bool:
         and entry.seen_epoch_s is not None
         and entry.seen_epoch_s > now_s - ttl_s
     )
-
-
-def _stage(pipe: aioredis.client.Pipeline, zone_id: str, entry: MirrorEntry, now_s: float, ttl_s: float) -> None:
-    if entry.zone_id == zone_id and is_dispatchable(entry, now_s, ttl_s):
-        assert entry.lat is not None and entry.lon is not None and entry.seen_epoch_s is not None
-        pipe.geoadd(keys.zone_geo(zone_id), (entry.lon, entry.lat, entry.driver_id))
-        pipe.zadd(keys.zone_seen(zone_id), {entry.driver_id: entry.seen_epoch_s})
-    else:
-        pipe.zrem(keys.zone_geo(zone_id), entry.driver_id)
-        pipe.zrem(keys.zone_seen(zone_id), entry.driver_id)
 
 
 def _text(value: object) -> str:
