@@ -35,6 +35,7 @@ from dispatcher.zoning import Zoning
 
 # CONTRACT §3: bodies over 64 KiB are answered 413.
 MAX_BODY_BYTES = 64 * 1024
+SENDER_STOP_TIMEOUT_S = 5.0
 
 ROUTES: list[RouteSpec] = [*events.ROUTES, *drivers.ROUTES, *deliveries.ROUTES, *ops.ROUTES]
 
@@ -102,5 +103,8 @@ async def _webhooks(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(sender.run(), name="webhook-sender")
     yield
     task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    # Bounded: shutdown must finish even if the sender misbehaves; its rows stay in
+    # the outbox and the next process sends them.
+    with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+        async with asyncio.timeout(SENDER_STOP_TIMEOUT_S):
+            await task

@@ -121,7 +121,9 @@ async def ping_location(request: web.Request) -> web.StreamResponse:
     request.app[METRICS].pings.labels(verdict.value).inc()
     error = VERDICT_ERRORS.get(verdict)
     if error is not None:
-        raise error(VERDICT_DETAILS[verdict])
+        detail = VERDICT_DETAILS[verdict]
+        errors = [{"loc": ["body"], "msg": detail}] if error is RequestValidationError else None
+        raise error(detail, errors=errors)
     return web.Response(status=204)
 
 

@@ -279,8 +279,11 @@ class WebhookSender:
                 continue
             backoff = BACKOFF_MIN_S
             if claimed < self._batch_size:
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
+                # cancel that lands in the same loop turn as wake(), hanging shutdown.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self._poll_interval_s)
+                    async with asyncio.timeout(self._poll_interval_s):
+                        await self._wake.wait()
 
     async def _process_batch(self, session: aiohttp.ClientSession, url: str) -> int:
         # Taken before the claim so our idea of the lease ends no later than PostgreSQL's.
@@ -452,7 +455,8 @@ class WebhookSender:
                 self.wake()  # rows may have come while nobody was listening
                 while not lost.is_set():
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(lost.wait(), LISTEN_PROBE_S)
+                        async with asyncio.timeout(LISTEN_PROBE_S):
+                            await lost.wait()
                     if not lost.is_set():
                         await conn.execute("SELECT 1", timeout=self._pg_timeout_s)
                 raise ConnectionError("listen connection closed")
