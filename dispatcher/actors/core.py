@@ -29,7 +29,7 @@ from dispatcher.store.deliveries import (
 )
 from dispatcher.store.drivers import DriverStore, MirrorEntry
 from dispatcher.store.geo import GeoMirror, MirrorUnavailableError, is_dispatchable
-from dispatcher.store.pg import activate_zone
+from dispatcher.store.pg import activate_zone, known_zones
 from dispatcher.zoning import Zoning
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,8 @@ class ZoneCore:
         self._sweeper: asyncio.Task[None] | None = None
         # Set once a newer incarnation took the zone: this one must not act again.
         self.fenced = False
+        # Zones PostgreSQL knew at the last reconcile: their mirrors must be built.
+        self.known_zones: set[str] = set()
 
     # ---- lifetime -----------------------------------------------------------------
 
@@ -108,24 +110,19 @@ class ZoneCore:
                 raise
 
     async def apply_pings(self, pings: Sequence[Ping]) -> list[PingVerdict]:
-        newest: dict[str, Ping] = {}
-        for ping in pings:
-            kept = newest.get(ping.driver_id)
-            if kept is None or ping.recorded_at > kept.recorded_at:
-                newest[ping.driver_id] = ping
-        unique = list(newest.values())
+        """Each fix gets the verdict it would get if fixes came one at a time in
+        recordedAt order: a driver's several fixes in one batch go in rounds."""
+        verdicts: dict[int, PingVerdict] = {}
         async with self._exclusive():
-            verdicts, entries = await self.drivers.apply_pings(
-                self.zone_id, self.epoch, unique, self.settings.max_ping_speed_kmh
-            )
-            for entry in entries:
-                self.shard[entry.driver_id] = entry
-            await self._mirror_write(entries)
-        by_driver: dict[str, PingVerdict] = dict(zip((p.driver_id for p in unique), verdicts, strict=True))
-        return [
-            by_driver[p.driver_id] if newest[p.driver_id] is p else PingVerdict.STALE
-            for p in pings
-        ]
+            for round_ in _rounds(pings):
+                found, entries = await self.drivers.apply_pings(
+                    self.zone_id, self.epoch, [pings[i] for i in round_], self.settings.max_ping_speed_kmh
+                )
+                verdicts.update(zip(round_, found, strict=True))
+                for entry in entries:
+                    self.shard[entry.driver_id] = entry
+                await self._mirror_write(entries)
+        return [verdicts[i] for i in range(len(pings))]
 
     async def _mirror_write(self, entries: list[MirrorEntry]) -> None:
         try:
@@ -155,11 +152,16 @@ class ZoneCore:
 
     async def _book(self, req: AssignRequest) -> tuple[Booking | None, LookupPath]:
         radius = self.settings.search_radius_km
-        try:
+        candidates: list[str] = []
+        # A mirror missing writes (ours failed, or Redis came back empty and a zone is
+        # not rebuilt yet) could hide the nearest driver: PostgreSQL decides alone then.
+        if not self._mirror_dirty:
             zones = self.zoning.zones_near(req.pickup_lat, req.pickup_lon, radius)
-            candidates = await self.mirror.nearest(zones, req.pickup_lat, req.pickup_lon, radius, CANDIDATES)
-        except MirrorUnavailableError:
-            candidates = []
+            must_be_built = [z for z in zones if z in self.known_zones]
+            with contextlib.suppress(MirrorUnavailableError):
+                candidates = await self.mirror.nearest(
+                    zones, req.pickup_lat, req.pickup_lon, radius, CANDIDATES, must_be_built=must_be_built
+                )
         if candidates:
             booking = await self._book_among(req, candidates)
             if booking is not None:
@@ -249,6 +251,7 @@ class ZoneCore:
     async def _reconcile(self) -> None:
         entries = await self.drivers.zone_entries(self.zone_id)
         self.shard = {e.driver_id: e for e in entries}
+        self.known_zones = set(await known_zones(self.drivers.pool))
         self._last_reconcile = self.clock()
         try:
             await self.mirror.rebuild(self.zone_id, entries, self.clock(), self.settings.heartbeat_ttl_s)
@@ -256,6 +259,15 @@ class ZoneCore:
             self._mirror_dirty = True
             return
         self._mirror_dirty = False
+
+
+def _rounds(pings: Sequence[Ping]) -> list[list[int]]:
+    """Indexes of `pings` in rounds: round k holds each driver's k-th oldest fix."""
+    by_driver: dict[str, list[int]] = {}
+    for index in sorted(range(len(pings)), key=lambda i: pings[i].recorded_at):
+        by_driver.setdefault(pings[index].driver_id, []).append(index)
+    depth = max((len(v) for v in by_driver.values()), default=0)
+    return [[v[k] for v in by_driver.values() if k < len(v)] for k in range(depth)]
 
 
 def replay(req: AssignRequest, existing: ExistingOrder) -> AssignResult:

@@ -21,6 +21,7 @@ from dispatcher.errors import (
     ForbiddenError,
     NotFoundError,
     RequestValidationError,
+    ServiceUnavailableError,
 )
 from dispatcher.models import (
     BatchPing,
@@ -142,6 +143,13 @@ async def ping_batch(request: web.Request) -> web.StreamResponse:
         except (ValidationError, DispatchError) as exc:
             rejected.append(PingRejection(index=index, detail=_reason(exc)))
     outcomes = await request.app[DISPATCHER].ping_many(pings)
+    unavailable = next(
+        (o.error for o in outcomes if isinstance(o.error, ServiceUnavailableError)), None
+    )
+    if unavailable is not None:
+        # Retrying the whole batch is safe (fixes are idempotent by recordedAt), so a
+        # gateway is told to retry rather than shown pings as "rejected".
+        raise unavailable
     accepted = 0
     metrics = request.app[METRICS]
     for index, outcome in zip(positions, outcomes, strict=True):

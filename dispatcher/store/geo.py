@@ -114,18 +114,35 @@ class GeoMirror:
         return True
 
     async def nearest(
-        self, zones: Sequence[str], lat: float, lon: float, radius_km: float, count: int
+        self,
+        zones: Sequence[str],
+        lat: float,
+        lon: float,
+        radius_km: float,
+        count: int,
+        *,
+        must_be_built: Sequence[str] = (),
     ) -> list[str]:
-        """Up to `count` driver ids nearest to the point over several zones' keys."""
+        """Up to `count` driver ids nearest to the point over several zones' keys.
+
+        Raises MirrorUnavailableError when a zone of `must_be_built` has no built
+        marker (Redis lost it and it is not rebuilt yet).
+        """
         pipe = self.client.pipeline(transaction=False)
+        for zone in must_be_built:
+            pipe.exists(keys.zone_built(zone))
         for zone in zones:
             pipe.geosearch(
                 keys.zone_geo(zone), longitude=lon, latitude=lat,
                 radius=radius_km + RADIUS_SLACK_KM, unit="km",
                 sort="ASC", count=count, withdist=True,
             )
+        results = await self._run(pipe)
+        built, searches = results[: len(must_be_built)], results[len(must_be_built) :]
+        if not all(built):
+            raise MirrorUnavailableError("a zone's mirror is not rebuilt yet")
         found: list[tuple[float, str]] = []
-        for result in await self._run(pipe):
+        for result in searches:
             assert isinstance(result, list)
             found.extend((float(dist), _text(member)) for member, dist in result)
         found.sort()

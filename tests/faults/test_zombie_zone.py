@@ -1,0 +1,180 @@
+"""Fault 4: two incarnations of one zone at once; the zone epoch fences the stale one."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+
+import asyncpg
+import pytest
+from redis.asyncio import Redis
+
+from dispatcher.actors.core import ZoneCore
+from dispatcher.actors.messages import AssignRequest, Ping, PingVerdict
+from dispatcher.config import ResolvedSettings
+from dispatcher.errors import StaleEpochError
+from dispatcher.geo import haversine_km
+from dispatcher.store import keys
+from dispatcher.store.deliveries import DeliveryStore
+from dispatcher.store.drivers import DriverStore
+from dispatcher.store.geo import GeoMirror, connect_redis
+from dispatcher.store.pg import create_pool
+from dispatcher.zoning import Zoning
+from tests.faults.helpers import assert_booking_invariants
+from tests.support import BERLIN, offset
+
+pytestmark = pytest.mark.integration
+
+TTL_S = 600.0
+Point = tuple[float, float]
+MakeCore = Callable[[], Awaitable[ZoneCore]]
+
+
+@pytest.fixture
+async def incarnations(
+    make_settings: Callable[..., ResolvedSettings], pg_pool: asyncpg.Pool, redis_client: Redis
+) -> AsyncIterator[MakeCore]:
+    """Builds ZoneCores of BERLIN's zone, each with its own pool and Redis client, as
+    separate actor processes would have; `start()` is left to the test."""
+    settings = make_settings(heartbeat_ttl_s=TTL_S)
+    cores: list[ZoneCore] = []
+
+    async def make() -> ZoneCore:
+        pool = await create_pool(settings.database_url, max_size=3, command_timeout_s=settings.pg_timeout_s)
+        core = ZoneCore(
+            Zoning(settings.zone_resolution).zone_of(*BERLIN),
+            settings,
+            drivers=DriverStore(pool),
+            deliveries=DeliveryStore(pool),
+            mirror=GeoMirror(connect_redis(settings.redis_url, settings.redis_timeout_s), settings.redis_timeout_s),
+            zoning=Zoning(settings.zone_resolution),
+        )
+        cores.append(core)
+        return core
+
+    yield make
+    for core in cores:
+        await core.stop()
+        await core.drivers.pool.close()
+        with contextlib.suppress(Exception):
+            await core.mirror.client.aclose()
+
+
+async def located_drivers(core: ZoneCore, spots: list[Point]) -> list[str]:
+    """Drivers registered, AVAILABLE, and located through `core`'s ping path."""
+    ids = []
+    for n, _ in enumerate(spots):
+        record, _ = await core.drivers.create(f"z{n}", None, None)
+        await core.drivers.set_status(record.id, "AVAILABLE")
+        ids.append(record.id)
+    now = datetime.now(UTC)
+    verdicts = await core.apply_pings([Ping(d, *p, now) for d, p in zip(ids, spots, strict=True)])
+    assert verdicts == [PingVerdict.ACCEPTED] * len(ids)
+    return ids
+
+
+async def written(pool: asyncpg.Pool) -> tuple[int, int, int, int]:
+    row = await pool.fetchrow(
+        """SELECT (SELECT count(*) FROM deliveries), (SELECT count(*) FROM delivery_history),
+                  (SELECT count(*) FROM webhook_outbox), (SELECT count(*) FROM drivers WHERE status = 'BUSY')"""
+    )
+    assert row is not None
+    return row[0], row[1], row[2], row[3]
+
+
+async def test_stale_incarnations_cannot_commit(
+    incarnations: MakeCore, pg_pool: asyncpg.Pool, redis_client: Redis
+) -> None:
+    a = await incarnations()
+    await a.start()
+    spots = [offset(*BERLIN, 0.2 * n, 0.1) for n in range(3)]
+    ids = await located_drivers(a, spots)
+
+    # B then C take the zone: A and B are zombies that still believe they own it.
+    b = await incarnations()
+    await b.start()
+    c = await incarnations()
+    await c.start()
+    assert (a.epoch, b.epoch, c.epoch) == (1, 2, 3)
+    assert await pg_pool.fetchval("SELECT epoch FROM zones WHERE zone_id = $1", a.zone_id) == 3
+    before = await written(pg_pool)
+    geo_before = await redis_client.geopos(keys.zone_geo(a.zone_id), ids[0])
+
+    # Zombie A moves a driver; zombie B books an order. PostgreSQL refuses both.
+    later = datetime.now(UTC) + timedelta(seconds=1)
+    with pytest.raises(StaleEpochError):
+        await a.apply_pings([Ping(ids[0], *offset(*spots[0], 0.1, 0), later)])
+    with pytest.raises(StaleEpochError):
+        await b.assign(AssignRequest("Z-1", *BERLIN))
+    assert await written(pg_pool) == before, "a stale incarnation committed something"
+    row = await pg_pool.fetchrow("SELECT lat, lon, location_recorded_at FROM drivers WHERE id = $1", ids[0])
+    assert row is not None and haversine_km(row["lat"], row["lon"], *spots[0]) < 1e-9
+    assert row["location_recorded_at"] < later
+    geo_after = await redis_client.geopos(keys.zone_geo(a.zone_id), ids[0])
+    assert geo_after == geo_before, "the refused ping reached the mirror"
+
+    # Fenced for good: every further call fails before touching PostgreSQL.
+    for call in (
+        a.assign(AssignRequest("Z-2", *BERLIN)),
+        b.apply_pings([Ping(ids[1], *spots[1], later)]),
+        a.refresh(ids),
+        b.sweep_once(),
+    ):
+        with pytest.raises(StaleEpochError):
+            await call
+    assert a.fenced and b.fenced and not c.fenced
+    assert await written(pg_pool) == before
+
+    # The current incarnation works: the order gets exactly one delivery.
+    result = await c.assign(AssignRequest("Z-1", *BERLIN))
+    assert result.kind == "assigned"
+    assert await pg_pool.fetchval("SELECT count(*) FROM deliveries") == 1
+    assert await pg_pool.fetchval("SELECT count(*) FROM webhook_outbox") == 1
+    await assert_booking_invariants(pg_pool)
+
+
+async def test_zombie_assigning_in_a_loop_stops_at_the_new_activation(
+    incarnations: MakeCore, pg_pool: asyncpg.Pool, redis_client: Redis
+) -> None:
+    """A new incarnation starts while the zombie is booking: nothing the zombie tries
+    after the activation committed is written; everything before it is."""
+    zombie = await incarnations()
+    await zombie.start()
+    spots = [offset(*BERLIN, 0.05 * (n % 6), 0.05 * (n // 6)) for n in range(30)]
+    await located_drivers(zombie, spots)
+    answered: list[str] = []
+    refused: list[str] = []
+    under_way = asyncio.Event()
+
+    async def book_forever() -> None:
+        for n in range(30):
+            order_id = f"ZB-{n}"
+            try:
+                result = await zombie.assign(AssignRequest(order_id, *BERLIN))
+            except StaleEpochError:
+                refused.append(order_id)
+                return
+            assert result.kind == "assigned"
+            answered.append(order_id)
+            if len(answered) >= 5:
+                under_way.set()
+
+    booking = asyncio.create_task(book_forever())
+    await asyncio.wait_for(under_way.wait(), 10)
+    successor = await incarnations()
+    await successor.start()
+    at_activation = {r["seller_order_id"] for r in await pg_pool.fetch("SELECT seller_order_id FROM deliveries")}
+    await asyncio.wait_for(booking, 10)
+
+    assert refused, "the zombie kept booking after the new activation"
+    assert set(answered) == at_activation, "PostgreSQL and the zombie's answers disagree"
+    assert refused[0] not in at_activation
+    await asyncio.sleep(0.2)
+    rows = {r["seller_order_id"] for r in await pg_pool.fetch("SELECT seller_order_id FROM deliveries")}
+    assert rows == at_activation, "the zombie wrote after the activation"
+    # The successor books the refused order; one delivery and one event, as ever.
+    assert (await successor.assign(AssignRequest(refused[0], *BERLIN))).kind == "assigned"
+    await assert_booking_invariants(pg_pool)
+    assert await pg_pool.fetchval("SELECT count(*) FROM deliveries WHERE seller_order_id = $1", refused[0]) == 1

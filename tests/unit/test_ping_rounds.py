@@ -1,0 +1,31 @@
+"""Several fixes of one driver in one batch are applied oldest first, in rounds."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from dispatcher.actors.core import _rounds
+from dispatcher.actors.messages import Ping
+
+T0 = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
+
+
+def fix(driver: str, seconds: int) -> Ping:
+    return Ping(driver_id=driver, lat=1.0, lon=2.0, recorded_at=T0 + timedelta(seconds=seconds))
+
+
+def test_one_fix_per_driver_is_one_round() -> None:
+    assert _rounds([fix("a", 1), fix("b", 2), fix("c", 0)]) == [[2, 0, 1]]
+
+
+def test_a_drivers_fixes_go_oldest_first_one_per_round() -> None:
+    pings = [fix("a", 30), fix("b", 5), fix("a", 10), fix("a", 20)]
+    rounds = _rounds(pings)
+    assert rounds == [[1, 2], [3], [0]]
+    for round_ in rounds:
+        drivers = [pings[i].driver_id for i in round_]
+        assert len(drivers) == len(set(drivers))
+
+
+def test_empty_batch_has_no_round() -> None:
+    assert _rounds([]) == []
