@@ -55,8 +55,8 @@ class PingBatcher:
         while True:
             await queue.wakeup.wait()
             queue.wakeup.clear()
-            # Let concurrent requests join this batch: the cost of one actor call is
-            # shared by every ping that arrives within the interval.
+            # Batches form by themselves while a call is in flight; an extra wait only
+            # helps when calls are cheap and arrivals sparse (interval 0 by default).
             if self._interval_s > 0:
                 await asyncio.sleep(self._interval_s)
             while queue.items:

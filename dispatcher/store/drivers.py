@@ -13,9 +13,9 @@ from typing import Any
 import asyncpg
 
 from dispatcher.actors.messages import Ping, PingVerdict
-from dispatcher.errors import ConflictError, NotFoundError
+from dispatcher.errors import ConflictError, NotFoundError, StaleEpochError
 from dispatcher.geo import haversine_km
-from dispatcher.store.pg import check_epoch, connection, haversine_sql
+from dispatcher.store.pg import connection, haversine_sql
 
 # Enough for every driver of a large fleet; past it the cache simply starts over.
 TOKEN_CACHE_MAX = 200_000
@@ -79,8 +79,10 @@ class MirrorEntry:
 class DriverStore:
     """Every SQL statement about drivers; PostgreSQL is the truth."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, ping_pool: asyncpg.Pool | None = None) -> None:
         self.pool = pool
+        # Pings may use a pool with synchronous_commit off (see actors/zone.py).
+        self.ping_pool = ping_pool or pool
         # token hash -> driver id never changes (tokens are not reassigned), so it can
         # be cached; whether the driver is active is always read fresh.
         self._token_owner: dict[bytes, str] = {}
@@ -182,13 +184,13 @@ class DriverStore:
     async def apply_pings(
         self, zone_id: str, epoch: int, pings: Sequence[Ping], max_speed_kmh: float
     ) -> tuple[list[PingVerdict], list[MirrorEntry]]:
-        """Write a batch of fixes in one transaction.
+        """Write a batch of fixes in ONE autocommit statement (one round trip).
 
         Returns a verdict per ping and the mirror entries of accepted drivers.
+        Raises StaleEpochError when a newer incarnation owns the zone.
         """
         ids = [p.driver_id for p in pings]
-        async with connection(self.pool) as conn, conn.transaction():
-            await check_epoch(conn, zone_id, epoch)
+        async with connection(self.ping_pool) as conn:
             rows = await conn.fetch(
                 PING_SQL,
                 ids,
@@ -198,11 +200,16 @@ class DriverStore:
                 zone_id,
                 max_speed_kmh,
                 SPEED_CHECK_MIN_KM,
+                epoch,
             )
             updated = {r["id"]: r for r in rows}
             missing = [i for i in ids if i not in updated]
             others = {}
             if missing:
+                # The slow path (some fix refused): say why, and whether the fence did it.
+                current = await conn.fetchval("SELECT epoch FROM zones WHERE zone_id = $1", zone_id)
+                if current != epoch:
+                    raise StaleEpochError(f"zone {zone_id}: epoch {epoch} superseded by {current}")
                 others = {
                     r["id"]: r
                     for r in await conn.fetch(
@@ -228,11 +235,17 @@ def mirror_columns(t: str = "drivers") -> str:
 # PostgreSQL re-checks against the newest row version after waiting for a lock: a fix
 # written concurrently by another zone's actor can never be overwritten by an older one.
 PING_SQL = f"""
-WITH input AS (
+WITH fence AS (
+    -- The zone row held shared for the statement: an activation cannot interleave,
+    -- and a stale incarnation ($8 superseded) locks and updates nothing.
+    SELECT epoch FROM zones WHERE zone_id = $5 FOR SHARE
+), input AS (
     SELECT * FROM unnest($1::text[], $2::float8[], $3::float8[], $4::timestamptz[])
         AS t(id, lat, lon, rec)
 ), locked AS (
-    SELECT d.id FROM drivers d JOIN input i ON i.id = d.id ORDER BY d.id FOR UPDATE OF d
+    SELECT d.id FROM drivers d JOIN input i ON i.id = d.id
+    WHERE (SELECT epoch FROM fence) = $8
+    ORDER BY d.id FOR UPDATE OF d
 )
 UPDATE drivers d
 SET lat = i.lat, lon = i.lon, location_recorded_at = i.rec,

@@ -41,8 +41,10 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
 DOWN_ERRORS: tuple[type[BaseException], ...] = (DatabaseUnavailableError, *UNAVAILABLE_ERRORS)
 
 
-async def create_pool(dsn: str, *, max_size: int, command_timeout_s: float) -> asyncpg.Pool:
-    """One pool per process; every statement gets `command_timeout_s`."""
+async def create_pool(
+    dsn: str, *, max_size: int, command_timeout_s: float, server_settings: dict[str, str] | None = None
+) -> asyncpg.Pool:
+    """A pool whose every statement gets `command_timeout_s`."""
     try:
         pool: asyncpg.Pool = await asyncpg.create_pool(
             dsn,
@@ -50,6 +52,7 @@ async def create_pool(dsn: str, *, max_size: int, command_timeout_s: float) -> a
             max_size=max_size,
             command_timeout=command_timeout_s,
             timeout=ACQUIRE_TIMEOUT_S,
+            server_settings=server_settings,
             # A dead server otherwise leaves idle connections that fail once each.
             max_inactive_connection_lifetime=30.0,
         )
