@@ -1,4 +1,4 @@
-"""`dispatcher serve|migrate`: settings -> embedded servers if needed -> Ray -> ingress."""
+"""`dispatcher serve|migrate|bench`: settings -> embedded servers if needed -> Ray -> ingress."""
 
 from __future__ import annotations
 
@@ -28,11 +28,20 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="listen address (DISPATCHER_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (DISPATCHER_PORT, default 8080)")
     sub.add_parser("migrate", help="apply database migrations and exit")
+    sub.add_parser(
+        "bench", help="load benchmark on its own servers (dispatcher bench --help)", add_help=False
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    if raw[:1] == ["bench"]:
+        # The benchmark has its own options and starts its own servers.
+        from dispatcher.bench.__main__ import main as bench_main
+
+        return bench_main(raw[1:])
+    args = _parser().parse_args(raw)
     overrides = {k: v for k, v in (("host", getattr(args, "host", None)), ("port", getattr(args, "port", None))) if v is not None}
     try:
         settings = Settings(**overrides)
