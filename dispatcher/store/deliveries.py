@@ -5,17 +5,17 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
 
 from dispatcher.actors.messages import AssignRequest
-from dispatcher.errors import ConflictError, NotFoundError
+from dispatcher.errors import ConflictError, NotFoundError, StaleEpochError
 from dispatcher.geo import bounding_box, round_km
 from dispatcher.models import AssignedResponse
-from dispatcher.store.pg import check_epoch, connection, haversine_sql
-from dispatcher.webhooks.outbox import enqueue
+from dispatcher.store.pg import connection, haversine_sql
+from dispatcher.webhooks.outbox import NOTIFY_CHANNEL, build_body, enqueue, new_event_id
 
 ACTIVE_STATUSES = ("ASSIGNED", "PICKED_UP")
 
@@ -29,23 +29,55 @@ STEPS: dict[str, tuple[tuple[str, ...], str, str, str]] = {
 FREEING_STATUSES = ("DELIVERED", "FAILED", "CANCELLED")
 
 # The dispatchability rule of CONTRACT §4, identical on the Redis and fallback paths:
-# active, AVAILABLE, fresh heartbeat, location known, within the radius.
+# active, AVAILABLE, fresh heartbeat, location known, within the radius. One statement
+# fences the zone, picks and locks the nearest such driver, and marks it BUSY.
 # $1/$2 pickup, $3 heartbeat TTL s, $4..$7 bounding box, $8 candidates or NULL, $9 radius,
-# $10 drivers to skip.
+# $10 drivers to skip, $11 zone, $12 epoch. A row always comes back: `epoch` tells a
+# stale incarnation apart from "no driver" (id NULL).
 PICK_SQL = f"""
-SELECT id, zone_id, {haversine_sql("$1", "$2", "lat", "lon")} AS distance_km
-FROM drivers
-WHERE status = 'AVAILABLE' AND is_active AND lat IS NOT NULL
-  AND last_seen_at > now() - make_interval(secs => $3)
-  AND lat BETWEEN $4 AND $5
-  -- The box may cross the antimeridian: its longitudes then also match shifted by 360.
-  AND (lon BETWEEN $6 AND $7 OR lon BETWEEN $6 + 360 AND $7 + 360 OR lon BETWEEN $6 - 360 AND $7 - 360)
-  AND ($8::text[] IS NULL OR id = ANY($8::text[]))
-  AND NOT (id = ANY($10::text[]))
-  AND {haversine_sql("$1", "$2", "lat", "lon")} <= $9
-ORDER BY distance_km, id
-LIMIT 1
-FOR UPDATE SKIP LOCKED
+WITH fence AS (
+    SELECT epoch FROM zones WHERE zone_id = $11 FOR SHARE
+), pick AS (
+    SELECT id, zone_id, {haversine_sql("$1", "$2", "lat", "lon")} AS distance_km
+    FROM drivers
+    WHERE status = 'AVAILABLE' AND is_active AND lat IS NOT NULL
+      AND last_seen_at > now() - make_interval(secs => $3)
+      AND lat BETWEEN $4 AND $5
+      -- The box may cross the antimeridian: its longitudes then also match shifted by 360.
+      AND (lon BETWEEN $6 AND $7 OR lon BETWEEN $6 + 360 AND $7 + 360 OR lon BETWEEN $6 - 360 AND $7 - 360)
+      AND ($8::text[] IS NULL OR id = ANY($8::text[]))
+      AND NOT (id = ANY($10::text[]))
+      AND {haversine_sql("$1", "$2", "lat", "lon")} <= $9
+      AND (SELECT epoch FROM fence) = $12
+    ORDER BY distance_km, id
+    LIMIT 1
+    FOR UPDATE SKIP LOCKED
+), busy AS (
+    UPDATE drivers d SET status = 'BUSY', updated_at = now()
+    FROM pick WHERE d.id = pick.id
+    RETURNING d.id
+)
+SELECT (SELECT epoch FROM fence) AS epoch, p.id, p.zone_id, p.distance_km
+FROM (SELECT 1) AS one
+LEFT JOIN (SELECT pick.* FROM pick JOIN busy ON busy.id = pick.id) AS p ON true
+"""
+
+# The delivery, its first history entry and its outbox row, and the senders' wake-up.
+RECORD_SQL = """
+WITH delivery AS (
+    INSERT INTO deliveries (seller_order_id, assignment_id, driver_id, zone_id, status,
+        pickup_lat, pickup_lon, drop_lat, drop_lon, distance_km, response_body)
+    VALUES ($1, $2, $3, $4, 'ASSIGNED', $5, $6, $7, $8, $9, $10)
+    RETURNING seller_order_id
+), history AS (
+    INSERT INTO delivery_history (seller_order_id, status)
+    SELECT seller_order_id, 'ASSIGNED' FROM delivery
+), outbox AS (
+    INSERT INTO webhook_outbox (webhook_id, event_type, seller_order_id, body)
+    SELECT $11, 'delivery.assigned', seller_order_id, $12 FROM delivery
+    RETURNING id
+)
+SELECT pg_notify($13, '') FROM outbox
 """
 
 
@@ -109,19 +141,22 @@ class DeliveryStore:
     ) -> Booking | None:
         """Book the nearest dispatchable driver, among `candidates` if given.
 
-        One transaction: lock the driver row, mark it BUSY, insert the delivery, its
-        history and the `delivery.assigned` outbox row. The unique indexes on
-        deliveries are the final gate against double booking.
+        One transaction of two statements (PICK_SQL, RECORD_SQL): lock the driver and
+        mark it BUSY; insert the delivery, its history and the `delivery.assigned`
+        outbox row. The unique indexes on deliveries are the final gate.
         """
         lat, lon = req.pickup_lat, req.pickup_lon
         box = bounding_box(lat, lon, radius_km)
         async with connection(self.pool) as conn, conn.transaction():
-            await check_epoch(conn, zone_id, epoch)
             pick = await conn.fetchrow(
                 PICK_SQL, lat, lon, heartbeat_ttl_s, *box,
                 None if candidates is None else list(candidates), radius_km, list(exclude),
+                zone_id, epoch,
             )
-            if pick is None:
+            assert pick is not None
+            if pick["epoch"] != epoch:
+                raise StaleEpochError(f"zone {zone_id}: epoch {epoch} superseded by {pick['epoch']}")
+            if pick["id"] is None:
                 return None
             driver_id: str = pick["id"]
             assignment_id = "asg_" + uuid.uuid4().hex[:20]
@@ -133,37 +168,28 @@ class DeliveryStore:
                 distance_km=distance_km,
                 zone_id=zone_id,
             ).model_dump_json()
-            await conn.execute(
-                "UPDATE drivers SET status = 'BUSY', updated_at = now() WHERE id = $1", driver_id
-            )
-            try:
-                await conn.execute(
-                    """INSERT INTO deliveries (seller_order_id, assignment_id, driver_id, zone_id, status,
-                           pickup_lat, pickup_lon, drop_lat, drop_lon, distance_km, response_body)
-                       VALUES ($1, $2, $3, $4, 'ASSIGNED', $5, $6, $7, $8, $9, $10)""",
-                    req.seller_order_id, assignment_id, driver_id, zone_id,
-                    lat, lon, req.drop_lat, req.drop_lon, distance_km, body,
-                )
-            except asyncpg.UniqueViolationError as exc:
-                if exc.constraint_name == "deliveries_pkey":
-                    raise OrderExistsError(req.seller_order_id) from exc
-                raise DriverTakenError(driver_id) from exc
-            await conn.execute(
-                "INSERT INTO delivery_history (seller_order_id, status) VALUES ($1, 'ASSIGNED')",
-                req.seller_order_id,
-            )
-            await enqueue(
-                conn,
-                event_type="delivery.assigned",
-                seller_order_id=req.seller_order_id,
-                data={
+            event = build_body(
+                "delivery.assigned",
+                {
                     "sellerOrderId": req.seller_order_id,
                     "driverId": driver_id,
                     "assignmentId": assignment_id,
                     "distanceKm": distance_km,
                     "sequence": 1,
                 },
+                datetime.now(UTC),
             )
+            try:
+                await conn.execute(
+                    RECORD_SQL,
+                    req.seller_order_id, assignment_id, driver_id, zone_id,
+                    lat, lon, req.drop_lat, req.drop_lon, distance_km, body,
+                    new_event_id(), event, NOTIFY_CHANNEL,
+                )
+            except asyncpg.UniqueViolationError as exc:
+                if exc.constraint_name == "deliveries_pkey":
+                    raise OrderExistsError(req.seller_order_id) from exc
+                raise DriverTakenError(driver_id) from exc
         return Booking(driver_id=driver_id, driver_zone_id=pick["zone_id"], body=body)
 
     async def step(self, seller_order_id: str, step: str, *, reason: str | None = None) -> StepResult:

@@ -6,14 +6,15 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from dispatcher.store import keys
 from dispatcher.store.drivers import MirrorEntry
@@ -86,7 +87,26 @@ class GeoMirror:
         self.client = client
         self.timeout_s = timeout_s
         self._open_until = 0.0
-        self._upsert = client.register_script(UPSERT_LUA)
+
+    async def _run_scripted(self, build: Callable[[aioredis.client.Pipeline], None], *, transaction: bool) -> None:
+        """Run a pipeline that calls UPSERT_LUA by its SHA.
+
+        EVALSHA avoids the SCRIPT EXISTS round trip redis-py adds to every pipeline that
+        carries a Script object; a Redis that restarted has no script, so on NOSCRIPT
+        it is loaded once and the (idempotent) pipeline runs again.
+        """
+        for attempt in (1, 2):
+            pipe = self.client.pipeline(transaction=transaction)
+            build(pipe)
+            try:
+                await self._run(pipe)
+                return
+            except NoScriptError:
+                if attempt == 2:
+                    raise MirrorUnavailableError("cannot load the mirror script") from None
+                loader = self.client.pipeline(transaction=False)
+                loader.script_load(UPSERT_LUA)
+                await self._run(loader)
 
     @property
     def healthy(self) -> bool:
@@ -98,6 +118,8 @@ class GeoMirror:
         try:
             async with asyncio.timeout(self.timeout_s):
                 result: list[object] = await pipe.execute()
+        except NoScriptError:
+            raise
         except (RedisError, OSError, TimeoutError) as exc:
             self._open_until = time.monotonic() + BREAKER_OPEN_S
             log.warning("Redis unavailable (%s); using PostgreSQL", type(exc).__name__)
@@ -150,10 +172,13 @@ class GeoMirror:
 
     async def apply(self, entries: Iterable[MirrorEntry], now_s: float, ttl_s: float) -> None:
         """Make the mirror agree with freshly written PostgreSQL rows."""
-        pipe = self.client.pipeline(transaction=False)
-        for entry in entries:
-            await self._stage(pipe, entry, now_s, ttl_s)
-        await self._run(pipe)
+        batch = list(entries)
+
+        def build(pipe: aioredis.client.Pipeline) -> None:
+            for entry in batch:
+                _stage(pipe, entry, now_s, ttl_s)
+
+        await self._run_scripted(build, transaction=False)
 
     async def forget(self, zone_id: str, driver_ids: Sequence[str]) -> None:
         if not driver_ids:
@@ -181,23 +206,15 @@ class GeoMirror:
 
     async def rebuild(self, zone_id: str, entries: Iterable[MirrorEntry], now_s: float, ttl_s: float) -> None:
         """Replace the zone's mirror atomically (MULTI) with what PostgreSQL holds."""
-        pipe = self.client.pipeline(transaction=True)
-        pipe.delete(keys.zone_geo(zone_id), keys.zone_seen(zone_id))
-        for entry in entries:
-            if entry.zone_id == zone_id:
-                await self._stage(pipe, entry, now_s, ttl_s)
-        pipe.set(keys.zone_built(zone_id), str(now_s))
-        await self._run(pipe)
+        batch = [e for e in entries if e.zone_id == zone_id]
 
-    async def _stage(self, pipe: aioredis.client.Pipeline, entry: MirrorEntry, now_s: float, ttl_s: float) -> None:
-        """Queue one driver's upsert on the pipeline (awaiting only queues it)."""
-        if entry.zone_id is None or entry.fix_us is None or entry.lat is None or entry.lon is None:
-            return  # never located: nothing to mirror
-        args = (
-            entry.driver_id, entry.zone_id, entry.lon, entry.lat, entry.seen_epoch_s or 0.0,
-            entry.fix_us, 1 if is_dispatchable(entry, now_s, ttl_s) else 0,
-        )
-        await self._upsert(keys=[], args=args, client=pipe)
+        def build(pipe: aioredis.client.Pipeline) -> None:
+            pipe.delete(keys.zone_geo(zone_id), keys.zone_seen(zone_id))
+            for entry in batch:
+                _stage(pipe, entry, now_s, ttl_s)
+            pipe.set(keys.zone_built(zone_id), str(now_s))
+
+        await self._run_scripted(build, transaction=True)
 
     async def members(self, zone_id: str) -> set[str]:
         pipe = self.client.pipeline(transaction=False)
@@ -215,6 +232,19 @@ def is_dispatchable(entry: MirrorEntry, now_s: float, ttl_s: float) -> bool:
         and entry.lon is not None
         and entry.seen_epoch_s is not None
         and entry.seen_epoch_s > now_s - ttl_s
+    )
+
+
+UPSERT_SHA = hashlib.sha1(UPSERT_LUA.encode()).hexdigest()
+
+
+def _stage(pipe: aioredis.client.Pipeline, entry: MirrorEntry, now_s: float, ttl_s: float) -> None:
+    """Queue one driver's upsert on the pipeline."""
+    if entry.zone_id is None or entry.fix_us is None or entry.lat is None or entry.lon is None:
+        return  # never located: nothing to mirror
+    pipe.evalsha(
+        UPSERT_SHA, 0, entry.driver_id, entry.zone_id, entry.lon, entry.lat,
+        entry.seen_epoch_s or 0.0, entry.fix_us, 1 if is_dispatchable(entry, now_s, ttl_s) else 0,
     )
 
 

@@ -54,6 +54,11 @@ def build_body(event_type: str, data: Mapping[str, object], now: datetime) -> st
     return json.dumps(payload, separators=(",", ":"), allow_nan=False)
 
 
+def new_event_id() -> str:
+    """A Standard Webhooks `webhook-id`, fixed for every attempt of one event."""
+    return "msg_" + uuid.uuid4().hex
+
+
 async def enqueue(
     conn: Conn,
     *,
@@ -65,7 +70,7 @@ async def enqueue(
     """Add one event to the outbox inside the caller's transaction; return its webhook-id."""
     if data.get("sellerOrderId", seller_order_id) != seller_order_id:
         raise ValueError("data.sellerOrderId disagrees with seller_order_id")
-    webhook_id = "msg_" + uuid.uuid4().hex
+    webhook_id = new_event_id()
     # Built once and stored: every retry sends these exact bytes.
     body = build_body(event_type, data, datetime.now(UTC))
     await conn.execute(
