@@ -14,22 +14,31 @@ log = logging.getLogger(__name__)
 Flush = Callable[[str, Sequence[Ping]], Awaitable[list[PingVerdict]]]
 
 
+# Batches of one zone in flight at once: enough to overlap the Ray and PostgreSQL round
+# trips, no more than the zone actor's ping connections (actors/zone.py PING_POOL_SIZE).
+MAX_IN_FLIGHT = 3
+
+
 class _ZoneQueue:
     def __init__(self) -> None:
         self.items: list[tuple[Ping, asyncio.Future[PingVerdict]]] = []
         self.wakeup = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
+        self.in_flight: set[asyncio.Task[None]] = set()
 
 
 class PingBatcher:
-    """One flusher per zone with at most one call in flight.
+    """One flusher per zone with at most `max_in_flight` calls in flight.
 
     A ping's future resolves only after its batch is committed to PostgreSQL, so a 204
     means "persisted"; a failed batch fails each of its pings with the same error.
     """
 
-    def __init__(self, flush: Flush, *, interval_s: float, max_batch: int) -> None:
+    def __init__(
+        self, flush: Flush, *, interval_s: float, max_batch: int, max_in_flight: int = MAX_IN_FLIGHT
+    ) -> None:
         self._flush = flush
+        self._max_in_flight = max_in_flight
         self._interval_s = interval_s
         self._max_batch = max_batch
         self._zones: dict[str, _ZoneQueue] = {}
@@ -60,16 +69,25 @@ class PingBatcher:
             if self._interval_s > 0:
                 await asyncio.sleep(self._interval_s)
             while queue.items:
+                if len(queue.in_flight) >= self._max_in_flight:
+                    # Pings arriving meanwhile join the next, larger batch.
+                    await asyncio.wait(queue.in_flight, return_when=asyncio.FIRST_COMPLETED)
+                    continue
                 batch, queue.items = queue.items[: self._max_batch], queue.items[self._max_batch :]
-                await self._send(zone_id, batch)
+                task = asyncio.create_task(self._send(zone_id, batch))
+                queue.in_flight.add(task)
+                task.add_done_callback(queue.in_flight.discard)
 
     async def _send(self, zone_id: str, batch: list[tuple[Ping, asyncio.Future[PingVerdict]]]) -> None:
         try:
             verdicts = await self._flush(zone_id, [p for p, _ in batch])
-        except Exception as exc:
+        except (Exception, asyncio.CancelledError) as exc:
+            failure = exc if isinstance(exc, Exception) else RuntimeError("shutting down")
             for _, fut in batch:
                 if not fut.done():
-                    fut.set_exception(exc)
+                    fut.set_exception(failure)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
             return
         for (_, fut), verdict in zip(batch, verdicts, strict=True):
             if not fut.done():
@@ -78,10 +96,11 @@ class PingBatcher:
     async def close(self) -> None:
         self._closed = True
         for queue in self._zones.values():
-            if queue.task is not None:
-                queue.task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await queue.task
+            for task in [queue.task, *queue.in_flight]:
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             for _, fut in queue.items:
                 if not fut.done():
                     fut.set_exception(RuntimeError("shutting down"))

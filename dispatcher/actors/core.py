@@ -17,6 +17,7 @@ from dispatcher.actors.messages import (
     PingVerdict,
     ZoneStats,
 )
+from dispatcher.actors.zonelock import ZoneLock
 from dispatcher.config import ResolvedSettings
 from dispatcher.errors import DispatchError, StaleEpochError
 from dispatcher.models import UnassignedResponse
@@ -42,7 +43,7 @@ MAX_TAKEN_RETRIES = 3
 
 
 class ZoneCore:
-    """Serializes every write of one zone behind one lock.
+    """Serializes assignment and mirror upkeep of one zone; ping batches run side by side.
 
     Guarantees: PostgreSQL is written before the mirror; a mirror failure never fails
     a request (the zone is marked dirty and rebuilt by the sweeper); every write
@@ -69,7 +70,7 @@ class ZoneCore:
         self.clock = clock
         self.epoch = 0
         self.shard: dict[str, MirrorEntry] = {}
-        self._lock = asyncio.Lock()
+        self._lock = ZoneLock()
         self._mirror_dirty = True
         self._last_reconcile = 0.0
         self._sweeper: asyncio.Task[None] | None = None
@@ -82,7 +83,7 @@ class ZoneCore:
 
     async def start(self) -> None:
         """Take the zone (new epoch), rebuild the shard and the mirror from PostgreSQL."""
-        async with self._lock:
+        async with self._lock.exclusive():
             self.epoch = await activate_zone(self.drivers.pool, self.zone_id)
             await self._reconcile()
         self._sweeper = asyncio.create_task(self._sweep_forever(), name=f"sweep:{self.zone_id}")
@@ -97,9 +98,10 @@ class ZoneCore:
     # ---- pings --------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _exclusive(self) -> AsyncIterator[None]:
-        """The zone lock; a fencing failure retires this incarnation for good."""
-        async with self._lock:
+    async def _exclusive(self, *, shared: bool = False) -> AsyncIterator[None]:
+        """The zone lock (shared for pings); a fencing failure retires this
+        incarnation for good."""
+        async with self._lock.shared() if shared else self._lock.exclusive():
             if self.fenced:
                 raise StaleEpochError(f"zone {self.zone_id}: this incarnation was fenced")
             try:
@@ -113,14 +115,17 @@ class ZoneCore:
         """Each fix gets the verdict it would get if fixes came one at a time in
         recordedAt order: a driver's several fixes in one batch go in rounds."""
         verdicts: dict[int, PingVerdict] = {}
-        async with self._exclusive():
+        async with self._exclusive(shared=True):
             for round_ in _rounds(pings):
                 found, entries = await self.drivers.apply_pings(
                     self.zone_id, self.epoch, [pings[i] for i in round_], self.settings.max_ping_speed_kmh
                 )
                 verdicts.update(zip(round_, found, strict=True))
                 for entry in entries:
-                    self.shard[entry.driver_id] = entry
+                    # Concurrent batches may finish out of order: keep the newest fix.
+                    known = self.shard.get(entry.driver_id)
+                    if known is None or (known.fix_us or 0) <= (entry.fix_us or 0):
+                        self.shard[entry.driver_id] = entry
                 await self._mirror_write(entries)
         return [verdicts[i] for i in range(len(pings))]
 

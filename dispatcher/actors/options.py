@@ -9,6 +9,10 @@ from typing import Any
 ZONE_RESOURCE = "dispatcher_zone"
 
 
+# Calls a zone actor runs at once: a few ping batches plus one assignment.
+ZONE_MAX_CONCURRENCY = 8
+
+
 def zone_actor_name(zone_id: str) -> str:
     return f"zone:{zone_id}"
 
@@ -25,8 +29,10 @@ def zone_actor_options(zone_id: str, namespace: str, *, resource_units: float = 
         # Calls are not retried by Ray: the ingress retries with its own bounded
         # policy, and every method is idempotent (sellerOrderId, ping recordedAt).
         "max_task_retries": 0,
-        # One call at a time; ZoneCore's lock also covers the background sweeper.
-        "max_concurrency": 1,
+        # Ping batches overlap their round trips; ZoneCore's ZoneLock still runs
+        # assignment, refreshes and sweeps one at a time (an async actor would otherwise
+        # interleave up to 1000 calls, so the bound also caps memory under bursts).
+        "max_concurrency": ZONE_MAX_CONCURRENCY,
         "num_cpus": 0,
     }
     if resource_units > 0:

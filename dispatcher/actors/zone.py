@@ -25,8 +25,10 @@ from dispatcher.zoning import Zoning
 
 log = logging.getLogger(__name__)
 
-# A zone actor serves one zone's calls one at a time: a small pool is enough.
+# Assignment and upkeep run one at a time per zone: a small pool is enough.
 ZONE_POOL_SIZE = 3
+# Ping batches of a zone in flight at once (see PingBatcher's max_in_flight).
+PING_POOL_SIZE = 3
 
 
 class ZoneActor:
@@ -53,7 +55,7 @@ class ZoneActor:
                 # the WAL flush. At most the last ~0.6 s of fixes can be lost if PostgreSQL
                 # itself crashes; bookings use the durable pool.
                 ping_pool = await create_pool(
-                    s.database_url, max_size=1, command_timeout_s=s.pg_timeout_s,
+                    s.database_url, max_size=PING_POOL_SIZE, command_timeout_s=s.pg_timeout_s,
                     server_settings={"synchronous_commit": "off"},
                 )
                 mirror = GeoMirror(connect_redis(s.redis_url, s.redis_timeout_s), s.redis_timeout_s)

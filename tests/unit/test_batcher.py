@@ -39,9 +39,9 @@ class RecordingFlush:
             self.in_flight[zone] -= 1
 
 
-async def test_concurrent_pings_share_few_calls_and_one_in_flight_per_zone() -> None:
+async def test_concurrent_pings_share_few_calls_and_bounded_in_flight_per_zone() -> None:
     flush = RecordingFlush()
-    batcher = PingBatcher(flush, interval_s=0.002, max_batch=50)
+    batcher = PingBatcher(flush, interval_s=0.002, max_batch=50, max_in_flight=1)
     verdicts = await asyncio.gather(*(batcher.submit("z1" if n % 2 else "z2", ping(n)) for n in range(200)))
     await batcher.close()
     assert verdicts == [PingVerdict.ACCEPTED] * 200
@@ -70,3 +70,13 @@ async def test_closed_batcher_refuses_work() -> None:
     await batcher.close()
     with pytest.raises(RuntimeError):
         await batcher.submit("z", ping(1))
+
+
+async def test_several_batches_of_a_zone_overlap_up_to_the_bound() -> None:
+    flush = RecordingFlush(delay_s=0.02)
+    batcher = PingBatcher(flush, interval_s=0.0, max_batch=5, max_in_flight=3)
+    verdicts = await asyncio.gather(*(batcher.submit("z", ping(n)) for n in range(60)))
+    await batcher.close()
+    assert verdicts == [PingVerdict.ACCEPTED] * 60
+    assert flush.max_in_flight == 3
+    assert sum(len(ids) for _, ids in flush.batches) == 60
