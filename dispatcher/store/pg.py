@@ -9,7 +9,7 @@ from typing import Any
 
 import asyncpg
 
-from dispatcher.errors import DatabaseUnavailableError, StaleEpochError
+from dispatcher.errors import DatabaseUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -85,16 +85,6 @@ async def activate_zone(pool: asyncpg.Pool, zone_id: str) -> int:
             zone_id,
         )
     return epoch
-
-
-async def check_epoch(conn: asyncpg.pool.PoolConnectionProxy[Any], zone_id: str, epoch: int) -> None:
-    """Inside a transaction: hold the zone row shared so no newer activation can
-    interleave, and abort if a newer incarnation already took the zone."""
-    current = await conn.fetchval(
-        "SELECT epoch FROM zones WHERE zone_id = $1 FOR SHARE", zone_id
-    )
-    if current != epoch:
-        raise StaleEpochError(f"zone {zone_id}: epoch {epoch} superseded by {current}")
 
 
 async def known_zones(pool: asyncpg.Pool) -> list[str]:
