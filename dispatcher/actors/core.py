@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 # Redis narrows the search to this many nearest mirror members; PostgreSQL then picks
 # the nearest dispatchable one among them with exact distances.
 CANDIDATES = 8
+# Dense cities have many drivers within a few hundred metres: start there (LESSONS: a
+# 0.5 km GEOSEARCH runs about 20x faster than a 5 km one among 10,000 drivers).
+WIDENING_STEPS_KM = (0.5, 1.0, 2.0)
 # Each retry follows a refusal by the one-active-delivery index, which means bad data.
 MAX_TAKEN_RETRIES = 3
 
@@ -164,9 +167,7 @@ class ZoneCore:
             zones = self.zoning.zones_near(req.pickup_lat, req.pickup_lon, radius)
             must_be_built = [z for z in zones if z in self.known_zones]
             with contextlib.suppress(MirrorUnavailableError):
-                candidates = await self.mirror.nearest(
-                    zones, req.pickup_lat, req.pickup_lon, radius, CANDIDATES, must_be_built=must_be_built
-                )
+                candidates = await self._nearest_widening(req.pickup_lat, req.pickup_lon, must_be_built)
         if candidates:
             booking = await self._book_among(req, candidates)
             if booking is not None:
@@ -174,6 +175,21 @@ class ZoneCore:
         # No usable mirror answer: PostgreSQL decides alone, so "nobody" is always
         # confirmed by the truth and a stale or empty mirror never loses an order.
         return await self._book_among(req, None), "postgres"
+
+    async def _nearest_widening(self, lat: float, lon: float, must_be_built: list[str]) -> list[str]:
+        """The mirror's nearest drivers, searching small circles first.
+
+        GEOSEARCH costs the members in the search box: a fixed 5 km search in a dense
+        city is slow. If a circle holds anyone, the nearest driver of the whole radius
+        is inside it, so the first circle that finds members gives the candidates.
+        """
+        for step_km in search_steps(self.settings.search_radius_km):
+            zones = self.zoning.zones_near(lat, lon, step_km)
+            found = await self.mirror.nearest(zones, lat, lon, step_km, CANDIDATES, must_be_built=must_be_built)
+            if found:
+                return found
+            must_be_built = []  # checked with the first step
+        return []
 
     async def _book_among(self, req: AssignRequest, candidates: list[str] | None) -> Booking | None:
         taken: list[str] = []
@@ -264,6 +280,11 @@ class ZoneCore:
             self._mirror_dirty = True
             return
         self._mirror_dirty = False
+
+
+def search_steps(radius_km: float) -> list[float]:
+    """Widening search radii, ending at the full radius."""
+    return [r for r in WIDENING_STEPS_KM if r < radius_km] + [radius_km]
 
 
 def _rounds(pings: Sequence[Ping]) -> list[list[int]]:

@@ -401,12 +401,17 @@ class Bench:
                 await self._renew(fleet)
                 latencies = []
                 stop_at = time.monotonic() + LOOKUP_SERIES_MAX_S
+                # PICK_SQL is fenced by a zone's epoch: borrow a live zone's, in a rolled-back
+                # transaction, so the statement runs exactly as a booking runs it.
+                fence = await conn.fetchrow("SELECT zone_id, epoch FROM zones ORDER BY zone_id LIMIT 1")
+                assert fence is not None, "no zone exists: seed pings first"
                 for lat, lon in pickups[: max(1, len(pickups) // PG_LOOKUP_SHARE)]:
                     tx = conn.transaction()
                     await tx.start()
                     began = time.perf_counter()
                     await conn.fetchrow(PICK_SQL, lat, lon, HEARTBEAT_TTL_S,
-                                        *bounding_box(lat, lon, SEARCH_RADIUS_KM), None, SEARCH_RADIUS_KM, [])
+                                        *bounding_box(lat, lon, SEARCH_RADIUS_KM), None, SEARCH_RADIUS_KM, [],
+                                        fence["zone_id"], fence["epoch"])
                     latencies.append(time.perf_counter() - began)
                     await tx.rollback()
                     if time.monotonic() > stop_at:

@@ -1,4 +1,4 @@
-"""Several fixes of one driver in one batch are applied oldest first, in rounds."""
+"""Pure helpers of ZoneCore: ping rounds (oldest fix first) and widening search steps."""
 
 from __future__ import annotations
 
@@ -29,3 +29,11 @@ def test_a_drivers_fixes_go_oldest_first_one_per_round() -> None:
 
 def test_empty_batch_has_no_round() -> None:
     assert _rounds([]) == []
+
+
+def test_search_steps_widen_up_to_the_radius() -> None:
+    from dispatcher.actors.core import search_steps
+
+    assert search_steps(5.0) == [0.5, 1.0, 2.0, 5.0]
+    assert search_steps(1.5) == [0.5, 1.0, 1.5]
+    assert search_steps(0.3) == [0.3]
