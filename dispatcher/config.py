@@ -56,7 +56,7 @@ class Settings(BaseSettings):
     max_zones: int = Field(default=64, ge=1)
     sweep_interval_s: float = Field(default=5.0, gt=0)
     reconcile_interval_s: float = Field(default=60.0, gt=0)
-    ping_flush_interval_ms: float = Field(default=2.0, ge=0)
+    ping_flush_interval_ms: float = Field(default=0.0, ge=0)
     ping_batch_max: int = Field(default=500, ge=1)
     redis_timeout_s: float = Field(default=0.25, gt=0)
     pg_timeout_s: float = Field(default=5.0, gt=0)
@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     webhook_schedule_s: tuple[float, ...] = DEFAULT_WEBHOOK_SCHEDULE_S
     webhook_poll_interval_s: float = Field(default=1.0, gt=0)
     max_ping_speed_kmh: float = Field(default=250.0, gt=0)
+    # Per-driver token bucket on location pings (api/ratelimit.py): sustained rate and
+    # burst. Excess pings get 429 with Retry-After. 0 in either turns the limit off.
+    ping_rate_per_s: float = Field(default=10.0, ge=0, allow_inf_nan=False)
+    ping_burst: int = Field(default=60, ge=0)
     log_level: str = "INFO"
 
     def require_resolved(self) -> ResolvedSettings:

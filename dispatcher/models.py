@@ -77,8 +77,9 @@ class SellerOrderReady(RequestModel):
     """Both seed shapes: flat `pickupLat/pickupLon` or nested `pickup {lat, lon}`."""
 
     seller_order_id: OrderId
-    event_id: str | None = Field(default=None, max_length=256)
-    channel_id: str | None = Field(default=None, max_length=256)
+    # Ignored, but still text that could be logged: no control characters.
+    event_id: str | None = Field(default=None, max_length=256, pattern=r"^[^\x00-\x1f\x7f]*$")
+    channel_id: str | None = Field(default=None, max_length=256, pattern=r"^[^\x00-\x1f\x7f]*$")
     pickup_lat: Latitude | None = None
     pickup_lon: Longitude | None = None
     pickup: LatLon | None = None
@@ -102,9 +103,13 @@ class SellerOrderReady(RequestModel):
         return self.pickup_lat, self.pickup_lon
 
 
+# Free text such as a failure reason: newlines allowed, NUL never (PostgreSQL text).
+Reason = Annotated[str, Field(min_length=1, max_length=500, pattern=r"^[^\x00]+$")]
+
+
 class SellerOrderCancelled(RequestModel):
     seller_order_id: OrderId
-    reason: str | None = Field(default=None, max_length=500)
+    reason: Reason | None = None
 
 
 class LocationPing(RequestModel):
@@ -114,7 +119,7 @@ class LocationPing(RequestModel):
 
 
 class BatchPing(LocationPing):
-    driver_id: Annotated[str, Field(min_length=1, max_length=64)]
+    driver_id: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$")]
 
 
 class BatchPingsEnvelope(RequestModel):
@@ -150,7 +155,7 @@ class StatusChange(RequestModel):
 
 
 class FailDelivery(RequestModel):
-    reason: Annotated[str, Field(min_length=1, max_length=500)]
+    reason: Reason
 
 
 class EmptyBody(RequestModel):

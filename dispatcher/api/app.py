@@ -45,6 +45,9 @@ def create_app(settings: ResolvedSettings, *, zones: ZoneDirectory | None = None
     metrics = Metrics()
     app = web.Application(
         client_max_size=MAX_BODY_BYTES,
+        # aiohttp answers an over-long request line with its own plain-text 400, outside
+        # our middleware; at the body limit, every id reaches a handler and gets a problem.
+        handler_args={"max_line_size": MAX_BODY_BYTES, "max_field_size": MAX_BODY_BYTES},
         middlewares=[metrics_middleware(metrics), problem_middleware],
     )
     app[SETTINGS] = settings

@@ -2,15 +2,29 @@
 
 from __future__ import annotations
 
+import re
 from typing import TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from dispatcher.api.problems import validation_errors
-from dispatcher.errors import RequestValidationError
+from dispatcher.errors import NotFoundError, RequestValidationError
 
 M = TypeVar("M", bound=BaseModel)
+
+
+# Ids we issue or accept are short printable text; anything else names nothing here.
+PATH_ID = re.compile(r"[^\x00-\x1f\x7f]{1,128}")
+
+
+def path_id(request: web.Request, name: str) -> str:
+    """A path parameter, or 404: a control character or an overlong id names nothing
+    (and must never reach PostgreSQL, whose text cannot hold NUL)."""
+    value = request.match_info[name]
+    if PATH_ID.fullmatch(value) is None:
+        raise NotFoundError(f"no such {name}")
+    return value
 
 
 async def read_body(request: web.Request) -> bytes:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from dispatcher.api.auth import authenticate
-from dispatcher.api.body import parse_body
+from dispatcher.api.body import parse_body, path_id
 from dispatcher.api.keys import DISPATCHER
 from dispatcher.api.responses import delivery_view, json_model
 from dispatcher.api.spec import RouteSpec
@@ -15,7 +15,7 @@ from dispatcher.models import DeliveryView, EmptyBody, FailDelivery
 
 async def _authorized_delivery(request: web.Request) -> web.Response:
     """The delivery view, for the operator or the assigned driver only."""
-    seller_order_id = request.match_info["sellerOrderId"]
+    seller_order_id = path_id(request, "sellerOrderId")
     principal = await authenticate(request)
     found = await request.app[DISPATCHER].deliveries.get(seller_order_id)
     if found is None:
@@ -31,7 +31,7 @@ async def get_delivery(request: web.Request) -> web.StreamResponse:
 
 
 async def _advance(request: web.Request, step: str, reason: str | None) -> web.StreamResponse:
-    await request.app[DISPATCHER].step(request.match_info["sellerOrderId"], step, reason=reason)
+    await request.app[DISPATCHER].step(path_id(request, "sellerOrderId"), step, reason=reason)
     return await _authorized_delivery(request)
 
 

@@ -11,9 +11,10 @@ from pydantic import ConfigDict, Field, ValidationError
 
 from dispatcher.actors.messages import Ping, PingVerdict
 from dispatcher.api.auth import require_driver, require_operator
-from dispatcher.api.body import parse, parse_body, read_body
+from dispatcher.api.body import parse, parse_body, path_id, read_body
 from dispatcher.api.keys import DISPATCHER, METRICS
 from dispatcher.api.problems import validation_errors
+from dispatcher.api.ratelimit import check_ping_rate, ping_limiter, rate_limited_detail
 from dispatcher.api.responses import driver_view, json_model
 from dispatcher.api.spec import RouteSpec
 from dispatcher.errors import (
@@ -22,6 +23,7 @@ from dispatcher.errors import (
     NotFoundError,
     RequestValidationError,
     ServiceUnavailableError,
+    TooManyRequestsError,
 )
 from dispatcher.models import (
     BatchPing,
@@ -44,18 +46,27 @@ from dispatcher.models import (
 # every later, correct fix (older recordedAt are ignored), so it is refused.
 MAX_CLOCK_SKEW = timedelta(seconds=30)
 DEFAULT_LIST_LIMIT = 500
+# The `dispatcher_pings_total` verdict label of pings refused by the per-driver rate limit.
+RATE_LIMITED = "rate_limited"
 
 
 class DriverQuery(RequestModel):
     # Query strings are text: "limit=10" must coerce.
     model_config = ConfigDict(strict=False)
     status: Literal["AVAILABLE", "BUSY", "OFFLINE"] | None = None
-    zone_id: str | None = Field(default=None, max_length=32)
+    zone_id: str | None = Field(default=None, max_length=32, pattern=r"^[^\x00-\x1f\x7f]+$")
     limit: Annotated[int, Field(ge=1, le=5000)] = DEFAULT_LIST_LIMIT
 
 
 def to_ping(driver_id: str, body: LocationPing, now: datetime) -> Ping:
-    recorded = body.recorded_at.astimezone(UTC) if body.recorded_at is not None else now
+    try:
+        recorded = body.recorded_at.astimezone(UTC) if body.recorded_at is not None else now
+    except OverflowError:
+        # e.g. 9999-12-31T23:59:59-14:00 is past the last representable UTC instant.
+        raise RequestValidationError(
+            "recordedAt is out of range",
+            errors=[{"loc": ["body", "recordedAt"], "msg": "outside the representable range"}],
+        ) from None
     if recorded > now + MAX_CLOCK_SKEW:
         raise RequestValidationError(
             "recordedAt is in the future",
@@ -97,7 +108,7 @@ async def list_drivers(request: web.Request) -> web.StreamResponse:
 
 
 async def get_driver(request: web.Request) -> web.StreamResponse:
-    driver_id = request.match_info["driverId"]
+    driver_id = path_id(request, "driverId")
     await require_driver(request, driver_id)
     record = await request.app[DISPATCHER].drivers.get(driver_id)
     if record is None:
@@ -109,14 +120,20 @@ async def update_driver(request: web.Request) -> web.StreamResponse:
     await require_operator(request)
     body = await parse_body(request, UpdateDriver)
     record = await request.app[DISPATCHER].update_driver(
-        request.match_info["driverId"], is_active=body.is_active, name=body.name
+        path_id(request, "driverId"), is_active=body.is_active, name=body.name
     )
     return json_model(driver_view(record))
 
 
 async def ping_location(request: web.Request) -> web.StreamResponse:
-    driver_id = request.match_info["driverId"]
+    driver_id = path_id(request, "driverId")
     await require_driver(request, driver_id, check_active=False)
+    # After authentication, so nobody can drain another driver's bucket.
+    try:
+        check_ping_rate(request, driver_id)
+    except TooManyRequestsError:
+        request.app[METRICS].pings.labels(RATE_LIMITED).inc()
+        raise
     ping = to_ping(driver_id, await parse_body(request, LocationPing), datetime.now(UTC))
     verdict = await request.app[DISPATCHER].ping(ping)
     request.app[METRICS].pings.labels(verdict.value).inc()
@@ -132,16 +149,29 @@ async def ping_batch(request: web.Request) -> web.StreamResponse:
     await require_operator(request)
     envelope = parse(await read_body(request), BatchPingsEnvelope)
     now = datetime.now(UTC)
+    limiter = ping_limiter(request.app)
+    # A batch takes one token per driver it names, however many of that driver's
+    # fixes it carries; when there is none, each of that driver's entries is rejected.
+    waits: dict[str, float] = {}
     rejected: list[PingRejection] = []
     pings: list[Ping] = []
     positions: list[int] = []
     for index, item in enumerate(envelope.pings):
         try:
             ping = _batch_item(item)
-            pings.append(to_ping(ping.driver_id, ping, now))
-            positions.append(index)
+            fix = to_ping(ping.driver_id, ping, now)
         except (ValidationError, DispatchError) as exc:
             rejected.append(PingRejection(index=index, detail=_reason(exc)))
+            continue
+        wait = waits.get(fix.driver_id)
+        if wait is None:
+            wait = waits[fix.driver_id] = limiter.take(fix.driver_id)
+        if wait > 0:
+            request.app[METRICS].pings.labels(RATE_LIMITED).inc()
+            rejected.append(PingRejection(index=index, detail=rate_limited_detail(limiter, wait)))
+            continue
+        pings.append(fix)
+        positions.append(index)
     outcomes = await request.app[DISPATCHER].ping_many(pings)
     unavailable = next(
         (o.error for o in outcomes if isinstance(o.error, ServiceUnavailableError)), None
@@ -177,7 +207,7 @@ def _reason(exc: Exception) -> str:
 
 
 async def change_status(request: web.Request) -> web.StreamResponse:
-    driver_id = request.match_info["driverId"]
+    driver_id = path_id(request, "driverId")
     await require_driver(request, driver_id)
     body = await parse_body(request, StatusChange)
     record = await request.app[DISPATCHER].set_status(driver_id, body.status)
@@ -197,7 +227,7 @@ ROUTES = [
               "operator", {200: DriverView}, body=UpdateDriver, errors=(401, 403, 404, 413, 422, 503), tags=("drivers",)),
     RouteSpec("PATCH", "/drivers/{driverId}/location", ping_location,
               "Location ping: refreshes location and heartbeat; never changes status",
-              "driver", {204: None}, body=LocationPing, errors=(401, 403, 404, 413, 422, 503), tags=("drivers",)),
+              "driver", {204: None}, body=LocationPing, errors=(401, 403, 404, 413, 422, 429, 503), tags=("drivers",)),
     RouteSpec("PATCH", "/drivers/{driverId}/status", change_status, "Go AVAILABLE or OFFLINE",
               "driver", {200: DriverStatusView}, body=StatusChange, errors=(401, 403, 404, 409, 413, 422, 503), tags=("drivers",)),
 ]

@@ -7,6 +7,7 @@ import json
 import logging
 from typing import Any
 
+import asyncpg
 from aiohttp import web
 from pydantic import ValidationError
 
@@ -66,6 +67,11 @@ async def problem_middleware(request: web.Request, handler: Any) -> web.StreamRe
         return response
     except DispatchError as exc:
         return from_dispatch_error(exc)
+    except asyncpg.DataError as exc:
+        # Input PostgreSQL cannot store (e.g. an unpaired surrogate) that validation let
+        # through: still the caller's input, so a 422, never a 500.
+        log.info("PostgreSQL refused input on %s: %s", request.path, type(exc).__name__)
+        return problem_response(422, "Request validation failed", "a value cannot be stored as given")
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

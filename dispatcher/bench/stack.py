@@ -136,6 +136,9 @@ class Stack:
             "DISPATCHER_DATA_DIR": str(self.workdir / "data"),
             "DISPATCHER_PORT": str(port),
             "DISPATCHER_LOG_LEVEL": "WARNING",
+            # The bench measures throughput; the per-driver ping limit (a guard against
+            # one misbehaving app) would cap the small fleets of --quick instead.
+            "DISPATCHER_PING_RATE_PER_S": "0",
             "DISPATCHER_RAY_NAMESPACE": RAY_NAMESPACE,
             # Ray's session files, and its "last cluster" lookup, stay in our temp dir:
             # the service never joins another local Ray, and nobody else joins ours.
