@@ -177,19 +177,9 @@ class ZoneCore:
         return await self._book_among(req, None), "postgres"
 
     async def _nearest_widening(self, lat: float, lon: float, must_be_built: list[str]) -> list[str]:
-        """The mirror's nearest drivers, searching small circles first.
-
-        GEOSEARCH costs the members in the search box: a fixed 5 km search in a dense
-        city is slow. If a circle holds anyone, the nearest driver of the whole radius
-        is inside it, so the first circle that finds members gives the candidates.
-        """
-        for step_km in search_steps(self.settings.search_radius_km):
-            zones = self.zoning.zones_near(lat, lon, step_km)
-            found = await self.mirror.nearest(zones, lat, lon, step_km, CANDIDATES, must_be_built=must_be_built)
-            if found:
-                return found
-            must_be_built = []  # checked with the first step
-        return []
+        return await nearest_widening(
+            self.mirror, self.zoning, lat, lon, self.settings.search_radius_km, must_be_built=must_be_built
+        )
 
     async def _book_among(self, req: AssignRequest, candidates: list[str] | None) -> Booking | None:
         taken: list[str] = []
@@ -280,6 +270,30 @@ class ZoneCore:
             self._mirror_dirty = True
             return
         self._mirror_dirty = False
+
+
+async def nearest_widening(
+    mirror: GeoMirror,
+    zoning: Zoning,
+    lat: float,
+    lon: float,
+    radius_km: float,
+    *,
+    must_be_built: Sequence[str] = (),
+) -> list[str]:
+    """The mirror's nearest drivers, searching small circles first.
+
+    GEOSEARCH costs the members in the search box: a fixed 5 km search in a dense city
+    is slow. If a circle holds anyone, the nearest driver of the whole radius is inside
+    it, so the first circle that finds members gives the candidates.
+    """
+    for step_km in search_steps(radius_km):
+        zones = zoning.zones_near(lat, lon, step_km)
+        found = await mirror.nearest(zones, lat, lon, step_km, CANDIDATES, must_be_built=must_be_built)
+        if found:
+            return found
+        must_be_built = ()  # checked with the first step
+    return []
 
 
 def search_steps(radius_km: float) -> list[float]:

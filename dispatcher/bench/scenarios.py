@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 
-from dispatcher.actors.core import CANDIDATES
+from dispatcher.actors.core import CANDIDATES, nearest_widening
 from dispatcher.bench import profile
 from dispatcher.bench.memory import server_memory, service_memory
 from dispatcher.bench.options import Options
@@ -374,8 +374,7 @@ class Bench:
                 stop_at = time.monotonic() + LOOKUP_SERIES_MAX_S
                 for lat, lon in pickups:
                     began = time.perf_counter()
-                    found = await mirror.nearest(zoning.zones_near(lat, lon, SEARCH_RADIUS_KM), lat, lon,
-                                                 SEARCH_RADIUS_KM, CANDIDATES)
+                    found = await nearest_widening(mirror, zoning, lat, lon, SEARCH_RADIUS_KM)
                     latencies.append(time.perf_counter() - began)
                     empty += not found
                     if time.monotonic() > stop_at:
@@ -384,7 +383,7 @@ class Bench:
                 redis_runs.append((p50, p99))
         finally:
             await mirror.client.aclose()
-        note = (f"GeoMirror.nearest over Zoning.zones_near, {SEARCH_RADIUS_KM:g} km, COUNT {CANDIDATES}, "
+        note = (f"the zone actor's nearest_widening (0.5, 1, 2, then {SEARCH_RADIUS_KM:g} km), COUNT {CANDIDATES}, "
                 f"one call at a time from the bench process; {empty} calls found nobody")
         for i, what in enumerate(("p50", "p99")):
             fig = Figure("lookup", f"Redis mirror lookup, {s.lookup_drivers:,} drivers: {what}", "ms",
