@@ -189,6 +189,8 @@ async def test_silent_driver_leaves_the_mirror_within_ttl_plus_sweep(
     silent_at, chatty_at = BERLIN, offset(*BERLIN, 1.0, 0)
     chatty = [await api.online_driver(*offset(*chatty_at, 0.05 * n, 0), name=f"c{n}") for n in range(4)]
     stop = asyncio.Event()
+    # Set before the order: booking a pinging driver rightly takes it out of the mirror.
+    ordering = asyncio.Event()
     left = asyncio.Event()
     left_after: list[float] = []
 
@@ -199,7 +201,7 @@ async def test_silent_driver_leaves_the_mirror_within_ttl_plus_sweep(
             await asyncio.sleep(0.3)
 
     async def watch(silent: Driver, last_ping: float) -> None:
-        while not stop.is_set():
+        while not stop.is_set() and not ordering.is_set():
             members = as_text(await redis_client.zrange(keys.zone_geo(zone), 0, -1))
             assert {c.driver_id for c in chatty} <= members, "a pinging driver left the mirror"
             if silent.driver_id not in members and not left_after:
@@ -217,6 +219,7 @@ async def test_silent_driver_leaves_the_mirror_within_ttl_plus_sweep(
                 await asyncio.wait_for(left.wait(), bound + 1.0)
             # Past the TTL an order at the silent driver's door goes to a pinging one, 1 km away.
             await asyncio.sleep(max(0.0, ttl_s + 0.1 - (time.monotonic() - last_ping)))
+            ordering.set()
             resp = await api.order("SILENT-1", *silent_at)
             order = await resp.json()
             stop.set()
