@@ -23,6 +23,28 @@ from dispatcher.webhooks.signing import sign
 
 BERLIN = (52.52, 13.405)
 
+# CONTRACT §4, every route: (method, path).
+CONTRACT_ROUTES: list[tuple[str, str]] = [
+    ("post", "/events/seller-order-ready"),
+    ("post", "/events/seller-order-cancelled"),
+    ("post", "/drivers"),
+    ("get", "/drivers"),
+    ("get", "/drivers/{driverId}"),
+    ("patch", "/drivers/{driverId}"),
+    ("patch", "/drivers/{driverId}/location"),
+    ("post", "/drivers/locations"),
+    ("patch", "/drivers/{driverId}/status"),
+    ("get", "/deliveries/{sellerOrderId}"),
+    ("post", "/deliveries/{sellerOrderId}/picked-up"),
+    ("post", "/deliveries/{sellerOrderId}/delivered"),
+    ("post", "/deliveries/{sellerOrderId}/failed"),
+    ("get", "/health"),
+    ("get", "/ready"),
+    ("get", "/zones"),
+    ("get", "/metrics"),
+    ("get", "/openapi.json"),
+]
+
 
 @dataclass
 class Delivery:

@@ -19,7 +19,7 @@ from dispatcher.config import ResolvedSettings
 from dispatcher.store import keys
 from dispatcher.webhooks.sender import WebhookSender
 from dispatcher.zoning import Zoning
-from tests.support import BERLIN, Api, Driver, WebhookReceiver, offset
+from tests.support import BERLIN, CONTRACT_ROUTES, Api, Driver, WebhookReceiver, offset
 
 pytestmark = pytest.mark.integration
 
@@ -29,27 +29,6 @@ DELIVERY_KEYS = {
     "sellerOrderId", "status", "driverId", "assignmentId", "pickup", "drop",
     "assignedAt", "pickedUpAt", "deliveredAt", "history",
 }
-# CONTRACT §4, every route: (method, path).
-CONTRACT_ROUTES = [
-    ("post", "/events/seller-order-ready"),
-    ("post", "/events/seller-order-cancelled"),
-    ("post", "/drivers"),
-    ("get", "/drivers"),
-    ("get", "/drivers/{driverId}"),
-    ("patch", "/drivers/{driverId}"),
-    ("patch", "/drivers/{driverId}/location"),
-    ("post", "/drivers/locations"),
-    ("patch", "/drivers/{driverId}/status"),
-    ("get", "/deliveries/{sellerOrderId}"),
-    ("post", "/deliveries/{sellerOrderId}/picked-up"),
-    ("post", "/deliveries/{sellerOrderId}/delivered"),
-    ("post", "/deliveries/{sellerOrderId}/failed"),
-    ("get", "/health"),
-    ("get", "/ready"),
-    ("get", "/zones"),
-    ("get", "/metrics"),
-    ("get", "/openapi.json"),
-]
 
 
 async def geo_members(redis: Redis, zone_id: str) -> set[str]:
