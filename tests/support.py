@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from aiohttp import web
+from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 from standardwebhooks.webhooks import Webhook
@@ -22,6 +22,7 @@ from dispatcher.store import keys
 from dispatcher.webhooks.signing import sign
 
 BERLIN = (52.52, 13.405)
+PROBLEM_JSON = "application/problem+json"
 
 # CONTRACT §4, every route: (method, path).
 CONTRACT_ROUTES: list[tuple[str, str]] = [
@@ -201,3 +202,25 @@ async def geo_members(redis: Redis, zone_id: str) -> set[str]:
     """Driver ids in the zone's Redis GEO key."""
     found: list[bytes] = await redis.zrange(keys.zone_geo(zone_id), 0, -1)  # type: ignore[assignment]
     return {m.decode() for m in found}
+
+
+async def problem(resp: ClientResponse, status: int) -> dict[str, Any]:
+    """The RFC 9457 body of an error answer, after checking its shape."""
+    text = await resp.text()
+    assert resp.status == status, text
+    assert resp.headers["Content-Type"].startswith(PROBLEM_JSON), resp.headers["Content-Type"]
+    body: dict[str, Any] = json.loads(text)
+    assert body["status"] == status
+    for key in ("type", "title", "detail"):
+        assert isinstance(body[key], str) and body[key], body
+    return body
+
+
+async def validation_problem(resp: ClientResponse) -> dict[str, Any]:
+    body = await problem(resp, 422)
+    errors = body["errors"]
+    assert isinstance(errors, list) and errors, body
+    for item in errors:
+        assert set(item) >= {"loc", "msg"}, item
+        assert isinstance(item["loc"], list) and isinstance(item["msg"], str), item
+    return body

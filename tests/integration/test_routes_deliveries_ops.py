@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -19,11 +18,18 @@ from dispatcher.config import ResolvedSettings
 from dispatcher.store import keys
 from dispatcher.webhooks.sender import WebhookSender
 from dispatcher.zoning import Zoning
-from tests.support import BERLIN, CONTRACT_ROUTES, Api, Driver, WebhookReceiver, offset
+from tests.support import (
+    BERLIN,
+    CONTRACT_ROUTES,
+    Api,
+    Driver,
+    WebhookReceiver,
+    offset,
+    problem,
+)
 
 pytestmark = pytest.mark.integration
 
-PROBLEM_JSON = "application/problem+json"
 MUNICH = (48.137, 11.575)
 DELIVERY_KEYS = {
     "sellerOrderId", "status", "driverId", "assignmentId", "pickup", "drop",
@@ -34,17 +40,6 @@ DELIVERY_KEYS = {
 async def geo_members(redis: Redis, zone_id: str) -> set[str]:
     found = await redis.zrange(keys.zone_geo(zone_id), 0, -1)
     return {m.decode() if isinstance(m, bytes) else str(m) for m in found}
-
-
-async def problem(resp: ClientResponse, status: int) -> dict[str, Any]:
-    text = await resp.text()
-    assert resp.status == status, text
-    assert resp.headers["Content-Type"].startswith(PROBLEM_JSON), resp.headers["Content-Type"]
-    body: dict[str, Any] = json.loads(text)
-    assert body["status"] == status
-    for key in ("type", "title", "detail"):
-        assert isinstance(body[key], str) and body[key], body
-    return body
 
 
 async def delivery_row(pg_pool: asyncpg.Pool, seller_order_id: str) -> asyncpg.Record:

@@ -10,18 +10,23 @@ from typing import Any
 
 import asyncpg
 import pytest
-from aiohttp import ClientResponse
 from redis.asyncio import Redis
 
 from dispatcher.config import ResolvedSettings
 from dispatcher.store import keys
 from dispatcher.store.drivers import hash_token
 from dispatcher.zoning import Zoning
-from tests.support import BERLIN, Api, Driver, offset
+from tests.support import (
+    BERLIN,
+    Api,
+    Driver,
+    offset,
+    problem,
+    validation_problem,
+)
 
 pytestmark = pytest.mark.integration
 
-PROBLEM_JSON = "application/problem+json"
 DRIVER_VIEW_KEYS = {
     "driverId", "name", "status", "isActive", "location", "lastSeenAt", "zoneId", "activeDelivery",
 }
@@ -53,25 +58,6 @@ async def driver_row(pg_pool: asyncpg.Pool, driver: Driver | str) -> asyncpg.Rec
     row = await pg_pool.fetchrow("SELECT * FROM drivers WHERE id = $1", driver_id)
     assert row is not None
     return row
-
-
-async def problem(resp: ClientResponse, status: int) -> dict[str, Any]:
-    text = await resp.text()
-    assert resp.status == status, text
-    assert resp.headers["Content-Type"].startswith(PROBLEM_JSON), resp.headers["Content-Type"]
-    body: dict[str, Any] = json.loads(text)
-    assert body["status"] == status
-    for key in ("type", "title", "detail"):
-        assert isinstance(body[key], str) and body[key], body
-    return body
-
-
-async def validation_problem(resp: ClientResponse) -> dict[str, Any]:
-    body = await problem(resp, 422)
-    assert isinstance(body["errors"], list) and body["errors"], body
-    for item in body["errors"]:
-        assert isinstance(item["loc"], list) and isinstance(item["msg"], str), item
-    return body
 
 
 def bearer(token: str) -> dict[str, str]:

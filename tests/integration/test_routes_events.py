@@ -16,13 +16,20 @@ from redis.asyncio import Redis
 from dispatcher.store import keys
 from dispatcher.webhooks.signing import new_secret, sign
 from dispatcher.zoning import Zoning
-from tests.support import BERLIN, Api, Driver, WebhookReceiver, offset
+from tests.support import (
+    BERLIN,
+    Api,
+    Driver,
+    WebhookReceiver,
+    offset,
+    problem,
+    validation_problem,
+)
 
 pytestmark = pytest.mark.integration
 
 READY = "/events/seller-order-ready"
 CANCELLED = "/events/seller-order-cancelled"
-PROBLEM_JSON = "application/problem+json"
 MAX_LAT = 85.05112878
 MAX_BODY = 64 * 1024
 
@@ -46,28 +53,6 @@ async def assert_nothing_written(pg_pool: asyncpg.Pool) -> None:
     assert await count(pg_pool, "deliveries") == 0
     assert await count(pg_pool, "delivery_history") == 0
     assert await count(pg_pool, "webhook_outbox") == 0
-
-
-async def problem(resp: ClientResponse, status: int) -> dict[str, Any]:
-    """The RFC 9457 body of an error answer, after checking its shape."""
-    text = await resp.text()
-    assert resp.status == status, text
-    assert resp.headers["Content-Type"].startswith(PROBLEM_JSON), resp.headers["Content-Type"]
-    body: dict[str, Any] = json.loads(text)
-    assert body["status"] == status
-    for key in ("type", "title", "detail"):
-        assert isinstance(body[key], str) and body[key], body
-    return body
-
-
-async def validation_problem(resp: ClientResponse) -> dict[str, Any]:
-    body = await problem(resp, 422)
-    errors = body["errors"]
-    assert isinstance(errors, list) and errors, body
-    for item in errors:
-        assert set(item) >= {"loc", "msg"}, item
-        assert isinstance(item["loc"], list) and isinstance(item["msg"], str), item
-    return body
 
 
 async def post_raw(api: Api, path: str, raw: bytes, headers: dict[str, str]) -> ClientResponse:
