@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-from dispatcher import __version__
+from dispatcher import __version__, zonectl
 from dispatcher.config import ResolvedSettings, Settings
 from dispatcher.errors import DispatchError
 from dispatcher.runtime import Runtime
@@ -28,6 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="listen address (DISPATCHER_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (DISPATCHER_PORT, default 8080)")
     sub.add_parser("migrate", help="apply database migrations and exit")
+    zonectl.add_parser(sub)
     sub.add_parser(
         "bench", help="load benchmark on its own servers (dispatcher bench --help)", add_help=False
     )
@@ -51,6 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if args.command == "zones":
+        return zonectl.run(args, settings)
     runtime = Runtime(settings)
     try:
         resolved = runtime.resolve()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import random
 import time
 import uuid
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import h3
 from aiohttp import ClientResponse, web
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
@@ -20,8 +22,10 @@ from standardwebhooks.webhooks import Webhook
 from dispatcher.config import ResolvedSettings
 from dispatcher.store import keys
 from dispatcher.webhooks.signing import sign
+from dispatcher.zoning import Zoning
 
 BERLIN = (52.52, 13.405)
+Point = tuple[float, float]
 PROBLEM_JSON = "application/problem+json"
 
 # CONTRACT §4, every route: (method, path).
@@ -224,3 +228,19 @@ async def validation_problem(resp: ClientResponse) -> dict[str, Any]:
         assert set(item) >= {"loc", "msg"}, item
         assert isinstance(item["loc"], list) and isinstance(item["msg"], str), item
     return body
+
+
+def zone_cells(home: str) -> list[str]:
+    """The home cell and its six neighbours: seven zones that share borders."""
+    cells = [str(c) for c in h3.grid_disk(home, 1)]
+    return [home, *sorted(c for c in cells if c != home)]
+
+
+def point_in(rng: random.Random, zoning: Zoning, cell: str) -> Point:
+    """A uniformly random point strictly inside `cell`."""
+    clat, clon = zoning.centre_of(cell)
+    reach = float(h3.average_hexagon_edge_length(zoning.resolution, "km"))
+    while True:
+        point = offset(clat, clon, rng.uniform(-reach, reach), rng.uniform(-reach, reach))
+        if zoning.zone_of(*point) == cell:
+            return point

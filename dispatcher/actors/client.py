@@ -26,9 +26,10 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# A zone that died is restarted by Ray in about a second; three tries over ~2 s ride
-# out a restart, after which the caller gets a retryable 503.
-RETRY_DELAYS_S = (0.1, 0.5, 1.5)
+# A zone that died is restarted by Ray in about a second, and a zone moved by
+# `dispatcher zones rebalance` is back in one or two: retry with backoff for a few
+# seconds, after which the caller gets a retryable 503.
+RETRY_DELAYS_S = (0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.0, 1.0)
 
 ACTOR_REDACTED = ("admin_token", "inbound_secret", "vendure_webhook_secret")
 
@@ -47,6 +48,8 @@ class ZoneDirectory:
         redacted = settings.model_copy(update=dict.fromkeys(ACTOR_REDACTED, "redacted"))
         self._settings_json = redacted.model_dump_json()
         self._handles: dict[str, Any] = {}
+        # Calls retried after a zone died, moved or was fenced (tests, metrics).
+        self.retries = 0
         self._creating: dict[str, asyncio.Task[Any]] = {}
 
     @property
@@ -76,9 +79,11 @@ class ZoneDirectory:
 
     async def _call(self, zone_id: str, invoke: Callable[[Any], Awaitable[T]]) -> T:
         last: BaseException | None = None
-        for delay in (0.0, *RETRY_DELAYS_S):
+        for attempt, delay in enumerate((0.0, *RETRY_DELAYS_S)):
             if delay:
                 await asyncio.sleep(delay)
+            if attempt:
+                self.retries += 1
             try:
                 handle = await self._handle(zone_id)
                 async with asyncio.timeout(self.settings.actor_call_timeout_s):

@@ -92,6 +92,14 @@ class ZoneCore:
         self._sweeper = asyncio.create_task(self._sweep_forever(), name=f"sweep:{self.zone_id}")
         log.info("zone %s active at epoch %d with %d drivers", self.zone_id, self.epoch, len(self.shard))
 
+    async def drain(self) -> None:
+        """Hand the zone over: let the calls in flight finish, then refuse every new one
+        (callers get StaleEpochError and retry on the next incarnation)."""
+        async with self._lock.exclusive():
+            self.fenced = True
+        await self.stop()
+        log.info("zone %s epoch %d drained for a handoff", self.zone_id, self.epoch)
+
     async def stop(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()

@@ -54,3 +54,23 @@ class ZoneStats:
     epoch: int
     drivers: int
     available: int
+
+
+ZoneState = Literal["idle", "active", "draining", "unreachable"]
+
+
+@dataclass(frozen=True, slots=True)
+class ZonePlacement:
+    """Where a zone's actor runs and what it holds (operators, rebalancing).
+
+    `idle`: the process exists but has not taken the zone yet (no call arrived);
+    `draining`: it handed the zone over and refuses calls; `unreachable`: it did not
+    answer (its node may be lost; Ray restarts it elsewhere once the loss is detected).
+    """
+
+    zone_id: str
+    node_id: str
+    pid: int
+    state: ZoneState
+    epoch: int
+    drivers: int

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
 # Each zone is its own process; asking for no CPU lets a laptop host dozens of zones,
 # while the custom resource lets a cluster's autoscaler see and place them.
 ZONE_RESOURCE = "dispatcher_zone"
@@ -17,7 +19,11 @@ def zone_actor_name(zone_id: str) -> str:
     return f"zone:{zone_id}"
 
 
-def zone_actor_options(zone_id: str, namespace: str, *, resource_units: float = 0.0) -> dict[str, Any]:
+def zone_actor_options(
+    zone_id: str, namespace: str, *, resource_units: float = 0.0, node_id: str | None = None
+) -> dict[str, Any]:
+    """Options for creating (or finding) a zone's actor; `node_id` pins a new
+    incarnation to that node when it still has room (rebalancing)."""
     options: dict[str, Any] = {
         "name": zone_actor_name(zone_id),
         "namespace": namespace,
@@ -34,7 +40,13 @@ def zone_actor_options(zone_id: str, namespace: str, *, resource_units: float = 
         # interleave up to 1000 calls, so the bound also caps memory under bursts).
         "max_concurrency": ZONE_MAX_CONCURRENCY,
         "num_cpus": 0,
+        # Spread zones over the nodes that can host them, so no node carries most of
+        # the zones (and a lost node takes as few as possible with it).
+        "scheduling_strategy": "SPREAD",
     }
     if resource_units > 0:
         options["resources"] = {ZONE_RESOURCE: resource_units}
+    if node_id is not None:
+        # Soft: if the node died or filled up meanwhile, any other node will do.
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=True)
     return options

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Sequence
 
 import ray
@@ -14,9 +15,12 @@ from dispatcher.actors.messages import (
     AssignResult,
     Ping,
     PingVerdict,
+    ZonePlacement,
+    ZoneState,
     ZoneStats,
 )
 from dispatcher.config import ResolvedSettings
+from dispatcher.errors import StaleEpochError
 from dispatcher.store.deliveries import DeliveryStore
 from dispatcher.store.drivers import DriverStore
 from dispatcher.store.geo import GeoMirror, connect_redis
@@ -38,9 +42,13 @@ class ZoneActor:
     def __init__(self, zone_id: str, settings_json: str) -> None:
         logging.basicConfig(level=logging.INFO)
         self.zone_id = zone_id
+        self._settings_json = settings_json
         self.settings = ResolvedSettings.model_validate_json(settings_json)
         self._core: ZoneCore | None = None
         self._starting = asyncio.Lock()
+        # Set by drain(): this incarnation handed the zone over and must never take it
+        # back (a late call would otherwise start a core and bump the epoch again).
+        self._drained = False
 
     async def _ready(self) -> ZoneCore:
         # Started lazily on the first call: Ray runs __init__ synchronously, and a
@@ -48,6 +56,8 @@ class ZoneActor:
         if self._core is not None:
             return self._core
         async with self._starting:
+            if self._drained:
+                raise StaleEpochError(f"zone {self.zone_id} moved to a new incarnation")
             if self._core is None:
                 s = self.settings
                 pool = await create_pool(s.database_url, max_size=ZONE_POOL_SIZE, command_timeout_s=s.pg_timeout_s)
@@ -96,7 +106,41 @@ class ZoneActor:
         await (await self._ready()).sweep_once()
 
     @ray.method
+    async def where(self) -> ZonePlacement:
+        """This incarnation's node, process and state; does not take the zone."""
+        return self._placement()
+
+    def _placement(self) -> ZonePlacement:
+        core = self._core
+        state: ZoneState = "draining" if self._drained else "idle" if core is None else "active"
+        return ZonePlacement(
+            self.zone_id, ray.get_runtime_context().get_node_id(), os.getpid(), state,
+            core.epoch if core is not None else 0, len(core.shard) if core is not None else 0,
+        )  # fmt: skip
+
+    @ray.method
+    async def warm(self) -> ZonePlacement:
+        """Take the zone now (new epoch, shard and mirror rebuilt) rather than on the
+        first request, so a handoff ends with the zone ready."""
+        await self._ready()
+        return self._placement()
+
+    @ray.method
+    async def drain(self) -> str:
+        """Hand the zone over: finish the calls in flight, refuse new ones, close the
+        connections. Returns the settings this zone was started with, for its successor."""
+        async with self._starting:
+            self._drained = True
+        if self._core is not None:
+            await self._core.drain()
+        await self._close()
+        return self._settings_json
+
+    @ray.method
     async def shutdown(self) -> None:
+        await self._close()
+
+    async def _close(self) -> None:
         core, self._core = self._core, None
         if core is not None:
             await core.stop()

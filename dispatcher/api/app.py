@@ -57,6 +57,7 @@ def create_app(settings: ResolvedSettings, *, zones: ZoneDirectory | None = None
         app.router.add_route(route.method, route.path, route.handler)
 
     directory = zones or ZoneDirectory(settings)
+    metrics.count_zone_retries(lambda: directory.retries)
     app.cleanup_ctx.extend([_postgres, _redis, _dispatcher(directory), _webhooks])
     return app
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from aiohttp import web
@@ -13,9 +14,24 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import CounterMetricFamily
+from prometheus_client.registry import Collector
 
 # Dispatch latencies live between a millisecond and a few seconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+
+
+RETRIES_HELP = "zone actor calls retried because the zone restarted, moved or was fenced"
+
+
+class _ReadOnScrape(Collector):
+    """A counter owned elsewhere, read at each scrape."""
+
+    def __init__(self, name: str, help_text: str, read: Callable[[], int]) -> None:
+        self._name, self._help, self._read = name, help_text, read
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(self._name, self._help, value=self._read())
 
 
 class Metrics:
@@ -42,6 +58,11 @@ class Metrics:
         self.redis_up = Gauge(
             "dispatcher_redis_up", "1 when the GEO mirror answers", registry=self.registry
         )
+
+    def count_zone_retries(self, read: Callable[[], int]) -> None:
+        """Expose the ingress's retried zone calls (a zone restarted, moved or was fenced),
+        read when scraped."""
+        self.registry.register(_ReadOnScrape("dispatcher_zone_call_retries", RETRIES_HELP, read))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -129,3 +129,18 @@ async def test_invalid_configuration_exits_2_with_a_clear_message(tmp_path: Path
         _, err = await proc.communicate()
     assert proc.returncode == 2
     assert b"search_radius_km" in err
+
+
+@pytest.mark.parametrize("command", [["zones", "list"], ["zones", "rebalance", "--dry-run"]])
+async def test_zone_commands_without_a_cluster_exit_2_and_start_nothing(tmp_path: Path, command: list[str]) -> None:
+    env = clean_env(tmp_path, free_port())
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "dispatcher.cli", *command,
+        env=env, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    async with asyncio.timeout(30):
+        _, err = await proc.communicate()
+    assert proc.returncode == 2
+    assert b"DISPATCHER_RAY_ADDRESS" in err
+    assert not (tmp_path / "postgres").exists() and not processes_using(tmp_path)

@@ -22,13 +22,21 @@ from dispatcher.config import ResolvedSettings
 from dispatcher.geo import haversine_km
 from dispatcher.store import keys
 from dispatcher.zoning import Zoning
-from tests.support import BERLIN, Api, Driver, WebhookReceiver, offset
+from tests.support import (
+    BERLIN,
+    Api,
+    Driver,
+    Point,
+    WebhookReceiver,
+    offset,
+    point_in,
+    zone_cells,
+)
 
 pytestmark = pytest.mark.integration
 
 ACTIVE = ("ASSIGNED", "PICKED_UP")
 REPLAYED = "Idempotent-Replayed"
-Point = tuple[float, float]
 
 
 @dataclass(frozen=True)
@@ -58,22 +66,6 @@ def as_text(values: Any) -> set[str]:
 
 async def geo_members(redis: Redis, zone_id: str) -> set[str]:
     return as_text(await redis.zrange(keys.zone_geo(zone_id), 0, -1))
-
-
-def zone_cells(home: str) -> list[str]:
-    """The home cell and its six neighbours: seven zones that share borders."""
-    cells = [str(c) for c in h3.grid_disk(home, 1)]
-    return [home, *sorted(c for c in cells if c != home)]
-
-
-def point_in(rng: random.Random, zoning: Zoning, cell: str) -> Point:
-    """A uniformly random point strictly inside `cell`."""
-    clat, clon = zoning.centre_of(cell)
-    reach = float(h3.average_hexagon_edge_length(zoning.resolution, "km"))
-    while True:
-        point = offset(clat, clon, rng.uniform(-reach, reach), rng.uniform(-reach, reach))
-        if zoning.zone_of(*point) == cell:
-            return point
 
 
 def near_border(rng: random.Random, cells: Sequence[str], max_km: float = 0.6) -> Point:

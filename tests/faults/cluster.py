@@ -1,0 +1,246 @@
+"""Multi-node harness: a local Ray cluster of several raylets, ingress replicas, steady load."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import itertools
+import json
+import random
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import aiohttp
+import asyncpg
+from ray.cluster_utils import Cluster
+
+from dispatcher.actors.options import ZONE_RESOURCE
+from dispatcher.zoning import Zoning
+from tests.support import Api, Driver, Point, offset, point_in
+
+# The GCS declares a silent node dead after period x threshold (here 2 s; Ray's default
+# is 15 s): only then does Ray restart that node's actors elsewhere.
+FAST_NODE_LOSS = {
+    "health_check_initial_delay_ms": 0,
+    "health_check_period_ms": 500,
+    "health_check_failure_threshold": 4,
+}
+ZONE_SLOTS_PER_NODE = 16
+# Errors a careful client (Vendure, a driver app) retries on.
+RETRYABLE_STATUS = (502, 503, 504)
+
+
+class LocalCluster:
+    """A head without zone room plus worker raylets that offer it, on this machine.
+
+    The test process does not join it as a driver: the ingress replicas and the
+    `dispatcher zones` commands do, as they would on a real cluster.
+    """
+
+    def __init__(self) -> None:
+        self._cluster = Cluster(
+            initialize_head=True,
+            connect=False,
+            head_node_args={"num_cpus": 0, "include_dashboard": False, "_system_config": FAST_NODE_LOSS},
+        )
+        self.workers: dict[str, Any] = {}
+
+    @property
+    def address(self) -> str:
+        return str(self._cluster.address)
+
+    def add_worker(self) -> str:
+        node = self._cluster.add_node(num_cpus=1, resources={ZONE_RESOURCE: ZONE_SLOTS_PER_NODE})
+        self._cluster.wait_for_nodes()
+        node_id = str(node.node_id)
+        self.workers[node_id] = node
+        return node_id
+
+    def lose_worker(self, node_id: str) -> None:
+        """Kill the node's raylet and object store at once, as a lost machine would."""
+        self._cluster.remove_node(self.workers.pop(node_id), allow_graceful=False)
+
+    def shutdown(self) -> None:
+        self._cluster.shutdown()  # type: ignore[no-untyped-call]
+
+
+async def zones_command(env: Mapping[str, str], *args: str, timeout_s: float = 120.0) -> dict[str, Any]:
+    """Run `dispatcher zones <args> --json` as an operator would; its parsed output."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "dispatcher.cli", "zones", *args, "--json",
+        env=dict(env), stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    async with asyncio.timeout(timeout_s):
+        out, err = await proc.communicate()
+    assert proc.returncode == 0, f"dispatcher zones {' '.join(args)}: {proc.returncode}\n{err.decode()[-3000:]}"
+    result: dict[str, Any] = json.loads(out)
+    result["stderr"] = err.decode()
+    return result
+
+
+async def placements(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """zone id -> its `dispatcher zones list` entry."""
+    listing = await zones_command(env, "list")
+    return {z["zone_id"]: z for z in listing["zones"]}
+
+
+async def zone_call_retries(apis: Sequence[Api]) -> int:
+    """Zone calls the ingress replicas retried (a zone restarted, moved or was fenced)."""
+    total = 0.0
+    for api in apis:
+        resp = await api.client.get("/metrics", headers=api.admin)
+        assert resp.status == 200
+        for line in (await resp.text()).splitlines():
+            if line.startswith("dispatcher_zone_call_retries_total "):
+                total += float(line.split()[1])
+    return int(total)
+
+
+@dataclass
+class Sent:
+    """One logical request and its final answer (after retries)."""
+
+    zone_id: str
+    sent_at: float
+    done_at: float = 0.0
+    status: int = 0
+    body: dict[str, Any] = field(default_factory=dict)
+    retries: int = 0
+
+
+@dataclass
+class SteadyLoad:
+    """Orders and pings through every ingress replica, each retried until answered.
+
+    Records every final answer, so a test can check that nothing acknowledged was lost
+    and can time when each zone answered again after a fault.
+    """
+
+    apis: Sequence[Api]
+    zoning: Zoning
+    cells: Sequence[str]
+    drivers: dict[str, tuple[Driver, Point, str]] = field(default_factory=dict)
+    orders: dict[str, Sent] = field(default_factory=dict)
+    pings: list[Sent] = field(default_factory=list)
+    # driver id -> (recordedAt, lat, lon) of its newest acknowledged fix
+    acked_fix: dict[str, tuple[datetime, float, float]] = field(default_factory=dict)
+    retried: Counter[str] = field(default_factory=Counter)
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    rng: random.Random = field(default_factory=lambda: random.Random(7))
+    _apis: Any = None
+
+    def __post_init__(self) -> None:
+        self._apis = itertools.cycle(self.apis)
+
+    def _next_api(self) -> Api:
+        api: Api = next(self._apis)
+        return api
+
+    async def add_drivers(self, per_zone: int) -> None:
+        async def one(cell: str, n: int) -> None:
+            home = point_in(self.rng, self.zoning, cell)
+            driver = await self.apis[n % len(self.apis)].online_driver(*home, name=f"{cell}-{n}")
+            self.drivers[driver.driver_id] = (driver, home, cell)
+
+        jobs = [one(cell, n) for cell in self.cells for n in range(per_zone)]
+        for start in range(0, len(jobs), 20):
+            await asyncio.gather(*jobs[start : start + 20])
+
+    async def _until_answered(self, sent: Sent, request: Any) -> None:
+        """Retry one request (same body, same id) until it gets a final answer."""
+        while True:
+            try:
+                async with asyncio.timeout(30):
+                    resp = await request(self._next_api())
+                    status, raw = resp.status, await resp.read()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                self.retried[type(exc).__name__] += 1
+                sent.retries += 1
+                await asyncio.sleep(0.2)
+                continue
+            if status in RETRYABLE_STATUS:
+                self.retried[str(status)] += 1
+                sent.retries += 1
+                await asyncio.sleep(0.2)
+                continue
+            sent.status, sent.done_at = status, time.monotonic()
+            sent.body = json.loads(raw) if raw else {}
+            return
+
+    async def order_worker(self, interval_s: float) -> None:
+        while not self.stop.is_set():
+            cell = self.rng.choice(self.cells)
+            pickup = point_in(self.rng, self.zoning, cell)
+            seller_order_id = "SO-" + uuid.uuid4().hex[:12]
+            sent = Sent(cell, time.monotonic())
+            self.orders[seller_order_id] = sent
+            await self._until_answered(sent, functools.partial(Api.order, seller_order_id=seller_order_id, lat=pickup[0], lon=pickup[1]))
+            await asyncio.sleep(interval_s)
+
+    async def ping_worker(self, interval_s: float) -> None:
+        ids = sorted(self.drivers)
+        for index in itertools.count(self.rng.randrange(len(ids))):
+            if self.stop.is_set():
+                return
+            driver, home, cell = self.drivers[ids[index % len(ids)]]
+            # A few metres around home: always inside the cell, never an implausible jump.
+            lat, lon = offset(*home, self.rng.uniform(-0.005, 0.005), self.rng.uniform(-0.005, 0.005))
+            at = datetime.now(UTC)
+            sent = Sent(cell, time.monotonic())
+            self.pings.append(sent)
+            await self._until_answered(sent, functools.partial(Api.ping, driver=driver, lat=lat, lon=lon, recorded_at=at))
+            assert sent.status == 204, sent.body
+            newest = self.acked_fix.get(driver.driver_id)
+            if newest is None or newest[0] < at:
+                self.acked_fix[driver.driver_id] = (at, lat, lon)
+            await asyncio.sleep(interval_s)
+
+    @contextlib.asynccontextmanager
+    async def running(self, *, order_workers: int = 3, ping_workers: int = 4) -> AsyncIterator[None]:
+        tasks = [asyncio.create_task(self.order_worker(0.1)) for _ in range(order_workers)]
+        tasks += [asyncio.create_task(self.ping_worker(0.02)) for _ in range(ping_workers)]
+        try:
+            yield
+        finally:
+            self.stop.set()
+            async with asyncio.timeout(120):
+                await asyncio.gather(*tasks)
+
+    # ---- what the run shows ------------------------------------------------------------
+
+    def answered_again(self, zones: Sequence[str], since: float) -> dict[str, float]:
+        """zone -> seconds from `since` until a request sent after it was answered."""
+        out: dict[str, float] = {}
+        for sent in [*self.orders.values(), *self.pings]:
+            if sent.zone_id in zones and sent.sent_at >= since and sent.done_at:
+                seconds = sent.done_at - since
+                out[sent.zone_id] = min(out.get(sent.zone_id, seconds), seconds)
+        return out
+
+    async def assert_nothing_lost(self, pool: asyncpg.Pool) -> None:
+        """Every acknowledged order and fix is in PostgreSQL as it was answered."""
+        assert all(s.status == 200 for s in self.orders.values()), Counter(s.status for s in self.orders.values())
+        rows = {r["seller_order_id"]: r for r in await pool.fetch("SELECT seller_order_id, driver_id FROM deliveries")}
+        for seller_order_id, sent in self.orders.items():
+            if sent.body["assigned"]:
+                assert rows[seller_order_id]["driver_id"] == sent.body["driverId"], seller_order_id
+            else:
+                assert seller_order_id not in rows, seller_order_id
+        assert set(rows) <= set(self.orders), "a delivery nobody asked for"
+        stored = {
+            r["id"]: r
+            for r in await pool.fetch("SELECT id, lat, lon, location_recorded_at FROM drivers")
+        }
+        for driver_id, (at, lat, lon) in self.acked_fix.items():
+            row = stored[driver_id]
+            assert row["location_recorded_at"] >= at, f"{driver_id}: acknowledged fix at {at} lost"
+            if row["location_recorded_at"] == at:
+                assert (row["lat"], row["lon"]) == (lat, lon), driver_id
