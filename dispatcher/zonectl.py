@@ -23,8 +23,14 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     moving.add_argument("--dry-run", action="store_true", help="print the plan, move nothing")
     moving.add_argument(
+        "--drain-node", dest="draining", action="append", default=[], metavar="NODE_ID",
+        help="move every zone off this node (an id or its prefix, from `zones list`), e.g. "
+             "before taking it down for an upgrade; repeatable",
+    )  # fmt: skip
+    moving.add_argument(
         "--all", dest="every_zone", action="store_true",
-        help="hand every zone over to a new incarnation (rolling restart onto new code)",
+        help="also hand every other zone over to a new process on its own node "
+             "(a rolling restart of all zones)",
     )  # fmt: skip
     moving.add_argument("--json", action="store_true", help="print the results as JSON at the end")
 
@@ -79,7 +85,7 @@ def _rebalance(args: argparse.Namespace, settings: Settings) -> int:
 
     results = rebalance(
         settings.ray_namespace, settings.zone_resource_units,
-        every_zone=args.every_zone, dry_run=args.dry_run, progress=report,
+        every_zone=args.every_zone, draining=args.draining, dry_run=args.dry_run, progress=report,
     )  # fmt: skip
     if args.json:
         print(json.dumps({"moves": [dataclasses.asdict(r) for r in results]}, indent=2))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,11 +78,16 @@ def placements(namespace: str) -> list[ZonePlacement]:
     return out
 
 
-def plan(namespace: str, resource_units: float, *, every_zone: bool = False) -> list[Move]:
-    """The moves that even out zones over the nodes; with `every_zone`, a handoff for
-    every zone (a rolling restart onto the nodes' current code), still evening out."""
+def plan(
+    namespace: str, resource_units: float, *, every_zone: bool = False, draining: Sequence[str] = ()
+) -> list[Move]:
+    """The moves that even out zones over the nodes. Nodes whose id starts with one of
+    `draining` host no zone afterwards (emptied before they are taken down). With
+    `every_zone`, every other zone is handed over too, on its own node (a restart of
+    every zone process, e.g. to pick up changed settings)."""
     where = {p.zone_id: p.node_id for p in placements(namespace) if p.state != "unreachable"}
-    moves = plan_rebalance(where, zone_nodes(resource_units))
+    nodes = [n for n in zone_nodes(resource_units) if not any(n.startswith(d) for d in draining)]
+    moves = plan_rebalance(where, nodes)
     if every_zone:
         moved = {m.zone_id for m in moves}
         moves += [Move(z, node, node) for z, node in sorted(where.items()) if z not in moved]
@@ -135,11 +140,12 @@ def rebalance(
     resource_units: float,
     *,
     every_zone: bool = False,
+    draining: Sequence[str] = (),
     dry_run: bool = False,
     progress: Callable[[int, int, Move, MoveResult | None], None] = lambda *_: None,
 ) -> list[MoveResult]:
     """Plan, then move zones one at a time (only one zone is ever in handoff)."""
-    moves = plan(namespace, resource_units, every_zone=every_zone)
+    moves = plan(namespace, resource_units, every_zone=every_zone, draining=draining)
     results: list[MoveResult] = []
     for index, move in enumerate(moves, start=1):
         if dry_run:

@@ -20,6 +20,14 @@ from dispatcher.bench.options import SCENARIOS, Options, from_args
 from dispatcher.bench.progress import Progress
 from dispatcher.bench.report import Report, machine_info, markdown_report, text_report
 from dispatcher.bench.runner import LoadRunner
+from dispatcher.bench.scale import (
+    ScaleRow,
+    kept_section,
+    merge_section,
+    plan_scale_steps,
+    run_scale,
+    scale_section,
+)
 from dispatcher.bench.scenarios import ADMIN_TIMEOUT, REFERENCES, Bench, plan_steps
 from dispatcher.bench.stack import SERVICE_REDIS_DB, Stack
 from dispatcher.bench.wrk import find_wrk, install_hint
@@ -87,9 +95,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     report.machine["load generator"] = (
         f"wrk ({wrk}) at saturation, Python open loop at fixed rates" if wrk else "Python (asyncio) only")
     stack = Stack(workdir, fsync=options.fsync)
-    progress = Progress(plan_steps(options))
+    scaling = options.scenarios == ("scale",)
+    progress = Progress(plan_scale_steps(options) if scaling else plan_steps(options))
+    scale_rows: list[ScaleRow] = []
     try:
-        asyncio.run(_run(options, stack, LoadRunner(workdir, wrk), progress, report))
+        runner = LoadRunner(workdir, wrk)
+        if scaling:
+            scale_rows = asyncio.run(run_scale(options, stack, runner, progress, report))
+        else:
+            asyncio.run(_run(options, stack, runner, progress, report))
     except KeyboardInterrupt:
         report.failed.append("interrupted")
     except Exception as exc:
@@ -106,10 +120,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Shown in the order, references first, whatever order they ran in.
     rank = {name: i for i, name in enumerate(("reference", *SCENARIOS))}
     report.figures.sort(key=lambda f: rank.get(f.scenario, len(rank)))
-    print(text_report(report), end="")
+    if scaling:
+        section = scale_section(scale_rows, report)
+        print(section + "".join(f"FAILED: {x}\n" for x in report.failed), end="")
+    else:
+        print(text_report(report), end="")
     if options.output is not None:
         options.output.parent.mkdir(parents=True, exist_ok=True)
-        options.output.write_text(markdown_report(report))
+        existing = options.output.read_text() if options.output.exists() else None
+        if scaling:
+            text = merge_section(existing, section)
+        else:
+            kept = kept_section(existing)
+            text = markdown_report(report) + (f"\n{kept}" if kept else "")
+        options.output.write_text(text)
         print(f"wrote {options.output}")
     return 1 if report.failed else 0
 

@@ -49,6 +49,8 @@ class Options:
     keep: bool
     seed: int
     note: str
+    # Worker-node counts of the scale-out scenario (`--scenario scale`).
+    workers: tuple[int, ...] = (1, 2, 3)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -57,7 +59,10 @@ def parser() -> argparse.ArgumentParser:
         description="Benchmark the dispatcher against a bare aiohttp ceiling and a naive Redis baseline (issue 4).",
     )
     p.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, 2 s runs, Python generator, no file")
-    p.add_argument("--scenario", choices=(*SCENARIOS, "all"), default="all")
+    p.add_argument("--scenario", choices=(*SCENARIOS, "all", "scale"), default="all",
+                   help="one scenario, all of issue 4's, or the scale-out figure of issue 5 "
+                        "(a local multi-node Ray cluster; not part of 'all')")
+    p.add_argument("--workers", default="1,2,3", help="worker-node counts for --scenario scale (default 1,2,3)")
     p.add_argument("--drivers", type=int, help="drivers for pings and orders (default 20000)")
     p.add_argument("--lookup-drivers", type=int, help="drivers for lookup and memory (default 50000)")
     p.add_argument("--duration", type=float, help="seconds per load run (default 10)")
@@ -101,8 +106,14 @@ def from_args(argv: Sequence[str] | None = None) -> Options:
         _positive(name, value)
     scenarios = SCENARIOS if args.scenario == "all" else (args.scenario,)
     output = args.output if args.output is not None else (None if args.quick else DEFAULT_OUTPUT)
+    try:
+        workers = tuple(int(w) for w in args.workers.split(","))
+    except ValueError:
+        raise SystemExit("--workers takes counts like 1,2,3") from None
+    if not workers or min(workers) < 1:
+        raise SystemExit("--workers takes counts of at least 1")
     return Options(
         quick=args.quick, sizes=sizes, scenarios=scenarios, output=output,
         use_wrk=not (args.no_wrk or args.quick), fsync=not (args.no_fsync or args.quick),
-        profile=args.profile, keep=args.keep, seed=args.seed, note=args.note,
+        profile=args.profile, keep=args.keep, seed=args.seed, note=args.note, workers=workers,
     )

@@ -263,20 +263,7 @@ class Bench:
                         Target("≥ 0.7 x ceiling", ceiling_factor=0.7)), sat)
         self._latency_figures("pings", "single, at saturation", sat, None)
 
-        bodies = batch_bodies(fleet)
-        per_body = len(fleet) / len(bodies)
-        batch = self.runner.write("pings-batch", [batch_request(b, self.stack.admin_token) for b in bodies])
-        batched: list[RunResult] = []
-        pings_per_s: list[float] = []
-        for rep in range(s.repeats):
-            self.step(f"pings: batched, saturation ({rep + 1}/{s.repeats})", s.duration_s)
-            # The service's own count of accepted pings: wrk cannot read the answers,
-            # and a batch answered 200 may still reject entries (rate limit, …).
-            before = await self._pings_ok()
-            result = await self.runner.saturate(self.base, batch, connections=min(s.connections, BATCH_CONNECTIONS),
-                                                duration_s=s.duration_s)
-            batched.append(result)
-            pings_per_s.append((await self._pings_ok() - before) / result.duration_s)
+        batched, pings_per_s, per_body = await self.batched_pings(fleet, "pings")
         fig = Figure("pings", "batched POST /drivers/locations, saturation", "pings/s", pings_per_s,
                      self._ref("rps"), self._ref("rps", "naive"), Target("≥ 50,000", minimum=50_000))
         fig.notes.append(f"{per_body:.0f} pings per request on average (the most that fit 64 KiB, ≤ 1000), "
@@ -292,6 +279,25 @@ class Bench:
             await self._refs_at(rate, rep)
         self._latency_figures("pings", f"single at {rate:g}/s", fixed, rate,
                               Target("≤ 25 ms", maximum=25.0) if rate == 3000 else None)
+
+    async def batched_pings(self, fleet: Sequence[Driver], tag: str) -> tuple[list[RunResult], list[float], float]:
+        """Batched pings at saturation, `repeats` times: the runs, accepted pings/s of each
+        (the service's own count), and pings per request."""
+        s = self.s
+        bodies = batch_bodies(fleet)
+        batch = self.runner.write(f"{tag}-batch", [batch_request(b, self.stack.admin_token) for b in bodies])
+        batched: list[RunResult] = []
+        pings_per_s: list[float] = []
+        for rep in range(s.repeats):
+            self.step(f"{tag}: batched, saturation ({rep + 1}/{s.repeats})", s.duration_s)
+            # The service's own count of accepted pings: wrk cannot read the answers,
+            # and a batch answered 200 may still reject entries (rate limit, …).
+            before = await self._pings_ok()
+            result = await self.runner.saturate(self.base, batch, connections=min(s.connections, BATCH_CONNECTIONS),
+                                                duration_s=s.duration_s)
+            batched.append(result)
+            pings_per_s.append((await self._pings_ok() - before) / result.duration_s)
+        return batched, pings_per_s, len(fleet) / len(bodies)
 
     # ---- 2. orders --------------------------------------------------------------------
 
@@ -323,21 +329,8 @@ class Bench:
                               Target("≤ 50 ms", maximum=50.0) if s.order_rate == 200 else None)
         self.report.figures[-1].notes.append(f"share of answered orders booked: {median(assigned_share):.0%}")
 
-        sat: list[RunResult] = []
-        per_s: list[float] = []
-        for rep in range(s.repeats):
-            self.step(f"orders: saturation ({rep + 1}/{s.repeats})", s.duration_s)
-            await self._renew(fleet)
-            prefix = f"sat{rep}"
-            specs = order_requests(prefix, pickups, round(SATURATION_ORDERS_PER_S * s.duration_s),
-                                   self.stack.inbound_secret)
-            result = await self.runner.saturate(self.base, self.runner.write(prefix, specs),
-                                                connections=s.connections, duration_s=s.duration_s)
-            sat.append(result)
-            made, doubled = await booking_counts(self.stack.database_url, prefix)
-            doubled_total += doubled
-            per_s.append(made / result.duration_s)
-            await reset_bookings(self.stack.database_url)
+        sat, per_s, doubled = await self.orders_saturation(fleet, pickups, "orders")
+        doubled_total += doubled
         self.add(Figure("orders", "seller-order-ready, saturation", "req/s", [r.throughput for r in sat],
                         self._ref("rps"), self._ref("rps", "naive")), sat)
         fig = Figure("orders", "assignments at saturation", "assignments/s", per_s,
@@ -347,6 +340,31 @@ class Bench:
         self._latency_figures("orders", "seller-order-ready, at saturation", sat, None)
         self.add(Figure("orders", "double bookings (all order runs)", "count", [float(doubled_total)],
                         target=Target("= 0", maximum=0)))
+
+    async def orders_saturation(
+        self, fleet: Sequence[Driver], pickups: Sequence[tuple[float, float]], tag: str, id_prefix: str = "sat"
+    ) -> tuple[list[RunResult], list[float], int]:
+        """Orders at saturation, `repeats` times, each over a renewed fleet: the runs,
+        assignments/s of each (counted in PostgreSQL), and double bookings seen.
+        `id_prefix` must differ between calls on one database, or orders would replay."""
+        s = self.s
+        sat: list[RunResult] = []
+        per_s: list[float] = []
+        doubled_total = 0
+        for rep in range(s.repeats):
+            self.step(f"{tag}: saturation ({rep + 1}/{s.repeats})", s.duration_s)
+            await self._renew(fleet)
+            prefix = f"{id_prefix}{rep}"
+            specs = order_requests(prefix, pickups, round(SATURATION_ORDERS_PER_S * s.duration_s),
+                                   self.stack.inbound_secret)
+            result = await self.runner.saturate(self.base, self.runner.write(prefix, specs),
+                                                connections=s.connections, duration_s=s.duration_s)
+            sat.append(result)
+            made, doubled = await booking_counts(self.stack.database_url, prefix)
+            doubled_total += doubled
+            per_s.append(made / result.duration_s)
+            await reset_bookings(self.stack.database_url)
+        return sat, per_s, doubled_total
 
     # ---- 3. lookup --------------------------------------------------------------------
 

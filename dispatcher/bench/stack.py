@@ -36,6 +36,8 @@ class ManagedProcess:
     def __init__(self, name: str, args: list[str], env: dict[str, str], log_path: Path) -> None:
         self.name = name
         self.log_path = log_path
+        # A restarted service appends to the same log: read only what this process wrote.
+        self._log_start = log_path.stat().st_size if log_path.exists() else 0
         with log_path.open("ab") as log:
             # Own session: the bench's Ctrl-C reaches it only through stop().
             self.popen = subprocess.Popen(
@@ -52,7 +54,7 @@ class ManagedProcess:
         """The first log line holding `marker`; RuntimeError with the log tail otherwise."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            for line in self.log_path.read_text(errors="replace").splitlines():
+            for line in self._own_log().splitlines():
                 if marker in line:
                     return line
             if self.popen.poll() is not None:
@@ -60,8 +62,13 @@ class ManagedProcess:
             time.sleep(POLL_S)
         raise RuntimeError(f"{self.name} not ready after {timeout_s:.0f} s:\n{self.tail()}")
 
+    def _own_log(self) -> str:
+        with self.log_path.open("rb") as log:
+            log.seek(self._log_start)
+            return log.read().decode(errors="replace")
+
     def tail(self, chars: int = 3000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:]
+        return self._own_log()[-chars:]
 
     def remember_descendants(self) -> None:
         """Note the children (Ray's daemons and workers) so stop() can end strays by pid."""
@@ -122,8 +129,11 @@ class Stack:
         self.database_url = self.postgres.create_database(DATABASE)
         self.redis.start()
 
-    def start_service(self) -> str:
-        """`dispatcher serve` as a subprocess on a free port; returns its base URL."""
+    def start_service(self, *, ray_address: str | None = None, extra_env: dict[str, str] | None = None) -> str:
+        """`dispatcher serve` as a subprocess on a free port; returns its base URL.
+
+        With `ray_address` it joins that cluster instead of starting its own Ray.
+        """
         port = free_port()
         self.ray_tmpdir.mkdir(exist_ok=True)
         env = {k: v for k, v in os.environ.items() if not k.startswith(("DISPATCHER_", "RAY_"))}
@@ -144,11 +154,20 @@ class Stack:
             # the service never joins another local Ray, and nobody else joins ours.
             "RAY_TMPDIR": str(self.ray_tmpdir),
         })  # fmt: skip
+        if ray_address is not None:
+            env["DISPATCHER_RAY_ADDRESS"] = ray_address
+            del env["RAY_TMPDIR"]  # the cluster's nodes chose their own
+        env.update(extra_env or {})
         args = [sys.executable, "-m", "dispatcher.cli", "serve"]
         self.service = ManagedProcess("dispatcher serve", args, env, self.workdir / "serve.log")
         self.service.wait_for(SERVICE_READY, SERVICE_START_TIMEOUT_S)
         self.service_url = f"http://127.0.0.1:{port}"
         return self.service_url
+
+    def stop_service(self) -> None:
+        if self.service is not None:
+            service, self.service = self.service, None
+            service.stop()
 
     def start_reference(self, kind: str) -> str:
         port = free_port()

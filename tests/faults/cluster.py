@@ -1,4 +1,4 @@
-"""Multi-node harness: a local Ray cluster of several raylets, ingress replicas, steady load."""
+"""Multi-node harness: operator commands and a steady load over several ingress replicas."""
 
 from __future__ import annotations
 
@@ -19,9 +19,7 @@ from typing import Any
 
 import aiohttp
 import asyncpg
-from ray.cluster_utils import Cluster
 
-from dispatcher.actors.options import ZONE_RESOURCE
 from dispatcher.zoning import Zoning
 from tests.support import Api, Driver, Point, offset, point_in
 
@@ -32,43 +30,8 @@ FAST_NODE_LOSS = {
     "health_check_period_ms": 500,
     "health_check_failure_threshold": 4,
 }
-ZONE_SLOTS_PER_NODE = 16
 # Errors a careful client (Vendure, a driver app) retries on.
 RETRYABLE_STATUS = (502, 503, 504)
-
-
-class LocalCluster:
-    """A head without zone room plus worker raylets that offer it, on this machine.
-
-    The test process does not join it as a driver: the ingress replicas and the
-    `dispatcher zones` commands do, as they would on a real cluster.
-    """
-
-    def __init__(self) -> None:
-        self._cluster = Cluster(
-            initialize_head=True,
-            connect=False,
-            head_node_args={"num_cpus": 0, "include_dashboard": False, "_system_config": FAST_NODE_LOSS},
-        )
-        self.workers: dict[str, Any] = {}
-
-    @property
-    def address(self) -> str:
-        return str(self._cluster.address)
-
-    def add_worker(self) -> str:
-        node = self._cluster.add_node(num_cpus=1, resources={ZONE_RESOURCE: ZONE_SLOTS_PER_NODE})
-        self._cluster.wait_for_nodes()
-        node_id = str(node.node_id)
-        self.workers[node_id] = node
-        return node_id
-
-    def lose_worker(self, node_id: str) -> None:
-        """Kill the node's raylet and object store at once, as a lost machine would."""
-        self._cluster.remove_node(self.workers.pop(node_id), allow_graceful=False)
-
-    def shutdown(self) -> None:
-        self._cluster.shutdown()  # type: ignore[no-untyped-call]
 
 
 async def zones_command(env: Mapping[str, str], *args: str, timeout_s: float = 120.0) -> dict[str, Any]:
@@ -191,8 +154,12 @@ class SteadyLoad:
             if self.stop.is_set():
                 return
             driver, home, cell = self.drivers[ids[index % len(ids)]]
-            # A few metres around home: always inside the cell, never an implausible jump.
-            lat, lon = offset(*home, self.rng.uniform(-0.005, 0.005), self.rng.uniform(-0.005, 0.005))
+            # A few metres around home, never an implausible jump, and never across the cell's
+            # border (that would open an eighth zone).
+            while True:
+                lat, lon = offset(*home, self.rng.uniform(-0.005, 0.005), self.rng.uniform(-0.005, 0.005))
+                if self.zoning.zone_of(lat, lon) == cell:
+                    break
             at = datetime.now(UTC)
             sent = Sent(cell, time.monotonic())
             self.pings.append(sent)

@@ -13,11 +13,12 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from dispatcher.bench.cluster import LocalRayCluster
 from dispatcher.config import ResolvedSettings
 from dispatcher.embedded import free_port
 from dispatcher.zoning import Zoning
 from tests.faults.cluster import (
-    LocalCluster,
+    FAST_NODE_LOSS,
     SteadyLoad,
     placements,
     zone_call_retries,
@@ -41,7 +42,7 @@ DRIVERS_PER_ZONE = 30
 
 @dataclass
 class ClusterStack:
-    cluster: LocalCluster
+    cluster: LocalRayCluster
     settings: ResolvedSettings
     env: dict[str, str]
     apis: list[Api]
@@ -54,7 +55,7 @@ async def cluster_stack(
 ) -> AsyncIterator[ClusterStack]:
     """`workers` worker nodes, REPLICAS `dispatcher serve` processes sharing the zones,
     and drivers online in the seven zones around Berlin."""
-    cluster = LocalCluster()
+    cluster = LocalRayCluster(system_config=FAST_NODE_LOSS)
     replicas: list[ServeProcess] = []
     try:
         for _ in range(workers):
@@ -145,7 +146,7 @@ async def test_node_lost_under_load_restarts_its_zones_elsewhere_and_loses_nothi
         await assert_webhooks_exactly_once(own_pool, scripted_receiver, load)
 
 
-async def test_rebalance_onto_an_added_node_hands_zones_over_cleanly_under_load(
+async def test_rebalance_onto_added_nodes_then_draining_one_hands_zones_over_cleanly_under_load(
     fault_settings: Callable[..., ResolvedSettings],
     own_pool: asyncpg.Pool,
     scripted_receiver: ScriptedReceiver,
@@ -162,21 +163,33 @@ async def test_rebalance_onto_an_added_node_hands_zones_over_cleanly_under_load(
         async with load.running():
             await asyncio.sleep(2)
             result = await zones_command(stack.env, "rebalance")
+            await asyncio.sleep(1)
+            middle = await placements(stack.env)
+            # Then empty the first node, as before taking it down for an upgrade.
+            drained = await zones_command(stack.env, "rebalance", "--drain-node", first_node[:12])
             await asyncio.sleep(2)
 
         moves = result["moves"]
-        print(result["stderr"])
+        print(result["stderr"], drained["stderr"])
         assert all(m["error"] is None for m in moves), moves
         # 7 zones over 3 nodes: 3/2/2, so 4 handoffs, each onto a new node.
         assert len(moves) == 4 and {m["landed"] for m in moves} == set(added), moves
+        spread = Counter(p["node_id"] for p in middle.values())
+        assert max(spread.values()) - min(spread.values()) <= 1 and set(spread) == {first_node, *added}
+        evacuated = drained["moves"]
+        assert {m["zone_id"] for m in evacuated} == {z for z, p in middle.items() if p["node_id"] == first_node}
+        assert all(m["error"] is None and m["landed"] in added for m in evacuated), evacuated
+        moves += evacuated
         recovery("rebalance: slowest zone handoff", max(m["seconds"] for m in moves))
         after = await placements(stack.env)
-        spread = Counter(p["node_id"] for p in after.values())
-        assert max(spread.values()) - min(spread.values()) <= 1 and set(spread) == {first_node, *added}
+        assert set(after) == set(load.cells)
+        assert sorted(Counter(p["node_id"] for p in after.values()).values()) == [3, 4]
+        assert first_node not in {p["node_id"] for p in after.values()}
         for move in moves:
             zone_id = move["zone_id"]
             assert move["epoch_after"] == move["epoch_before"] + 1, move
-            assert after[zone_id]["epoch"] == move["epoch_after"] and after[zone_id]["state"] == "active"
+            assert after[zone_id]["state"] == "active"
+            assert after[zone_id]["epoch"] >= move["epoch_after"]
         retries = await zone_call_retries(stack.apis)
         print(f"rebalance: {len(load.orders)} orders, {len(load.pings)} pings, "
               f"ingress retried {retries} zone calls, clients retried {dict(load.retried)}")

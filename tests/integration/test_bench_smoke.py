@@ -32,3 +32,21 @@ def test_quick_bench_runs_every_scenario_and_prints_the_table() -> None:
         assert row in done.stdout, report
     # The progress bar goes to stderr, the table to stdout.
     assert "[" in done.stderr and "done" in done.stderr, report
+
+
+@pytest.mark.timeout(SMOKE_TIMEOUT_S + 60)
+def test_quick_scale_bench_measures_each_worker_count() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "dispatcher.bench", "--scenario", "scale", "--quick", "--workers", "1,2"],
+        capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S, check=False,
+    )  # fmt: skip
+    report = f"stdout:\n{done.stdout[-4000:]}\nstderr:\n{done.stderr[-4000:]}"
+    assert done.returncode == 0, report
+    assert "FAILED" not in done.stdout, report
+    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| ") and "worker" not in line]
+    assert [r[0].strip() for r in rows] == ["1", "2"], report
+    for row in rows:
+        assert float(row[1].replace(",", "")) > 0 and float(row[3].replace(",", "")) > 0, report
+        assert row[6].strip() == "0", "double bookings"
+    # The zones spread over both workers of the second cluster.
+    assert sorted(rows[1][5].strip().split("/")) == ["4", "4"], report
