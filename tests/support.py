@@ -244,3 +244,8 @@ def point_in(rng: random.Random, zoning: Zoning, cell: str) -> Point:
         point = offset(clat, clon, rng.uniform(-reach, reach), rng.uniform(-reach, reach))
         if zoning.zone_of(*point) == cell:
             return point
+
+
+def as_text(values: Any) -> set[str]:
+    """Members of a bytes-mode Redis reply as strings."""
+    return {v.decode() if isinstance(v, bytes) else str(v) for v in values}

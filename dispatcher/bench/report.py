@@ -187,8 +187,8 @@ def _method(o: Options) -> str:
   renewed; after it, double bookings are counted in PostgreSQL (drivers with two of the run's
   deliveries), then all drivers are freed by SQL.
 - Lookup: {s.lookup_drivers:,} drivers around Paris, {DENSE_SHARE:.0%} of them in a Gaussian centre (sigma {DENSE_SIGMA_KM:g} km). Three figures:
-  the Redis lookup exactly as the zone actor runs it (`nearest_widening`: circles of 0.5, 1, 2, then
-  5 km until one holds drivers, 8 candidates), timed one call at a time from the bench process; the PostgreSQL fallback
+  the Redis lookup exactly as the zone actor runs it (`nearest_widening`: circles of 0.1, 0.25, 0.5, 1, 2, then
+  5 km until one holds drivers, 8 candidates, widened inside Redis by one script call), timed one call at a time from the bench process; the PostgreSQL fallback
   (`PICK_SQL` without candidates, rolled back); and the whole assignment path
   (`seller-order-ready` over HTTP at a fixed rate, pickups drawn from the same dense distribution).
 - Memory: RSS and USS (pages no other process shares) of the ingress, each zone actor and each Ray

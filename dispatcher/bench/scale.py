@@ -37,8 +37,9 @@ END = "<!-- scale-out: end -->"
 @dataclass(frozen=True)
 class ScaleRow:
     workers: int
-    assignments_per_s: float
-    pings_per_s: float
+    # One value per repeat; the table shows their median and lists them.
+    assignments_per_s: tuple[float, ...]
+    pings_per_s: tuple[float, ...]
     double_bookings: int
     # Zone actors per worker node, as `dispatcher zones list` saw them after the runs.
     zones_per_node: tuple[int, ...]
@@ -99,7 +100,7 @@ async def run_scale(
                     _, pings_per_s, _ = await bench.batched_pings(fleet, f"scale {count}: pings")
                 progress.step(f"scale: where the zones ran on {count} worker node(s)")
                 spread = await zones_per_node(cluster.address)
-                rows.append(ScaleRow(count, median(per_s), median(pings_per_s), doubled, spread))
+                rows.append(ScaleRow(count, tuple(per_s), tuple(pings_per_s), doubled, spread))
             finally:
                 await asyncio.to_thread(stack.stop_service)
                 await asyncio.to_thread(cluster.shutdown)
@@ -107,21 +108,31 @@ async def run_scale(
 
 
 def scale_table(rows: list[ScaleRow]) -> list[list[str]]:
-    """Each row with its ratio to the one-node row of the same run."""
+    """Each row's medians (and runs) with their ratio to the one-node row of the same run."""
     base = rows[0] if rows else None
+
+    def ratio(value: float, of: float) -> str:
+        return f"{value / of:.2f}" if of else "—"
+
+    def runs(values: tuple[float, ...]) -> str:
+        return " / ".join(f"{v:,.0f}" for v in values)
+
     out = []
     for r in rows:
-        ratio_a = r.assignments_per_s / base.assignments_per_s if base and base.assignments_per_s else float("nan")
-        ratio_p = r.pings_per_s / base.pings_per_s if base and base.pings_per_s else float("nan")
+        assigned, pinged = median(list(r.assignments_per_s)), median(list(r.pings_per_s))
         out.append([
-            str(r.workers), f"{r.assignments_per_s:,.0f}", f"{ratio_a:.2f}", f"{r.pings_per_s:,.0f}",
-            f"{ratio_p:.2f}", "/".join(map(str, r.zones_per_node)) or "?", str(r.double_bookings),
+            str(r.workers),
+            f"{assigned:,.0f}", runs(r.assignments_per_s),
+            ratio(assigned, median(list(base.assignments_per_s))) if base else "—",
+            f"{pinged:,.0f}", runs(r.pings_per_s),
+            ratio(pinged, median(list(base.pings_per_s))) if base else "—",
+            "/".join(map(str, r.zones_per_node)) or "?", str(r.double_bookings),
         ])  # fmt: skip
     return out
 
 
-SCALE_HEADERS = ("worker nodes", "assignments/s", "x 1 node", "batched pings/s", "x 1 node",
-                 "zones per node", "double bookings")  # fmt: skip
+SCALE_HEADERS = ("worker nodes", "assignments/s", "runs", "x 1 node", "batched pings/s", "runs",
+                 "x 1 node", "zones per node", "double bookings")  # fmt: skip
 
 
 def scale_section(rows: list[ScaleRow], report: Report) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 
-from dispatcher.actors.core import CANDIDATES, nearest_widening
+from dispatcher.actors.core import CANDIDATES, nearest_widening, search_steps
 from dispatcher.bench import profile
 from dispatcher.bench.memory import server_memory, service_memory
 from dispatcher.bench.options import Options
@@ -401,7 +401,8 @@ class Bench:
                 redis_runs.append((p50, p99))
         finally:
             await mirror.client.aclose()
-        note = (f"the zone actor's nearest_widening (0.5, 1, 2, then {SEARCH_RADIUS_KM:g} km), COUNT {CANDIDATES}, "
+        steps = ", ".join(f"{r:g}" for r in search_steps(SEARCH_RADIUS_KM))
+        note = (f"the zone actor's nearest_widening (circles of {steps} km in one script call), COUNT {CANDIDATES}, "
                 f"one call at a time from the bench process; {empty} calls found nobody")
         for i, what in enumerate(("p50", "p99")):
             fig = Figure("lookup", f"Redis mirror lookup, {s.lookup_drivers:,} drivers: {what}", "ms",

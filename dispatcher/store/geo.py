@@ -30,33 +30,74 @@ BREAKER_OPEN_S = 1.0
 RADIUS_SLACK_KM = 0.005
 
 
-# One driver's mirror write, atomic in Redis and ordered by the fix's recordedAt: an
+# Drivers' mirror writes, each atomic in Redis and ordered by the fix's recordedAt: an
 # older fix never overwrites a newer one, and a driver lives in the keys of one zone
 # only (the zone Redis last saw it in), whichever zone actor's write lands last.
+# Many drivers per call: one script call per chunk costs far less (in the actor and in
+# Redis) than one command per driver, and a chunk keeps each call short.
 # It names keys it computes (one Redis, not a cluster: documented in ARCHITECTURE).
-# ARGV: id, zone, lon, lat, seen, fix_us, dispatchable (1/0).
+# ARGV: groups of 7 per driver: id, zone, lon, lat, seen, fix_us, dispatchable (1/0).
 UPSERT_LUA = f"""
-local id, zone = ARGV[1], ARGV[2]
-local fix = tonumber(ARGV[6])
-local seen_fix = redis.call('HGET', '{keys.DRIVER_FIX}', id)
-if seen_fix and tonumber(seen_fix) > fix then return 0 end
-local old = redis.call('HGET', '{keys.DRIVER_ZONE}', id)
-if old and old ~= zone then
-  redis.call('ZREM', '{keys.ZONE_KEY_PREFIX}' .. old .. ':geo', id)
-  redis.call('ZREM', '{keys.ZONE_KEY_PREFIX}' .. old .. ':seen', id)
+local applied = 0
+for i = 1, #ARGV, 7 do
+  local id, zone, fix = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 5])
+  local seen_fix = redis.call('HGET', '{keys.DRIVER_FIX}', id)
+  if not (seen_fix and tonumber(seen_fix) > fix) then
+    local old = redis.call('HGET', '{keys.DRIVER_ZONE}', id)
+    if old and old ~= zone then
+      redis.call('ZREM', '{keys.ZONE_KEY_PREFIX}' .. old .. ':geo', id)
+      redis.call('ZREM', '{keys.ZONE_KEY_PREFIX}' .. old .. ':seen', id)
+    end
+    redis.call('HSET', '{keys.DRIVER_FIX}', id, ARGV[i + 5])
+    redis.call('HSET', '{keys.DRIVER_ZONE}', id, zone)
+    local geo = '{keys.ZONE_KEY_PREFIX}' .. zone .. ':geo'
+    local seen = '{keys.ZONE_KEY_PREFIX}' .. zone .. ':seen'
+    if ARGV[i + 6] == '1' then
+      redis.call('GEOADD', geo, ARGV[i + 2], ARGV[i + 3], id)
+      redis.call('ZADD', seen, ARGV[i + 4], id)
+    else
+      redis.call('ZREM', geo, id)
+      redis.call('ZREM', seen, id)
+    end
+    applied = applied + 1
+  end
 end
-redis.call('HSET', '{keys.DRIVER_FIX}', id, ARGV[6])
-redis.call('HSET', '{keys.DRIVER_ZONE}', id, zone)
-local geo = '{keys.ZONE_KEY_PREFIX}' .. zone .. ':geo'
-local seen = '{keys.ZONE_KEY_PREFIX}' .. zone .. ':seen'
-if ARGV[7] == '1' then
-  redis.call('GEOADD', geo, ARGV[3], ARGV[4], id)
-  redis.call('ZADD', seen, ARGV[5], id)
-else
-  redis.call('ZREM', geo, id)
-  redis.call('ZREM', seen, id)
+return applied
+"""
+# Drivers per upsert call: a few milliseconds of Redis time at most.
+UPSERT_CHUNK = 500
+
+
+# The nearest members of several zones' GEO keys, searching small circles first, in one
+# round trip: in a dense centre a 0.1 km circle holds a few dozen drivers where a 5 km one
+# holds thousands, and GEOSEARCH costs the members it looks at. The first circle that
+# finds anyone holds the nearest driver of the whole radius.
+# KEYS: built markers that must exist, then the zones' GEO keys.
+# ARGV: number of markers, lon, lat, count, then the radii in km, ascending.
+# Returns nil if a marker is missing, else up to `count` ids, nearest first.
+NEAREST_LUA = """
+local markers = tonumber(ARGV[1])
+for i = 1, markers do
+  if redis.call('EXISTS', KEYS[i]) == 0 then return false end
 end
-return 1
+local lon, lat, count = ARGV[2], ARGV[3], tonumber(ARGV[4])
+for r = 5, #ARGV do
+  local found = {}
+  for k = markers + 1, #KEYS do
+    local hits = redis.call('GEOSEARCH', KEYS[k], 'FROMLONLAT', lon, lat,
+                            'BYRADIUS', ARGV[r], 'km', 'ASC', 'COUNT', count, 'WITHDIST')
+    for _, hit in ipairs(hits) do
+      found[#found + 1] = {tonumber(hit[2]), hit[1]}
+    end
+  end
+  if #found > 0 then
+    table.sort(found, function(a, b) return a[1] < b[1] end)
+    local ids = {}
+    for i = 1, math.min(count, #found) do ids[i] = found[i][2] end
+    return ids
+  end
+end
+return {}
 """
 
 
@@ -88,8 +129,10 @@ class GeoMirror:
         self.timeout_s = timeout_s
         self._open_until = 0.0
 
-    async def _run_scripted(self, build: Callable[[aioredis.client.Pipeline], None], *, transaction: bool) -> None:
-        """Run a pipeline that calls UPSERT_LUA by its SHA.
+    async def _run_scripted(
+        self, build: Callable[[aioredis.client.Pipeline], None], *, transaction: bool, script: str = UPSERT_LUA
+    ) -> list[object]:
+        """Run a pipeline that calls `script` by its SHA.
 
         EVALSHA avoids the SCRIPT EXISTS round trip redis-py adds to every pipeline that
         carries a Script object; a Redis that restarted has no script, so on NOSCRIPT
@@ -99,14 +142,14 @@ class GeoMirror:
             pipe = self.client.pipeline(transaction=transaction)
             build(pipe)
             try:
-                await self._run(pipe)
-                return
+                return await self._run(pipe)
             except NoScriptError:
                 if attempt == 2:
                     raise MirrorUnavailableError("cannot load the mirror script") from None
                 loader = self.client.pipeline(transaction=False)
-                loader.script_load(UPSERT_LUA)
+                loader.script_load(script)
                 await self._run(loader)
+        raise AssertionError("unreachable")
 
     @property
     def healthy(self) -> bool:
@@ -135,50 +178,46 @@ class GeoMirror:
         self._open_until = 0.0
         return True
 
-    async def nearest(
+    async def nearest_widening(
         self,
         zones: Sequence[str],
         lat: float,
         lon: float,
-        radius_km: float,
+        radii_km: Sequence[float],
         count: int,
         *,
         must_be_built: Sequence[str] = (),
     ) -> list[str]:
-        """Up to `count` driver ids nearest to the point over several zones' keys.
+        """Up to `count` driver ids nearest to the point, from the first of `radii_km`
+        (ascending) whose circle holds anyone, over several zones' keys; one round trip.
 
         Raises MirrorUnavailableError when a zone of `must_be_built` has no built
         marker (Redis lost it and it is not rebuilt yet).
         """
-        pipe = self.client.pipeline(transaction=False)
-        for zone in must_be_built:
-            pipe.exists(keys.zone_built(zone))
-        for zone in zones:
-            pipe.geosearch(
-                keys.zone_geo(zone), longitude=lon, latitude=lat,
-                radius=radius_km + RADIUS_SLACK_KM, unit="km",
-                sort="ASC", count=count, withdist=True,
-            )
-        results = await self._run(pipe)
-        built, searches = results[: len(must_be_built)], results[len(must_be_built) :]
-        if not all(built):
+        markers = [keys.zone_built(z) for z in must_be_built]
+        geo_keys = [keys.zone_geo(z) for z in zones]
+        radii = [r + RADIUS_SLACK_KM for r in radii_km]
+
+        def build(pipe: aioredis.client.Pipeline) -> None:
+            pipe.evalsha(NEAREST_SHA, len(markers) + len(geo_keys), *markers, *geo_keys,
+                         len(markers), lon, lat, count, *radii)  # fmt: skip
+
+        (result,) = await self._run_scripted(build, transaction=False, script=NEAREST_LUA)
+        if result is None:
             raise MirrorUnavailableError("a zone's mirror is not rebuilt yet")
-        found: list[tuple[float, str]] = []
-        for result in searches:
-            assert isinstance(result, list)
-            found.extend((float(dist), _text(member)) for member, dist in result)
-        found.sort()
-        return [member for _, member in found[:count]]
+        assert isinstance(result, list)
+        return [_text(member) for member in result]
 
     async def apply(self, entries: Iterable[MirrorEntry], now_s: float, ttl_s: float) -> None:
         """Make the mirror agree with freshly written PostgreSQL rows."""
-        batch = list(entries)
+        args = _upsert_args(entries, now_s, ttl_s)
 
         def build(pipe: aioredis.client.Pipeline) -> None:
-            for entry in batch:
-                _stage(pipe, entry, now_s, ttl_s)
+            for start in range(0, len(args), UPSERT_CHUNK * 7):
+                pipe.evalsha(UPSERT_SHA, 0, *args[start : start + UPSERT_CHUNK * 7])
 
-        await self._run_scripted(build, transaction=False)
+        if args:
+            await self._run_scripted(build, transaction=False)
 
     async def forget(self, zone_id: str, driver_ids: Sequence[str]) -> None:
         if not driver_ids:
@@ -205,16 +244,31 @@ class GeoMirror:
         return bool(exists)
 
     async def rebuild(self, zone_id: str, entries: Iterable[MirrorEntry], now_s: float, ttl_s: float) -> None:
-        """Replace the zone's mirror atomically (MULTI) with what PostgreSQL holds."""
+        """Make the zone's keys equal what PostgreSQL holds, then mark the zone built.
+
+        In chunks, each its own short call, so a zone of 50,000 drivers neither blocks
+        Redis nor outlasts the per-call timeout (one MULTI of it took 1.7 s here). The
+        keys are never emptied on the way: a lookup meanwhile may see a member that is
+        about to go, which PostgreSQL then refuses, as with any stale member. Callers hold
+        the zone exclusively, so no ping of this zone writes its keys meanwhile.
+        """
         batch = [e for e in entries if e.zone_id == zone_id]
+        for start in range(0, len(batch), UPSERT_CHUNK):
+            await self.apply(batch[start : start + UPSERT_CHUNK], now_s, ttl_s)
+        wanted = {e.driver_id for e in batch if is_dispatchable(e, now_s, ttl_s)}
+        extra = sorted((await self.members(zone_id) | await self._seen_members(zone_id)) - wanted)
+        for start in range(0, len(extra), UPSERT_CHUNK):
+            await self.forget(zone_id, extra[start : start + UPSERT_CHUNK])
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(keys.zone_built(zone_id), str(now_s))
+        await self._run(pipe)
 
-        def build(pipe: aioredis.client.Pipeline) -> None:
-            pipe.delete(keys.zone_geo(zone_id), keys.zone_seen(zone_id))
-            for entry in batch:
-                _stage(pipe, entry, now_s, ttl_s)
-            pipe.set(keys.zone_built(zone_id), str(now_s))
-
-        await self._run_scripted(build, transaction=True)
+    async def _seen_members(self, zone_id: str) -> set[str]:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.zrange(keys.zone_seen(zone_id), 0, -1)
+        (found,) = await self._run(pipe)
+        assert isinstance(found, list)
+        return {_text(m) for m in found}
 
     async def members(self, zone_id: str) -> set[str]:
         pipe = self.client.pipeline(transaction=False)
@@ -236,16 +290,18 @@ def is_dispatchable(entry: MirrorEntry, now_s: float, ttl_s: float) -> bool:
 
 
 UPSERT_SHA = hashlib.sha1(UPSERT_LUA.encode()).hexdigest()
+NEAREST_SHA = hashlib.sha1(NEAREST_LUA.encode()).hexdigest()
 
 
-def _stage(pipe: aioredis.client.Pipeline, entry: MirrorEntry, now_s: float, ttl_s: float) -> None:
-    """Queue one driver's upsert on the pipeline."""
-    if entry.zone_id is None or entry.fix_us is None or entry.lat is None or entry.lon is None:
-        return  # never located: nothing to mirror
-    pipe.evalsha(
-        UPSERT_SHA, 0, entry.driver_id, entry.zone_id, entry.lon, entry.lat,
-        entry.seen_epoch_s or 0.0, entry.fix_us, 1 if is_dispatchable(entry, now_s, ttl_s) else 0,
-    )
+def _upsert_args(entries: Iterable[MirrorEntry], now_s: float, ttl_s: float) -> list[str | float]:
+    """UPSERT_LUA's arguments, 7 per located driver (one never located has nothing to mirror)."""
+    args: list[str | float] = []
+    for e in entries:
+        if e.zone_id is None or e.fix_us is None or e.lat is None or e.lon is None:
+            continue
+        args += [e.driver_id, e.zone_id, e.lon, e.lat, e.seen_epoch_s or 0.0, e.fix_us,
+                 1 if is_dispatchable(e, now_s, ttl_s) else 0]  # fmt: skip
+    return args
 
 
 def _text(value: object) -> str:

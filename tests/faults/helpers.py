@@ -26,7 +26,7 @@ from dispatcher.actors.options import zone_actor_name
 from dispatcher.config import ResolvedSettings
 from dispatcher.geo import haversine_km
 from dispatcher.store import keys
-from tests.support import Api
+from tests.support import Api, as_text
 
 # Retryable answers a careful client (Vendure, a driver app) retries on.
 RETRYABLE = (503,)
@@ -171,11 +171,6 @@ SELECT id, zone_id, lat, lon FROM drivers
 WHERE status = 'AVAILABLE' AND is_active AND lat IS NOT NULL
   AND last_seen_at > now() - make_interval(secs => $1)
 """
-
-
-def as_text(values: Any) -> set[str]:
-    """Members of a bytes-mode Redis reply as strings."""
-    return {v.decode() if isinstance(v, bytes) else str(v) for v in values}
 
 
 async def dispatchable_by_zone(pool: asyncpg.Pool, ttl_s: float) -> dict[str, dict[str, tuple[float, float]]]:

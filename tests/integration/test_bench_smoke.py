@@ -46,7 +46,7 @@ def test_quick_scale_bench_measures_each_worker_count() -> None:
     rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| ") and "worker" not in line]
     assert [r[0].strip() for r in rows] == ["1", "2"], report
     for row in rows:
-        assert float(row[1].replace(",", "")) > 0 and float(row[3].replace(",", "")) > 0, report
-        assert row[6].strip() == "0", "double bookings"
+        assert float(row[1].replace(",", "")) > 0 and float(row[4].replace(",", "")) > 0, report
+        assert row[8].strip() == "0", "double bookings"
     # The zones spread over both workers of the second cluster.
-    assert sorted(rows[1][5].strip().split("/")) == ["4", "4"], report
+    assert sorted(rows[1][7].strip().split("/")) == ["4", "4"], report

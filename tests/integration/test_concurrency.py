@@ -28,6 +28,7 @@ from tests.support import (
     Driver,
     Point,
     WebhookReceiver,
+    as_text,
     offset,
     point_in,
     zone_cells,
@@ -57,11 +58,6 @@ async def send_order(api: Api, seller_order_id: str, pickup: Point) -> Answer:
     resp = await api.order(seller_order_id, *pickup)
     body: bytes = await resp.read()
     return Answer(seller_order_id, pickup, resp.status, body, resp.headers.get(REPLAYED))
-
-
-def as_text(values: Any) -> set[str]:
-    """Members of a bytes-mode Redis reply as strings."""
-    return {v.decode() if isinstance(v, bytes) else str(v) for v in values}
 
 
 async def geo_members(redis: Redis, zone_id: str) -> set[str]:

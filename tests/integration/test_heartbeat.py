@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from dispatcher.config import ResolvedSettings
 from dispatcher.store import keys
 from dispatcher.zoning import Zoning
-from tests.support import BERLIN, Api, Driver, WebhookReceiver, offset
+from tests.support import BERLIN, Api, Driver, WebhookReceiver, as_text, offset
 
 pytestmark = pytest.mark.integration
 
@@ -31,11 +31,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
     return port
-
-
-def as_text(values: Any) -> set[str]:
-    """Members of a bytes-mode Redis reply as strings."""
-    return {v.decode() if isinstance(v, bytes) else str(v) for v in values}
 
 
 async def geo_members(redis: Redis, zone_id: str) -> set[str]:

@@ -15,10 +15,13 @@ SECTION = f"{BEGIN}\n## Scale-out (issue 5)\n\nnew figures\n{END}\n"
 
 
 def test_table_gives_each_count_its_ratio_to_one_node() -> None:
-    rows = [ScaleRow(1, 200.0, 10_000.0, 0, (8,)), ScaleRow(2, 300.0, 9_000.0, 0, (4, 4))]
+    rows = [
+        ScaleRow(1, (190.0, 210.0), (10_000.0, 10_000.0), 0, (8,)),
+        ScaleRow(2, (300.0, 299.0, 350.0), (9_000.0,), 0, (4, 4)),
+    ]
     table = scale_table(rows)
-    assert table[0][:5] == ["1", "200", "1.00", "10,000", "1.00"]
-    assert table[1][:6] == ["2", "300", "1.50", "9,000", "0.90", "4/4"]
+    assert table[0] == ["1", "200", "190 / 210", "1.00", "10,000", "10,000 / 10,000", "1.00", "8", "0"]
+    assert table[1] == ["2", "300", "300 / 299 / 350", "1.50", "9,000", "9,000", "0.90", "4/4", "0"]
 
 
 def test_a_scale_run_replaces_only_its_own_section() -> None:
