@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import asyncpg
@@ -14,10 +14,16 @@ from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 
 from dispatcher.actors.client import ZoneDirectory
+from dispatcher.actors.core import ZoneCore
 from dispatcher.api.app import create_app
 from dispatcher.config import ResolvedSettings
+from dispatcher.store.deliveries import DeliveryStore
+from dispatcher.store.drivers import DriverStore
+from dispatcher.store.geo import GeoMirror, connect_redis
+from dispatcher.store.pg import create_pool
 from dispatcher.webhooks.signing import new_secret
-from tests.support import Api, WebhookReceiver
+from dispatcher.zoning import Zoning
+from tests.support import BERLIN, Api, WebhookReceiver
 
 RAY_NAMESPACE = "dispatcher-test"
 
@@ -110,3 +116,41 @@ async def start_api(
 async def api(start_api: Callable[[ResolvedSettings], Any], settings: ResolvedSettings) -> Api:
     result: Api = await start_api(settings)
     return result
+
+
+MakeCore = Callable[[], Awaitable[ZoneCore]]
+# Heartbeats outlive any test that builds zone cores by hand.
+CORE_TTL_S = 600.0
+
+
+@pytest.fixture
+async def zone_cores(
+    make_settings: Callable[..., ResolvedSettings], pg_pool: asyncpg.Pool, redis_client: Redis
+) -> AsyncIterator[MakeCore]:
+    """Builds ZoneCores of BERLIN's zone, each with its own pool (stateless, as in the
+    actor) and Redis client, as separate actor processes would have; `start()` is left
+    to the test."""
+    settings = make_settings(heartbeat_ttl_s=CORE_TTL_S)
+    cores: list[ZoneCore] = []
+
+    async def make() -> ZoneCore:
+        pool = await create_pool(
+            settings.database_url, max_size=3, command_timeout_s=settings.pg_timeout_s, stateless=True
+        )
+        core = ZoneCore(
+            Zoning(settings.zone_resolution).zone_of(*BERLIN),
+            settings,
+            drivers=DriverStore(pool),
+            deliveries=DeliveryStore(pool),
+            mirror=GeoMirror(connect_redis(settings.redis_url, settings.redis_timeout_s), settings.redis_timeout_s),
+            zoning=Zoning(settings.zone_resolution),
+        )
+        cores.append(core)
+        return core
+
+    yield make
+    for core in cores:
+        await core.stop()
+        await core.drivers.pool.close()
+        with contextlib.suppress(Exception):
+            await core.mirror.client.aclose()

@@ -10,7 +10,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import h3
@@ -19,6 +19,8 @@ from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
 from standardwebhooks.webhooks import Webhook
 
+from dispatcher.actors.core import ZoneCore
+from dispatcher.actors.messages import Ping, PingVerdict
 from dispatcher.config import ResolvedSettings
 from dispatcher.store import keys
 from dispatcher.webhooks.signing import sign
@@ -249,3 +251,16 @@ def point_in(rng: random.Random, zoning: Zoning, cell: str) -> Point:
 def as_text(values: Any) -> set[str]:
     """Members of a bytes-mode Redis reply as strings."""
     return {v.decode() if isinstance(v, bytes) else str(v) for v in values}
+
+
+async def located_drivers(core: ZoneCore, spots: list[Point]) -> list[str]:
+    """Drivers registered, AVAILABLE, and located through `core`'s ping path."""
+    ids = []
+    for n, _ in enumerate(spots):
+        record, _ = await core.drivers.create(f"z{n}", None, None)
+        await core.drivers.set_status(record.id, "AVAILABLE")
+        ids.append(record.id)
+    now = datetime.now(UTC)
+    verdicts = await core.apply_pings([Ping(d, *p, now) for d, p in zip(ids, spots, strict=True)])
+    assert verdicts == [PingVerdict.ACCEPTED] * len(ids)
+    return ids

@@ -149,22 +149,29 @@ class ZoneCore:
     # ---- assignment ---------------------------------------------------------------
 
     async def assign(self, req: AssignRequest) -> AssignResult:
+        # No "already booked?" read first: the ingress made it just before calling, and
+        # the sellerOrderId primary key refuses a second booking inside the booking's own
+        # transaction (rolled back, driver untouched), which then replays the first.
+        # That saves a round trip on every booking; only races and replays pay for it.
         async with self._exclusive():
-            existing = await self.deliveries.existing(req.seller_order_id)
-            if existing is not None:
-                return replay(req, existing)
             try:
                 booking, path = await self._book(req)
             except OrderExistsError:
-                # Same order booked concurrently through another zone (different pickup).
-                existing = await self.deliveries.existing(req.seller_order_id)
-                assert existing is not None
-                return replay(req, existing)
+                return await self._replay(req)
             if booking is None:
+                # Nobody free, but the order may have been booked meanwhile (a retry
+                # racing its first attempt): that answer wins.
+                if await self.deliveries.existing(req.seller_order_id) is not None:
+                    return await self._replay(req)
                 body = UnassignedResponse(seller_order_id=req.seller_order_id).model_dump_json()
                 return AssignResult("unassigned", body, "postgres")
             await self._booked(booking)
             return AssignResult("assigned", booking.body, path, booking.driver_id)
+
+    async def _replay(self, req: AssignRequest) -> AssignResult:
+        existing = await self.deliveries.existing(req.seller_order_id)
+        assert existing is not None, "refused as a duplicate, so it exists"
+        return replay(req, existing)
 
     async def _book(self, req: AssignRequest) -> tuple[Booking | None, LookupPath]:
         radius = self.settings.search_radius_km

@@ -60,13 +60,15 @@ class ZoneActor:
                 raise StaleEpochError(f"zone {self.zone_id} moved to a new incarnation")
             if self._core is None:
                 s = self.settings
-                pool = await create_pool(s.database_url, max_size=ZONE_POOL_SIZE, command_timeout_s=s.pg_timeout_s)
+                pool = await create_pool(
+                    s.database_url, max_size=ZONE_POOL_SIZE, command_timeout_s=s.pg_timeout_s, stateless=True
+                )
                 # A location fix is superseded seconds later: its commit need not wait for
                 # the WAL flush. At most the last ~0.6 s of fixes can be lost if PostgreSQL
                 # itself crashes; bookings use the durable pool.
                 ping_pool = await create_pool(
                     s.database_url, max_size=PING_POOL_SIZE, command_timeout_s=s.pg_timeout_s,
-                    server_settings={"synchronous_commit": "off"},
+                    server_settings={"synchronous_commit": "off"}, stateless=True,
                 )
                 mirror = GeoMirror(connect_redis(s.redis_url, s.redis_timeout_s), s.redis_timeout_s)
                 core = ZoneCore(

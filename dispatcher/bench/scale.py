@@ -171,9 +171,19 @@ def merge_section(existing: str | None, section: str) -> str:
     return existing.rstrip("\n") + "\n\n" + section
 
 
+# Hand-written findings between these markers survive every regeneration too.
+ANALYSIS_BEGIN = "<!-- analysis: begin -->"
+ANALYSIS_END = "<!-- analysis: end -->"
+
+
 def kept_section(existing: str | None) -> str | None:
-    """The scale-out section of an existing report, to carry over a full rewrite."""
+    """The hand-written analysis and the scale-out section of an existing report, to
+    carry over a full rewrite (None when it has neither)."""
     if not existing:
         return None
-    match = re.search(re.escape(BEGIN) + r".*?" + re.escape(END) + r"\n?", existing, re.DOTALL)
-    return match.group(0) if match else None
+    kept = [
+        match.group(0)
+        for begin, end in ((ANALYSIS_BEGIN, ANALYSIS_END), (BEGIN, END))
+        if (match := re.search(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", existing, re.DOTALL))
+    ]
+    return "\n".join(kept) if kept else None

@@ -34,24 +34,40 @@ FREEING_STATUSES = ("DELIVERED", "FAILED", "CANCELLED")
 # $1/$2 pickup, $3 heartbeat TTL s, $4..$7 bounding box, $8 candidates or NULL, $9 radius,
 # $10 drivers to skip, $11 zone, $12 epoch. A row always comes back: `epoch` tells a
 # stale incarnation apart from "no driver" (id NULL).
-PICK_SQL = f"""
+def _pick_sql(among_candidates: bool) -> str:
+    """The fenced pick of the nearest dispatchable driver, marked BUSY in the same statement.
+
+    Two statements, not one with `($8 IS NULL OR id = ANY($8))`: PostgreSQL switches a
+    prepared statement to a generic plan after five runs, and the generic plan scanned
+    the whole bounding box and filtered the candidates out of it: 12 ms per booking
+    among 20,000 drivers, against 0.8 ms with a custom plan. Among candidates, the rows
+    are reached from the candidate list through the primary key, whatever the plan.
+    """
+    if among_candidates:
+        source = "unnest($8::text[]) AS c(id) JOIN drivers d ON d.id = c.id"
+        # No box: it would tempt the planner into scanning it (the haversine bound
+        # decides alone); its parameters stay typed for a shared argument list.
+        box = "AND ($4::float8, $5::float8, $6::float8, $7::float8) IS NOT NULL"
+    else:
+        source = "drivers d"
+        box = """AND d.lat BETWEEN $4 AND $5 AND $8::text[] IS NULL
+      -- The box may cross the antimeridian: its longitudes then also match shifted by 360.
+      AND (d.lon BETWEEN $6 AND $7 OR d.lon BETWEEN $6 + 360 AND $7 + 360 OR d.lon BETWEEN $6 - 360 AND $7 - 360)"""
+    return f"""
 WITH fence AS (
     SELECT epoch FROM zones WHERE zone_id = $11 FOR SHARE
 ), pick AS (
-    SELECT id, zone_id, {haversine_sql("$1", "$2", "lat", "lon")} AS distance_km
-    FROM drivers
-    WHERE status = 'AVAILABLE' AND is_active AND lat IS NOT NULL
-      AND last_seen_at > now() - make_interval(secs => $3)
-      AND lat BETWEEN $4 AND $5
-      -- The box may cross the antimeridian: its longitudes then also match shifted by 360.
-      AND (lon BETWEEN $6 AND $7 OR lon BETWEEN $6 + 360 AND $7 + 360 OR lon BETWEEN $6 - 360 AND $7 - 360)
-      AND ($8::text[] IS NULL OR id = ANY($8::text[]))
-      AND NOT (id = ANY($10::text[]))
-      AND {haversine_sql("$1", "$2", "lat", "lon")} <= $9
+    SELECT d.id, d.zone_id, {haversine_sql("$1", "$2", "d.lat", "d.lon")} AS distance_km
+    FROM {source}
+    WHERE d.status = 'AVAILABLE' AND d.is_active AND d.lat IS NOT NULL
+      AND d.last_seen_at > now() - make_interval(secs => $3)
+      {box}
+      AND NOT (d.id = ANY($10::text[]))
+      AND {haversine_sql("$1", "$2", "d.lat", "d.lon")} <= $9
       AND (SELECT epoch FROM fence) = $12
-    ORDER BY distance_km, id
+    ORDER BY distance_km, d.id
     LIMIT 1
-    FOR UPDATE SKIP LOCKED
+    FOR UPDATE OF d SKIP LOCKED
 ), busy AS (
     UPDATE drivers d SET status = 'BUSY', updated_at = now()
     FROM pick WHERE d.id = pick.id
@@ -61,6 +77,12 @@ SELECT (SELECT epoch FROM fence) AS epoch, p.id, p.zone_id, p.distance_km
 FROM (SELECT 1) AS one
 LEFT JOIN (SELECT pick.* FROM pick JOIN busy ON busy.id = pick.id) AS p ON true
 """
+
+
+# Parameters of both: $1 lat, $2 lon, $3 heartbeat TTL, $4-$7 bounding box, $8 candidates
+# (NULL for PICK_SQL), $9 radius, $10 excluded ids, $11 zone, $12 epoch.
+PICK_AMONG_SQL = _pick_sql(among_candidates=True)
+PICK_SQL = _pick_sql(among_candidates=False)
 
 # The delivery, its first history entry and its outbox row, and the senders' wake-up.
 RECORD_SQL = """
@@ -141,7 +163,7 @@ class DeliveryStore:
     ) -> Booking | None:
         """Book the nearest dispatchable driver, among `candidates` if given.
 
-        One transaction of two statements (PICK_SQL, RECORD_SQL): lock the driver and
+        One transaction of two statements (PICK_SQL or PICK_AMONG_SQL, then RECORD_SQL): lock the driver and
         mark it BUSY; insert the delivery, its history and the `delivery.assigned`
         outbox row. The unique indexes on deliveries are the final gate.
         """
@@ -149,7 +171,7 @@ class DeliveryStore:
         box = bounding_box(lat, lon, radius_km)
         async with connection(self.pool) as conn, conn.transaction():
             pick = await conn.fetchrow(
-                PICK_SQL, lat, lon, heartbeat_ttl_s, *box,
+                PICK_SQL if candidates is None else PICK_AMONG_SQL, lat, lon, heartbeat_ttl_s, *box,
                 None if candidates is None else list(candidates), radius_km, list(exclude),
                 zone_id, epoch,
             )

@@ -3,76 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from dispatcher.actors.core import ZoneCore
-from dispatcher.actors.messages import AssignRequest, Ping, PingVerdict
-from dispatcher.config import ResolvedSettings
+from dispatcher.actors.messages import AssignRequest, Ping
 from dispatcher.errors import StaleEpochError
 from dispatcher.geo import haversine_km
 from dispatcher.store import keys
-from dispatcher.store.deliveries import DeliveryStore
-from dispatcher.store.drivers import DriverStore
-from dispatcher.store.geo import GeoMirror, connect_redis
-from dispatcher.store.pg import create_pool
-from dispatcher.zoning import Zoning
 from tests.faults.helpers import assert_booking_invariants
-from tests.support import BERLIN, offset
+from tests.service_fixtures import MakeCore
+from tests.support import BERLIN, located_drivers, offset
 
 pytestmark = pytest.mark.integration
 
 TTL_S = 600.0
 Point = tuple[float, float]
-MakeCore = Callable[[], Awaitable[ZoneCore]]
-
-
-@pytest.fixture
-async def incarnations(
-    make_settings: Callable[..., ResolvedSettings], pg_pool: asyncpg.Pool, redis_client: Redis
-) -> AsyncIterator[MakeCore]:
-    """Builds ZoneCores of BERLIN's zone, each with its own pool and Redis client, as
-    separate actor processes would have; `start()` is left to the test."""
-    settings = make_settings(heartbeat_ttl_s=TTL_S)
-    cores: list[ZoneCore] = []
-
-    async def make() -> ZoneCore:
-        pool = await create_pool(settings.database_url, max_size=3, command_timeout_s=settings.pg_timeout_s)
-        core = ZoneCore(
-            Zoning(settings.zone_resolution).zone_of(*BERLIN),
-            settings,
-            drivers=DriverStore(pool),
-            deliveries=DeliveryStore(pool),
-            mirror=GeoMirror(connect_redis(settings.redis_url, settings.redis_timeout_s), settings.redis_timeout_s),
-            zoning=Zoning(settings.zone_resolution),
-        )
-        cores.append(core)
-        return core
-
-    yield make
-    for core in cores:
-        await core.stop()
-        await core.drivers.pool.close()
-        with contextlib.suppress(Exception):
-            await core.mirror.client.aclose()
-
-
-async def located_drivers(core: ZoneCore, spots: list[Point]) -> list[str]:
-    """Drivers registered, AVAILABLE, and located through `core`'s ping path."""
-    ids = []
-    for n, _ in enumerate(spots):
-        record, _ = await core.drivers.create(f"z{n}", None, None)
-        await core.drivers.set_status(record.id, "AVAILABLE")
-        ids.append(record.id)
-    now = datetime.now(UTC)
-    verdicts = await core.apply_pings([Ping(d, *p, now) for d, p in zip(ids, spots, strict=True)])
-    assert verdicts == [PingVerdict.ACCEPTED] * len(ids)
-    return ids
 
 
 async def written(pool: asyncpg.Pool) -> tuple[int, int, int, int]:
@@ -85,17 +33,17 @@ async def written(pool: asyncpg.Pool) -> tuple[int, int, int, int]:
 
 
 async def test_stale_incarnations_cannot_commit(
-    incarnations: MakeCore, pg_pool: asyncpg.Pool, redis_client: Redis
+    zone_cores: MakeCore, pg_pool: asyncpg.Pool, redis_client: Redis
 ) -> None:
-    a = await incarnations()
+    a = await zone_cores()
     await a.start()
     spots = [offset(*BERLIN, 0.2 * n, 0.1) for n in range(3)]
     ids = await located_drivers(a, spots)
 
     # B then C take the zone: A and B are zombies that still believe they own it.
-    b = await incarnations()
+    b = await zone_cores()
     await b.start()
-    c = await incarnations()
+    c = await zone_cores()
     await c.start()
     assert (a.epoch, b.epoch, c.epoch) == (1, 2, 3)
     assert await pg_pool.fetchval("SELECT epoch FROM zones WHERE zone_id = $1", a.zone_id) == 3
@@ -136,11 +84,11 @@ async def test_stale_incarnations_cannot_commit(
 
 
 async def test_zombie_assigning_in_a_loop_stops_at_the_new_activation(
-    incarnations: MakeCore, pg_pool: asyncpg.Pool, redis_client: Redis
+    zone_cores: MakeCore, pg_pool: asyncpg.Pool, redis_client: Redis
 ) -> None:
     """A new incarnation starts while the zombie is booking: nothing the zombie tries
     after the activation committed is written; everything before it is."""
-    zombie = await incarnations()
+    zombie = await zone_cores()
     await zombie.start()
     spots = [offset(*BERLIN, 0.05 * (n % 6), 0.05 * (n // 6)) for n in range(30)]
     await located_drivers(zombie, spots)
@@ -163,7 +111,7 @@ async def test_zombie_assigning_in_a_loop_stops_at_the_new_activation(
 
     booking = asyncio.create_task(book_forever())
     await asyncio.wait_for(under_way.wait(), 10)
-    successor = await incarnations()
+    successor = await zone_cores()
     await successor.start()
     at_activation = {r["seller_order_id"] for r in await pg_pool.fetch("SELECT seller_order_id FROM deliveries")}
     await asyncio.wait_for(booking, 10)

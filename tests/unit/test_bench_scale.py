@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from dispatcher.bench.scale import (
+    ANALYSIS_BEGIN,
+    ANALYSIS_END,
     BEGIN,
     END,
     ScaleRow,
@@ -42,3 +44,8 @@ def test_a_full_run_keeps_the_scale_section_of_the_old_file() -> None:
     assert kept_section(f"x\n{SECTION}y") == SECTION
     assert kept_section("no section here") is None
     assert kept_section(None) is None
+
+
+def test_a_full_run_keeps_the_hand_written_analysis_first() -> None:
+    analysis = f"{ANALYSIS_BEGIN}\n## Analysis\n\nwhy\n{ANALYSIS_END}\n"
+    assert kept_section(f"x\n{SECTION}y\n{analysis}z") == f"{analysis}\n{SECTION}"
