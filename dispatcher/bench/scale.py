@@ -150,12 +150,12 @@ def scale_section(rows: list[ScaleRow], report: Report) -> str:
         "",
         markdown_table(SCALE_HEADERS, scale_table(rows)),
         "",
-        "All nodes share this machine's 2 cores, so more nodes add no CPU: the point is that "
-        "nothing serializes globally. Zone actors spread over the workers (SPREAD placement), each "
-        "zone serializes only its own bookings, and the ingress talks to each zone directly, so "
-        "throughput stays level as nodes are added instead of collapsing onto one node; on real "
-        "machines each node brings its own cores. The ingress process is the shared stage on "
-        "this machine (one replica here; add replicas behind a load balancer to scale it).",
+        "All nodes share this machine's 2 cores: another node adds processes (a raylet, its "
+        "share of Ray's background work) but no CPU, so the figure cannot grow here. What it shows "
+        "is whether anything serializes globally: zones spread over the workers (SPREAD), each "
+        "serializes only its own bookings, and the ingress calls each zone directly. On machines "
+        "of their own, each node brings its cores; the ingress is then the shared stage (add "
+        "replicas). See the analysis above for this run.",
         END,
     ]
     return "\n".join(lines) + "\n"
