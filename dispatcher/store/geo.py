@@ -66,6 +66,8 @@ return applied
 """
 # Drivers per upsert call: a few milliseconds of Redis time at most.
 UPSERT_CHUNK = 500
+# Fix versions read per HMGET: one short call each.
+FIX_READ_CHUNK = 5000
 
 
 # The nearest members of several zones' GEO keys, searching small circles first, in one
@@ -253,22 +255,65 @@ class GeoMirror:
         the zone exclusively, so no ping of this zone writes its keys meanwhile.
         """
         batch = [e for e in entries if e.zone_id == zone_id]
-        for start in range(0, len(batch), UPSERT_CHUNK):
-            await self.apply(batch[start : start + UPSERT_CHUNK], now_s, ttl_s)
+        await self._upsert_in_chunks(batch, now_s, ttl_s)
         wanted = {e.driver_id for e in batch if is_dispatchable(e, now_s, ttl_s)}
-        extra = sorted((await self.members(zone_id) | await self._seen_members(zone_id)) - wanted)
-        for start in range(0, len(extra), UPSERT_CHUNK):
-            await self.forget(zone_id, extra[start : start + UPSERT_CHUNK])
+        await self._forget_in_chunks(zone_id, (await self._held(zone_id))[0] - wanted)
         pipe = self.client.pipeline(transaction=False)
         pipe.set(keys.zone_built(zone_id), str(now_s))
         await self._run(pipe)
 
-    async def _seen_members(self, zone_id: str) -> set[str]:
+    async def repair(self, zone_id: str, entries: Iterable[MirrorEntry], now_s: float, ttl_s: float) -> int:
+        """Rewrite only what differs from PostgreSQL; returns how many drivers it fixed.
+
+        A driver is right in Redis when it is in both of the zone's keys and its mirrored
+        fix version (`driver:fix`) is PostgreSQL's: position and heartbeat are written
+        with that version by the same script. Reading ids and versions costs far less
+        than rewriting every driver (a full rebuild of 39,000 drivers took ~1.4 s of
+        CPU each reconcile interval). Callers hold the zone exclusively.
+        """
+        batch = [e for e in entries if e.zone_id == zone_id]
+        wanted = {e.driver_id: e for e in batch if is_dispatchable(e, now_s, ttl_s)}
+        held, complete = await self._held(zone_id)
+        versions = await self._fix_versions(list(wanted))
+        stale = [
+            e for e in wanted.values()
+            if e.driver_id not in complete or versions.get(e.driver_id) != e.fix_us
+        ]  # fmt: skip
+        extra = held - set(wanted)
+        await self._upsert_in_chunks(stale, now_s, ttl_s)
+        await self._forget_in_chunks(zone_id, extra)
+        return len(stale) + len(extra)
+
+    async def _upsert_in_chunks(self, entries: Sequence[MirrorEntry], now_s: float, ttl_s: float) -> None:
+        for start in range(0, len(entries), UPSERT_CHUNK):
+            await self.apply(entries[start : start + UPSERT_CHUNK], now_s, ttl_s)
+
+    async def _forget_in_chunks(self, zone_id: str, driver_ids: Iterable[str]) -> None:
+        ids = sorted(driver_ids)
+        for start in range(0, len(ids), UPSERT_CHUNK):
+            await self.forget(zone_id, ids[start : start + UPSERT_CHUNK])
+
+    async def _held(self, zone_id: str) -> tuple[set[str], set[str]]:
+        """Ids in either of the zone's keys, and ids in both."""
         pipe = self.client.pipeline(transaction=False)
+        pipe.zrange(keys.zone_geo(zone_id), 0, -1)
         pipe.zrange(keys.zone_seen(zone_id), 0, -1)
-        (found,) = await self._run(pipe)
-        assert isinstance(found, list)
-        return {_text(m) for m in found}
+        geo, seen = await self._run(pipe)
+        assert isinstance(geo, list) and isinstance(seen, list)
+        in_geo, in_seen = {_text(m) for m in geo}, {_text(m) for m in seen}
+        return in_geo | in_seen, in_geo & in_seen
+
+    async def _fix_versions(self, driver_ids: Sequence[str]) -> dict[str, int]:
+        """driver id -> its mirrored fix version, for those Redis has one for."""
+        out: dict[str, int] = {}
+        for start in range(0, len(driver_ids), FIX_READ_CHUNK):
+            chunk = driver_ids[start : start + FIX_READ_CHUNK]
+            pipe = self.client.pipeline(transaction=False)
+            pipe.hmget(keys.DRIVER_FIX, chunk)
+            (values,) = await self._run(pipe)
+            assert isinstance(values, list)
+            out.update((d, int(v)) for d, v in zip(chunk, values, strict=True) if v is not None)
+        return out
 
     async def members(self, zone_id: str) -> set[str]:
         pipe = self.client.pipeline(transaction=False)

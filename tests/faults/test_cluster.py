@@ -140,7 +140,7 @@ async def test_node_lost_under_load_restarts_its_zones_elsewhere_and_loses_nothi
         print(f"node loss: {len(load.orders)} orders, {len(load.pings)} pings, "
               f"ingress retried {retries} zone calls, clients retried {dict(load.retried)}")
         assert retries > 0, "the load never reached a lost zone"
-        assert len(load.orders) > 20 and len(load.pings) > 200
+        assert len(load.orders) > 20 and len(load.pings) > 100, "the load did not flow"
         await load.assert_nothing_lost(own_pool)
         await assert_booking_invariants(own_pool)
         await assert_webhooks_exactly_once(own_pool, scripted_receiver, load)

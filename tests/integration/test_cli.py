@@ -117,30 +117,29 @@ async def test_migrate_is_harmless_twice_and_reuses_secrets(tmp_path: Path) -> N
     assert processes_using(data_dir) == []
 
 
-async def test_invalid_configuration_exits_2_with_a_clear_message(tmp_path: Path) -> None:
-    env = clean_env(tmp_path, free_port())
-    env["DISPATCHER_SEARCH_RADIUS_KM"] = "-1"
+async def run_cli(env: dict[str, str], *args: str) -> tuple[int | None, bytes]:
+    """A short `dispatcher` command that must exit on its own: its exit code and stderr."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "dispatcher.cli", "serve",
+        sys.executable, "-m", "dispatcher.cli", *args,
         env=env, stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     async with asyncio.timeout(30):
         _, err = await proc.communicate()
-    assert proc.returncode == 2
+    return proc.returncode, err
+
+
+async def test_invalid_configuration_exits_2_with_a_clear_message(tmp_path: Path) -> None:
+    env = clean_env(tmp_path, free_port())
+    env["DISPATCHER_SEARCH_RADIUS_KM"] = "-1"
+    returncode, err = await run_cli(env, "serve")
+    assert returncode == 2
     assert b"search_radius_km" in err
 
 
 @pytest.mark.parametrize("command", [["zones", "list"], ["zones", "rebalance", "--dry-run"]])
 async def test_zone_commands_without_a_cluster_exit_2_and_start_nothing(tmp_path: Path, command: list[str]) -> None:
-    env = clean_env(tmp_path, free_port())
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "dispatcher.cli", *command,
-        env=env, stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    async with asyncio.timeout(30):
-        _, err = await proc.communicate()
-    assert proc.returncode == 2
+    returncode, err = await run_cli(clean_env(tmp_path, free_port()), *command)
+    assert returncode == 2
     assert b"DISPATCHER_RAY_ADDRESS" in err
     assert not (tmp_path / "postgres").exists() and not processes_using(tmp_path)

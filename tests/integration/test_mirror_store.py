@@ -125,3 +125,29 @@ async def test_a_rebuild_drops_what_postgres_does_not_hold(mirror: GeoMirror, re
     assert await mirror.members(zone) == expected
     assert as_text(await redis_client.zrange(keys.zone_seen(zone), 0, -1)) == expected
     assert await mirror.is_built(zone)
+
+
+async def test_a_periodic_repair_rewrites_only_what_differs(mirror: GeoMirror, redis_client: Redis) -> None:
+    now = time.time()
+    zone = ZONING.zone_of(*BERLIN)
+    entries = entries_around(1000, zone, now_s=now, rng=random.Random(9))
+    await mirror.rebuild(zone, entries, now, 60.0)
+    assert await mirror.repair(zone, entries, now, 60.0) == 0, "nothing differs: nothing written"
+
+    # Redis loses a member, keeps an old position of another (an older fix version),
+    # holds a driver PostgreSQL does not have here, and a fourth goes silent in PostgreSQL.
+    lost, moved, silent = entries[0], entries[1], entries[2]
+    assert moved.lat is not None and moved.lon is not None and moved.fix_us is not None
+    await redis_client.zrem(keys.zone_geo(zone), lost.driver_id)
+    await redis_client.geoadd(keys.zone_geo(zone), (moved.lon + 0.01, moved.lat, moved.driver_id))
+    await redis_client.hset(keys.DRIVER_FIX, moved.driver_id, str(moved.fix_us - 1))
+    await redis_client.geoadd(keys.zone_geo(zone), (BERLIN[1], BERLIN[0], "stranger"))
+    truth = [*entries[:2], dataclasses.replace(silent, seen_epoch_s=now - 120), *entries[3:]]
+
+    assert await mirror.repair(zone, truth, now, 60.0) == 4
+    expected = {e.driver_id for e in entries} - {silent.driver_id}
+    assert await mirror.members(zone) == expected
+    assert as_text(await redis_client.zrange(keys.zone_seen(zone), 0, -1)) == expected
+    (pos,) = await redis_client.geopos(keys.zone_geo(zone), moved.driver_id)
+    assert pos is not None and haversine_km(moved.lat, moved.lon, float(pos[1]), float(pos[0])) < 0.002
+    assert await mirror.repair(zone, truth, now, 60.0) == 0
