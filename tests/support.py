@@ -206,8 +206,7 @@ def offset(lat: float, lon: float, north_km: float, east_km: float) -> tuple[flo
 
 async def geo_members(redis: Redis, zone_id: str) -> set[str]:
     """Driver ids in the zone's Redis GEO key."""
-    found: list[bytes] = await redis.zrange(keys.zone_geo(zone_id), 0, -1)  # type: ignore[assignment]
-    return {m.decode() for m in found}
+    return as_text(await redis.zrange(keys.zone_geo(zone_id), 0, -1))
 
 
 async def problem(resp: ClientResponse, status: int) -> dict[str, Any]:
@@ -264,3 +263,16 @@ async def located_drivers(core: ZoneCore, spots: list[Point]) -> list[str]:
     verdicts = await core.apply_pings([Ping(d, *p, now) for d, p in zip(ids, spots, strict=True)])
     assert verdicts == [PingVerdict.ACCEPTED] * len(ids)
     return ids
+
+
+def with_headers(headers: dict[str, str], **changes: str | None) -> dict[str, str]:
+    """A copy of `headers` with each change applied (`webhook_id=...` sets `webhook-id`;
+    None removes the header)."""
+    out = dict(headers)
+    for name, value in changes.items():
+        key = name.replace("_", "-")
+        if value is None:
+            out.pop(key)
+        else:
+            out[key] = value
+    return out

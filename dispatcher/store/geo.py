@@ -315,13 +315,6 @@ class GeoMirror:
             out.update((d, int(v)) for d, v in zip(chunk, values, strict=True) if v is not None)
         return out
 
-    async def members(self, zone_id: str) -> set[str]:
-        pipe = self.client.pipeline(transaction=False)
-        pipe.zrange(keys.zone_geo(zone_id), 0, -1)
-        (found,) = await self._run(pipe)
-        assert isinstance(found, list)
-        return {_text(m) for m in found}
-
 
 def is_dispatchable(entry: MirrorEntry, now_s: float, ttl_s: float) -> bool:
     """Invariant 3: in the mirror iff AVAILABLE and active, located, heartbeat fresh."""

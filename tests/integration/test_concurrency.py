@@ -28,7 +28,7 @@ from tests.support import (
     Driver,
     Point,
     WebhookReceiver,
-    as_text,
+    geo_members,
     offset,
     point_in,
     zone_cells,
@@ -59,9 +59,6 @@ async def send_order(api: Api, seller_order_id: str, pickup: Point) -> Answer:
     body: bytes = await resp.read()
     return Answer(seller_order_id, pickup, resp.status, body, resp.headers.get(REPLAYED))
 
-
-async def geo_members(redis: Redis, zone_id: str) -> set[str]:
-    return as_text(await redis.zrange(keys.zone_geo(zone_id), 0, -1))
 
 
 def near_border(rng: random.Random, cells: Sequence[str], max_km: float = 0.6) -> Point:

@@ -15,7 +15,15 @@ from redis.asyncio import Redis
 from dispatcher.config import ResolvedSettings
 from dispatcher.store import keys
 from dispatcher.zoning import Zoning
-from tests.support import BERLIN, Api, Driver, WebhookReceiver, as_text, offset
+from tests.support import (
+    BERLIN,
+    Api,
+    Driver,
+    WebhookReceiver,
+    as_text,
+    geo_members,
+    offset,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -32,9 +40,6 @@ def free_port() -> int:
         port: int = s.getsockname()[1]
     return port
 
-
-async def geo_members(redis: Redis, zone_id: str) -> set[str]:
-    return as_text(await redis.zrange(keys.zone_geo(zone_id), 0, -1))
 
 
 async def keep_pinging(api: Api, driver: Driver, at: tuple[float, float], seconds: float) -> None:

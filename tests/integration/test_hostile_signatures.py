@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hmac
 import json
 import time
@@ -17,7 +18,7 @@ from dispatcher.config import ResolvedSettings
 from dispatcher.webhooks import signing
 from dispatcher.webhooks.signing import new_secret, sign
 from tests.fuzz.state import assert_unchanged, problem, settled, snapshot
-from tests.support import BERLIN, Api, Driver, WebhookReceiver, offset
+from tests.support import BERLIN, Api, Driver, WebhookReceiver, offset, with_headers
 
 pytestmark = pytest.mark.integration
 
@@ -78,15 +79,7 @@ async def test_forged_cancels_of_an_assigned_order_are_401_and_change_nothing(
     digest = good["webhook-signature"].removeprefix("v1,")
     ts = int(good["webhook-timestamp"])
 
-    def variant(**changes: str | None) -> dict[str, str]:
-        headers = dict(good)
-        for name, value in changes.items():
-            key = name.replace("_", "-")
-            if value is None:
-                headers.pop(key)
-            else:
-                headers[key] = value
-        return headers
+    variant = functools.partial(with_headers, good)
 
     reserialized = json.dumps(json.loads(raw), separators=(",", ":")).encode()
     cases: list[tuple[str, bytes, dict[str, str]]] = [

@@ -16,7 +16,7 @@ from redis.asyncio import Redis
 from dispatcher.config import ResolvedSettings
 from dispatcher.store import keys
 from dispatcher.zoning import Zoning
-from tests.support import BERLIN, Api, Driver, WebhookReceiver, offset
+from tests.support import BERLIN, Api, Driver, WebhookReceiver, geo_members, offset
 
 pytestmark = pytest.mark.integration
 
@@ -27,9 +27,6 @@ def as_text(values: Any) -> set[str]:
     """Members of a bytes-mode Redis reply as strings."""
     return {v.decode() if isinstance(v, bytes) else str(v) for v in values}
 
-
-async def geo_members(redis: Redis, zone_id: str) -> set[str]:
-    return as_text(await redis.zrange(keys.zone_geo(zone_id), 0, -1))
 
 
 async def driver_status(pg_pool: asyncpg.Pool, driver: Driver) -> str:

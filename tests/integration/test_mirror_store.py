@@ -16,7 +16,7 @@ from dispatcher.store import keys
 from dispatcher.store.drivers import MirrorEntry
 from dispatcher.store.geo import GeoMirror, MirrorUnavailableError, connect_redis
 from dispatcher.zoning import Zoning
-from tests.support import BERLIN, as_text, offset
+from tests.support import BERLIN, as_text, geo_members, offset
 
 pytestmark = pytest.mark.integration
 
@@ -107,7 +107,7 @@ async def test_a_big_zone_rebuilds_within_the_per_call_timeout(redis_url: str, r
     entries = entries_around(20_000, zone, now_s=now, rng=random.Random(3))
     await mirror.rebuild(zone, entries, now, 60.0)
     assert await mirror.is_built(zone)
-    assert await mirror.members(zone) == {e.driver_id for e in entries}
+    assert await geo_members(redis_client, zone) == {e.driver_id for e in entries}
     assert await redis_client.zcard(keys.zone_seen(zone)) == 20_000
 
 
@@ -122,7 +122,7 @@ async def test_a_rebuild_drops_what_postgres_does_not_hold(mirror: GeoMirror, re
     silent = dataclasses.replace(entries[1], seen_epoch_s=now - 120)
     await mirror.rebuild(zone, [offline, silent, *entries[2:]], now, 60.0)
     expected = {e.driver_id for e in entries[2:]}
-    assert await mirror.members(zone) == expected
+    assert await geo_members(redis_client, zone) == expected
     assert as_text(await redis_client.zrange(keys.zone_seen(zone), 0, -1)) == expected
     assert await mirror.is_built(zone)
 
@@ -146,7 +146,7 @@ async def test_a_periodic_repair_rewrites_only_what_differs(mirror: GeoMirror, r
 
     assert await mirror.repair(zone, truth, now, 60.0) == 4
     expected = {e.driver_id for e in entries} - {silent.driver_id}
-    assert await mirror.members(zone) == expected
+    assert await geo_members(redis_client, zone) == expected
     assert as_text(await redis_client.zrange(keys.zone_seen(zone), 0, -1)) == expected
     (pos,) = await redis_client.geopos(keys.zone_geo(zone), moved.driver_id)
     assert pos is not None and haversine_km(moved.lat, moved.lon, float(pos[1]), float(pos[0])) < 0.002

@@ -15,7 +15,6 @@ from redis.asyncio import Redis
 from yarl import URL
 
 from dispatcher.config import ResolvedSettings
-from dispatcher.store import keys
 from dispatcher.webhooks.sender import WebhookSender
 from dispatcher.zoning import Zoning
 from tests.support import (
@@ -24,6 +23,7 @@ from tests.support import (
     Api,
     Driver,
     WebhookReceiver,
+    geo_members,
     offset,
     problem,
 )
@@ -36,10 +36,6 @@ DELIVERY_KEYS = {
     "assignedAt", "pickedUpAt", "deliveredAt", "history",
 }
 
-
-async def geo_members(redis: Redis, zone_id: str) -> set[str]:
-    found = await redis.zrange(keys.zone_geo(zone_id), 0, -1)
-    return {m.decode() if isinstance(m, bytes) else str(m) for m in found}
 
 
 async def delivery_row(pg_pool: asyncpg.Pool, seller_order_id: str) -> asyncpg.Record:

@@ -20,6 +20,7 @@ from tests.support import (
     BERLIN,
     Api,
     Driver,
+    geo_members,
     offset,
     problem,
     validation_problem,
@@ -32,10 +33,6 @@ DRIVER_VIEW_KEYS = {
 }
 MUNICH = (48.137, 11.575)
 
-
-async def geo_members(redis: Redis, zone_id: str) -> set[str]:
-    found = await redis.zrange(keys.zone_geo(zone_id), 0, -1)
-    return {m.decode() if isinstance(m, bytes) else str(m) for m in found}
 
 
 async def geo_position(redis: Redis, zone_id: str, driver_id: str) -> tuple[float, float] | None:

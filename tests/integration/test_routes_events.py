@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import json
 import time
 from typing import Any
@@ -13,7 +14,6 @@ import pytest
 from aiohttp import ClientResponse
 from redis.asyncio import Redis
 
-from dispatcher.store import keys
 from dispatcher.webhooks.signing import new_secret, sign
 from dispatcher.zoning import Zoning
 from tests.support import (
@@ -21,9 +21,11 @@ from tests.support import (
     Api,
     Driver,
     WebhookReceiver,
+    geo_members,
     offset,
     problem,
     validation_problem,
+    with_headers,
 )
 
 pytestmark = pytest.mark.integration
@@ -33,10 +35,6 @@ CANCELLED = "/events/seller-order-cancelled"
 MAX_LAT = 85.05112878
 MAX_BODY = 64 * 1024
 
-
-async def geo_members(redis: Redis, zone_id: str) -> set[str]:
-    found = await redis.zrange(keys.zone_geo(zone_id), 0, -1)
-    return {m.decode() if isinstance(m, bytes) else str(m) for m in found}
 
 
 async def driver_zone(pg_pool: asyncpg.Pool, driver: Driver) -> str:
@@ -157,15 +155,7 @@ async def test_every_signature_failure_is_401_and_writes_nothing(
     valid_sig = good["webhook-signature"]
     digest = valid_sig.removeprefix("v1,")
 
-    def variant(**changes: str | None) -> dict[str, str]:
-        headers = dict(good)
-        for name, value in changes.items():
-            key = name.replace("_", "-")
-            if value is None:
-                headers.pop(key)
-            else:
-                headers[key] = value
-        return headers
+    variant = functools.partial(with_headers, good)
 
     one_byte = bytearray(raw)
     one_byte[raw.index(b"SO-sig") + 3] = ord("t")  # "SO-sig" -> "SO-tig": still valid JSON
