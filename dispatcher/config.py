@@ -56,7 +56,7 @@ class Settings(BaseSettings):
     max_zones: int = Field(default=64, ge=1)
     sweep_interval_s: float = Field(default=5.0, gt=0)
     reconcile_interval_s: float = Field(default=60.0, gt=0)
-    ping_flush_interval_ms: float = Field(default=0.0, ge=0)
+    ping_flush_interval_ms: float = Field(default=50.0, ge=0)
     ping_batch_max: int = Field(default=500, ge=1)
     redis_timeout_s: float = Field(default=0.25, gt=0)
     pg_timeout_s: float = Field(default=5.0, gt=0)

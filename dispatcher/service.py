@@ -7,18 +7,23 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from dispatcher.actors.batcher import PingBatcher
+from dispatcher.actors.batcher import PingBuffer
 from dispatcher.actors.client import ZoneDirectory
 from dispatcher.actors.core import replay
 from dispatcher.actors.messages import AssignRequest, AssignResult, Ping, PingVerdict
+from dispatcher.actors.pinggate import PingGate
 from dispatcher.actors.router import ZoneRouter
 from dispatcher.config import ResolvedSettings
-from dispatcher.errors import DispatchError, ZoneUnavailableError
+from dispatcher.errors import DispatchError
 from dispatcher.models import UnassignedResponse
 from dispatcher.store.deliveries import DeliveryStore
 from dispatcher.store.drivers import DriverRecord, DriverStore
 
 log = logging.getLogger(__name__)
+
+# Longest wait of a read or an order for the pings queued before it (normally one
+# flush, ~10 ms; a zone actor's first start takes a second or two).
+SETTLE_TIMEOUT_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,18 +50,39 @@ class Dispatcher:
         self.deliveries = deliveries
         self.router = router
         self.zones = zones
-        self.batcher = PingBatcher(
+        self.gate = PingGate(drivers.last_fixes, max_speed_kmh=settings.max_ping_speed_kmh)
+        self.pings = PingBuffer(
             zones.apply_pings,
             interval_s=settings.ping_flush_interval_ms / 1000.0,
             max_batch=settings.ping_batch_max,
+            max_age_s=settings.heartbeat_ttl_s,
+            on_applied=self._pings_written,
         )
+        # Fixes written to PostgreSQL, and those it refused after this ingress had
+        # acknowledged them (metrics).
+        self.pings_written = 0
+        self.pings_refused_on_write = 0
 
     async def close(self) -> None:
-        await self.batcher.close()
+        await self.pings.close()
+
+    async def settle_pings(self, timeout_s: float | None = SETTLE_TIMEOUT_S) -> None:
+        """Wait until the fixes this ingress acknowledged are written (reads and
+        orders see them: read-your-writes through one ingress).
+
+        Bounded: with PostgreSQL hung, a flush takes the whole actor-call timeout, and
+        the read or order behind it must still answer in bounded time.
+        """
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self.pings.settle()
+        except TimeoutError:
+            log.warning("queued pings not written within %g s; answering without them", timeout_s)
 
     # ---- orders -----------------------------------------------------------------------
 
     async def assign(self, req: AssignRequest) -> AssignResult:
+        await self.settle_pings()
         zone = await self.router.zone_for_order(req.pickup_lat, req.pickup_lon, self.settings.search_radius_km)
         if zone is None:
             # No zone within reach means no located driver within reach: answer
@@ -76,41 +102,55 @@ class Dispatcher:
     # ---- drivers ----------------------------------------------------------------------
 
     async def ping(self, ping: Ping) -> PingVerdict:
-        zone = await self.router.zone_for_ping(ping.lat, ping.lon, ping.driver_id)
-        return await self.batcher.submit(zone, ping)
+        outcome = (await self.ping_many([ping]))[0]
+        if outcome.error is not None:
+            raise outcome.error
+        assert outcome.verdict is not None
+        return outcome.verdict
 
     async def ping_many(self, pings: Sequence[Ping]) -> list[PingOutcome]:
-        """Route each ping to its zone; one zone's failure does not fail the others."""
-        by_zone: dict[str, list[int]] = {}
+        """Judge each fix and queue the accepted ones for their zones (write-behind).
+
+        A fix is acknowledged only if its zone is writable: while a zone's last flush
+        failed (PostgreSQL or the zone down), its fixes get that error (a 503).
+        """
         outcomes: list[PingOutcome | None] = [None] * len(pings)
+        routable: list[tuple[int, str]] = []
         for index, ping in enumerate(pings):
             try:
                 zone = await self.router.zone_for_ping(ping.lat, ping.lon, ping.driver_id)
             except DispatchError as exc:
                 outcomes[index] = PingOutcome(None, exc)
                 continue
-            by_zone.setdefault(zone, []).append(index)
+            failure = self.pings.failure(zone)
+            if failure is not None:
+                outcomes[index] = PingOutcome(None, failure)
+                continue
+            routable.append((index, zone))
+        verdicts = await self.gate.judge([pings[i] for i, _ in routable])
+        # No await from the verdicts to the queue: the gate and the queue agree.
+        for (index, zone), verdict in zip(routable, verdicts, strict=True):
+            if verdict is PingVerdict.ACCEPTED:
+                self.pings.offer(zone, pings[index])
+            outcomes[index] = PingOutcome(verdict)
+        return [o for o in outcomes if o is not None]
 
-        async def one_zone(zone: str, indexes: list[int]) -> None:
-            try:
-                verdicts = await self.batcher.submit_many(zone, [pings[i] for i in indexes])
-            except DispatchError as exc:
-                for i in indexes:
-                    outcomes[i] = PingOutcome(None, exc)
-                return
-            for i, verdict in zip(indexes, verdicts, strict=True):
-                outcomes[i] = PingOutcome(verdict)
-
-        await asyncio.gather(*(one_zone(z, idx) for z, idx in by_zone.items()))
-        return [o if o is not None else PingOutcome(None, ZoneUnavailableError("lost")) for o in outcomes]
+    def _pings_written(self, pings: Sequence[Ping], verdicts: Sequence[PingVerdict]) -> None:
+        self.gate.applied(pings, verdicts)
+        written = sum(v is PingVerdict.ACCEPTED for v in verdicts)
+        self.pings_written += written
+        self.pings_refused_on_write += len(verdicts) - written
 
     async def set_status(self, driver_id: str, status: str) -> DriverRecord:
+        await self.settle_pings()
         record = await self.drivers.set_status(driver_id, status)
         await self._refresh_driver(driver_id, record.zone_id)
         return record
 
     async def update_driver(self, driver_id: str, *, is_active: bool | None, name: str | None) -> DriverRecord:
+        await self.settle_pings()
         record = await self.drivers.update(driver_id, is_active=is_active, name=name)
+        self.gate.forget(driver_id)
         await self._refresh_driver(driver_id, record.zone_id)
         return record
 

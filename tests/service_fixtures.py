@@ -104,11 +104,18 @@ async def start_api(
 ) -> AsyncIterator[Callable[[ResolvedSettings], Any]]:
     """Starts ingress apps on demand; zone actors are killed before tables are emptied."""
 
+    clients: list[TestClient[Any, Any]] = []
+
     async def start(settings: ResolvedSettings) -> Api:
         client: TestClient[Any, Any] = await aiohttp_client(create_app(settings, zones=ZoneDirectory(settings)))
+        clients.append(client)
         return Api(client, settings)
 
     yield start
+    # Closing an app flushes its queued pings to their zones: before the zones go, or
+    # the flush would start a zone actor that outlives the test.
+    for client in clients:
+        await client.close()
     await asyncio.to_thread(kill_zone_actors)
 
 

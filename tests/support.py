@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
 import h3
 from aiohttp import ClientResponse, web
@@ -21,6 +21,7 @@ from standardwebhooks.webhooks import Webhook
 
 from dispatcher.actors.core import ZoneCore
 from dispatcher.actors.messages import Ping, PingVerdict
+from dispatcher.api.keys import DISPATCHER
 from dispatcher.config import ResolvedSettings
 from dispatcher.store import keys
 from dispatcher.webhooks.signing import sign
@@ -138,6 +139,8 @@ class Api:
     def __init__(self, client: TestClient[Any, Any], settings: ResolvedSettings) -> None:
         self.client = client
         self.settings = settings
+        # remote_api (tests/faults) passes an aiohttp ClientSession typed as Any.
+        self.in_process = isinstance(cast(object, client), TestClient)
 
     @property
     def admin(self) -> dict[str, str]:
@@ -175,7 +178,21 @@ class Api:
         payload: dict[str, Any] = {"lat": lat, "lon": lon}
         if recorded_at is not None:
             payload["recordedAt"] = recorded_at.isoformat()
-        return await self.client.patch(f"/drivers/{driver.driver_id}/location", json=payload, headers=driver.auth)
+        resp = await self.client.patch(f"/drivers/{driver.driver_id}/location", json=payload, headers=driver.auth)
+        if self.in_process:
+            # In-process only: an out-of-process ingress may be killed mid-test.
+            await self.settle()
+        return resp
+
+    async def settle(self) -> None:
+        """Wait until the fixes the ingress acknowledged are written (write-behind), so
+        a test can read PostgreSQL and Redis directly."""
+        if self.in_process:
+            await self.client.app[DISPATCHER].settle_pings(timeout_s=None)
+            return
+        # Out of process: the ingress's read barrier (reads see acknowledged fixes).
+        resp = await self.client.get("/drivers", params={"limit": "1"}, headers=self.admin)
+        assert resp.status == 200, await resp.text()
 
     async def set_status(self, driver: Driver, status: str) -> Any:
         return await self.client.patch(

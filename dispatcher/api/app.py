@@ -27,8 +27,9 @@ from dispatcher.api.spec import RouteSpec
 from dispatcher.config import ResolvedSettings
 from dispatcher.service import Dispatcher
 from dispatcher.store.deliveries import DeliveryStore
-from dispatcher.store.drivers import DriverStore
+from dispatcher.store.drivers import DRIVER_CHANGED_CHANNEL, DriverStore
 from dispatcher.store.geo import GeoMirror, connect_redis
+from dispatcher.store.listen import Listener
 from dispatcher.store.pg import create_pool
 from dispatcher.webhooks.sender import WebhookSender
 from dispatcher.zoning import Zoning
@@ -86,7 +87,23 @@ def _dispatcher(directory: ZoneDirectory) -> Callable[[web.Application], AsyncIt
             s, drivers=DriverStore(pool), deliveries=DeliveryStore(pool), router=router, zones=directory
         )
         app[DISPATCHER] = dispatcher
+        app[METRICS].count_ping_writes(
+            written=lambda: dispatcher.pings_written,
+            refused=lambda: dispatcher.pings_refused_on_write,
+            dropped=lambda: dispatcher.pings.dropped,
+        )
+        # Another replica's deactivation reaches this one's ping gate by NOTIFY.
+        changes = Listener(
+            pool,
+            {DRIVER_CHANGED_CHANNEL: dispatcher.gate.forget},
+            pg_timeout_s=s.pg_timeout_s,
+            on_listening=dispatcher.gate.clear,
+        )
+        listener = asyncio.create_task(changes.run_forever(), name="driver-changes")
         yield
+        listener.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await listener
         await dispatcher.close()
 
     return context

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Literal
 
@@ -103,6 +105,7 @@ async def list_drivers(request: web.Request) -> web.StreamResponse:
         query = DriverQuery.model_validate(dict(request.query))
     except ValidationError as exc:
         raise RequestValidationError("invalid query", errors=validation_errors(exc, "query")) from None
+    await request.app[DISPATCHER].settle_pings()
     records = await request.app[DISPATCHER].drivers.list_drivers(query.status, query.zone_id, query.limit)
     return json_model(DriverList(drivers=[driver_view(r) for r in records]))
 
@@ -110,6 +113,7 @@ async def list_drivers(request: web.Request) -> web.StreamResponse:
 async def get_driver(request: web.Request) -> web.StreamResponse:
     driver_id = path_id(request, "driverId")
     await require_driver(request, driver_id)
+    await request.app[DISPATCHER].settle_pings()
     record = await request.app[DISPATCHER].drivers.get(driver_id)
     if record is None:
         raise NotFoundError(f"driver {driver_id} not found")
@@ -147,19 +151,21 @@ async def ping_location(request: web.Request) -> web.StreamResponse:
 
 async def ping_batch(request: web.Request) -> web.StreamResponse:
     await require_operator(request)
-    envelope = parse(await read_body(request), BatchPingsEnvelope)
+    items = _batch_items(await read_body(request))
     now = datetime.now(UTC)
     limiter = ping_limiter(request.app)
+    metrics = request.app[METRICS]
     # A batch takes one token per driver it names, however many of that driver's
     # fixes it carries; when there is none, each of that driver's entries is rejected.
     waits: dict[str, float] = {}
     rejected: list[PingRejection] = []
     pings: list[Ping] = []
     positions: list[int] = []
-    for index, item in enumerate(envelope.pings):
+    for index, item in enumerate(items):
         try:
-            ping = _batch_item(item)
-            fix = to_ping(ping.driver_id, ping, now)
+            if isinstance(item, ValidationError):
+                raise item
+            fix = to_ping(item.driver_id, item, now)
         except (ValidationError, DispatchError) as exc:
             rejected.append(PingRejection(index=index, detail=_reason(exc)))
             continue
@@ -167,7 +173,7 @@ async def ping_batch(request: web.Request) -> web.StreamResponse:
         if wait is None:
             wait = waits[fix.driver_id] = limiter.take(fix.driver_id)
         if wait > 0:
-            request.app[METRICS].pings.labels(RATE_LIMITED).inc()
+            metrics.pings.labels(RATE_LIMITED).inc()
             rejected.append(PingRejection(index=index, detail=rate_limited_detail(limiter, wait)))
             continue
         pings.append(fix)
@@ -180,18 +186,34 @@ async def ping_batch(request: web.Request) -> web.StreamResponse:
         # Retrying the whole batch is safe (fixes are idempotent by recordedAt), so a
         # gateway is told to retry rather than shown pings as "rejected".
         raise unavailable
-    accepted = 0
-    metrics = request.app[METRICS]
+    counts: Counter[PingVerdict] = Counter()
     for index, outcome in zip(positions, outcomes, strict=True):
+        if outcome.verdict is not None:
+            counts[outcome.verdict] += 1
         if outcome.verdict is not None and outcome.verdict not in VERDICT_ERRORS:
-            accepted += 1
-            metrics.pings.labels(outcome.verdict.value).inc()
-        elif outcome.verdict is not None:
-            rejected.append(PingRejection(index=index, detail=VERDICT_DETAILS[outcome.verdict]))
-        else:
-            rejected.append(PingRejection(index=index, detail=str(outcome.error)))
+            continue
+        detail = VERDICT_DETAILS[outcome.verdict] if outcome.verdict is not None else str(outcome.error)
+        rejected.append(PingRejection(index=index, detail=detail))
+    for verdict, count in counts.items():
+        metrics.pings.labels(verdict.value).inc(count)
+    accepted = counts[PingVerdict.ACCEPTED] + counts[PingVerdict.STALE]
     rejected.sort(key=lambda r: r.index)
     return json_model(BatchPingResult(accepted=accepted, rejected=rejected))
+
+
+def _batch_items(raw: bytes) -> list[BatchPing] | list[BatchPing | ValidationError]:
+    """The batch's items, each valid or with its validation error."""
+    with contextlib.suppress(ValidationError):
+        # The common case, every item valid: one pass in pydantic-core.
+        return BatchPings.model_validate_json(raw).pings
+    envelope = parse(raw, BatchPingsEnvelope)
+    items: list[BatchPing | ValidationError] = []
+    for item in envelope.pings:
+        try:
+            items.append(_batch_item(item))
+        except ValidationError as exc:
+            items.append(exc)
+    return items
 
 
 def _batch_item(item: object) -> BatchPing:

@@ -22,6 +22,9 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 
 
 RETRIES_HELP = "zone actor calls retried because the zone restarted, moved or was fenced"
+WRITTEN_HELP = "fixes written to PostgreSQL (a driver's fixes within one flush window count once)"
+REFUSED_HELP = "acknowledged fixes that PostgreSQL then refused (stale, too fast, inactive)"
+DROPPED_HELP = "acknowledged fixes given up on: older than the heartbeat TTL when retried"
 
 
 class _ReadOnScrape(Collector):
@@ -63,6 +66,14 @@ class Metrics:
         """Expose the ingress's retried zone calls (a zone restarted, moved or was fenced),
         read when scraped."""
         self.registry.register(_ReadOnScrape("dispatcher_zone_call_retries", RETRIES_HELP, read))
+
+    def count_ping_writes(
+        self, *, written: Callable[[], int], refused: Callable[[], int], dropped: Callable[[], int]
+    ) -> None:
+        """Expose what became of acknowledged fixes (written behind)."""
+        self.registry.register(_ReadOnScrape("dispatcher_ping_fixes_written", WRITTEN_HELP, written))
+        self.registry.register(_ReadOnScrape("dispatcher_pings_refused_on_write", REFUSED_HELP, refused))
+        self.registry.register(_ReadOnScrape("dispatcher_pings_dropped", DROPPED_HELP, dropped))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

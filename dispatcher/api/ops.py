@@ -77,6 +77,7 @@ async def ready(request: web.Request) -> web.StreamResponse:
 async def zones(request: web.Request) -> web.StreamResponse:
     await require_operator(request)
     dispatcher = request.app[DISPATCHER]
+    await dispatcher.settle_pings()
     zone_ids = await known_zones(request.app[PG_POOL])
 
     async def view(zone_id: str) -> ZoneView:

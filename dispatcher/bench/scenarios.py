@@ -77,6 +77,7 @@ WARMUP_MAX_S = 600.0
 METRIC_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{([^}]*)\})? ([-+0-9.eE]+|NaN)$")
 # Ping verdicts the service answers 204 (or counts as accepted in a batch).
 PING_OK_VERDICTS = ("accepted", "stale")
+FLUSH_WINDOW_NOTE = "flush window (DISPATCHER_PING_FLUSH_INTERVAL_MS, 50 ms)"
 
 
 def plan_steps(o: Options) -> int:
@@ -155,6 +156,8 @@ class Bench:
         self.ref_rate: dict[tuple[str, float], list[RunResult]] = {}
         self.ref_requests: Path | None = None
         self.lookup_fleet: list[Driver] | None = None
+        # Per batched-ping run tag: how many acknowledged fixes reached PostgreSQL.
+        self.written_notes: dict[str, str] = {}
 
     @property
     def base(self) -> str:
@@ -268,7 +271,8 @@ class Bench:
                      self._ref("rps"), self._ref("rps", "naive"), Target("≥ 50,000", minimum=50_000))
         fig.notes.append(f"{per_body:.0f} pings per request on average (the most that fit 64 KiB, ≤ 1000), "
                          f"{min(s.connections, BATCH_CONNECTIONS)} connections, "
-                         f"{median([r.throughput for r in batched]):,.1f} requests/s")
+                         f"{median([r.throughput for r in batched]):,.1f} requests/s; "
+                         + self.written_notes["pings"])
         self.add(fig, batched)
 
         rate = s.ping_rate
@@ -288,15 +292,25 @@ class Bench:
         batch = self.runner.write(f"{tag}-batch", [batch_request(b, self.stack.admin_token) for b in bodies])
         batched: list[RunResult] = []
         pings_per_s: list[float] = []
+        written_per_s: list[float] = []
         for rep in range(s.repeats):
             self.step(f"{tag}: batched, saturation ({rep + 1}/{s.repeats})", s.duration_s)
             # The service's own count of accepted pings: wrk cannot read the answers,
             # and a batch answered 200 may still reject entries (rate limit, …).
-            before = await self._pings_ok()
+            before, written_before = await self._pings_ok(), await self._pings_written()
             result = await self.runner.saturate(self.base, batch, connections=min(s.connections, BATCH_CONNECTIONS),
                                                 duration_s=s.duration_s)
             batched.append(result)
             pings_per_s.append((await self._pings_ok() - before) / result.duration_s)
+            # Pings are written behind: a read waits for the queued ones, then count
+            # what reached PostgreSQL (a driver's fixes in one flush window count once).
+            await self._settle()
+            written_per_s.append((await self._pings_written() - written_before) / result.duration_s)
+        self.written_notes[tag] = (
+            f"written to PostgreSQL: {median(written_per_s):,.0f} fixes/s "
+            f"({median(written_per_s) / max(median(pings_per_s), 1.0):.0%} of those acknowledged; the rest "
+            f"were superseded within their {FLUSH_WINDOW_NOTE} by the same driver's newer fix)"
+        )
         return batched, pings_per_s, len(fleet) / len(bodies)
 
     # ---- 2. orders --------------------------------------------------------------------
@@ -470,6 +484,16 @@ class Bench:
         """Pings the service has accepted so far (its own counter, by verdict)."""
         counts = parse_counter(await self._metrics_text(), "dispatcher_pings_total")
         return sum(counts.get(v, 0.0) for v in PING_OK_VERDICTS)
+
+    async def _pings_written(self) -> float:
+        counts = parse_counter(await self._metrics_text(), "dispatcher_ping_fixes_written_total")
+        return sum(counts.values())
+
+    async def _settle(self) -> None:
+        """A read through the ingress waits until its queued pings are written."""
+        async with self.session.get(f"{self.base}/drivers", params={"limit": "1"}, timeout=ADMIN_TIMEOUT,
+                                    headers={"Authorization": f"Bearer {self.stack.admin_token}"}) as resp:
+            await resp.read()
 
     async def _metrics_text(self) -> str:
         async with self.session.get(f"{self.base}/metrics", timeout=ADMIN_TIMEOUT) as resp:

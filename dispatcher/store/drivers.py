@@ -13,15 +13,15 @@ from typing import Any
 import asyncpg
 
 from dispatcher.actors.messages import Ping, PingVerdict
+from dispatcher.actors.pinggate import SPEED_CHECK_MIN_KM, LastFix, judge_fix
 from dispatcher.errors import ConflictError, NotFoundError, StaleEpochError
-from dispatcher.geo import haversine_km
 from dispatcher.store.pg import connection, haversine_sql
 
 # Enough for every driver of a large fleet; past it the cache simply starts over.
 TOKEN_CACHE_MAX = 200_000
 
-# GPS fixes jitter by tens of metres; below this jump no speed check applies.
-SPEED_CHECK_MIN_KM = 0.2
+# NOTIFY channel whose payload is the id of a driver whose activity may have changed.
+DRIVER_CHANGED_CHANNEL = "dispatcher_driver_changed"
 
 DRIVER_COLUMNS = """
     d.id, d.name, d.phone, d.vehicle_type, d.status, d.is_active, d.lat, d.lon,
@@ -131,6 +131,15 @@ class DriverStore:
                 self._token_owner[digest] = owner
         return owner
 
+    async def last_fixes(self, driver_ids: Sequence[str]) -> dict[str, LastFix]:
+        """Each known driver's activity and newest stored fix (the ping gate's cache)."""
+        async with connection(self.pool) as conn:
+            rows = await conn.fetch(
+                "SELECT id, is_active, lat, lon, location_recorded_at FROM drivers WHERE id = ANY($1::text[])",
+                list(driver_ids),
+            )
+        return {r["id"]: _last_fix(r) for r in rows}
+
     async def is_active(self, driver_id: str) -> bool:
         async with connection(self.pool) as conn:
             active: bool | None = await conn.fetchval("SELECT is_active FROM drivers WHERE id = $1", driver_id)
@@ -138,10 +147,15 @@ class DriverStore:
 
     async def update(self, driver_id: str, *, is_active: bool | None, name: str | None) -> DriverRecord:
         async with connection(self.pool) as conn:
+            # The NOTIFY (sent at commit) tells every ingress's ping gate to read the
+            # driver again: a deactivation is refused at once on every replica.
             found = await conn.fetchval(
-                """UPDATE drivers SET is_active = coalesce($2, is_active), name = coalesce($3, name),
-                       updated_at = now() WHERE id = $1 RETURNING id""",
-                driver_id, is_active, name,
+                """WITH changed AS (
+                       UPDATE drivers SET is_active = coalesce($2, is_active), name = coalesce($3, name),
+                           updated_at = now() WHERE id = $1 RETURNING id
+                   )
+                   SELECT id FROM changed, pg_notify($4, id) AS notified""",
+                driver_id, is_active, name, DRIVER_CHANGED_CHANNEL,
             )
         if found is None:
             raise NotFoundError(f"driver {driver_id} not found")
@@ -283,17 +297,10 @@ def _verdict(
     if ping.driver_id in updated:
         return PingVerdict.ACCEPTED
     row = others.get(ping.driver_id)
-    if row is None:
-        return PingVerdict.UNKNOWN_DRIVER
-    if not row["is_active"]:
-        return PingVerdict.INACTIVE
-    last = row["location_recorded_at"]
-    if last is not None and last >= ping.recorded_at:
-        return PingVerdict.STALE
-    if row["lat"] is not None and last is not None:
-        jump = haversine_km(row["lat"], row["lon"], ping.lat, ping.lon)
-        hours = (ping.recorded_at - last).total_seconds() / 3600.0
-        if jump > max(SPEED_CHECK_MIN_KM, max_speed_kmh * hours):
-            return PingVerdict.TOO_FAST
-    # Lost a race with a newer fix written between the two statements.
-    return PingVerdict.STALE
+    verdict = judge_fix(None if row is None else _last_fix(row), ping, max_speed_kmh)
+    # ACCEPTED here means it lost a race with a newer fix written between the two statements.
+    return PingVerdict.STALE if verdict is PingVerdict.ACCEPTED else verdict
+
+
+def _last_fix(row: asyncpg.Record) -> LastFix:
+    return LastFix(row["is_active"], row["lat"], row["lon"], row["location_recorded_at"])

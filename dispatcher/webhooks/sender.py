@@ -9,7 +9,7 @@ import math
 import random
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -17,10 +17,10 @@ from typing import Any, Final
 
 import aiohttp
 import asyncpg
-from asyncpg.pool import PoolConnectionProxy
 from yarl import URL
 
 from dispatcher import __version__
+from dispatcher.store.listen import Listener
 from dispatcher.webhooks import signing
 from dispatcher.webhooks.outbox import NOTIFY_CHANNEL
 
@@ -36,8 +36,6 @@ MAX_RETRY_AFTER_S: Final = 86400.0
 # PostgreSQL outages: retry soon, then back off to a gentle rate while it stays down.
 BACKOFF_MIN_S: Final = 0.5
 BACKOFF_MAX_S: Final = 30.0
-# A silently dropped TCP connection never fires a close event: probe the idle LISTEN link.
-LISTEN_PROBE_S: Final = 30.0
 # last_error is for operators reading a row: enough for the cause, bounded for the table.
 MAX_ERROR_CHARS: Final = 300
 USER_AGENT: Final = f"dispatcher-webhooks/{__version__}"
@@ -244,9 +242,14 @@ class WebhookSender:
             headers={"user-agent": USER_AGENT},
         )
         async with session:
-            listener = asyncio.create_task(
-                self._listen_forever(), name="webhook-listen"
+            # A NOTIFY wakes the poller; rows may have come while nobody listened.
+            listen = Listener(
+                self._pool,
+                {NOTIFY_CHANNEL: lambda _: self.wake()},
+                pg_timeout_s=self._pg_timeout_s,
+                on_listening=self.wake,
             )
+            listener = asyncio.create_task(listen.run_forever(), name="webhook-listen")
             try:
                 await self._poll_forever(session, self._url)
             finally:
@@ -416,68 +419,6 @@ class WebhookSender:
         if retry_after_s is not None:
             delay = max(delay, min(retry_after_s, MAX_RETRY_AFTER_S))
         return delay
-
-    # -- LISTEN --------------------------------------------------------------------
-
-    def _on_notify(self, conn: object, pid: int, channel: str, payload: object) -> None:
-        self.wake()
-
-    async def _listen_forever(self) -> None:
-        backoff = BACKOFF_MIN_S
-        while True:
-            started = time.monotonic()
-            try:
-                await self._listen_once()
-            except Exception as exc:
-                logger.warning(
-                    "LISTEN %s lost (%s); polling every %g s meanwhile",
-                    NOTIFY_CHANNEL,
-                    _describe(exc),
-                    self._poll_interval_s,
-                )
-            if time.monotonic() - started > LISTEN_PROBE_S:
-                backoff = BACKOFF_MIN_S  # it worked for a while: a fresh outage
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX_S)
-
-    async def _listen_once(self) -> None:
-        """Hold one pooled connection LISTENing until it breaks."""
-        async with self._pool.acquire(timeout=self._pg_timeout_s) as conn:
-            lost = asyncio.Event()
-
-            def on_lost(_: object) -> None:
-                lost.set()
-
-            conn.add_termination_listener(on_lost)
-            try:
-                async with asyncio.timeout(self._pg_timeout_s):
-                    await conn.add_listener(NOTIFY_CHANNEL, self._on_notify)
-                self.wake()  # rows may have come while nobody was listening
-                while not lost.is_set():
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(LISTEN_PROBE_S):
-                            await lost.wait()
-                    if not lost.is_set():
-                        await conn.execute("SELECT 1", timeout=self._pg_timeout_s)
-                raise ConnectionError("listen connection closed")
-            finally:
-                await self._unlisten(conn, on_lost)
-
-    async def _unlisten(
-        self, conn: PoolConnectionProxy, on_lost: Callable[[object], None]
-    ) -> None:
-        """Leave the connection fit for the pool, whatever state it is in."""
-        try:
-            conn.remove_termination_listener(on_lost)
-            async with asyncio.timeout(self._pg_timeout_s):
-                await conn.remove_listener(NOTIFY_CHANNEL, self._on_notify)
-        except asyncpg.InterfaceError:
-            # It broke, so the pool has already taken it back: nothing left to undo.
-            return
-        except Exception:
-            # Unusable connection: drop it rather than return it to the pool.
-            with contextlib.suppress(asyncpg.InterfaceError):
-                conn.terminate()
 
     # -- PostgreSQL helpers --------------------------------------------------------
 

@@ -170,6 +170,7 @@ async def test_valid_fix_sent_with_a_newer_glitch_is_kept(
     assert resp.status == 200
     result = await resp.json()
     assert result["accepted"] == 1 and [r["index"] for r in result["rejected"]] == [1], result
+    await api.settle()
     at, recorded, _ = await stored(pg_pool, redis_client, d.driver_id)
     assert haversine_km(*at, *valid) < 1e-9 and recorded == t0 + timedelta(seconds=10), (
         f"the fix answered 'accepted' was not stored: still at {at} recorded {recorded}"

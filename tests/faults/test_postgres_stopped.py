@@ -10,7 +10,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +18,11 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
+from dispatcher.api.keys import DISPATCHER
 from dispatcher.config import ResolvedSettings
 from dispatcher.geo import haversine_km
+from dispatcher.service import SETTLE_TIMEOUT_S
+from dispatcher.zoning import Zoning
 from tests.faults.conftest import OwnServers
 from tests.faults.helpers import (
     GEO_TOLERANCE_KM,
@@ -79,7 +82,11 @@ class Outage:
     """What the clients saw while PostgreSQL was down."""
 
     outcomes: list[Outcome]
+    # Per driver: its newest fix answered 503 (to send again) and newest answered 204
+    # (written behind: the ingress must store it by itself once PostgreSQL is back).
     pending_pings: dict[str, PendingPing]
+    acked_pings: dict[str, PendingPing]
+    ping_statuses: dict[str, list[int]]
     mirror_seen: list[dict[str, dict[str, tuple[float, float]]]]
 
 
@@ -87,17 +94,15 @@ async def load_during_outage(
     api: Api, drivers: list[Driver], spots: list[tuple[float, float]], spare: Driver, redis: Redis
 ) -> Outage:
     """Rounds of every kind of write, plus /ready, for OUTAGE_S; Redis sampled each round."""
-    outage = Outage([], {}, [])
+    outage = Outage([], {}, {}, {}, [])
     stopped = time.monotonic()
     while time.monotonic() - stopped < OUTAGE_S:
         now = datetime.now(UTC)
+        fixes = [PendingPing(d, *offset(lat, lon, 0.1, 0.1), now) for d, (lat, lon) in zip(drivers, spots, strict=True)]
+        pings = [timed("ping", api.ping(p.driver, p.lat, p.lon, recorded_at=p.recorded_at)) for p in fixes]
         batch: list[Awaitable[Outcome]] = [
             timed("order", api.order(f"NEW-{n}", *pickup(f"NEW-{n}"))) for n in range(NEW_ORDERS)
         ]
-        for driver, (lat, lon) in zip(drivers, spots, strict=True):
-            moved = offset(lat, lon, 0.1, 0.1)
-            outage.pending_pings[driver.driver_id] = PendingPing(driver, *moved, now)
-            batch.append(timed("ping", api.ping(driver, *moved, recorded_at=now)))
         batch += [
             timed("status", api.set_status(spare, "OFFLINE")),
             timed("cancel", api.cancel("PRE-1")),
@@ -105,9 +110,29 @@ async def load_during_outage(
             timed("create-driver", api.client.post("/drivers", json={"name": "x"}, headers=api.admin)),
             timed("ready", api.client.get("/ready")),
         ]
-        outage.outcomes += await asyncio.gather(*batch)
+        answers = await asyncio.gather(*pings, *batch)
+        for fix, answer in zip(fixes, answers, strict=False):
+            outage.ping_statuses.setdefault(fix.driver.driver_id, []).append(answer.status)
+            if answer.status == 204:
+                outage.acked_pings[fix.driver.driver_id] = fix
+            else:
+                outage.pending_pings[fix.driver.driver_id] = fix
+        # Acknowledged pings are checked on their own (check_acknowledged_pings).
+        outage.outcomes += [a for a in answers if not (a.kind == "ping" and a.status == 204)]
         outage.mirror_seen.append(await mirror_by_zone(redis))
+        # Paced like phones (refusals are instant now), under the per-driver rate limit.
+        await asyncio.sleep(0.2)
     return outage
+
+
+def check_acknowledged_pings(statuses: dict[str, list[int]]) -> None:
+    """Pings are written behind: a zone acknowledges fixes until its first flush fails,
+    then answers 503 until PostgreSQL is back, never 204 again in between."""
+    for driver_id, answers in statuses.items():
+        first_refusal = answers.index(503) if 503 in answers else len(answers)
+        assert first_refusal < len(answers), f"{driver_id}: the outage never showed: {answers}"
+        assert set(answers[first_refusal:]) == {503}, f"{driver_id}: 204 after a 503: {answers}"
+        assert first_refusal <= 1, f"{driver_id}: acknowledged past the first flush: {answers}"
 
 
 def check_outage_answers(outcomes: list[Outcome]) -> float:
@@ -183,6 +208,7 @@ async def test_postgres_stopped_then_back(
     outage = await load_during_outage(api, drivers, spots, spare, own_redis)
     assert len(outage.mirror_seen) >= 2
     recovery("postgres_down_slowest_503", check_outage_answers(outage.outcomes))
+    check_acknowledged_pings(outage.ping_statuses)
     check_mirror_had_nothing_new(before, outage.mirror_seen)
 
     # ---- PostgreSQL is back: no restart of the service -------------------------------
@@ -202,7 +228,17 @@ async def test_postgres_stopped_then_back(
         assert (status, body, headers.get("Idempotent-Replayed")) == (200, first[order_id], "true")
     assert all(json.loads(b)["assigned"] for b in first.values())
 
-    # The driver app retries its failed pings (same fix): now they are persisted.
+    # The fixes acknowledged before the outage showed were kept and are written now,
+    # without anyone sending them again.
+    async def acked_stored() -> bool:
+        rows = await own_pool.fetch("SELECT id, location_recorded_at FROM drivers")
+        stored = {r["id"]: r["location_recorded_at"] for r in rows}
+        return all(stored[d] >= p.recorded_at for d, p in outage.acked_pings.items())
+
+    await wait_until(acked_stored, within_s=15, what="acknowledged pings written after PostgreSQL came back")
+    print(f"{len(outage.acked_pings)} drivers' fixes acknowledged during the outage, all stored after it")
+
+    # The driver app retries its refused pings (same fix): now they are persisted.
     for p in outage.pending_pings.values():
         resp = await api.ping(p.driver, p.lat, p.lon, recorded_at=p.recorded_at)
         assert resp.status == 204, await resp.text()
@@ -285,7 +321,16 @@ async def test_postgres_frozen_answers_503_in_bounded_time(
         batch: list[Awaitable[Outcome]] = [
             timed("order", api.order(f"FZ-{n}", *offset(*BERLIN, 0.05 * n, 0))) for n in range(3)
         ]
-        batch += [timed("ping", api.ping(d, *offset(*BERLIN, 0.2 * i, 0.05))) for i, d in enumerate(drivers)]
+        # Raw pings: Api.ping would wait for the write (settle), which is hung too.
+        fixes = [offset(*BERLIN, 0.2 * i, 0.05) for i in range(len(drivers))]
+        at = datetime.now(UTC)
+        batch += [
+            timed("ping", api.client.patch(
+                f"/drivers/{d.driver_id}/location", json={"lat": p[0], "lon": p[1], "recordedAt": at.isoformat()},
+                headers=d.auth,
+            ))
+            for d, p in zip(drivers, fixes, strict=True)
+        ]  # fmt: skip
         batch += [
             timed("status", api.set_status(drivers[0], "OFFLINE")),
             timed("create-driver", api.client.post("/drivers", json={"name": "x"}, headers=api.admin)),
@@ -302,12 +347,16 @@ async def test_postgres_frozen_answers_503_in_bounded_time(
     print(f"frozen PostgreSQL, (status, slowest s) per kind: {by_kind}")
     slowest = max(o.seconds for o in outcomes)
     recovery("postgres_frozen_slowest_503", slowest)
-    assert [o.status for o in outcomes] == [503] * len(outcomes), [(o.kind, o.status, o.body[:200]) for o in outcomes]
-    assert all(o.retry_after is not None for o in outcomes if o.kind != "ready")
-    # Writes in the ingress: pool acquire (3 s) + statement timeout (5 s). Orders and
-    # pings queue behind each other in the zone actor, so the ingress's actor-call
-    # timeout is their bound: 10 s by default, not the ≈ 8 s ARCHITECTURE.md states.
-    assert slowest < api.settings.actor_call_timeout_s + 1.0, by_kind
+    # Pings are written behind: those sent before any flush failed are acknowledged
+    # (and stored after the thaw, below); every other write is refused.
+    acked = [o for o in outcomes if o.kind == "ping" and o.status == 204]
+    refused = [o for o in outcomes if o not in acked]
+    assert [o.status for o in refused] == [503] * len(refused), [(o.kind, o.status, o.body[:200]) for o in refused]
+    assert all(o.retry_after is not None for o in refused if o.kind != "ready")
+    # Writes in the ingress: pool acquire (3 s) + statement timeout (5 s). Orders wait
+    # for the pings queued before them (at most SETTLE_TIMEOUT_S), then queue behind
+    # them in the zone actor, so the ingress's actor-call timeout bounds the rest.
+    assert slowest < SETTLE_TIMEOUT_S + api.settings.actor_call_timeout_s + 1.0, by_kind
 
     # Thawed: the service answers again by itself.
     async def order_ok() -> bool:
@@ -316,6 +365,11 @@ async def test_postgres_frozen_answers_503_in_bounded_time(
 
     recovery("postgres_thawed_to_first_order_ok", await wait_until(order_ok, within_s=30, interval_s=0.1))
     await assert_booking_invariants(own_pool)
+    await api.settle()
+    for driver, fix, outcome in zip(drivers, fixes, outcomes[3:], strict=False):
+        if outcome in acked:
+            row = await own_pool.fetchrow("SELECT lat, lon FROM drivers WHERE id = $1", driver.driver_id)
+            assert row is not None and haversine_km(row["lat"], row["lon"], *fix) < 1e-6, "acknowledged fix lost"
 
 
 async def test_gateway_batch_pings_during_outage_are_retryable(
@@ -324,8 +378,10 @@ async def test_gateway_batch_pings_during_outage_are_retryable(
     fault_stack: OwnServers,
     own_pool: asyncpg.Pool,
 ) -> None:
-    """CONTRACT §3: a write PostgreSQL cannot take answers 503 + Retry-After. A gateway's
-    batch that could not be persisted at all must say "retry", not 200 "rejected"."""
+    """CONTRACT §3: a write PostgreSQL cannot take answers 503 + Retry-After. Pings are
+    written behind: a batch sent before its zone's flush failed is acknowledged and
+    stored once PostgreSQL is back; once the failure is known, a batch must say
+    "retry" (503), not 200 "rejected", and nothing of it is stored."""
     api: Api = await start_api(fault_settings(heartbeat_ttl_s=TTL_S))
     drivers = [await api.online_driver(*offset(*BERLIN, 0.2 * n, 0), name=f"g{n}") for n in range(3)]
     now = datetime.now(UTC)
@@ -336,20 +392,36 @@ async def test_gateway_batch_pings_during_outage_are_retryable(
             for lat, lon in [offset(*BERLIN, 0.2 * n, 0.1)]
         ]
     }
+    later = datetime.now(UTC) + timedelta(seconds=1)
+    second = {"pings": [{**p, "recordedAt": later.isoformat()} for p in batch["pings"]]}
     await asyncio.to_thread(fault_stack.pg.stop, "fast")
     try:
+        first = await api.client.post("/drivers/locations", json=batch, headers=api.admin)
+        assert first.status == 200 and await first.json() == {"accepted": len(drivers), "rejected": []}
+        # Its flush fails; from then on the zone refuses.
+        zone = Zoning(api.settings.zone_resolution).zone_of(*offset(*BERLIN, 0, 0.1))
+        dispatcher = api.client.app[DISPATCHER]
+        await wait_until(lambda: _failing(dispatcher, zone), within_s=BOUND_S, what="the flush failing")
         started = time.monotonic()
         status, body, headers = await read_answer(
-            await api.client.post("/drivers/locations", json=batch, headers=api.admin)
+            await api.client.post("/drivers/locations", json=second, headers=api.admin)
         )
         took = time.monotonic() - started
     finally:
         await asyncio.to_thread(fault_stack.pg.start)
     print(f"batch of {len(drivers)} pings with PostgreSQL down: {status} in {took:.2f} s: {body.decode()}")
-    # Nothing was stored, whatever the answer said.
-    moved = await own_pool.fetchval("SELECT count(*) FROM drivers WHERE location_recorded_at >= $1", now)
-    assert moved == 0
     assert took < BOUND_S
     assert status == 503 and headers.get("Retry-After"), (
         f"a batch PostgreSQL could not take answered {status} without Retry-After: {body.decode()}"
     )
+
+    # The acknowledged batch is written once PostgreSQL is back; the refused one never.
+    async def first_stored() -> bool:
+        return int(await own_pool.fetchval("SELECT count(*) FROM drivers WHERE location_recorded_at = $1", now)) == len(drivers)
+
+    await wait_until(first_stored, within_s=15, what="the acknowledged batch written")
+    assert await own_pool.fetchval("SELECT count(*) FROM drivers WHERE location_recorded_at >= $1", later) == 0
+
+
+async def _failing(dispatcher: Any, zone: str) -> bool:
+    return dispatcher.pings.failure(zone) is not None

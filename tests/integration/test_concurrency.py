@@ -324,8 +324,15 @@ async def test_concurrent_shuffled_pings_keep_each_drivers_newest_fix(
 
 
 async def test_racing_pings_through_two_zone_actors_never_move_a_driver_back(
-    api: Api, pg_pool: asyncpg.Pool, redis_client: Redis
+    api: Api,
+    start_api: Callable[[ResolvedSettings], Any],
+    settings: ResolvedSettings,
+    pg_pool: asyncpg.Pool,
+    redis_client: Redis,
 ) -> None:
+    """The older fix comes through a second ingress, whose ping gate has not seen the
+    newer one: only PostgreSQL can keep it from moving the driver back."""
+    other: Api = await start_api(settings)
     zoning = Zoning(api.settings.zone_resolution)
     home = zoning.zone_of(*BERLIN)
     cells = zone_cells(home)
@@ -367,7 +374,7 @@ async def test_racing_pings_through_two_zone_actors_never_move_a_driver_back(
         await conn.execute("SELECT 1 FROM drivers WHERE id = $1 FOR UPDATE", driver.driver_id)
         newer = asyncio.ensure_future(api.ping(driver, *b_side, recorded_at=base + timedelta(seconds=10)))
         await wait_for_blocked(1)
-        older = asyncio.ensure_future(api.ping(driver, *a_side, recorded_at=base + timedelta(seconds=5)))
+        older = asyncio.ensure_future(other.ping(driver, *a_side, recorded_at=base + timedelta(seconds=5)))
         await wait_for_blocked(2)
     assert (await newer).status == 204
     assert (await older).status == 204

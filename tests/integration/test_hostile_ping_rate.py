@@ -131,6 +131,7 @@ async def test_a_batch_entry_of_a_limited_driver_is_rejected_with_a_clear_detail
     assert [r["index"] for r in body["rejected"]] == [0, 2]
     for rejection in body["rejected"]:
         assert rejection["detail"].startswith("rate limited:") and "retry after" in rejection["detail"]
+    await api.settle()
     assert await location(pg_pool, busy) == before
     assert await location(pg_pool, calm) == pytest.approx(BERLIN)
 

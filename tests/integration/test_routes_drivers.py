@@ -398,6 +398,7 @@ async def test_ping_authorization_and_validation(api: Api, pg_pool: asyncpg.Pool
     # The operator may ping for any driver (gateways).
     resp = await api.client.patch(path, json=body, headers=api.admin)
     assert resp.status == 204, await resp.text()
+    await api.settle()
     assert ((await driver_row(pg_pool, driver))["lat"]) == pytest.approx(spot[0])
     await problem(
         await api.client.patch("/drivers/drv_missing/location", json=body, headers=api.admin), 404
@@ -476,6 +477,7 @@ async def test_batch_pings_accept_valid_items_and_reject_the_rest(
     for item in rejected:
         assert set(item) == {"index", "detail"} and isinstance(item["detail"], str) and item["detail"]
 
+    await api.settle()
     a_row, b_row = await driver_row(pg_pool, available), await driver_row(pg_pool, offline)
     assert (a_row["lat"], a_row["lon"]) == pytest.approx(a_spot)
     assert (b_row["lat"], b_row["lon"]) == pytest.approx(b_spot)
@@ -511,6 +513,7 @@ async def test_batch_pings_limits_and_auth(api: Api, pg_pool: asyncpg.Pool) -> N
     assert resp.status == 200, await resp.text()
     body = await resp.json()
     assert body == {"accepted": 1000, "rejected": []}
+    await api.settle()
     assert ((await driver_row(pg_pool, driver))["lat"], (await driver_row(pg_pool, driver))["lon"]) == BERLIN
 
 
