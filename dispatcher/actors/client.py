@@ -108,6 +108,9 @@ class ZoneDirectory:
     async def assign(self, zone_id: str, req: AssignRequest) -> AssignResult:
         return await self._call(zone_id, lambda h: h.assign.remote(req))
 
+    async def assign_many(self, zone_id: str, reqs: Sequence[AssignRequest]) -> list[AssignResult]:
+        return await self._call(zone_id, lambda h: h.assign_many.remote(list(reqs)))
+
     async def apply_pings(self, zone_id: str, pings: Sequence[Ping]) -> list[PingVerdict]:
         return await self._call(zone_id, lambda h: h.apply_pings.remote(list(pings)))
 

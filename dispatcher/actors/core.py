@@ -149,24 +149,31 @@ class ZoneCore:
     # ---- assignment ---------------------------------------------------------------
 
     async def assign(self, req: AssignRequest) -> AssignResult:
-        # No "already booked?" read first: the ingress made it just before calling, and
-        # the sellerOrderId primary key refuses a second booking inside the booking's own
-        # transaction (rolled back, driver untouched), which then replays the first.
-        # That saves a round trip on every booking; only races and replays pay for it.
+        return (await self.assign_many([req]))[0]
+
+    async def assign_many(self, reqs: Sequence[AssignRequest]) -> list[AssignResult]:
+        """Book each order in turn (one lock, one actor call for many orders)."""
         async with self._exclusive():
-            try:
-                booking, path = await self._book(req)
-            except OrderExistsError:
+            return [await self._assign_locked(req) for req in reqs]
+
+    async def _assign_locked(self, req: AssignRequest) -> AssignResult:
+        # No "already booked?" read first: the sellerOrderId primary key refuses a second
+        # booking inside the booking's own transaction (rolled back, driver untouched),
+        # which then replays the first. That saves a round trip on every booking; only
+        # retries and races pay for it.
+        try:
+            booking, path = await self._book(req)
+        except OrderExistsError:
+            return await self._replay(req)
+        if booking is None:
+            # Nobody free, but the order may have been booked meanwhile (a retry
+            # racing its first attempt): that answer wins.
+            if await self.deliveries.existing(req.seller_order_id) is not None:
                 return await self._replay(req)
-            if booking is None:
-                # Nobody free, but the order may have been booked meanwhile (a retry
-                # racing its first attempt): that answer wins.
-                if await self.deliveries.existing(req.seller_order_id) is not None:
-                    return await self._replay(req)
-                body = UnassignedResponse(seller_order_id=req.seller_order_id).model_dump_json()
-                return AssignResult("unassigned", body, "postgres")
-            await self._booked(booking)
-            return AssignResult("assigned", booking.body, path, booking.driver_id)
+            body = UnassignedResponse(seller_order_id=req.seller_order_id).model_dump_json()
+            return AssignResult("unassigned", body, "postgres")
+        await self._booked(booking)
+        return AssignResult("assigned", booking.body, path, booking.driver_id)
 
     async def _replay(self, req: AssignRequest) -> AssignResult:
         existing = await self.deliveries.existing(req.seller_order_id)

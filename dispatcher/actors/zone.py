@@ -31,7 +31,8 @@ log = logging.getLogger(__name__)
 
 # Assignment and upkeep run one at a time per zone: a small pool is enough.
 ZONE_POOL_SIZE = 3
-# Ping batches of a zone in flight at once (see PingBatcher's max_in_flight).
+# Ping batches of a zone in flight at once: one per ingress replica (see PingBuffer),
+# so a few replicas' flushes overlap their round trips.
 PING_POOL_SIZE = 3
 
 
@@ -89,6 +90,10 @@ class ZoneActor:
     @ray.method
     async def assign(self, req: AssignRequest) -> AssignResult:
         return await (await self._ready()).assign(req)
+
+    @ray.method
+    async def assign_many(self, reqs: Sequence[AssignRequest]) -> list[AssignResult]:
+        return await (await self._ready()).assign_many(reqs)
 
     @ray.method
     async def apply_pings(self, pings: Sequence[Ping]) -> list[PingVerdict]:
