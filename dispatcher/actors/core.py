@@ -29,7 +29,12 @@ from dispatcher.store.deliveries import (
     OrderExistsError,
 )
 from dispatcher.store.drivers import DriverStore, MirrorEntry
-from dispatcher.store.geo import GeoMirror, MirrorUnavailableError, is_dispatchable
+from dispatcher.store.geo import (
+    GeoMirror,
+    MirrorUnavailableError,
+    NearestQuery,
+    is_dispatchable,
+)
 from dispatcher.store.pg import activate_zone, known_zones
 from dispatcher.zoning import Zoning
 
@@ -152,9 +157,53 @@ class ZoneCore:
         return (await self.assign_many([req]))[0]
 
     async def assign_many(self, reqs: Sequence[AssignRequest]) -> list[AssignResult]:
-        """Book each order in turn (one lock, one actor call for many orders)."""
+        """Book several orders in turn under one lock, with one mirror round trip for
+        their lookups and one transaction (one commit) for their bookings."""
         async with self._exclusive():
+            if len(reqs) > 1:
+                try:
+                    return await self._assign_together(reqs)
+                except (OrderExistsError, DriverTakenError):
+                    # A retry among them, or bad data: all rolled back, so each order
+                    # goes alone and gets its own answer (replay, conflict, skip).
+                    pass
             return [await self._assign_locked(req) for req in reqs]
+
+    async def _assign_together(self, reqs: Sequence[AssignRequest]) -> list[AssignResult]:
+        candidates = await self._candidates_many(reqs)
+        booked = await self.deliveries.book_many(
+            list(zip(reqs, candidates, strict=True)),
+            zone_id=self.zone_id,
+            epoch=self.epoch,
+            radius_km=self.settings.search_radius_km,
+            heartbeat_ttl_s=self.settings.heartbeat_ttl_s,
+        )
+        results: list[AssignResult] = []
+        for req, (booking, from_mirror) in zip(reqs, booked, strict=True):
+            if booking is None:
+                results.append(await self._unassigned(req))
+                continue
+            await self._booked(booking)
+            results.append(AssignResult("assigned", booking.body, "redis" if from_mirror else "postgres", booking.driver_id))
+        return results
+
+    async def _candidates_many(self, reqs: Sequence[AssignRequest]) -> list[list[str]]:
+        """Each order's mirror candidates (empty: PostgreSQL decides alone), in one round trip."""
+        if self._mirror_dirty:
+            return [[] for _ in reqs]
+        radius = self.settings.search_radius_km
+        queries = []
+        for req in reqs:
+            zones = self.zoning.zones_near(req.pickup_lat, req.pickup_lon, radius)
+            queries.append(NearestQuery(
+                tuple(zones), req.pickup_lat, req.pickup_lon, tuple(search_steps(radius)), CANDIDATES,
+                tuple(z for z in zones if z in self.known_zones),
+            ))  # fmt: skip
+        try:
+            found = await self.mirror.nearest_widening_many(queries)
+        except MirrorUnavailableError:
+            return [[] for _ in reqs]
+        return [ids or [] for ids in found]
 
     async def _assign_locked(self, req: AssignRequest) -> AssignResult:
         # No "already booked?" read first: the sellerOrderId primary key refuses a second
@@ -166,14 +215,17 @@ class ZoneCore:
         except OrderExistsError:
             return await self._replay(req)
         if booking is None:
-            # Nobody free, but the order may have been booked meanwhile (a retry
-            # racing its first attempt): that answer wins.
-            if await self.deliveries.existing(req.seller_order_id) is not None:
-                return await self._replay(req)
-            body = UnassignedResponse(seller_order_id=req.seller_order_id).model_dump_json()
-            return AssignResult("unassigned", body, "postgres")
+            return await self._unassigned(req)
         await self._booked(booking)
         return AssignResult("assigned", booking.body, path, booking.driver_id)
+
+    async def _unassigned(self, req: AssignRequest) -> AssignResult:
+        # Nobody free, but the order may have been booked meanwhile (a retry racing its
+        # first attempt): that answer wins.
+        if await self.deliveries.existing(req.seller_order_id) is not None:
+            return await self._replay(req)
+        body = UnassignedResponse(seller_order_id=req.seller_order_id).model_dump_json()
+        return AssignResult("unassigned", body, "postgres")
 
     async def _replay(self, req: AssignRequest) -> AssignResult:
         existing = await self.deliveries.existing(req.seller_order_id)

@@ -23,7 +23,7 @@ from dispatcher.bench.progress import Progress
 from dispatcher.bench.report import Report
 from dispatcher.bench.results import Figure, Target
 from dispatcher.bench.runner import LoadRunner
-from dispatcher.bench.seed import booking_counts, locate, reset_bookings, seed
+from dispatcher.bench.seed import booking_counts, locate, reset_bookings, seed, settle
 from dispatcher.bench.stack import SERVICE_REDIS_DB, Stack
 from dispatcher.bench.stats import RunResult, latency_summary, median
 from dispatcher.bench.workload import (
@@ -490,10 +490,7 @@ class Bench:
         return sum(counts.values())
 
     async def _settle(self) -> None:
-        """A read through the ingress waits until its queued pings are written."""
-        async with self.session.get(f"{self.base}/drivers", params={"limit": "1"}, timeout=ADMIN_TIMEOUT,
-                                    headers={"Authorization": f"Bearer {self.stack.admin_token}"}) as resp:
-            await resp.read()
+        await settle(self.session, self.base, self.stack.admin_token)
 
     async def _metrics_text(self) -> str:
         async with self.session.get(f"{self.base}/metrics", timeout=ADMIN_TIMEOUT) as resp:

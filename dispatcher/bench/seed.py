@@ -91,6 +91,15 @@ async def locate(session: aiohttp.ClientSession, base: str, admin_token: str, dr
     if accepted != len(drivers):
         detail = "; ".join(f"{n}x {reason}" for reason, n in reasons.most_common(3))
         raise SeedError(f"only {accepted} of {len(drivers)} pings were accepted: {detail}")
+    await settle(session, base, admin_token)
+
+
+async def settle(session: aiohttp.ClientSession, base: str, admin_token: str) -> None:
+    """Wait until the pings the ingress acknowledged are written: pings are written
+    behind, and a read through the ingress waits for them."""
+    headers = {"Authorization": f"Bearer {admin_token}"}
+    async with session.get(f"{base}/drivers", params={"limit": "1"}, headers=headers) as resp:
+        await _check(resp, "GET /drivers")
 
 
 async def seed(

@@ -124,6 +124,16 @@ class StepResult:
     changed: bool
 
 
+@dataclass(frozen=True, slots=True)
+class _PickRule:
+    """Who may be booked for a zone's order: the fence and the dispatchability rule."""
+
+    zone_id: str
+    epoch: int
+    radius_km: float
+    heartbeat_ttl_s: float
+
+
 class OrderExistsError(Exception):
     """Another request booked this sellerOrderId first; replay or 409."""
 
@@ -167,51 +177,91 @@ class DeliveryStore:
         mark it BUSY; insert the delivery, its history and the `delivery.assigned`
         outbox row. The unique indexes on deliveries are the final gate.
         """
-        lat, lon = req.pickup_lat, req.pickup_lon
-        box = bounding_box(lat, lon, radius_km)
+        rule = _PickRule(zone_id, epoch, radius_km, heartbeat_ttl_s)
         async with connection(self.pool) as conn, conn.transaction():
-            pick = await conn.fetchrow(
-                PICK_SQL if candidates is None else PICK_AMONG_SQL, lat, lon, heartbeat_ttl_s, *box,
-                None if candidates is None else list(candidates), radius_km, list(exclude),
-                zone_id, epoch,
+            return await self._book_on(conn, req, rule, candidates, exclude)
+
+    async def book_many(
+        self,
+        orders: Sequence[tuple[AssignRequest, Sequence[str]]],
+        *,
+        zone_id: str,
+        epoch: int,
+        radius_km: float,
+        heartbeat_ttl_s: float,
+    ) -> list[tuple[Booking | None, bool]]:
+        """Book several orders in ONE transaction: one commit (one WAL flush) for all.
+
+        Each order tries its candidates (if any), then the full pick, exactly as
+        `book`; an order sees the drivers booked before it in the same transaction as
+        BUSY. Returns, per order, the booking (or None) and whether it came from the
+        candidates. Raises OrderExistsError or DriverTakenError with everything rolled
+        back: the caller then books the orders one by one, each with its own answer.
+        """
+        rule = _PickRule(zone_id, epoch, radius_km, heartbeat_ttl_s)
+        results: list[tuple[Booking | None, bool]] = []
+        async with connection(self.pool) as conn, conn.transaction():
+            for req, candidates in orders:
+                booking = await self._book_on(conn, req, rule, candidates) if candidates else None
+                if booking is not None:
+                    results.append((booking, True))
+                    continue
+                results.append((await self._book_on(conn, req, rule, None), False))
+        return results
+
+    async def _book_on(
+        self,
+        conn: Any,
+        req: AssignRequest,
+        rule: _PickRule,
+        candidates: Sequence[str] | None,
+        exclude: Sequence[str] = (),
+    ) -> Booking | None:
+        """PICK then RECORD on `conn`, inside the caller's transaction."""
+        lat, lon = req.pickup_lat, req.pickup_lon
+        box = bounding_box(lat, lon, rule.radius_km)
+        pick = await conn.fetchrow(
+            PICK_SQL if candidates is None else PICK_AMONG_SQL, lat, lon, rule.heartbeat_ttl_s, *box,
+            None if candidates is None else list(candidates), rule.radius_km, list(exclude),
+            rule.zone_id, rule.epoch,
+        )
+        assert pick is not None
+        if pick["epoch"] != rule.epoch:
+            raise StaleEpochError(f"zone {rule.zone_id}: epoch {rule.epoch} superseded by {pick['epoch']}")
+        if pick["id"] is None:
+            return None
+        driver_id: str = pick["id"]
+        assignment_id = "asg_" + uuid.uuid4().hex[:20]
+        distance_km = round_km(pick["distance_km"])
+        body = AssignedResponse(
+            seller_order_id=req.seller_order_id,
+            driver_id=driver_id,
+            assignment_id=assignment_id,
+            distance_km=distance_km,
+            zone_id=rule.zone_id,
+        ).model_dump_json()
+        event = build_body(
+            "delivery.assigned",
+            {
+                "sellerOrderId": req.seller_order_id,
+                "driverId": driver_id,
+                "assignmentId": assignment_id,
+                "distanceKm": distance_km,
+                "sequence": 1,
+            },
+            datetime.now(UTC),
+        )
+        try:
+            await conn.execute(
+                RECORD_SQL,
+                req.seller_order_id, assignment_id, driver_id, rule.zone_id,
+                lat, lon, req.drop_lat, req.drop_lon, distance_km, body,
+                new_event_id(), event, NOTIFY_CHANNEL,
             )
-            assert pick is not None
-            if pick["epoch"] != epoch:
-                raise StaleEpochError(f"zone {zone_id}: epoch {epoch} superseded by {pick['epoch']}")
-            if pick["id"] is None:
-                return None
-            driver_id: str = pick["id"]
-            assignment_id = "asg_" + uuid.uuid4().hex[:20]
-            distance_km = round_km(pick["distance_km"])
-            body = AssignedResponse(
-                seller_order_id=req.seller_order_id,
-                driver_id=driver_id,
-                assignment_id=assignment_id,
-                distance_km=distance_km,
-                zone_id=zone_id,
-            ).model_dump_json()
-            event = build_body(
-                "delivery.assigned",
-                {
-                    "sellerOrderId": req.seller_order_id,
-                    "driverId": driver_id,
-                    "assignmentId": assignment_id,
-                    "distanceKm": distance_km,
-                    "sequence": 1,
-                },
-                datetime.now(UTC),
-            )
-            try:
-                await conn.execute(
-                    RECORD_SQL,
-                    req.seller_order_id, assignment_id, driver_id, zone_id,
-                    lat, lon, req.drop_lat, req.drop_lon, distance_km, body,
-                    new_event_id(), event, NOTIFY_CHANNEL,
-                )
-            except asyncpg.UniqueViolationError as exc:
-                if exc.constraint_name == "deliveries_pkey":
-                    raise OrderExistsError(req.seller_order_id) from exc
-                raise DriverTakenError(driver_id) from exc
+        except asyncpg.UniqueViolationError as exc:
+            if exc.constraint_name == "deliveries_pkey":
+                raise OrderExistsError(req.seller_order_id) from exc
+            raise DriverTakenError(driver_id) from exc
         return Booking(driver_id=driver_id, driver_zone_id=pick["zone_id"], body=body)
 
     async def step(self, seller_order_id: str, step: str, *, reason: str | None = None) -> StepResult:

@@ -10,6 +10,8 @@ import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -101,6 +103,18 @@ for r = 5, #ARGV do
 end
 return {}
 """
+
+
+@dataclass(frozen=True, slots=True)
+class NearestQuery:
+    """One widening lookup: zones to search, the point, ascending radii (km), how many."""
+
+    zones: tuple[str, ...]
+    lat: float
+    lon: float
+    radii_km: tuple[float, ...]
+    count: int
+    must_be_built: tuple[str, ...] = ()
 
 
 class MirrorUnavailableError(Exception):
@@ -196,19 +210,26 @@ class GeoMirror:
         Raises MirrorUnavailableError when a zone of `must_be_built` has no built
         marker (Redis lost it and it is not rebuilt yet).
         """
-        markers = [keys.zone_built(z) for z in must_be_built]
-        geo_keys = [keys.zone_geo(z) for z in zones]
-        radii = [r + RADIUS_SLACK_KM for r in radii_km]
+        query = NearestQuery(tuple(zones), lat, lon, tuple(radii_km), count, tuple(must_be_built))
+        (found,) = await self.nearest_widening_many([query])
+        if found is None:
+            raise MirrorUnavailableError("a zone's mirror is not rebuilt yet")
+        return found
+
+    async def nearest_widening_many(self, queries: Sequence[NearestQuery]) -> list[list[str] | None]:
+        """`nearest_widening` for several points in one round trip; None for a point
+        whose zones' mirror is not rebuilt yet."""
 
         def build(pipe: aioredis.client.Pipeline) -> None:
-            pipe.evalsha(NEAREST_SHA, len(markers) + len(geo_keys), *markers, *geo_keys,
-                         len(markers), lon, lat, count, *radii)  # fmt: skip
+            for q in queries:
+                markers = [keys.zone_built(z) for z in q.must_be_built]
+                geo_keys = [keys.zone_geo(z) for z in q.zones]
+                radii = [r + RADIUS_SLACK_KM for r in q.radii_km]
+                pipe.evalsha(NEAREST_SHA, len(markers) + len(geo_keys), *markers, *geo_keys,
+                             len(markers), q.lon, q.lat, q.count, *radii)  # fmt: skip
 
-        (result,) = await self._run_scripted(build, transaction=False, script=NEAREST_LUA)
-        if result is None:
-            raise MirrorUnavailableError("a zone's mirror is not rebuilt yet")
-        assert isinstance(result, list)
-        return [_text(member) for member in result]
+        results = await self._run_scripted(build, transaction=False, script=NEAREST_LUA)
+        return [None if r is None else [_text(m) for m in cast(list[object], r)] for r in results]
 
     async def apply(self, entries: Iterable[MirrorEntry], now_s: float, ttl_s: float) -> None:
         """Make the mirror agree with freshly written PostgreSQL rows."""
