@@ -183,8 +183,8 @@ class ZoneCore:
             if booking is None:
                 results.append(await self._unassigned(req))
                 continue
-            await self._booked(booking)
             results.append(AssignResult("assigned", booking.body, "redis" if from_mirror else "postgres", booking.driver_id))
+        await self._booked(*(b for b, _ in booked if b is not None))
         return results
 
     async def _candidates_many(self, reqs: Sequence[AssignRequest]) -> list[list[str]]:
@@ -276,13 +276,16 @@ class ZoneCore:
                 if len(taken) > MAX_TAKEN_RETRIES:
                     raise
 
-    async def _booked(self, booking: Booking) -> None:
-        entry = self.shard.get(booking.driver_id)
-        if entry is not None:
-            self.shard[booking.driver_id] = _with_status(entry, available=False)
-        zone = booking.driver_zone_id or self.zone_id
+    async def _booked(self, *bookings: Booking) -> None:
+        """Booked drivers leave the shard's available set and the mirror (one round trip)."""
+        by_zone: dict[str, list[str]] = {}
+        for booking in bookings:
+            entry = self.shard.get(booking.driver_id)
+            if entry is not None:
+                self.shard[booking.driver_id] = _with_status(entry, available=False)
+            by_zone.setdefault(booking.driver_zone_id or self.zone_id, []).append(booking.driver_id)
         try:
-            await self.mirror.forget(zone, [booking.driver_id])
+            await self.mirror.forget_many(by_zone)
         except MirrorUnavailableError:
             self._mirror_dirty = True
 

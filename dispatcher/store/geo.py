@@ -9,7 +9,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -243,12 +243,17 @@ class GeoMirror:
             await self._run_scripted(build, transaction=False)
 
     async def forget(self, zone_id: str, driver_ids: Sequence[str]) -> None:
-        if not driver_ids:
-            return
+        await self.forget_many({zone_id: driver_ids})
+
+    async def forget_many(self, by_zone: Mapping[str, Sequence[str]]) -> None:
+        """Remove drivers from their zones' keys, in one round trip."""
         pipe = self.client.pipeline(transaction=False)
-        pipe.zrem(keys.zone_geo(zone_id), *driver_ids)
-        pipe.zrem(keys.zone_seen(zone_id), *driver_ids)
-        await self._run(pipe)
+        for zone_id, driver_ids in by_zone.items():
+            if driver_ids:
+                pipe.zrem(keys.zone_geo(zone_id), *driver_ids)
+                pipe.zrem(keys.zone_seen(zone_id), *driver_ids)
+        if len(pipe):
+            await self._run(pipe)
 
     async def expire(self, zone_id: str, cutoff_s: float) -> list[str]:
         """Drop members whose heartbeat is older than `cutoff_s`; returns their ids."""
