@@ -14,6 +14,7 @@ from dispatcher.actors.messages import (
     AssignRequest,
     AssignResult,
     Ping,
+    PingBatch,
     PingVerdict,
     ZoneStats,
 )
@@ -112,7 +113,8 @@ class ZoneDirectory:
         return await self._call(zone_id, lambda h: h.assign_many.remote(list(reqs)))
 
     async def apply_pings(self, zone_id: str, pings: Sequence[Ping]) -> list[PingVerdict]:
-        return await self._call(zone_id, lambda h: h.apply_pings.remote(list(pings)))
+        batch = PingBatch.of(pings)
+        return await self._call(zone_id, lambda h: h.apply_ping_batch.remote(batch))
 
     async def refresh(self, zone_id: str, driver_ids: Sequence[str]) -> None:
         await self._call(zone_id, lambda h: h.refresh.remote(list(driver_ids)))

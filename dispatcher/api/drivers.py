@@ -136,11 +136,11 @@ async def ping_location(request: web.Request) -> web.StreamResponse:
     try:
         check_ping_rate(request, driver_id)
     except TooManyRequestsError:
-        request.app[METRICS].pings.labels(RATE_LIMITED).inc()
+        request.app[METRICS].count_pings(RATE_LIMITED)
         raise
     ping = to_ping(driver_id, await parse_body(request, LocationPing), datetime.now(UTC))
     verdict = await request.app[DISPATCHER].ping(ping)
-    request.app[METRICS].pings.labels(verdict.value).inc()
+    request.app[METRICS].count_pings(verdict.value)
     error = VERDICT_ERRORS.get(verdict)
     if error is not None:
         detail = VERDICT_DETAILS[verdict]
@@ -173,7 +173,7 @@ async def ping_batch(request: web.Request) -> web.StreamResponse:
         if wait is None:
             wait = waits[fix.driver_id] = limiter.take(fix.driver_id)
         if wait > 0:
-            metrics.pings.labels(RATE_LIMITED).inc()
+            metrics.count_pings(RATE_LIMITED)
             rejected.append(PingRejection(index=index, detail=rate_limited_detail(limiter, wait)))
             continue
         pings.append(fix)
@@ -195,7 +195,7 @@ async def ping_batch(request: web.Request) -> web.StreamResponse:
         detail = VERDICT_DETAILS[outcome.verdict] if outcome.verdict is not None else str(outcome.error)
         rejected.append(PingRejection(index=index, detail=detail))
     for verdict, count in counts.items():
-        metrics.pings.labels(verdict.value).inc(count)
+        metrics.count_pings(verdict.value, count)
     accepted = counts[PingVerdict.ACCEPTED] + counts[PingVerdict.STALE]
     rejected.sort(key=lambda r: r.index)
     return json_model(BatchPingResult(accepted=accepted, rejected=rejected))

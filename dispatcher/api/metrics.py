@@ -55,12 +55,20 @@ class Metrics:
         self.pings = Counter(
             "dispatcher_pings", "location pings by verdict", ["verdict"], registry=self.registry
         )
+        self._ping_children: dict[str, Any] = {}
         self.outbox_pending = Gauge(
             "dispatcher_outbox_pending", "webhooks not yet delivered", registry=self.registry
         )
         self.redis_up = Gauge(
             "dispatcher_redis_up", "1 when the GEO mirror answers", registry=self.registry
         )
+
+    def count_pings(self, verdict: str, n: int = 1) -> None:
+        """Count pings by verdict (once per request: its child is looked up once)."""
+        child = self._ping_children.get(verdict)
+        if child is None:
+            child = self._ping_children[verdict] = self.pings.labels(verdict)
+        child.inc(n)
 
     def count_zone_retries(self, read: Callable[[], int]) -> None:
         """Expose the ingress's retried zone calls (a zone restarted, moved or was fenced),
@@ -80,6 +88,11 @@ class Metrics:
 
 
 def metrics_middleware(metrics: Metrics) -> Any:
+    # `labels()` validates and locks on every call; the children of a route are few
+    # (methods x statuses), so each is looked up once. Pings make this the hot path.
+    counters: dict[tuple[str, str, int], Any] = {}
+    histograms: dict[str, Any] = {}
+
     @web.middleware
     async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
         started = time.perf_counter()
@@ -87,8 +100,15 @@ def metrics_middleware(metrics: Metrics) -> Any:
         # Label by route template, never by raw path: ids would explode the series.
         name = route.canonical if route is not None else "unmatched"
         response: web.StreamResponse = await handler(request)
-        metrics.requests.labels(request.method, name, str(response.status)).inc()
-        metrics.latency.labels(name).observe(time.perf_counter() - started)
+        key = (request.method, name, response.status)
+        counter = counters.get(key)
+        if counter is None:
+            counter = counters[key] = metrics.requests.labels(request.method, name, str(response.status))
+        counter.inc()
+        histogram = histograms.get(name)
+        if histogram is None:
+            histogram = histograms[name] = metrics.latency.labels(name)
+        histogram.observe(time.perf_counter() - started)
         return response
 
     return middleware

@@ -57,7 +57,7 @@ async def _run(options: Options, stack: Stack, runner: LoadRunner, progress: Pro
         progress.step("starting PostgreSQL and Redis")
         await asyncio.to_thread(stack.start_servers)
         progress.step("starting dispatcher serve (it starts its own Ray)")
-        await asyncio.to_thread(stack.start_service)
+        await asyncio.to_thread(stack.start_service, extra_env=dict(options.service_env))
         progress.step("starting the ceiling and naive references")
         for kind in REFERENCES:
             await asyncio.to_thread(stack.start_reference, kind)

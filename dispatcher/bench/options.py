@@ -51,6 +51,8 @@ class Options:
     note: str
     # Worker-node counts of the scale-out scenario (`--scenario scale`).
     workers: tuple[int, ...] = (1, 2, 3)
+    # DISPATCHER_* settings for the measured service (`--set NAME=VALUE`).
+    service_env: tuple[tuple[str, str], ...] = ()
 
 
 def parser() -> argparse.ArgumentParser:
@@ -77,6 +79,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, request files)")
     p.add_argument("--seed", type=int, default=4, help="random seed for driver positions")
     p.add_argument("--note", default="", help="a sentence added to the report (e.g. machine load)")
+    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="settings",
+                   help="a setting of the measured service, e.g. --set PING_FLUSH_INTERVAL_MS=100 "
+                        "(DISPATCHER_ is added; repeatable; named in the report)")
     return p
 
 
@@ -112,8 +117,15 @@ def from_args(argv: Sequence[str] | None = None) -> Options:
         raise SystemExit("--workers takes counts like 1,2,3") from None
     if not workers or min(workers) < 1:
         raise SystemExit("--workers takes counts of at least 1")
+    service_env = []
+    for item in args.settings:
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise SystemExit(f"--set takes NAME=VALUE, not {item!r}")
+        service_env.append(("DISPATCHER_" + name.strip().upper().removeprefix("DISPATCHER_"), value))
     return Options(
         quick=args.quick, sizes=sizes, scenarios=scenarios, output=output,
         use_wrk=not (args.no_wrk or args.quick), fsync=not (args.no_fsync or args.quick),
         profile=args.profile, keep=args.keep, seed=args.seed, note=args.note, workers=workers,
+        service_env=tuple(service_env),
     )

@@ -87,7 +87,7 @@ async def run_scale(
                 progress.step(f"scale: dispatcher serve on {count} worker node(s)")
                 await asyncio.to_thread(
                     stack.start_service, ray_address=cluster.address,
-                    extra_env={"DISPATCHER_ZONE_RESOURCE_UNITS": "1"},
+                    extra_env={**dict(options.service_env), "DISPATCHER_ZONE_RESOURCE_UNITS": "1"},
                 )  # fmt: skip
                 async with aiohttp.ClientSession(timeout=ADMIN_TIMEOUT) as session:
                     bench = Bench(options, stack, runner, progress, session, report)
