@@ -38,11 +38,15 @@ RADIUS_SLACK_KM = 0.005
 # Many drivers per call: one script call per chunk costs far less (in the actor and in
 # Redis) than one command per driver, and a chunk keeps each call short.
 # It names keys it computes (one Redis, not a cluster: documented in ARCHITECTURE).
-# ARGV: groups of 7 per driver: id, zone, lon, lat, seen, fix_us, dispatchable (1/0).
+# ARGV: one per driver, "fix_us dispatchable(1/0) lon lat seen zone id" (space-separated,
+# the id last so it may hold anything): one argument instead of seven, because encoding
+# each argument was the zone actor's largest cost per fix (redis-py packs in Python).
 UPSERT_LUA = f"""
 local applied = 0
-for i = 1, #ARGV, 7 do
-  local id, zone, fix = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 5])
+for i = 1, #ARGV do
+  local fix_s, on, lon, lat, seen, zone, id =
+    string.match(ARGV[i], '^(%S+) (%S+) (%S+) (%S+) (%S+) (%S+) (.+)$')
+  local fix = tonumber(fix_s)
   local seen_fix = redis.call('HGET', '{keys.DRIVER_FIX}', id)
   if not (seen_fix and tonumber(seen_fix) > fix) then
     local old = redis.call('HGET', '{keys.DRIVER_ZONE}', id)
@@ -50,16 +54,16 @@ for i = 1, #ARGV, 7 do
       redis.call('ZREM', '{keys.ZONE_KEY_PREFIX}' .. old .. ':geo', id)
       redis.call('ZREM', '{keys.ZONE_KEY_PREFIX}' .. old .. ':seen', id)
     end
-    redis.call('HSET', '{keys.DRIVER_FIX}', id, ARGV[i + 5])
+    redis.call('HSET', '{keys.DRIVER_FIX}', id, fix_s)
     redis.call('HSET', '{keys.DRIVER_ZONE}', id, zone)
     local geo = '{keys.ZONE_KEY_PREFIX}' .. zone .. ':geo'
-    local seen = '{keys.ZONE_KEY_PREFIX}' .. zone .. ':seen'
-    if ARGV[i + 6] == '1' then
-      redis.call('GEOADD', geo, ARGV[i + 2], ARGV[i + 3], id)
-      redis.call('ZADD', seen, ARGV[i + 4], id)
+    local seen_key = '{keys.ZONE_KEY_PREFIX}' .. zone .. ':seen'
+    if on == '1' then
+      redis.call('GEOADD', geo, lon, lat, id)
+      redis.call('ZADD', seen_key, seen, id)
     else
       redis.call('ZREM', geo, id)
-      redis.call('ZREM', seen, id)
+      redis.call('ZREM', seen_key, id)
     end
     applied = applied + 1
   end
@@ -236,8 +240,8 @@ class GeoMirror:
         args = _upsert_args(entries, now_s, ttl_s)
 
         def build(pipe: aioredis.client.Pipeline) -> None:
-            for start in range(0, len(args), UPSERT_CHUNK * 7):
-                pipe.evalsha(UPSERT_SHA, 0, *args[start : start + UPSERT_CHUNK * 7])
+            for start in range(0, len(args), UPSERT_CHUNK):
+                pipe.evalsha(UPSERT_SHA, 0, *args[start : start + UPSERT_CHUNK])
 
         if args:
             await self._run_scripted(build, transaction=False)
@@ -357,15 +361,14 @@ UPSERT_SHA = hashlib.sha1(UPSERT_LUA.encode()).hexdigest()
 NEAREST_SHA = hashlib.sha1(NEAREST_LUA.encode()).hexdigest()
 
 
-def _upsert_args(entries: Iterable[MirrorEntry], now_s: float, ttl_s: float) -> list[str | float]:
-    """UPSERT_LUA's arguments, 7 per located driver (one never located has nothing to mirror)."""
-    args: list[str | float] = []
-    for e in entries:
-        if e.zone_id is None or e.fix_us is None or e.lat is None or e.lon is None:
-            continue
-        args += [e.driver_id, e.zone_id, e.lon, e.lat, e.seen_epoch_s or 0.0, e.fix_us,
-                 1 if is_dispatchable(e, now_s, ttl_s) else 0]  # fmt: skip
-    return args
+def _upsert_args(entries: Iterable[MirrorEntry], now_s: float, ttl_s: float) -> list[str]:
+    """UPSERT_LUA's arguments, one per located driver (one never located has nothing to mirror)."""
+    return [
+        f"{e.fix_us} {1 if is_dispatchable(e, now_s, ttl_s) else 0} {e.lon!r} {e.lat!r} "
+        f"{e.seen_epoch_s or 0.0!r} {e.zone_id} {e.driver_id}"
+        for e in entries
+        if e.zone_id is not None and e.fix_us is not None and e.lat is not None and e.lon is not None
+    ]
 
 
 def _text(value: object) -> str:
