@@ -126,6 +126,8 @@ async def _run_ingress(settings: ResolvedSettings, owns_ray: bool) -> int:
     log.info("shutting down")
     if owns_ray:
         dispatcher = app[DISPATCHER]
+        # Acknowledged pings are written while their zones are still up.
+        await dispatcher.settle_pings()
         await dispatcher.zones.shutdown_all(sorted(dispatcher.router.known))
     await runner.cleanup()
     return 0

@@ -30,6 +30,7 @@ from dispatcher.bench.workload import (
     CITY_RADIUS_KM,
     LOOKUP_CITY,
     ORDER_CITIES,
+    ORDER_WARMUP_S,
     PINGS_CITY,
     ZONE_RESOLUTION,
     Driver,
@@ -83,7 +84,7 @@ def plan_steps(o: Options) -> int:
     """How many progress steps a run has (setup, references, scenarios, shutdown)."""
     r = o.sizes.repeats
     steps = 3 + 2 * r + 1
-    per = {"pings": 2 + 5 * r, "orders": 1 + 4 * r, "lookup": 1 + 5 * r, "memory": 3}
+    per = {"pings": 2 + 5 * r, "orders": 2 + 4 * r, "lookup": 1 + 5 * r, "memory": 3}
     steps += sum(per[s] for s in o.scenarios)
     if "lookup" in o.scenarios and "memory" in o.scenarios:
         steps -= 1  # one seeding serves both
@@ -326,6 +327,16 @@ class Bench:
         fleet = await self._seed(make_drivers(zoned_points(self.rng, centres, s.drivers)))
         pickups = zoned_points(self.rng, centres, PICKUPS)
         doubled_total = 0
+
+        # A zone's first orders prepare its statements and load its scripts on each of
+        # its connections: warm them, as in a service that has been up a while.
+        self.step(f"orders: warm-up, {ORDER_WARMUP_S:g} s at {s.order_rate:g}/s (not measured)", ORDER_WARMUP_S)
+        await self._renew(fleet)
+        warm = order_requests("warm", pickups, math.ceil(s.order_rate * ORDER_WARMUP_S) + 10, self.stack.inbound_secret)
+        await self.runner.fixed_rate(self.base, self.runner.write("warm", warm), rate=s.order_rate,
+                                     duration_s=ORDER_WARMUP_S, count="assigned")
+        doubled_total += (await booking_counts(self.stack.database_url, "warm"))[1]
+        await reset_bookings(self.stack.database_url)
 
         fixed: list[RunResult] = []
         assigned_share: list[float] = []

@@ -49,6 +49,8 @@ ZONE_CLUSTER_RADIUS_KM = 3.0
 # Scenario 3 "dense centre": this share of drivers within a Gaussian of this sigma.
 DENSE_SHARE = 0.6
 DENSE_SIGMA_KM = 1.5
+# Seconds of unmeasured orders before the orders scenario's first run.
+ORDER_WARMUP_S = 2.0
 
 
 @dataclass(frozen=True, slots=True)
