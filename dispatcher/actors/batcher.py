@@ -159,7 +159,12 @@ class PingBuffer:
             zone.failure = None
             zone.failures_in_row = 0
             if self._on_applied is not None:
-                self._on_applied(chunk, verdicts)
+                try:
+                    self._on_applied(chunk, verdicts)
+                except Exception:
+                    # The fixes are written; only the bookkeeping failed. The flusher
+                    # must live on, or the zone's queue would never be written again.
+                    log.exception("zone %s: handling the verdicts of a flush failed", zone_id)
         return True
 
     def _keep_for_retry(self, zone_id: str, zone: _Zone, unsent: list[Ping], exc: DispatchError) -> None:

@@ -132,3 +132,18 @@ async def test_verdicts_reach_the_callback_and_close_flushes_what_is_queued() ->
     assert seen == [("d1", PingVerdict.INACTIVE)]
     with pytest.raises(RuntimeError):
         buffer.offer("z", ping(2))
+
+
+async def test_a_failing_verdict_handler_does_not_stop_the_zones_flusher() -> None:
+    flush = RecordingFlush()
+
+    def broken(pings: Sequence[Ping], verdicts: Sequence[PingVerdict]) -> None:
+        raise ValueError("bookkeeping bug")
+
+    buffer = PingBuffer(flush, interval_s=0.0, max_batch=10, max_age_s=60, on_applied=broken)
+    buffer.offer("z", ping(1))
+    await buffer.settle()
+    buffer.offer("z", ping(2))
+    await buffer.settle()
+    assert flush.written() == ["d1", "d2"]
+    await buffer.close()
