@@ -15,7 +15,7 @@ from dispatcher.actors.orderbatcher import OrderBatcher
 from dispatcher.actors.pinggate import PingGate
 from dispatcher.actors.router import ZoneRouter
 from dispatcher.config import ResolvedSettings
-from dispatcher.errors import DispatchError
+from dispatcher.errors import DatabaseUnavailableError, DispatchError
 from dispatcher.models import UnassignedResponse
 from dispatcher.store.deliveries import DeliveryStore
 from dispatcher.store.drivers import DriverRecord, DriverStore
@@ -67,6 +67,17 @@ class Dispatcher:
         # acknowledged them (metrics).
         self.pings_written = 0
         self.pings_refused_on_write = 0
+        # False from the moment this ingress's LISTEN connection to PostgreSQL is lost
+        # until it is back: pings are then refused (503) rather than acknowledged.
+        self.database_up = True
+
+    def database_lost(self) -> None:
+        self.database_up = False
+
+    def database_back(self) -> None:
+        self.database_up = True
+        # Changes to drivers may have been missed while nobody listened.
+        self.gate.clear()
 
     async def close(self) -> None:
         await self.orders.close()
@@ -117,9 +128,14 @@ class Dispatcher:
     async def ping_many(self, pings: Sequence[Ping]) -> list[PingOutcome]:
         """Judge each fix and queue the accepted ones for their zones (write-behind).
 
-        A fix is acknowledged only if its zone is writable: while a zone's last flush
-        failed (PostgreSQL or the zone down), its fixes get that error (a 503).
+        A fix is acknowledged only if it can be written: while PostgreSQL is known to
+        be down, or a zone's last flush failed, its fixes get that error (a 503).
         """
+        if not self.database_up:
+            # PostgreSQL is known to be down: a fix acknowledged now could only wait in
+            # the queue, so the caller is told to retry (CONTRACT §3).
+            down = DatabaseUnavailableError("PostgreSQL unavailable: lost the connection")
+            return [PingOutcome(None, down) for _ in pings]
         outcomes: list[PingOutcome | None] = [None] * len(pings)
         routable: list[tuple[int, str]] = []
         for index, ping in enumerate(pings):

@@ -93,11 +93,15 @@ def _dispatcher(directory: ZoneDirectory) -> Callable[[web.Application], AsyncIt
             dropped=lambda: dispatcher.pings.dropped,
         )
         # Another replica's deactivation reaches this one's ping gate by NOTIFY.
+        # Its connection is also the ingress's early warning that PostgreSQL went away.
         changes = Listener(
             pool,
             {DRIVER_CHANGED_CHANNEL: dispatcher.gate.forget},
             pg_timeout_s=s.pg_timeout_s,
-            on_listening=dispatcher.gate.clear,
+            on_listening=dispatcher.database_back,
+            on_lost=dispatcher.database_lost,
+            # Pings are refused until it is back: try again every second at most.
+            max_backoff_s=1.0,
         )
         listener = asyncio.create_task(changes.run_forever(), name="driver-changes")
         yield

@@ -28,6 +28,8 @@ class Listener:
 
     Notifications sent while no connection listens are lost, so `on_listening` runs
     each time listening (re)starts: the owner catches up by other means there.
+    `on_lost` runs as soon as the connection is lost or cannot be had: the moment a
+    stopped or crashed PostgreSQL closes it, without waiting for a query to fail.
     """
 
     def __init__(
@@ -37,11 +39,15 @@ class Listener:
         *,
         pg_timeout_s: float,
         on_listening: Callable[[], None] = lambda: None,
+        on_lost: Callable[[], None] = lambda: None,
+        max_backoff_s: float = BACKOFF_MAX_S,
     ) -> None:
         self._pool = pool
         self._channels = dict(channels)
         self._pg_timeout_s = pg_timeout_s
         self._on_listening = on_listening
+        self._on_lost = on_lost
+        self._max_backoff_s = max_backoff_s
 
     def _callback(self, on_notify: OnNotify) -> Callable[[Any, int, str, object], None]:
         def callback(conn: Any, pid: int, channel: str, payload: object) -> None:
@@ -56,11 +62,12 @@ class Listener:
             try:
                 await self._listen_once()
             except Exception as exc:
+                self._on_lost()
                 log.warning("LISTEN %s lost (%s: %s)", ", ".join(self._channels), type(exc).__name__, exc)
             if time.monotonic() - started > LISTEN_PROBE_S:
                 backoff = BACKOFF_MIN_S  # it worked for a while: a fresh outage
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, BACKOFF_MAX_S)
+            await asyncio.sleep(min(backoff, self._max_backoff_s))
+            backoff = min(backoff * 2, self._max_backoff_s)
 
     async def _listen_once(self) -> None:
         """Hold one pooled connection LISTENing until it breaks."""
@@ -70,6 +77,7 @@ class Listener:
 
             def on_lost(_: object) -> None:
                 lost.set()
+                self._on_lost()
 
             conn.add_termination_listener(on_lost)
             try:

@@ -10,7 +10,7 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,6 @@ from dispatcher.api.keys import DISPATCHER
 from dispatcher.config import ResolvedSettings
 from dispatcher.geo import haversine_km
 from dispatcher.service import SETTLE_TIMEOUT_S
-from dispatcher.zoning import Zoning
 from tests.faults.conftest import OwnServers
 from tests.faults.helpers import (
     GEO_TOLERANCE_KM,
@@ -238,7 +237,12 @@ async def test_postgres_stopped_then_back(
     await wait_until(acked_stored, within_s=15, what="acknowledged pings written after PostgreSQL came back")
     print(f"{len(outage.acked_pings)} drivers' fixes acknowledged during the outage, all stored after it")
 
-    # The driver app retries its refused pings (same fix): now they are persisted.
+    # The ingress takes pings again once its LISTEN connection is back (it retries
+    # every second at most); the driver app retries its refused pings (same fix) and
+    # now they are persisted.
+    dispatcher = api.client.app[DISPATCHER]
+    await wait_until(_database_up(dispatcher), within_s=15, what="the ingress seeing PostgreSQL back")
+    recovery("postgres_back_to_pings_accepted", time.monotonic() - back)
     for p in outage.pending_pings.values():
         resp = await api.ping(p.driver, p.lat, p.lon, recorded_at=p.recorded_at)
         assert resp.status == 204, await resp.text()
@@ -378,10 +382,11 @@ async def test_gateway_batch_pings_during_outage_are_retryable(
     fault_stack: OwnServers,
     own_pool: asyncpg.Pool,
 ) -> None:
-    """CONTRACT §3: a write PostgreSQL cannot take answers 503 + Retry-After. Pings are
-    written behind: a batch sent before its zone's flush failed is acknowledged and
-    stored once PostgreSQL is back; once the failure is known, a batch must say
-    "retry" (503), not 200 "rejected", and nothing of it is stored."""
+    """CONTRACT §3: a write PostgreSQL cannot take answers 503 + Retry-After. A stopped
+    PostgreSQL closes the ingress's LISTEN connection, so the ingress knows at once and
+    a gateway's batch must say "retry" (503), not 200, and nothing of it is stored.
+    (Fixes acknowledged before an outage showed, as with a hung server, are stored
+    afterwards: test_postgres_frozen_answers_503_in_bounded_time.)"""
     api: Api = await start_api(fault_settings(heartbeat_ttl_s=TTL_S))
     drivers = [await api.online_driver(*offset(*BERLIN, 0.2 * n, 0), name=f"g{n}") for n in range(3)]
     now = datetime.now(UTC)
@@ -392,36 +397,37 @@ async def test_gateway_batch_pings_during_outage_are_retryable(
             for lat, lon in [offset(*BERLIN, 0.2 * n, 0.1)]
         ]
     }
-    later = datetime.now(UTC) + timedelta(seconds=1)
-    second = {"pings": [{**p, "recordedAt": later.isoformat()} for p in batch["pings"]]}
+    dispatcher = api.client.app[DISPATCHER]
     await asyncio.to_thread(fault_stack.pg.stop, "fast")
     try:
-        first = await api.client.post("/drivers/locations", json=batch, headers=api.admin)
-        assert first.status == 200 and await first.json() == {"accepted": len(drivers), "rejected": []}
-        # Its flush fails; from then on the zone refuses.
-        zone = Zoning(api.settings.zone_resolution).zone_of(*offset(*BERLIN, 0, 0.1))
-        dispatcher = api.client.app[DISPATCHER]
-        await wait_until(lambda: _failing(dispatcher, zone), within_s=BOUND_S, what="the flush failing")
         started = time.monotonic()
         status, body, headers = await read_answer(
-            await api.client.post("/drivers/locations", json=second, headers=api.admin)
+            await api.client.post("/drivers/locations", json=batch, headers=api.admin)
         )
         took = time.monotonic() - started
+        refused_at_once = not dispatcher.database_up
     finally:
         await asyncio.to_thread(fault_stack.pg.start)
     print(f"batch of {len(drivers)} pings with PostgreSQL down: {status} in {took:.2f} s: {body.decode()}")
+    assert refused_at_once, "the ingress did not notice the stop before the batch"
     assert took < BOUND_S
     assert status == 503 and headers.get("Retry-After"), (
         f"a batch PostgreSQL could not take answered {status} without Retry-After: {body.decode()}"
     )
 
-    # The acknowledged batch is written once PostgreSQL is back; the refused one never.
-    async def first_stored() -> bool:
-        return int(await own_pool.fetchval("SELECT count(*) FROM drivers WHERE location_recorded_at = $1", now)) == len(drivers)
+    # Back: the ingress listens again by itself and takes pings; the refused batch was
+    # never queued, so nothing of it appears, and sent again it is stored.
+    await wait_until(_database_up(dispatcher), within_s=15, what="the ingress seeing PostgreSQL back")
+    await api.settle()
+    assert await own_pool.fetchval("SELECT count(*) FROM drivers WHERE location_recorded_at >= $1", now) == 0
+    again = await api.client.post("/drivers/locations", json=batch, headers=api.admin)
+    assert again.status == 200 and await again.json() == {"accepted": len(drivers), "rejected": []}
+    await api.settle()
+    assert await own_pool.fetchval("SELECT count(*) FROM drivers WHERE location_recorded_at = $1", now) == len(drivers)
 
-    await wait_until(first_stored, within_s=15, what="the acknowledged batch written")
-    assert await own_pool.fetchval("SELECT count(*) FROM drivers WHERE location_recorded_at >= $1", later) == 0
 
+def _database_up(dispatcher: Any) -> Callable[[], Awaitable[bool]]:
+    async def up() -> bool:
+        return bool(dispatcher.database_up)
 
-async def _failing(dispatcher: Any, zone: str) -> bool:
-    return dispatcher.pings.failure(zone) is not None
+    return up
