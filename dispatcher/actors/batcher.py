@@ -44,7 +44,7 @@ class PingBuffer:
     """Per-zone write-behind: `offer` queues a fix and returns at once.
 
     Each zone's flusher sends the queued fixes (the newest per driver) in one
-    `apply_pings` call at most every `interval_s`, one call in flight per zone, in
+    `apply_ping_batch` call at most every `interval_s`, one call in flight per zone, in
     chunks of `max_batch`. A failed call keeps its fixes and is retried with backoff
     while the zone reports `failure` (the ingress then answers 503 instead of
     acknowledging fixes it cannot store); fixes older than `max_age_s` are dropped

@@ -106,9 +106,6 @@ class ZoneDirectory:
         log.warning("zone %s unavailable: %s", zone_id, last)
         raise ZoneUnavailableError(f"zone {zone_id} is restarting; retry shortly")
 
-    async def assign(self, zone_id: str, req: AssignRequest) -> AssignResult:
-        return await self._call(zone_id, lambda h: h.assign.remote(req))
-
     async def assign_many(self, zone_id: str, reqs: Sequence[AssignRequest]) -> list[AssignResult]:
         return await self._call(zone_id, lambda h: h.assign_many.remote(list(reqs)))
 

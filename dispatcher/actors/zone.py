@@ -13,7 +13,6 @@ from dispatcher.actors.core import ZoneCore
 from dispatcher.actors.messages import (
     AssignRequest,
     AssignResult,
-    Ping,
     PingBatch,
     PingVerdict,
     ZonePlacement,
@@ -89,20 +88,12 @@ class ZoneActor:
         return self._core
 
     @ray.method
-    async def assign(self, req: AssignRequest) -> AssignResult:
-        return await (await self._ready()).assign(req)
-
-    @ray.method
     async def assign_many(self, reqs: Sequence[AssignRequest]) -> list[AssignResult]:
         return await (await self._ready()).assign_many(reqs)
 
     @ray.method
-    async def apply_pings(self, pings: Sequence[Ping]) -> list[PingVerdict]:
-        return await (await self._ready()).apply_pings(pings)
-
-    @ray.method
     async def apply_ping_batch(self, batch: PingBatch) -> list[PingVerdict]:
-        """What the ingress's flushes call: the same, in columns."""
+        """A flush of the ingress's queued fixes for this zone, in columns."""
         return await (await self._ready()).apply_pings(batch.pings())
 
     @ray.method

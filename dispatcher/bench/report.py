@@ -244,7 +244,7 @@ def markdown_report(report: Report) -> str:
         out += [f"- {format_met(f.met)}: {f.scenario} — {f.name}: {format_value(f.value, f.unit)} {f.unit}"
                 f" (target {f.target.text if f.target else ''})" for f in judged]
         out += ["- by design, not a figure: no per-ping Ray round trip (pings are written behind, one"
-                " `apply_pings` call per zone per flush window, see docs/ARCHITECTURE.md); `last_seen_at` writes"
+                " `apply_ping_batch` call per zone per flush window, see docs/ARCHITECTURE.md); `last_seen_at` writes"
                 " are coalesced (the newest queued fix per driver): the batched-ping note gives the fixes"
                 " written per second and how long the queues took to drain, i.e. how stale PostgreSQL was.", ""]
     if report.memory:
