@@ -1,11 +1,23 @@
 /** The plugin against a real Vendure (sql.js) and the real dispatcher: the main loop and its failures. */
+import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 
-import { mainLoop, Stack, startStack } from './support/stack';
+import { waitFor } from './support/ports';
+import { latLon, mainLoop, north, Stack, startStack, waitForOrder } from './support/stack';
+import { adminOrder, cancelOrder, checkout, defaultSellerId, notes, setSellerPickup, transitionOrder } from './support/vendure';
+import { postWebhook, signedHeaders, webhookBody } from './support/webhooks';
 
+// Each test works in its own city (its own dispatcher zone), so drivers left AVAILABLE by one test
+// are out of reach of the next.
 const BERLIN = { lat: 52.52, lon: 13.405 };
+const HAMBURG = { lat: 53.55, lon: 9.99 };
+const MUNICH = { lat: 48.137, lon: 11.575 };
+const COLOGNE = { lat: 50.94, lon: 6.96 };
+const FRANKFURT = { lat: 50.11, lon: 8.68 };
+const LEIPZIG = { lat: 51.34, lon: 12.37 };
+const DRESDEN = { lat: 51.05, lon: 13.74 };
 
-describe('Vendure (sql.js) + dispatcher', { timeout: 600_000 }, () => {
+describe('Vendure (sql.js) + dispatcher', { timeout: 900_000 }, () => {
     let stack: Stack;
 
     before(async () => {
@@ -16,7 +28,142 @@ describe('Vendure (sql.js) + dispatcher', { timeout: 600_000 }, () => {
         await stack?.stop();
     });
 
+    /** A paid order whose seller is at `shopAt`, moved to ReadyForDispatch. */
+    async function readyOrder(shopAt: { lat: number; lon: number }): Promise<{ id: string; code: string }> {
+        await setSellerPickup(stack.admin, await defaultSellerId(stack.admin), shopAt.lat, shopAt.lon);
+        const placed = await checkout(stack.shop, north(shopAt, -1));
+        assert.ok(placed.order, `checkout refused: ${placed.error}`);
+        const ready = await transitionOrder(stack.admin, placed.order.id, 'ReadyForDispatch');
+        assert.equal(ready.state, 'ReadyForDispatch', JSON.stringify(ready));
+        return placed.order;
+    }
+
+    function readyRequests(code: string) {
+        return stack.proxy.requests.filter(r => r.path === '/events/seller-order-ready' && JSON.parse(r.body).sellerOrderId === code);
+    }
+
     it('checkout → ready → booked → picked up → delivered ends Delivered with the driver', async () => {
         await mainLoop(stack, BERLIN);
+    });
+
+    it('refuses checkout when the drop is beyond the radius or has no coordinates', async () => {
+        await setSellerPickup(stack.admin, await defaultSellerId(stack.admin), HAMBURG.lat, HAMBURG.lon);
+        const far = await checkout(stack.shop, north(HAMBURG, 6));
+        assert.equal(far.order, undefined);
+        assert.match(far.error ?? '', /6\.0 km from the seller .*delivery reaches 5 km/);
+        const none = await checkout(stack.shop, undefined);
+        assert.match(none.error ?? '', /no coordinates/);
+        const near = await checkout(stack.shop, north(HAMBURG, 4.5));
+        assert.equal(near.order?.state, 'PaymentSettled');
+    });
+
+    it('no driver in range: the order stays ready with a note, nothing is booked', async () => {
+        const order = await readyOrder(DRESDEN);
+        const waiting = await waitForOrder(stack.admin, order.id, 'NO_DRIVER', o => o.customFields.dispatcherDeliveryStatus === 'NO_DRIVER');
+        assert.equal(waiting.state, 'ReadyForDispatch');
+        assert.equal(waiting.customFields.dispatcherDriverId, null);
+        assert.ok(notes(waiting).some(n => n.startsWith('No driver available (NO_DRIVER_AVAILABLE)')));
+        assert.equal(await stack.dispatcher.delivery(order.code), undefined);
+        const sent = readyRequests(order.code);
+        assert.equal(sent.length, 1);
+        assert.equal(sent[0].status, 200);
+    });
+
+    it('dispatcher down, then back: the event is retried under one webhook-id and books once', async () => {
+        const driver = await stack.dispatcher.onlineDriver('Retry', ...latLon(north(MUNICH, 0.5)));
+        stack.proxy.plan.push('drop', '503', 'drop');
+        const order = await readyOrder(MUNICH);
+        const assigned = await waitForOrder(stack.admin, order.id, 'DriverAssigned', o => o.state === 'DriverAssigned');
+        assert.equal(assigned.customFields.dispatcherDriverId, driver.driverId);
+        const sent = readyRequests(order.code);
+        assert.deepEqual(sent.map(r => r.outcome), ['dropped', 'refused', 'dropped', 'forwarded']);
+        const ids = new Set(sent.map(r => r.headers['webhook-id']));
+        assert.equal(ids.size, 1, 'every attempt carries the same webhook-id');
+        assert.equal(new Set(sent.map(r => r.body)).size, 1, 'every attempt carries the same body');
+        assert.equal(sent[3].status, 200);
+        const delivery = await stack.dispatcher.delivery(order.code);
+        assert.equal(delivery.status, 'ASSIGNED');
+        assert.equal(delivery.driverId, driver.driverId);
+        assert.equal((await stack.dispatcher.driver(driver.driverId)).activeDelivery.sellerOrderId, order.code);
+    });
+
+    it('refuses forged, stale and replayed webhooks, and changes nothing', async () => {
+        await stack.dispatcher.onlineDriver('Forged', ...latLon(north(COLOGNE, 0.4)));
+        const order = await readyOrder(COLOGNE);
+        await waitForOrder(stack.admin, order.id, 'DriverAssigned', o => o.state === 'DriverAssigned');
+        await waitFor('outbox drained', async () => ((await stack.dispatcher.outboxPending()) === 0 ? true : undefined));
+        const before = await adminOrder(stack.admin, order.id);
+
+        const body = webhookBody('delivery.delivered', { sellerOrderId: order.code, driverId: 'drv_evil', assignmentId: 'asg_evil', status: 'DELIVERED', sequence: 9 });
+        const forged = await postWebhook(stack.vendurePort, body, signedHeaders(body, undefined, undefined, 'whsec_' + Buffer.from('not the secret').toString('base64')));
+        assert.equal(forged.status, 401);
+        const tampered = signedHeaders(body);
+        const altered = await postWebhook(stack.vendurePort, body.replace('drv_evil', 'drv_evil2'), tampered);
+        assert.equal(altered.status, 401);
+        const old = await postWebhook(stack.vendurePort, body, signedHeaders(body, undefined, Math.floor(Date.now() / 1000) - 600));
+        assert.equal(old.status, 401);
+        const unsigned = await postWebhook(stack.vendurePort, body, { 'content-type': 'application/json' });
+        assert.equal(unsigned.status, 401);
+
+        const after = await adminOrder(stack.admin, order.id);
+        assert.deepEqual(after, before, 'a refused webhook changes nothing');
+
+        // A genuine webhook sent twice (a replay of the same webhook-id and bytes) applies once.
+        const cancelBody = webhookBody('delivery.failed', { sellerOrderId: order.code, driverId: before.customFields.dispatcherDriverId, assignmentId: before.customFields.dispatcherAssignmentId, status: 'FAILED', reason: 'flat tyre', sequence: 2 });
+        const headers = signedHeaders(cancelBody);
+        const first = await postWebhook(stack.vendurePort, cancelBody, headers);
+        const replay = await postWebhook(stack.vendurePort, cancelBody, headers);
+        assert.deepEqual([first.status, first.body.outcome], [200, 'applied']);
+        assert.deepEqual([replay.status, replay.body.outcome], [200, 'duplicate']);
+        const failed = await adminOrder(stack.admin, order.id);
+        assert.equal(failed.customFields.dispatcherDeliveryStatus, 'FAILED');
+        assert.equal(notes(failed).filter(n => n.includes('flat tyre')).length, 1);
+    });
+
+    it('applies webhooks that arrive out of order or twice once, in sequence order', async () => {
+        const driver = await stack.dispatcher.onlineDriver('Ordered', ...latLon(north(FRANKFURT, 0.4)));
+        const order = await readyOrder(FRANKFURT);
+        const assigned = await waitForOrder(stack.admin, order.id, 'DriverAssigned', o => o.state === 'DriverAssigned');
+        await waitFor('outbox drained', async () => ((await stack.dispatcher.outboxPending()) === 0 ? true : undefined));
+        const base = { sellerOrderId: order.code, driverId: driver.driverId, assignmentId: assigned.customFields.dispatcherAssignmentId };
+        const assignedAgain = webhookBody('delivery.assigned', { ...base, distanceKm: 0.4, sequence: 1 });
+        const pickedUp = webhookBody('delivery.picked_up', { ...base, status: 'PICKED_UP', sequence: 2 });
+        const delivered = webhookBody('delivery.delivered', { ...base, status: 'DELIVERED', sequence: 3 });
+
+        const outcomes = [];
+        for (const body of [delivered, pickedUp, delivered, assignedAgain]) {
+            // Each send is a distinct webhook-id: duplicates here are caught by the sequence, not the id.
+            const sent = await postWebhook(stack.vendurePort, body, signedHeaders(body));
+            assert.equal(sent.status, 200);
+            outcomes.push(sent.body.outcome);
+        }
+        assert.deepEqual(outcomes, ['applied', 'stale', 'stale', 'stale']);
+        const done = await adminOrder(stack.admin, order.id);
+        assert.equal(done.state, 'Delivered');
+        assert.equal(done.customFields.dispatcherDeliveryStatus, 'DELIVERED');
+        const n = notes(done);
+        assert.equal(n.filter(t => t.includes('delivered the order')).length, 1);
+        assert.equal(n.filter(t => t.includes('picked the order up')).length, 0);
+        assert.equal(n.filter(t => t.includes(' assigned (')).length, 1);
+        assert.equal(done.fulfillments.length, 1);
+        assert.equal(done.fulfillments[0].state, 'Delivered');
+    });
+
+    it('cancelling the order in Vendure frees the driver in the dispatcher', async () => {
+        const driver = await stack.dispatcher.onlineDriver('Cancel', ...latLon(north(LEIPZIG, 0.4)));
+        const order = await readyOrder(LEIPZIG);
+        await waitForOrder(stack.admin, order.id, 'DriverAssigned', o => o.state === 'DriverAssigned');
+        assert.equal((await stack.dispatcher.driver(driver.driverId)).status, 'BUSY');
+
+        const cancelled = await cancelOrder(stack.admin, order.id);
+        assert.equal(cancelled.state, 'Cancelled', JSON.stringify(cancelled));
+        await waitFor('driver AVAILABLE again', async () => ((await stack.dispatcher.driver(driver.driverId)).status === 'AVAILABLE' ? true : undefined));
+        const delivery = await stack.dispatcher.delivery(order.code);
+        assert.equal(delivery.status, 'CANCELLED');
+        const sent = stack.proxy.requests.filter(r => r.path === '/events/seller-order-cancelled');
+        assert.equal(sent.filter(r => JSON.parse(r.body).sellerOrderId === order.code).length, 1);
+        const final = await waitForOrder(stack.admin, order.id, 'delivery.cancelled applied', o => o.customFields.dispatcherDeliveryStatus === 'CANCELLED');
+        assert.equal(final.state, 'Cancelled');
+        assert.ok(notes(final).some(n => n.startsWith('Delivery cancelled')));
     });
 });
