@@ -56,7 +56,7 @@ const FULFILLMENT_METHOD = 'Dispatcher driver';
 
 @Injectable()
 export class DeliveryUpdater {
-    /** Serializes this process's writes; the database guards below serialize across processes. */
+    /** Queue of this process's writes, used only on SQLite-family databases (see `serialize`). */
     private tail: Promise<unknown> = Promise.resolve();
 
     constructor(
@@ -73,7 +73,14 @@ export class DeliveryUpdater {
         return this.requestContextService.create({ apiType: 'admin', channelOrToken: channel });
     }
 
+    /**
+     * sql.js and SQLite have one connection, so two transactions at once would interleave on it:
+     * there, this process's writes queue up. PostgreSQL and MySQL run them concurrently, and the
+     * row guards (claimReceipt, claimSequence, claimAssignment) decide who applies a fact.
+     */
     serialize<T>(work: () => Promise<T>): Promise<T> {
+        const type = this.connection.rawConnection.options.type;
+        if (type !== 'sqljs' && type !== 'sqlite' && type !== 'better-sqlite3') return work();
         const run = this.tail.then(work, work);
         this.tail = run.catch(() => undefined);
         return run;
