@@ -7,6 +7,8 @@ export interface Recorded {
     body: string;
     outcome: 'forwarded' | 'dropped' | 'refused';
     status?: number;
+    /** The dispatcher's answer, as forwarded. */
+    response?: string;
 }
 
 export class RecordingProxy {
@@ -46,6 +48,7 @@ export class RecordingProxy {
                     .then(async upstream => {
                         record.status = upstream.status;
                         const out = Buffer.from(await upstream.arrayBuffer());
+                        record.response = out.toString();
                         const copy: Record<string, string> = {};
                         upstream.headers.forEach((v, k) => {
                             if (k !== 'content-length' && k !== 'transfer-encoding' && k !== 'content-encoding') copy[k] = v;
