@@ -118,6 +118,9 @@ export class DeliveryUpdater {
                 await this.ensureState(tx, order);
                 if (kind === 'assigned') {
                     await this.apply(tx, order, 'delivery.assigned', fact, 'answer');
+                } else if (!(await this.claimUnassigned(tx, order))) {
+                    // A driver accepted (and its webhook was applied) before this answer got here.
+                    return;
                 } else if (kind === 'awaiting') {
                     await this.setFields(tx, order.id, { dispatcherDeliveryStatus: 'AWAITING_ACCEPTANCE' });
                     await this.note(tx, order.id, `Offered to drivers; waiting for one to accept${fact.expiresAt ? ` (offer expires ${fact.expiresAt})` : ''}.`);
@@ -306,6 +309,14 @@ export class DeliveryUpdater {
         const claim = randomUUID();
         const repo = this.connection.getRepository(ctx, DispatcherDeliveryState);
         await repo.update({ sellerOrderId: order.code, assignmentId: IsNull() }, { assignmentId, claim });
+        return (await repo.findOne({ where: { sellerOrderId: order.code } }))?.claim === claim;
+    }
+
+    /** Locks the order's guard row and tells whether no booking has been applied yet. */
+    private async claimUnassigned(ctx: RequestContext, order: Order): Promise<boolean> {
+        const claim = randomUUID();
+        const repo = this.connection.getRepository(ctx, DispatcherDeliveryState);
+        await repo.update({ sellerOrderId: order.code, assignmentId: IsNull() }, { claim });
         return (await repo.findOne({ where: { sellerOrderId: order.code } }))?.claim === claim;
     }
 

@@ -16,6 +16,7 @@ const COLOGNE = { lat: 50.94, lon: 6.96 };
 const FRANKFURT = { lat: 50.11, lon: 8.68 };
 const LEIPZIG = { lat: 51.34, lon: 12.37 };
 const DRESDEN = { lat: 51.05, lon: 13.74 };
+const STUTTGART = { lat: 48.775, lon: 9.182 };
 
 describe('Vendure (sql.js) + dispatcher', { timeout: 900_000 }, () => {
     let stack: Stack;
@@ -147,6 +148,31 @@ describe('Vendure (sql.js) + dispatcher', { timeout: 900_000 }, () => {
         assert.equal(n.filter(t => t.includes(' assigned (')).length, 1);
         assert.equal(done.fulfillments.length, 1);
         assert.equal(done.fulfillments[0].state, 'Delivered');
+    });
+
+    it('an offer-mode answer waits; delivery.unassigned and then delivery.assigned are applied', async () => {
+        // The dispatcher's offer modes are not built yet: the proxy gives their answer, the test sends
+        // the webhooks the contract describes. The real round trip is in e2e-offers.test.ts.
+        stack.proxy.plan.push({ status: 200, body: { assigned: false, sellerOrderId: 'x', reason: 'AWAITING_ACCEPTANCE', dispatchStatus: 'OFFERED', expiresAt: '2030-01-01T00:00:20Z' } });
+        const order = await readyOrder(STUTTGART);
+        const waiting = await waitForOrder(stack.admin, order.id, 'AWAITING_ACCEPTANCE', o => o.customFields.dispatcherDeliveryStatus === 'AWAITING_ACCEPTANCE');
+        assert.equal(waiting.state, 'ReadyForDispatch');
+        assert.ok(notes(waiting).some(n => n.startsWith('Offered to drivers; waiting for one to accept')));
+
+        const gaveUp = webhookBody('delivery.unassigned', { sellerOrderId: order.code, reason: 'NO_DRIVER_ACCEPTED', sequence: 1 });
+        assert.equal((await postWebhook(stack.vendurePort, gaveUp, signedHeaders(gaveUp))).body.outcome, 'applied');
+        const unassigned = await adminOrder(stack.admin, order.id);
+        assert.equal(unassigned.state, 'ReadyForDispatch');
+        assert.equal(unassigned.customFields.dispatcherDeliveryStatus, 'UNASSIGNED');
+        assert.ok(notes(unassigned).some(n => n.includes('NO_DRIVER_ACCEPTED')));
+
+        const accepted = webhookBody('delivery.assigned', { sellerOrderId: order.code, driverId: 'drv_offer', assignmentId: 'asg_offer', distanceKm: 1.2, sequence: 2 });
+        assert.equal((await postWebhook(stack.vendurePort, accepted, signedHeaders(accepted))).body.outcome, 'applied');
+        const assigned = await adminOrder(stack.admin, order.id);
+        assert.equal(assigned.state, 'DriverAssigned');
+        assert.equal(assigned.customFields.dispatcherDriverId, 'drv_offer');
+        assert.equal(assigned.customFields.dispatcherAssignmentId, 'asg_offer');
+        assert.equal(notes(assigned).filter(n => n.includes('from the delivery.assigned webhook')).length, 1);
     });
 
     it('cancelling the order in Vendure frees the driver in the dispatcher', async () => {

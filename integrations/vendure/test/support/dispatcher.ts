@@ -1,7 +1,7 @@
 /** Starts the real `dispatcher serve` as a child process and talks to its operator and driver routes. */
 import { ChildProcess, spawn } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { appendFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 
@@ -28,6 +28,8 @@ export class Dispatcher {
     private child?: ChildProcess;
     private readonly dataDir = mkdtempSync(path.join(tmpdir(), 'vendure-dispatcher-'));
     output = '';
+    /** Everything the dispatcher printed, kept after the test for post-mortems (gitignored). */
+    readonly logFile = path.resolve(__dirname, `../../../test/__data__/dispatcher-${process.pid}.log`);
 
     async start(webhookUrl: string, extraEnv: Record<string, string> = {}): Promise<void> {
         const env = {
@@ -39,6 +41,9 @@ export class Dispatcher {
             DISPATCHER_VENDURE_WEBHOOK_URL: webhookUrl,
             // Short retry gaps: a webhook that fails in a test is retried within seconds.
             DISPATCHER_WEBHOOK_SCHEDULE_S: '[0,1,1,2,2,3,5,5,10,10]',
+            // A driver's last ping stays fresh for the whole test even on a crowded machine: these
+            // tests are about Vendure, not about heartbeats.
+            DISPATCHER_HEARTBEAT_TTL_S: '1800',
             ...extraEnv,
         };
         const child = spawn(dispatcherBin(), ['serve', '--host', '127.0.0.1', '--port', '0'], {
@@ -48,7 +53,10 @@ export class Dispatcher {
         this.child = child;
         await new Promise<void>((resolve, reject) => {
             const timer = setTimeout(() => reject(new Error(`dispatcher did not start:\n${this.output}`)), STARTUP_TIMEOUT_MS);
+            mkdirSync(path.dirname(this.logFile), { recursive: true });
             const onData = (chunk: Buffer) => {
+                appendFileSync(this.logFile, chunk);
+                if (this.url) return;
                 this.output += chunk.toString();
                 const pg = /embedded PostgreSQL: (postgresql:\/\/\S+)/.exec(this.output);
                 if (pg) this.postgresUrl = pg[1];
@@ -61,7 +69,8 @@ export class Dispatcher {
             };
             child.stdout?.on('data', onData);
             child.stderr?.on('data', onData);
-            child.on('exit', code => {
+            child.on('exit', (code, signal) => {
+                appendFileSync(this.logFile, `\n[test] dispatcher exited: code ${code}, signal ${signal}\n`);
                 clearTimeout(timer);
                 reject(new Error(`dispatcher exited with ${code}:\n${this.output}`));
             });
@@ -78,7 +87,24 @@ export class Dispatcher {
             await exited;
             clearTimeout(timer);
         }
+        this.stopOrphanedPostgres();
         rmSync(this.dataDir, { recursive: true, force: true });
+    }
+
+    /**
+     * A dispatcher that dies (e.g. its Ray was killed) can leave its embedded PostgreSQL running.
+     * Stop that server by the pid in its own data directory, which this test created.
+     */
+    private stopOrphanedPostgres(): void {
+        const pidFile = path.join(this.dataDir, 'postgres', 'postmaster.pid');
+        if (!existsSync(pidFile)) return;
+        const pid = Number(readFileSync(pidFile, 'utf8').split('\n')[0]);
+        if (!Number.isInteger(pid) || pid <= 1) return;
+        try {
+            process.kill(pid, 'SIGINT'); // PostgreSQL's "fast" shutdown
+        } catch {
+            // already gone
+        }
     }
 
     async call(method: string, route: string, body?: unknown, token = ADMIN_TOKEN): Promise<{ status: number; body: any }> {

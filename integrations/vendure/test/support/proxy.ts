@@ -5,7 +5,7 @@ export interface Recorded {
     path: string;
     headers: IncomingHttpHeaders;
     body: string;
-    outcome: 'forwarded' | 'dropped' | 'refused';
+    outcome: 'forwarded' | 'dropped' | 'refused' | 'canned';
     status?: number;
     /** The dispatcher's answer, as forwarded. */
     response?: string;
@@ -15,7 +15,7 @@ export class RecordingProxy {
     target = '';
     readonly requests: Recorded[] = [];
     /** What to do with the next requests, in order; when empty, forward. */
-    readonly plan: Array<'drop' | '503'> = [];
+    readonly plan: Array<'drop' | '503' | { status: number; body: unknown }> = [];
     private server?: Server;
     port = 0;
 
@@ -38,6 +38,15 @@ export class RecordingProxy {
                     record.status = 503;
                     res.writeHead(503, { 'content-type': 'application/problem+json', 'retry-after': '1' });
                     res.end(JSON.stringify({ type: 'about:blank', title: 'Service Unavailable', status: 503, detail: 'test proxy' }));
+                    return;
+                }
+                if (typeof next === 'object') {
+                    // A canned answer in place of the dispatcher's (for answers it cannot give yet).
+                    record.outcome = 'canned';
+                    record.status = next.status;
+                    record.response = JSON.stringify(next.body);
+                    res.writeHead(next.status, { 'content-type': 'application/json' });
+                    res.end(record.response);
                     return;
                 }
                 const headers: Record<string, string> = {};

@@ -72,11 +72,17 @@ export async function startStack(options: StackOptions): Promise<Stack> {
     };
 }
 
-export async function waitForOrder(admin: SimpleGraphQLClient, id: string, what: string, check: (order: any) => boolean, timeoutMs = 90_000): Promise<any> {
-    return waitFor(what, async () => {
-        const order = await adminOrder(admin, id);
-        return check(order) ? order : undefined;
-    }, timeoutMs);
+export async function waitForOrder(admin: SimpleGraphQLClient, id: string, what: string, check: (order: any) => boolean, timeoutMs = 180_000): Promise<any> {
+    let last: any;
+    try {
+        return await waitFor(what, async () => {
+            last = await adminOrder(admin, id);
+            return check(last) ? last : undefined;
+        }, timeoutMs);
+    } catch (e) {
+        const seen = last ? ` (order ${last.code} is ${last.state}, ${JSON.stringify(last.customFields)}, notes: ${notes(last).join(' | ')})` : '';
+        throw new Error(`${(e as Error).message}${seen}`);
+    }
 }
 
 /** Move ~`km` north of a point (for placing drivers at known distances). */

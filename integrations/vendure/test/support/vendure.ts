@@ -87,7 +87,9 @@ export function createVendure(
                 dispatcherUrl,
                 outboundSecret: INBOUND_SECRET,
                 webhookSecret: WEBHOOK_SECRET,
-                retry: { attempts: 6, initialDelayMs: 300, maxDelayMs: 3000 },
+                retry: { attempts: 8, initialDelayMs: 300, maxDelayMs: 3000 },
+                // Generous: a crowded machine must not turn a slow answer into a retry.
+                requestTimeoutMs: 120_000,
                 ...extra,
             }),
         ],
