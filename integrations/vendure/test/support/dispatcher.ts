@@ -32,8 +32,15 @@ export class Dispatcher {
     readonly logFile = path.resolve(__dirname, `../../../test/__data__/dispatcher-${process.pid}.log`);
 
     async start(webhookUrl: string, extraEnv: Record<string, string> = {}): Promise<void> {
+        const inherited = Object.fromEntries(
+            Object.entries(process.env).filter(([k]) => !k.startsWith('DISPATCHER_') && !k.startsWith('RAY_')),
+        );
         const env = {
-            ...process.env,
+            ...inherited,
+            // Ray's session files and its "current cluster" lookup stay in this test's directory:
+            // the dispatcher never joins another local Ray on the machine (whose shutdown would
+            // take ours down), and nobody joins ours.
+            RAY_TMPDIR: path.join(this.dataDir, 'ray'),
             DISPATCHER_DATA_DIR: this.dataDir,
             DISPATCHER_INBOUND_SECRET: INBOUND_SECRET,
             DISPATCHER_VENDURE_WEBHOOK_SECRET: WEBHOOK_SECRET,
@@ -46,6 +53,7 @@ export class Dispatcher {
             DISPATCHER_HEARTBEAT_TTL_S: '1800',
             ...extraEnv,
         };
+        mkdirSync(env.RAY_TMPDIR, { recursive: true });
         const child = spawn(dispatcherBin(), ['serve', '--host', '127.0.0.1', '--port', '0'], {
             env,
             stdio: ['ignore', 'pipe', 'pipe'],
