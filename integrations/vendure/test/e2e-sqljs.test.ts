@@ -152,7 +152,7 @@ describe('Vendure (sql.js) + dispatcher', { timeout: 900_000 }, () => {
 
     it('an offer-mode answer waits; delivery.unassigned and then delivery.assigned are applied', async () => {
         // The dispatcher's offer modes are not built yet: the proxy gives their answer, the test sends
-        // the webhooks the contract describes. The real round trip is in e2e-offers.test.ts.
+        // the webhooks the dispatcher documents for offer mode. The real round trip is in e2e-offers.test.ts.
         stack.proxy.plan.push({ status: 200, body: { assigned: false, sellerOrderId: 'x', reason: 'AWAITING_ACCEPTANCE', dispatchStatus: 'OFFERED', expiresAt: '2030-01-01T00:00:20Z' } });
         const order = await readyOrder(STUTTGART);
         const waiting = await waitForOrder(stack.admin, order.id, 'AWAITING_ACCEPTANCE', o => o.customFields.dispatcherDeliveryStatus === 'AWAITING_ACCEPTANCE');
