@@ -9,7 +9,10 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
-from dispatcher.actors.messages import (
+from dispatcher.actors.zonelock import ZoneLock
+from dispatcher.config import ResolvedSettings
+from dispatcher.errors import DispatchError, StaleEpochError
+from dispatcher.messages import (
     AssignRequest,
     AssignResult,
     LookupPath,
@@ -17,9 +20,6 @@ from dispatcher.actors.messages import (
     PingVerdict,
     ZoneStats,
 )
-from dispatcher.actors.zonelock import ZoneLock
-from dispatcher.config import ResolvedSettings
-from dispatcher.errors import DispatchError, StaleEpochError
 from dispatcher.models import UnassignedResponse
 from dispatcher.store.deliveries import (
     Booking,

@@ -10,7 +10,9 @@ from collections.abc import Sequence
 import ray
 
 from dispatcher.actors.core import ZoneCore
-from dispatcher.actors.messages import (
+from dispatcher.config import ResolvedSettings
+from dispatcher.errors import StaleEpochError
+from dispatcher.messages import (
     AssignRequest,
     AssignResult,
     PingBatch,
@@ -19,8 +21,6 @@ from dispatcher.actors.messages import (
     ZoneState,
     ZoneStats,
 )
-from dispatcher.config import ResolvedSettings
-from dispatcher.errors import StaleEpochError
 from dispatcher.store.deliveries import DeliveryStore
 from dispatcher.store.drivers import DriverStore
 from dispatcher.store.geo import GeoMirror, connect_redis

@@ -10,12 +10,12 @@ from typing import Any
 
 import asyncpg
 
-from dispatcher.actors.messages import AssignRequest
 from dispatcher.errors import ConflictError, NotFoundError, StaleEpochError
 from dispatcher.geo import bounding_box, round_km
+from dispatcher.messages import AssignRequest
 from dispatcher.models import AssignedResponse
+from dispatcher.store.outbox import NOTIFY_CHANNEL, build_body, enqueue, new_event_id
 from dispatcher.store.pg import connection, haversine_sql
-from dispatcher.webhooks.outbox import NOTIFY_CHANNEL, build_body, enqueue, new_event_id
 
 ACTIVE_STATUSES = ("ASSIGNED", "PICKED_UP")
 

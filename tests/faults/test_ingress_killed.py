@@ -14,7 +14,8 @@ import ray
 
 from dispatcher.config import ResolvedSettings
 from dispatcher.embedded import free_port
-from tests.faults.helpers import (
+from tests.support import BERLIN, offset
+from tests.support.faults import (
     ScriptedReceiver,
     ServeProcess,
     assert_booking_invariants,
@@ -23,7 +24,6 @@ from tests.faults.helpers import (
     serve_env,
     wait_until,
 )
-from tests.support import BERLIN, offset
 
 pytestmark = pytest.mark.integration
 

@@ -19,11 +19,12 @@ import pytest
 from redis.asyncio import Redis
 
 from dispatcher.api.keys import DISPATCHER
+from dispatcher.api.service import SETTLE_TIMEOUT_S
 from dispatcher.config import ResolvedSettings
 from dispatcher.geo import haversine_km
-from dispatcher.service import SETTLE_TIMEOUT_S
 from tests.faults.conftest import OwnServers
-from tests.faults.helpers import (
+from tests.support import BERLIN, Api, Driver, offset
+from tests.support.faults import (
     GEO_TOLERANCE_KM,
     ScriptedReceiver,
     assert_booking_invariants,
@@ -33,7 +34,6 @@ from tests.faults.helpers import (
     read_answer,
     wait_until,
 )
-from tests.support import BERLIN, Api, Driver, offset
 
 pytestmark = pytest.mark.integration
 

@@ -18,7 +18,8 @@ from redis.asyncio import Redis
 from dispatcher.config import ResolvedSettings
 from dispatcher.geo import haversine_km, round_km
 from tests.faults.conftest import OwnServers
-from tests.faults.helpers import (
+from tests.support import BERLIN, Api, Driver, offset
+from tests.support.faults import (
     ScriptedReceiver,
     assert_booking_invariants,
     background,
@@ -26,7 +27,6 @@ from tests.faults.helpers import (
     wait_until,
     zones_built,
 )
-from tests.support import BERLIN, Api, Driver, offset
 
 pytestmark = pytest.mark.integration
 

@@ -13,8 +13,8 @@ import asyncpg
 import pytest
 
 from dispatcher.config import ResolvedSettings
-from tests.faults.helpers import ScriptedReceiver, background, wait_until
 from tests.support import BERLIN, Api, offset
+from tests.support.faults import ScriptedReceiver, background, wait_until
 
 pytestmark = pytest.mark.integration
 

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, assume, example, given, settings, strategies
 from pydantic import BaseModel, ValidationError
 
 from dispatcher.api.body import parse
-from dispatcher.api.drivers import DriverQuery, _batch_item, to_ping
+from dispatcher.api.routes.drivers import DriverQuery, _batch_item, to_ping
 from dispatcher.errors import RequestValidationError
 from dispatcher.geo import EARTH_RADIUS_KM, MAX_LATITUDE, bounding_box, haversine_km
 from dispatcher.models import (

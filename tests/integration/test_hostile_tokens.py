@@ -22,10 +22,10 @@ from redis.asyncio import Redis
 from dispatcher.api.app import ROUTES
 from dispatcher.config import ResolvedSettings
 from dispatcher.embedded import free_port
-from tests.faults.helpers import ServeProcess, serve_env
 from tests.fuzz.state import assert_unchanged, problem, settled, snapshot
-from tests.service_fixtures import kill_zone_actors
 from tests.support import BERLIN, Api, Driver, WebhookReceiver, offset
+from tests.support.faults import ServeProcess, serve_env
+from tests.support.fixtures import kill_zone_actors
 
 pytestmark = pytest.mark.integration
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from dispatcher.actors.core import _rounds
-from dispatcher.actors.messages import Ping
+from dispatcher.messages import Ping
 
 T0 = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
 
