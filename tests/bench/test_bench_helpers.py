@@ -24,6 +24,8 @@ from benchmarks.scenarios import (
 )
 from benchmarks.stats import RunResult
 
+pytestmark = pytest.mark.bench
+
 
 def test_defaults_are_the_issue_sizes() -> None:
     o = from_args([])

@@ -16,6 +16,8 @@ from benchmarks.httpclient import (
 )
 from benchmarks.reqfile import RequestSpec
 
+pytestmark = pytest.mark.bench
+
 
 def test_encode_request_sets_host_and_length() -> None:
     spec = RequestSpec("PATCH", "/drivers/d/location", (("Authorization", "Bearer t"), ("Content-Length", "9")), b"{}")

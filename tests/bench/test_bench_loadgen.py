@@ -14,6 +14,8 @@ from benchmarks import loadgen
 from benchmarks.loadgen import LoadPlan, closed_loop, open_loop, run
 from benchmarks.reqfile import RequestSpec, write_requests
 
+pytestmark = pytest.mark.bench
+
 
 async def _echo(request: web.Request) -> web.StreamResponse:
     body = await request.read()

@@ -10,6 +10,8 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from benchmarks.references import create_reference_app
 
+pytestmark = pytest.mark.bench
+
 
 @pytest.fixture
 async def ceiling() -> AsyncIterator[TestClient[web.Request, web.Application]]:

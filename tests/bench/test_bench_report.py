@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime
 
+import pytest
+
 from benchmarks.options import from_args
 from benchmarks.report import (
     Report,
@@ -18,6 +20,8 @@ from benchmarks.report import (
     text_report,
 )
 from benchmarks.results import Figure, Target
+
+pytestmark = pytest.mark.bench
 
 
 def test_targets_absolute_and_relative_to_the_ceiling() -> None:

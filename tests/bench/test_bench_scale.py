@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from benchmarks.scale import (
     ANALYSIS_BEGIN,
     ANALYSIS_END,
@@ -12,6 +14,8 @@ from benchmarks.scale import (
     merge_section,
     scale_table,
 )
+
+pytestmark = pytest.mark.bench
 
 SECTION = f"{BEGIN}\n## Scale-out (issue 5)\n\nnew figures\n{END}\n"
 

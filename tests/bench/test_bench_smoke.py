@@ -11,7 +11,7 @@ import pytest
 # idle, several on a busy 2-core CI machine.
 SMOKE_TIMEOUT_S = 900
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.bench]
 
 
 @pytest.mark.timeout(SMOKE_TIMEOUT_S + 60)

@@ -8,6 +8,8 @@ import pytest
 
 from benchmarks.stats import RunResult, latency_summary, median, percentile, ratio
 
+pytestmark = pytest.mark.bench
+
 
 def test_percentile_interpolates_linearly_like_numpy() -> None:
     values = [1.0, 2.0, 3.0, 4.0]

@@ -41,6 +41,8 @@ from dispatcher.models import (
 from dispatcher.webhooks.signing import new_secret, verify
 from dispatcher.zoning import Zoning
 
+pytestmark = pytest.mark.bench
+
 
 def test_body_limit_matches_the_service() -> None:
     assert BENCH_MAX_BODY_BYTES == MAX_BODY_BYTES

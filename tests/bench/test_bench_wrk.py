@@ -14,6 +14,8 @@ from benchmarks.wrk import (
     wrk_command,
 )
 
+pytestmark = pytest.mark.bench
+
 
 def test_lua_script_reads_the_request_file_with_one_stride_per_thread() -> None:
     script = lua_script(Path("/tmp/x/001-pings.requests"), threads=2)

@@ -34,7 +34,7 @@ from tests.support.faults import (
 )
 from tests.support.raycluster import LocalRayCluster
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.timeout(600)]
 
 REPLICAS = 2
 DRIVERS_PER_ZONE = 30
