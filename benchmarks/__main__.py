@@ -32,7 +32,7 @@ from benchmarks.scenarios import ADMIN_TIMEOUT, REFERENCES, Bench, plan_steps
 from benchmarks.stack import SERVICE_REDIS_DB, Stack
 from benchmarks.wrk import find_wrk, install_hint
 
-# Memory first, so it is measured at exactly the lookup fleet (issue 4: "at 50,000
+# Memory first, so it is measured at exactly the lookup fleet (the target: "at 50,000
 # drivers"), before the other scenarios add theirs; lookup reuses that fleet.
 EXECUTION_ORDER = ("memory", "lookup", "pings", "orders")
 
@@ -117,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"kept {workdir}", file=sys.stderr)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
-    # Shown in the issue's order, references first, whatever order they ran in.
+    # Shown in the report's order, references first, whatever order they ran in.
     rank = {name: i for i, name in enumerate(("reference", *SCENARIOS))}
     report.figures.sort(key=lambda f: rank.get(f.scenario, len(rank)))
     if scaling:

@@ -1,4 +1,4 @@
-"""Bench options: the issue's default sizes, the --quick smoke sizes, and the command line."""
+"""Bench options: the target sizes, the --quick smoke sizes, and the command line."""
 
 from __future__ import annotations
 
@@ -13,15 +13,15 @@ DEFAULT_OUTPUT = Path("docs/PERFORMANCE.md")
 
 @dataclass(frozen=True)
 class Sizes:
-    # Issue 4's defaults: 20,000 drivers for pings and orders, 50,000 for lookup/memory.
+    # The target sizes: 20,000 drivers for pings and orders, 50,000 for lookup/memory.
     drivers: int = 20_000
     lookup_drivers: int = 50_000
     duration_s: float = 10.0
-    # The issue's wrk setting; also what LESSONS.md's reference figures used.
+    # The wrk setting the reference figures in docs/PERFORMANCE.md used.
     connections: int = 32
     # Medians over 3 runs smooth a busy 2-core machine without taking all day.
     repeats: int = 3
-    # The issue's fixed offered rates.
+    # The fixed offered rates of the targets.
     ping_rate: float = 3000.0
     order_rate: float = 200.0
     # Orders on the lookup city, where the nearest-driver search is hardest.
@@ -58,11 +58,11 @@ class Options:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks",
-        description="Benchmark the dispatcher against a bare aiohttp ceiling and a naive Redis baseline (issue 4).",
+        description="Benchmark the dispatcher against a bare aiohttp ceiling and a naive Redis baseline.",
     )
     p.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, 2 s runs, Python generator, no file")
     p.add_argument("--scenario", choices=(*SCENARIOS, "all", "scale"), default="all",
-                   help="one scenario, all of issue 4's, or the scale-out figure of issue 5 "
+                   help="one scenario, all four, or the scale-out figure "
                         "(a local multi-node Ray cluster; not part of 'all')")
     p.add_argument("--workers", default="1,2,3", help="worker-node counts for --scenario scale (default 1,2,3)")
     p.add_argument("--drivers", type=int, help="drivers for pings and orders (default 20000)")

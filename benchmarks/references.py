@@ -21,7 +21,7 @@ from dispatcher.models import LocationPing
 
 # Printed once the socket listens; the bench waits for it.
 READY_LINE = "reference listening on"
-# The seed design's heartbeat: a key per driver that expires when pings stop.
+# The naive design's heartbeat: a key per driver that expires when pings stop.
 HEARTBEAT_TTL_S = 60
 # Own key prefix, so the baseline never touches the service's mirror keys.
 KEY_PREFIX = "bench:naive:"
@@ -46,7 +46,7 @@ async def ceiling_ping(request: web.Request) -> web.StreamResponse:
 
 
 async def naive_ping(request: web.Request) -> web.StreamResponse:
-    """The seed design: one Redis pipeline per ping (GEOADD, HSET status, SET heartbeat EX)."""
+    """The naive design: one Redis pipeline per ping (GEOADD, HSET status, SET heartbeat EX)."""
     try:
         ping = LocationPing.model_validate_json(await request.read())
     except ValidationError:

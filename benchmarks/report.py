@@ -176,7 +176,7 @@ def _method(o: Options) -> str:
 - **Ceiling**: a bare aiohttp handler for `PATCH /drivers/{{id}}/location` that validates the body with
   the service's own `LocationPing` model and answers 204, no I/O. **Naive baseline**: the same
   handler plus one Redis pipeline per request (GEOADD + HSET status + SET heartbeat EX 60), the
-  seed's design: no actors, no PostgreSQL. Both get the same request file as the service.
+  first design's: no actors, no PostgreSQL. Both get the same request file as the service.
 - Throughput figures are compared with the references' saturation throughput; latency figures with
   the references' latency under the same load (same percentile, same offered rate or same
   saturation). A ratio of orders or lookups to a ping handler says how far a request is from "free".
@@ -240,7 +240,7 @@ def markdown_report(report: Report) -> str:
     out += [markdown_table(RESULT_HEADERS, [figure_row(f) for f in report.figures]), ""]
     judged = [f for f in report.figures if f.target is not None]
     if judged:
-        out += ["## Targets (issue 4)", ""]
+        out += ["## Targets", ""]
         out += [f"- {format_met(f.met)}: {f.scenario} — {f.name}: {format_value(f.value, f.unit)} {f.unit}"
                 f" (target {f.target.text if f.target else ''})" for f in judged]
         out += ["- by design, not a figure: no per-ping Ray round trip (pings are written behind, one"

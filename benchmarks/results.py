@@ -1,4 +1,4 @@
-"""Figures: one measured quantity over repeats, its references and the issue's target."""
+"""Figures: one measured quantity over repeats, its references and its target."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from benchmarks.stats import median, ratio
 
 @dataclass(frozen=True)
 class Target:
-    """The issue's bar for a figure: an absolute bound, or a multiple of the ceiling."""
+    """The bar for a figure: an absolute bound, or a multiple of the ceiling."""
 
     text: str
     minimum: float | None = None

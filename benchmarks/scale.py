@@ -1,4 +1,4 @@
-"""Scale figure (issue 5): assignments/s and pings/s with 1, 2, 3 worker nodes of a local Ray cluster."""
+"""Scale figure: assignments/s and pings/s with 1, 2, 3 worker nodes of a local Ray cluster."""
 
 from __future__ import annotations
 
@@ -140,7 +140,7 @@ def scale_section(rows: list[ScaleRow], report: Report) -> str:
     s = report.options.sizes
     lines = [
         BEGIN,
-        "## Scale-out (issue 5)",
+        "## Scale-out",
         "",
         f"Generated on {report.started:%Y-%m-%d %H:%M %Z} by `{report.command}`: for each count, a local Ray "
         "cluster of a head (no zone room) and that many worker raylets on this machine "

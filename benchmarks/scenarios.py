@@ -1,4 +1,4 @@
-"""The references and the four scenarios of issue 4, each turning load runs into report figures."""
+"""The references and the four scenarios of the benchmark, each turning load runs into report figures."""
 
 from __future__ import annotations
 
@@ -43,8 +43,9 @@ from benchmarks.workload import (
     zone_centres,
     zoned_points,
 )
-from dispatcher.actors.core import CANDIDATES, nearest_widening, search_steps
+from dispatcher.actors.core import CANDIDATES, nearest_widening
 from dispatcher.geo import bounding_box
+from dispatcher.rules import search_steps
 from dispatcher.store.deliveries import PICK_SQL
 from dispatcher.store.geo import GeoMirror, connect_redis
 from dispatcher.zoning import Zoning

@@ -16,7 +16,7 @@ from dispatcher.models import MAX_BATCH_PINGS
 from dispatcher.webhooks.signing import sign
 from dispatcher.zoning import Zoning
 
-# CONTRACT §3's body limit (dispatcher/api/app.py MAX_BODY_BYTES, not imported: that
+# The API's body limit, docs/API.md#errors (dispatcher/api/app.py MAX_BODY_BYTES, not imported: that
 # module pulls in Ray); a unit test keeps the two equal.
 MAX_BODY_BYTES = 64 * 1024
 # The service's default zone resolution (DISPATCHER_ZONE_RESOLUTION); the bench runs

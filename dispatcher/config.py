@@ -32,7 +32,8 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="DISPATCHER_", frozen=True, extra="ignore")
 
-    # The contract's table (CONTRACT §1). `None` means "start an embedded one".
+    # Servers and secrets (docs/CONFIGURATION.md). `None` means "start an embedded one"
+    # or "generate one".
     database_url: str | None = None
     redis_url: str | None = None
     ray_address: str | None = None
@@ -44,7 +45,7 @@ class Settings(BaseSettings):
     search_radius_km: float = Field(default=5.0, gt=0, le=100)
     heartbeat_ttl_s: float = Field(default=60.0, gt=0)
 
-    # Our own knobs, documented in the README.
+    # Tuning, also in docs/CONFIGURATION.md.
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     ray_namespace: str = "dispatcher"

@@ -52,7 +52,7 @@ class PingBatch:
 
 class PingVerdict(StrEnum):
     ACCEPTED = "accepted"
-    # Older than the newest accepted fix: ignored, still answered 204 (CONTRACT §4).
+    # Older than the newest accepted fix: ignored, still answered 204 (docs/API.md#location-pings).
     STALE = "stale"
     UNKNOWN_DRIVER = "unknown-driver"
     INACTIVE = "inactive"

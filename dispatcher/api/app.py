@@ -34,7 +34,7 @@ from dispatcher.store.pg import create_pool
 from dispatcher.webhooks.sender import WebhookSender
 from dispatcher.zoning import Zoning
 
-# CONTRACT §3: bodies over 64 KiB are answered 413.
+# Bodies over 64 KiB are answered 413 (docs/API.md#errors).
 MAX_BODY_BYTES = 64 * 1024
 SENDER_STOP_TIMEOUT_S = 5.0
 

@@ -23,7 +23,7 @@ class OrderBatcher:
     """Orders for one zone that arrive while its call is in flight form the next call.
 
     A lone order is sent at once (no wait is added); under load, one Ray call (about
-    2 ms of CPU here, LESSONS.md) carries every order that queued meanwhile. The zone
+    2 ms of CPU here, docs/PERFORMANCE.md) carries every order that queued meanwhile. The zone
     books them one after the other, as before. A failed call fails each of its orders
     with the same error; retrying any of them is safe (idempotent by sellerOrderId).
     """

@@ -5,48 +5,15 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
 
-from dispatcher.geo import haversine_km
 from dispatcher.messages import Ping, PingVerdict
+from dispatcher.rules import LastFix, judge_fix
 
-# GPS fixes jitter by tens of metres; below this jump no speed check applies.
-SPEED_CHECK_MIN_KM = 0.2
 # A cached driver is read again after this long. The zone actors' verdicts correct
 # the cache much sooner (see PingGate.applied); this only bounds what nothing corrects.
 GATE_TTL_S = 300.0
 # Enough for every driver of a large fleet; past it the cache starts over.
 GATE_MAX_DRIVERS = 200_000
-
-
-@dataclass(frozen=True, slots=True)
-class LastFix:
-    """What PostgreSQL (or this ingress, since) holds as a driver's newest fix."""
-
-    is_active: bool
-    lat: float | None
-    lon: float | None
-    recorded_at: datetime | None
-
-
-def judge_fix(last: LastFix | None, ping: Ping, max_speed_kmh: float) -> PingVerdict:
-    """The verdict of one fix against the driver's newest stored fix.
-
-    The same rule as the ping statement in PostgreSQL (store/drivers.py PING_SQL).
-    """
-    if last is None:
-        return PingVerdict.UNKNOWN_DRIVER
-    if not last.is_active:
-        return PingVerdict.INACTIVE
-    previous = last.recorded_at
-    if previous is not None and previous >= ping.recorded_at:
-        return PingVerdict.STALE
-    if last.lat is not None and last.lon is not None and previous is not None:
-        jump = haversine_km(last.lat, last.lon, ping.lat, ping.lon)
-        hours = (ping.recorded_at - previous).total_seconds() / 3600.0
-        if jump > max(SPEED_CHECK_MIN_KM, max_speed_kmh * hours):
-            return PingVerdict.TOO_FAST
-    return PingVerdict.ACCEPTED
 
 
 LoadFixes = Callable[[Sequence[str]], Awaitable[dict[str, LastFix]]]

@@ -7,7 +7,6 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from dispatcher.actors.core import replay
 from dispatcher.api.orderbatcher import OrderBatcher
 from dispatcher.api.pingbuffer import PingBuffer
 from dispatcher.api.pinggate import PingGate
@@ -17,8 +16,10 @@ from dispatcher.config import ResolvedSettings
 from dispatcher.errors import DatabaseUnavailableError, DispatchError
 from dispatcher.messages import AssignRequest, AssignResult, Ping, PingVerdict
 from dispatcher.models import UnassignedResponse
+from dispatcher.rules import replay
 from dispatcher.store.deliveries import DeliveryStore
 from dispatcher.store.drivers import DriverRecord, DriverStore
+from dispatcher.store.pg import known_zones, outbox_pending, ping_database
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +97,17 @@ class Dispatcher:
         except TimeoutError:
             log.warning("queued pings not written within %g s; answering without them", timeout_s)
 
+    # ---- operations (readiness, /zones, metrics) -------------------------------------
+
+    async def database_answers(self) -> bool:
+        return await ping_database(self.deliveries.pool)
+
+    async def zone_ids(self) -> list[str]:
+        return await known_zones(self.deliveries.pool)
+
+    async def outbox_pending(self) -> int:
+        return await outbox_pending(self.deliveries.pool)
+
     # ---- orders -----------------------------------------------------------------------
 
     async def assign(self, req: AssignRequest) -> AssignResult:
@@ -133,7 +145,7 @@ class Dispatcher:
         """
         if not self.database_up:
             # PostgreSQL is known to be down: a fix acknowledged now could only wait in
-            # the queue, so the caller is told to retry (CONTRACT §3).
+            # the queue, so the caller is told to retry (docs/API.md#errors).
             down = DatabaseUnavailableError("PostgreSQL unavailable: lost the connection")
             return [PingOutcome(None, down) for _ in pings]
         outcomes: list[PingOutcome | None] = [None] * len(pings)

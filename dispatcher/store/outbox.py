@@ -39,7 +39,7 @@ SELECT pg_notify($5, '') FROM inserted
 
 
 def build_body(event_type: str, data: Mapping[str, object], now: datetime) -> str:
-    """Return the compact JSON body `{"type", "timestamp", "data"}` (CONTRACT §5)."""
+    """Return the compact JSON body `{"type", "timestamp", "data"}` (docs/API.md#webhooks)."""
     if event_type not in EVENT_TYPES:
         raise ValueError(f"unknown webhook event type {event_type!r}")
     if now.tzinfo is None:

@@ -88,7 +88,7 @@ def test_text_report_lists_figures_and_failures() -> None:
 def test_markdown_report_has_every_section() -> None:
     text = markdown_report(_report())
     for heading in ("# Performance", "## Machine", "## How it is measured", "## Results",
-                    "## Targets (issue 4)", "## Notes", "## Profile"):
+                    "## Targets", "## Notes", "## Profile"):
         assert heading in text
     assert "python -m benchmarks --quick" in text
     assert "py-spy record -o profile.svg --pid <ingress pid>" in text

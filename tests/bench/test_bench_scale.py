@@ -17,7 +17,7 @@ from benchmarks.scale import (
 
 pytestmark = pytest.mark.bench
 
-SECTION = f"{BEGIN}\n## Scale-out (issue 5)\n\nnew figures\n{END}\n"
+SECTION = f"{BEGIN}\n## Scale-out\n\nnew figures\n{END}\n"
 
 
 def test_table_gives_each_count_its_ratio_to_one_node() -> None:

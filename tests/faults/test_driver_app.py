@@ -23,7 +23,7 @@ from dispatcher.zoning import Zoning
 from tests.support import BERLIN, Api, Driver, as_text, offset
 from tests.support.faults import GEO_TOLERANCE_KM, background, read_answer
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 Point = tuple[float, float]
 PROBLEM_JSON = "application/problem+json"

@@ -25,7 +25,7 @@ from tests.support.faults import (
     wait_until,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ORDERS = 6
 PICKED_UP = 2

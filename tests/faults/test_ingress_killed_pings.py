@@ -20,7 +20,7 @@ from dispatcher.embedded import free_port
 from tests.support import BERLIN, Api, Driver, Point, offset
 from tests.support.faults import ServeProcess, remote_api, serve_env
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 DRIVERS = 20
 SPACING_KM = 0.3

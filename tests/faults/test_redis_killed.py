@@ -28,7 +28,7 @@ from tests.support.faults import (
     zones_built,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 DRIVERS = 24
 TTL_S = 600.0
@@ -197,7 +197,7 @@ async def test_redis_killed_under_load_then_restarted_empty(
     delivered = scripted_receiver.delivered()
     assert len(delivered) == expected_events and set(delivered.values()) == {1}
 
-    # Same nearest-driver answers on every path (CONTRACT §4), before, during and after.
+    # Same nearest-driver answers on every path (docs/API.md#seller-order-ready), before, during and after.
     if load.wrong_at:
         print(
             f"{len(load.wrong_driver)} non-nearest answers, from {min(load.wrong_at) - restarted:.2f} s "

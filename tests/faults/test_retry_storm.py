@@ -20,7 +20,7 @@ from dispatcher.zoning import Zoning
 from tests.support import BERLIN, Api, WebhookReceiver, offset
 from tests.support.faults import assert_booking_invariants
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ORDERS = 100
 DUPLICATES = 10

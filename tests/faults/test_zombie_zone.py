@@ -17,7 +17,7 @@ from tests.support import BERLIN, located_drivers, offset
 from tests.support.faults import assert_booking_invariants
 from tests.support.fixtures import MakeCore
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 TTL_S = 600.0
 Point = tuple[float, float]

@@ -30,7 +30,7 @@ from tests.support.faults import (
     zone_actor_pid,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 DRIVERS = 44
 ORDERS = 40

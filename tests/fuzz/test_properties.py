@@ -31,6 +31,9 @@ from dispatcher.models import (
 )
 from dispatcher.zoning import Zoning
 
+# About two minutes of generated examples in all: with the fault suite, behind `slow`.
+pytestmark = pytest.mark.slow
+
 # Deterministic and bounded for CI; `--hypothesis-seed` or a profile can widen it.
 PROPERTY = settings(max_examples=200, derandomize=True, database=None, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow])

@@ -282,7 +282,7 @@ async def test_serve_never_prints_secrets_it_was_given(
     settings: ResolvedSettings, ray_session: None, pg_pool: asyncpg.Pool, tmp_path: Path
 ) -> None:
     """`dispatcher serve` at DEBUG: stdout and stderr hold none of the configured secrets
-    (CONTRACT §1 prints only secrets it generated itself), through failures and successes."""
+    (it prints only secrets it generated itself: docs/CONFIGURATION.md), through failures and successes."""
     port = free_port()
     resolved = settings.model_copy(update={
         "ray_address": ray.get_runtime_context().gcs_address, "data_dir": tmp_path / "data",

@@ -10,8 +10,9 @@ import time
 import pytest
 from redis.asyncio import Redis
 
-from dispatcher.actors.core import CANDIDATES, nearest_widening, search_steps
+from dispatcher.actors.core import CANDIDATES, nearest_widening
 from dispatcher.geo import haversine_km
+from dispatcher.rules import search_steps
 from dispatcher.store import keys
 from dispatcher.store.drivers import MirrorEntry
 from dispatcher.store.geo import GeoMirror, MirrorUnavailableError, connect_redis

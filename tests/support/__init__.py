@@ -31,8 +31,8 @@ BERLIN = (52.52, 13.405)
 Point = tuple[float, float]
 PROBLEM_JSON = "application/problem+json"
 
-# CONTRACT §4, every route: (method, path).
-CONTRACT_ROUTES: list[tuple[str, str]] = [
+# Every route of docs/API.md#routes: (method, path).
+API_ROUTES: list[tuple[str, str]] = [
     ("post", "/events/seller-order-ready"),
     ("post", "/events/seller-order-cancelled"),
     ("post", "/drivers"),

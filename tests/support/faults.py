@@ -196,7 +196,7 @@ async def mirror_by_zone(redis: Redis) -> dict[str, dict[str, tuple[float, float
 
 
 async def mirror_diff(pool: asyncpg.Pool, redis: Redis, ttl_s: float) -> list[str]:
-    """Every way the mirror differs from the dispatchable set (CONTRACT §6 invariant 3)."""
+    """Every way the mirror differs from the dispatchable set (invariant 3, docs/API.md#invariants)."""
     truth = await dispatchable_by_zone(pool, ttl_s)
     mirror = await mirror_by_zone(redis)
     problems: list[str] = []
@@ -219,7 +219,7 @@ async def zones_built(pool: asyncpg.Pool, redis: Redis) -> bool:
 
 
 async def assert_booking_invariants(pool: asyncpg.Pool) -> None:
-    """Invariants 1 and 2, and one `delivery.assigned` outbox row per delivery."""
+    """Invariants 1 and 2 (docs/API.md#invariants), and one `delivery.assigned` outbox row per delivery."""
     doubled = await pool.fetch(
         """SELECT driver_id, count(*) FROM deliveries WHERE status IN ('ASSIGNED', 'PICKED_UP')
            GROUP BY driver_id HAVING count(*) > 1"""

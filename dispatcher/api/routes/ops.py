@@ -14,7 +14,6 @@ from dispatcher.api.keys import (
     METRICS,
     MIRROR,
     OPENAPI,
-    PG_POOL,
     SENDER,
     SETTINGS,
 )
@@ -22,7 +21,6 @@ from dispatcher.api.responses import json_model
 from dispatcher.api.spec import RouteSpec
 from dispatcher.errors import DispatchError
 from dispatcher.models import Health, Readiness, ZoneList, ZoneView
-from dispatcher.store.pg import known_zones, outbox_pending, ping_database
 
 # /zones asks every zone actor; a restarting one must not hold the answer up.
 ZONE_STATS_TIMEOUT_S = 2.0
@@ -48,14 +46,15 @@ async def health(request: web.Request) -> web.StreamResponse:
 
 async def ready(request: web.Request) -> web.StreamResponse:
     app = request.app
+    dispatcher = app[DISPATCHER]
     pg_ok, redis_ok, ray_ok = await asyncio.gather(
-        ping_database(app[PG_POOL]), app[MIRROR].ping(), _ray_answers()
+        dispatcher.database_answers(), app[MIRROR].ping(), _ray_answers()
     )
     zones = pending = 0
     if pg_ok:
         try:
-            zones = len(await known_zones(app[PG_POOL]))
-            pending = await outbox_pending(app[PG_POOL])
+            zones = len(await dispatcher.zone_ids())
+            pending = await dispatcher.outbox_pending()
         except DispatchError:
             pg_ok = False
     webhooks = "unconfigured"
@@ -78,7 +77,7 @@ async def zones(request: web.Request) -> web.StreamResponse:
     await require_operator(request)
     dispatcher = request.app[DISPATCHER]
     await dispatcher.settle_pings()
-    zone_ids = await known_zones(request.app[PG_POOL])
+    zone_ids = await dispatcher.zone_ids()
 
     async def view(zone_id: str) -> ZoneView:
         try:
@@ -94,7 +93,7 @@ async def zones(request: web.Request) -> web.StreamResponse:
 async def metrics(request: web.Request) -> web.StreamResponse:
     app = request.app
     with contextlib.suppress(DispatchError):
-        app[METRICS].outbox_pending.set(await outbox_pending(app[PG_POOL]))
+        app[METRICS].outbox_pending.set(await app[DISPATCHER].outbox_pending())
     return web.Response(body=app[METRICS].render(), content_type="text/plain", charset="utf-8")
 
 
