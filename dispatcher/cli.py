@@ -86,7 +86,8 @@ def _serve(settings: ResolvedSettings) -> int:
     owns_ray = settings.ray_address is None
     # Blocking, so before the event loop starts.
     ray.init(
-        address=settings.ray_address,
+        # Unset means our own local Ray: never one that ray.init() would autodetect.
+        address=settings.ray_address or "local",
         namespace=settings.ray_namespace,
         include_dashboard=False,
         logging_level=logging.WARNING,

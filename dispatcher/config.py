@@ -75,23 +75,6 @@ class Settings(BaseSettings):
     ping_burst: int = Field(default=60, ge=0)
     log_level: str = "INFO"
 
-    def require_resolved(self) -> ResolvedSettings:
-        """Narrow to settings whose servers and secrets are all known."""
-        missing = [
-            name
-            for name in (
-                "database_url",
-                "redis_url",
-                "vendure_webhook_secret",
-                "inbound_secret",
-                "admin_token",
-            )
-            if getattr(self, name) is None
-        ]
-        if missing:
-            raise ValueError(f"unresolved settings: {', '.join(missing)}")
-        return ResolvedSettings.model_validate(self.model_dump())
-
 
 class ResolvedSettings(Settings):
     """Settings after embedded servers started and secrets were loaded."""

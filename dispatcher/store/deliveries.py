@@ -314,7 +314,3 @@ class DeliveryStore:
                 seller_order_id,
             )
         return row, list(history)
-
-
-def delivery_times(row: asyncpg.Record) -> dict[str, datetime | None]:
-    return {c: row[c] for c in ("assigned_at", "picked_up_at", "delivered_at", "failed_at", "cancelled_at")}

@@ -6,6 +6,7 @@ import dataclasses
 import itertools
 import random
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
@@ -25,8 +26,10 @@ ZONING = Zoning(5)
 
 
 @pytest.fixture
-async def mirror(redis_url: str, redis_client: Redis) -> GeoMirror:
-    return GeoMirror(connect_redis(redis_url, 2.0), 2.0)
+async def mirror(redis_url: str, redis_client: Redis) -> AsyncIterator[GeoMirror]:
+    mirror = GeoMirror(connect_redis(redis_url, 2.0), 2.0)
+    yield mirror
+    await mirror.client.aclose()
 
 
 async def place(redis: Redis, drivers: dict[str, tuple[float, float]]) -> None:

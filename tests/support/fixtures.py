@@ -44,6 +44,8 @@ def ray_session() -> Iterator[None]:
     """Ray starts once per session (about 5 s and 1.7 GB): never per test."""
     if not ray.is_initialized():
         ray.init(
+            # Never attach to another session's cluster that ray.init() would autodetect.
+            address="local",
             num_cpus=2,
             include_dashboard=False,
             namespace=RAY_NAMESPACE,
