@@ -8,6 +8,7 @@ import os
 from collections.abc import Sequence
 
 import ray
+from ray.actor import ActorClass
 
 from dispatcher.actors.core import ZoneCore
 from dispatcher.config import ResolvedSettings
@@ -154,4 +155,5 @@ class ZoneActor:
             await core.mirror.client.aclose()
 
 
-ZoneActorRemote = ray.remote(ZoneActor)
+# Typed, so callers' handles are `ActorProxy[ZoneActor]` and mypy checks every remote call.
+ZoneActorRemote: ActorClass[ZoneActor] = ray.remote(ZoneActor)

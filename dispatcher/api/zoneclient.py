@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import ray
+from ray.actor import ActorProxy
 from ray.exceptions import RayActorError, RayTaskError
 
 from dispatcher.actors.options import zone_actor_name, zone_actor_options
-from dispatcher.actors.zone import ZoneActorRemote
+from dispatcher.actors.zone import ZoneActor, ZoneActorRemote
 from dispatcher.config import ResolvedSettings
 from dispatcher.errors import DispatchError, StaleEpochError, ZoneUnavailableError
 from dispatcher.messages import (
@@ -48,22 +49,22 @@ class ZoneDirectory:
         # does not use (it needs the DSNs, never the tokens or webhook keys).
         redacted = settings.model_copy(update=dict.fromkeys(ACTOR_REDACTED, "redacted"))
         self._settings_json = redacted.model_dump_json()
-        self._handles: dict[str, Any] = {}
+        self._handles: dict[str, ActorProxy[ZoneActor]] = {}
         # Calls retried after a zone died, moved or was fenced (tests, metrics).
         self.retries = 0
-        self._creating: dict[str, asyncio.Task[Any]] = {}
+        self._creating: dict[str, asyncio.Task[ActorProxy[ZoneActor]]] = {}
 
     @property
     def zone_ids(self) -> list[str]:
         return sorted(self._handles)
 
-    def _get_or_create(self, zone_id: str) -> Any:
+    def _get_or_create(self, zone_id: str) -> ActorProxy[ZoneActor]:
         options = zone_actor_options(
             zone_id, self.settings.ray_namespace, resource_units=self.settings.zone_resource_units
         )
         return ZoneActorRemote.options(**options).remote(zone_id, self._settings_json)
 
-    async def _handle(self, zone_id: str) -> Any:
+    async def _handle(self, zone_id: str) -> ActorProxy[ZoneActor]:
         handle = self._handles.get(zone_id)
         if handle is not None:
             return handle
@@ -78,7 +79,7 @@ class ZoneDirectory:
         self._handles[zone_id] = handle
         return handle
 
-    async def _call(self, zone_id: str, invoke: Callable[[Any], Awaitable[T]]) -> T:
+    async def _call(self, zone_id: str, invoke: Callable[[ActorProxy[ZoneActor]], Awaitable[T]]) -> T:
         last: BaseException | None = None
         for attempt, delay in enumerate((0.0, *RETRY_DELAYS_S)):
             if delay:
