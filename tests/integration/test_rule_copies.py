@@ -47,10 +47,15 @@ async def put_driver(
                location_recorded_at, last_seen_at, zone_id)
            VALUES ($1, 'rule', $2, $3, $4, $5, $6,
                now() - make_interval(secs => $7), now() - make_interval(secs => $7), $8)""",
-        driver_id, driver_id.encode(), status, active,
-        BERLIN[0] if located else None, BERLIN[1] if located else None,
-        age_s, ZONE,
-    )  # fmt: skip
+        driver_id,
+        driver_id.encode(),
+        status,
+        active,
+        BERLIN[0] if located else None,
+        BERLIN[1] if located else None,
+        age_s,
+        ZONE,
+    )
     return driver_id
 
 

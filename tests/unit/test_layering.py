@@ -32,9 +32,12 @@ ALLOWED: dict[str, set[str]] = {
     "dispatcher.zonectl": {"dispatcher.actors"},
     "dispatcher.runtime": {"dispatcher.embedded", "dispatcher.webhooks"},
     "dispatcher.cli": {
-        "dispatcher.api", "dispatcher.runtime", "dispatcher.store", "dispatcher.zonectl"
+        "dispatcher.api",
+        "dispatcher.runtime",
+        "dispatcher.store",
+        "dispatcher.zonectl",
     },
-}  # fmt: skip
+}
 # The ingress reaches zone actors through one module: the typed client.
 ACTOR_GATEWAY = "dispatcher.api.zoneclient"
 # Route handlers go through the Dispatcher service, never to the stores themselves.
