@@ -1,4 +1,4 @@
-"""`dispatcher serve|migrate|bench`: settings -> embedded servers if needed -> Ray -> ingress."""
+"""`dispatcher serve|migrate|zones`: settings -> embedded servers if needed -> Ray -> ingress."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ from collections.abc import Sequence
 
 from aiohttp import web
 
-from dispatcher import __version__, zonectl
+from dispatcher import __version__
 from dispatcher.config import ResolvedSettings, Settings
 from dispatcher.errors import DispatchError
 from dispatcher.runtime import Runtime
 from dispatcher.store.migrate import migrate_dsn
+from dispatcher.zonectl import commands as zonectl
 
 log = logging.getLogger("dispatcher")
 
@@ -29,19 +30,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="listen port (DISPATCHER_PORT, default 8080)")
     sub.add_parser("migrate", help="apply database migrations and exit")
     zonectl.add_parser(sub)
-    sub.add_parser(
-        "bench", help="load benchmark on its own servers (dispatcher bench --help)", add_help=False
-    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
-    if raw[:1] == ["bench"]:
-        # The benchmark has its own options and starts its own servers.
-        from dispatcher.bench.__main__ import main as bench_main
-
-        return bench_main(raw[1:])
     args = _parser().parse_args(raw)
     overrides = {k: v for k, v in (("host", getattr(args, "host", None)), ("port", getattr(args, "port", None))) if v is not None}
     try:
@@ -93,7 +86,8 @@ def _serve(settings: ResolvedSettings) -> int:
     owns_ray = settings.ray_address is None
     # Blocking, so before the event loop starts.
     ray.init(
-        address=settings.ray_address,
+        # Unset means our own local Ray: never one that ray.init() would autodetect.
+        address=settings.ray_address or "local",
         namespace=settings.ray_namespace,
         include_dashboard=False,
         logging_level=logging.WARNING,

@@ -32,7 +32,8 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="DISPATCHER_", frozen=True, extra="ignore")
 
-    # The contract's table (CONTRACT §1). `None` means "start an embedded one".
+    # Servers and secrets (docs/CONFIGURATION.md). `None` means "start an embedded one"
+    # or "generate one".
     database_url: str | None = None
     redis_url: str | None = None
     ray_address: str | None = None
@@ -44,7 +45,7 @@ class Settings(BaseSettings):
     search_radius_km: float = Field(default=5.0, gt=0, le=100)
     heartbeat_ttl_s: float = Field(default=60.0, gt=0)
 
-    # Our own knobs, documented in the README.
+    # Tuning, also in docs/CONFIGURATION.md.
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
     ray_namespace: str = "dispatcher"
@@ -73,23 +74,6 @@ class Settings(BaseSettings):
     ping_rate_per_s: float = Field(default=10.0, ge=0, allow_inf_nan=False)
     ping_burst: int = Field(default=60, ge=0)
     log_level: str = "INFO"
-
-    def require_resolved(self) -> ResolvedSettings:
-        """Narrow to settings whose servers and secrets are all known."""
-        missing = [
-            name
-            for name in (
-                "database_url",
-                "redis_url",
-                "vendure_webhook_secret",
-                "inbound_secret",
-                "admin_token",
-            )
-            if getattr(self, name) is None
-        ]
-        if missing:
-            raise ValueError(f"unresolved settings: {', '.join(missing)}")
-        return ResolvedSettings.model_validate(self.model_dump())
 
 
 class ResolvedSettings(Settings):

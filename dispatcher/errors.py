@@ -31,12 +31,6 @@ class DispatchError(Exception):
         return PROBLEM_BASE + self.code
 
 
-class BadRequestError(DispatchError):
-    status = 400
-    code = "bad-request"
-    title = "Bad request"
-
-
 class RequestValidationError(DispatchError):
     status = 422
     code = "validation-error"
@@ -65,12 +59,6 @@ class ConflictError(DispatchError):
     status = 409
     code = "conflict"
     title = "Conflict"
-
-
-class PayloadTooLargeError(DispatchError):
-    status = 413
-    code = "payload-too-large"
-    title = "Payload too large"
 
 
 class TooManyRequestsError(DispatchError):

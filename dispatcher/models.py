@@ -74,7 +74,7 @@ class LatLon(RequestModel):
 
 
 class SellerOrderReady(RequestModel):
-    """Both seed shapes: flat `pickupLat/pickupLon` or nested `pickup {lat, lon}`."""
+    """Both body shapes: flat `pickupLat/pickupLon` or nested `pickup {lat, lon}`."""
 
     seller_order_id: OrderId
     # Ignored, but still text that could be logged: no control characters.

@@ -17,7 +17,7 @@ from dispatcher.embedded import EmbeddedPostgres, EmbeddedRedis
 from dispatcher.store.migrate import migrate_dsn
 
 # Ray, the ingress and the webhook receiver, shared by tests/integration and tests/faults.
-pytest_plugins = ["tests.service_fixtures"]
+pytest_plugins = ["tests.support.fixtures"]
 
 PG_URL_ENV = "DISPATCHER_TEST_DATABASE_URL"
 REDIS_URL_ENV = "DISPATCHER_TEST_REDIS_URL"

@@ -1,1 +1,1 @@
-"""Zone actors: one Ray actor per zone serializes assignment for that zone."""
+"""Runs inside Ray zone actors only: the actor shell, its options, ZoneCore and its lock."""

@@ -9,7 +9,10 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
-from dispatcher.actors.messages import (
+from dispatcher.actors.zonelock import ZoneLock
+from dispatcher.config import ResolvedSettings
+from dispatcher.errors import DispatchError, StaleEpochError
+from dispatcher.messages import (
     AssignRequest,
     AssignResult,
     LookupPath,
@@ -17,15 +20,12 @@ from dispatcher.actors.messages import (
     PingVerdict,
     ZoneStats,
 )
-from dispatcher.actors.zonelock import ZoneLock
-from dispatcher.config import ResolvedSettings
-from dispatcher.errors import DispatchError, StaleEpochError
 from dispatcher.models import UnassignedResponse
+from dispatcher.rules import is_dispatchable, replay, search_steps
 from dispatcher.store.deliveries import (
     Booking,
     DeliveryStore,
     DriverTakenError,
-    ExistingOrder,
     OrderExistsError,
 )
 from dispatcher.store.drivers import DriverStore, MirrorEntry
@@ -33,7 +33,6 @@ from dispatcher.store.geo import (
     GeoMirror,
     MirrorUnavailableError,
     NearestQuery,
-    is_dispatchable,
 )
 from dispatcher.store.pg import activate_zone, known_zones
 from dispatcher.zoning import Zoning
@@ -43,9 +42,6 @@ log = logging.getLogger(__name__)
 # Redis narrows the search to this many nearest mirror members; PostgreSQL then picks
 # the nearest dispatchable one among them with exact distances.
 CANDIDATES = 8
-# Dense cities have many drivers within a few hundred metres: start there (LESSONS: a
-# 0.5 km GEOSEARCH runs about 20x faster than a 5 km one among 10,000 drivers).
-WIDENING_STEPS_KM = (0.1, 0.25, 0.5, 1.0, 2.0)
 # Each retry follows a refusal by the one-active-delivery index, which means bad data.
 MAX_TAKEN_RETRIES = 3
 
@@ -378,11 +374,6 @@ async def nearest_widening(
     )
 
 
-def search_steps(radius_km: float) -> list[float]:
-    """Widening search radii, ending at the full radius."""
-    return [r for r in WIDENING_STEPS_KM if r < radius_km] + [radius_km]
-
-
 def _rounds(pings: Sequence[Ping]) -> list[list[int]]:
     """Indexes of `pings` in rounds: round k holds each driver's k-th oldest fix."""
     by_driver: dict[str, list[int]] = {}
@@ -390,13 +381,6 @@ def _rounds(pings: Sequence[Ping]) -> list[list[int]]:
         by_driver.setdefault(pings[index].driver_id, []).append(index)
     depth = max((len(v) for v in by_driver.values()), default=0)
     return [[v[k] for v in by_driver.values() if k < len(v)] for k in range(depth)]
-
-
-def replay(req: AssignRequest, existing: ExistingOrder) -> AssignResult:
-    """The stored first answer, or a conflict when the pickup moved."""
-    if (existing.pickup_lat, existing.pickup_lon) != (req.pickup_lat, req.pickup_lon):
-        return AssignResult("conflict", existing.response_body, "none")
-    return AssignResult("replayed", existing.response_body, "none")
 
 
 def _with_status(entry: MirrorEntry, *, available: bool) -> MirrorEntry:

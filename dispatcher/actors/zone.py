@@ -8,9 +8,12 @@ import os
 from collections.abc import Sequence
 
 import ray
+from ray.actor import ActorClass
 
 from dispatcher.actors.core import ZoneCore
-from dispatcher.actors.messages import (
+from dispatcher.config import ResolvedSettings
+from dispatcher.errors import StaleEpochError
+from dispatcher.messages import (
     AssignRequest,
     AssignResult,
     PingBatch,
@@ -19,8 +22,6 @@ from dispatcher.actors.messages import (
     ZoneState,
     ZoneStats,
 )
-from dispatcher.config import ResolvedSettings
-from dispatcher.errors import StaleEpochError
 from dispatcher.store.deliveries import DeliveryStore
 from dispatcher.store.drivers import DriverStore
 from dispatcher.store.geo import GeoMirror, connect_redis
@@ -154,4 +155,5 @@ class ZoneActor:
             await core.mirror.client.aclose()
 
 
-ZoneActorRemote = ray.remote(ZoneActor)
+# Typed, so callers' handles are `ActorProxy[ZoneActor]` and mypy checks every remote call.
+ZoneActorRemote: ActorClass[ZoneActor] = ray.remote(ZoneActor)

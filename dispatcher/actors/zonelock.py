@@ -23,10 +23,6 @@ class ZoneLock:
         self._exclusive = False
         self._exclusive_waiting = 0
 
-    @property
-    def shared_holders(self) -> int:
-        return self._shared
-
     @asynccontextmanager
     async def shared(self) -> AsyncIterator[None]:
         async with self._cond:

@@ -1,1 +1,1 @@
-"""aiohttp ingress: routes, auth, problem responses, OpenAPI."""
+"""The ingress process (`dispatcher serve`): routes, auth, problems, and the engine behind them."""

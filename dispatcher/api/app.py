@@ -8,9 +8,6 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
-from dispatcher.actors.client import ZoneDirectory
-from dispatcher.actors.router import ZoneRouter
-from dispatcher.api import deliveries, drivers, events, ops
 from dispatcher.api.keys import (
     DISPATCHER,
     METRICS,
@@ -23,9 +20,12 @@ from dispatcher.api.keys import (
 from dispatcher.api.metrics import Metrics, metrics_middleware
 from dispatcher.api.openapi import build_openapi
 from dispatcher.api.problems import problem_middleware
+from dispatcher.api.routes import deliveries, drivers, events, ops
+from dispatcher.api.service import Dispatcher
 from dispatcher.api.spec import RouteSpec
+from dispatcher.api.zoneclient import ZoneDirectory
+from dispatcher.api.zonerouter import ZoneRouter
 from dispatcher.config import ResolvedSettings
-from dispatcher.service import Dispatcher
 from dispatcher.store.deliveries import DeliveryStore
 from dispatcher.store.drivers import DRIVER_CHANGED_CHANNEL, DriverStore
 from dispatcher.store.geo import GeoMirror, connect_redis
@@ -34,7 +34,7 @@ from dispatcher.store.pg import create_pool
 from dispatcher.webhooks.sender import WebhookSender
 from dispatcher.zoning import Zoning
 
-# CONTRACT §3: bodies over 64 KiB are answered 413.
+# Bodies over 64 KiB are answered 413 (docs/API.md#errors).
 MAX_BODY_BYTES = 64 * 1024
 SENDER_STOP_TIMEOUT_S = 5.0
 

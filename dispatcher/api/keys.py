@@ -8,8 +8,8 @@ import asyncpg
 from aiohttp import web
 
 from dispatcher.api.metrics import Metrics
+from dispatcher.api.service import Dispatcher
 from dispatcher.config import ResolvedSettings
-from dispatcher.service import Dispatcher
 from dispatcher.store.geo import GeoMirror
 from dispatcher.webhooks.sender import WebhookSender
 

@@ -10,12 +10,13 @@ from typing import Any
 
 import asyncpg
 
-from dispatcher.actors.messages import AssignRequest
 from dispatcher.errors import ConflictError, NotFoundError, StaleEpochError
 from dispatcher.geo import bounding_box, round_km
+from dispatcher.messages import AssignRequest
 from dispatcher.models import AssignedResponse
+from dispatcher.rules import ExistingOrder
+from dispatcher.store.outbox import NOTIFY_CHANNEL, build_body, enqueue, new_event_id
 from dispatcher.store.pg import connection, haversine_sql
-from dispatcher.webhooks.outbox import NOTIFY_CHANNEL, build_body, enqueue, new_event_id
 
 ACTIVE_STATUSES = ("ASSIGNED", "PICKED_UP")
 
@@ -28,7 +29,7 @@ STEPS: dict[str, tuple[tuple[str, ...], str, str, str]] = {
 }
 FREEING_STATUSES = ("DELIVERED", "FAILED", "CANCELLED")
 
-# The dispatchability rule of CONTRACT §4, identical on the Redis and fallback paths:
+# The dispatchable rule (dispatcher/rules.py is_dispatchable), identical on the Redis and fallback paths:
 # active, AVAILABLE, fresh heartbeat, location known, within the radius. One statement
 # fences the zone, picks and locks the nearest such driver, and marks it BUSY.
 # $1/$2 pickup, $3 heartbeat TTL s, $4..$7 bounding box, $8 candidates or NULL, $9 radius,
@@ -101,13 +102,6 @@ WITH delivery AS (
 )
 SELECT pg_notify($13, '') FROM outbox
 """
-
-
-@dataclass(frozen=True, slots=True)
-class ExistingOrder:
-    response_body: str
-    pickup_lat: float
-    pickup_lon: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,7 +314,3 @@ class DeliveryStore:
                 seller_order_id,
             )
         return row, list(history)
-
-
-def delivery_times(row: asyncpg.Record) -> dict[str, datetime | None]:
-    return {c: row[c] for c in ("assigned_at", "picked_up_at", "delivered_at", "failed_at", "cancelled_at")}

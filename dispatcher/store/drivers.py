@@ -12,9 +12,9 @@ from typing import Any
 
 import asyncpg
 
-from dispatcher.actors.messages import Ping, PingVerdict
-from dispatcher.actors.pinggate import SPEED_CHECK_MIN_KM, LastFix, judge_fix
 from dispatcher.errors import ConflictError, NotFoundError, StaleEpochError
+from dispatcher.messages import Ping, PingVerdict
+from dispatcher.rules import SPEED_CHECK_MIN_KM, LastFix, judge_fix
 from dispatcher.store.pg import connection, haversine_sql
 
 # Enough for every driver of a large fleet; past it the cache simply starts over.

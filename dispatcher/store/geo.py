@@ -18,6 +18,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import NoScriptError, RedisError
 
+from dispatcher.rules import is_dispatchable
 from dispatcher.store import keys
 from dispatcher.store.drivers import MirrorEntry
 
@@ -344,17 +345,6 @@ class GeoMirror:
             assert isinstance(values, list)
             out.update((d, int(v)) for d, v in zip(chunk, values, strict=True) if v is not None)
         return out
-
-
-def is_dispatchable(entry: MirrorEntry, now_s: float, ttl_s: float) -> bool:
-    """Invariant 3: in the mirror iff AVAILABLE and active, located, heartbeat fresh."""
-    return (
-        entry.dispatchable_status
-        and entry.lat is not None
-        and entry.lon is not None
-        and entry.seen_epoch_s is not None
-        and entry.seen_epoch_s > now_s - ttl_s
-    )
 
 
 UPSERT_SHA = hashlib.sha1(UPSERT_LUA.encode()).hexdigest()

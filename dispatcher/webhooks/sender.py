@@ -21,8 +21,8 @@ from yarl import URL
 
 from dispatcher import __version__
 from dispatcher.store.listen import Listener
+from dispatcher.store.outbox import NOTIFY_CHANNEL
 from dispatcher.webhooks import signing
-from dispatcher.webhooks.outbox import NOTIFY_CHANNEL
 
 logger = logging.getLogger(__name__)
 

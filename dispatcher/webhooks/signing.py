@@ -14,7 +14,7 @@ from secrets import token_bytes
 SECRET_PREFIX = "whsec_"
 # 256 bits, SHA-256's own strength: a longer key adds nothing, a shorter one weakens it.
 SECRET_BYTES = 32
-# The contract's ±5 min: long enough for clock skew and queueing, short enough to bound replays.
+# The API's ±5 min (docs/API.md#authentication): long enough for clock skew and queueing, short enough to bound replays.
 DEFAULT_TOLERANCE_S = 300
 SIGNATURE_VERSION = "v1"
 # Unix seconds as plain digits; twelve of them reach the year 33658, so anything longer is

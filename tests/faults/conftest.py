@@ -24,8 +24,8 @@ from dispatcher.config import ResolvedSettings
 from dispatcher.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 from dispatcher.store.migrate import migrate_dsn
 from dispatcher.webhooks.signing import new_secret
-from tests.faults.helpers import ScriptedReceiver
-from tests.service_fixtures import FAST, kill_zone_actors
+from tests.support.faults import ScriptedReceiver
+from tests.support.fixtures import FAST, kill_zone_actors
 
 T = TypeVar("T")
 

@@ -13,18 +13,18 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from dispatcher.bench.cluster import LocalRayCluster
 from dispatcher.config import ResolvedSettings
 from dispatcher.embedded import free_port
 from dispatcher.zoning import Zoning
-from tests.faults.cluster import (
+from tests.support import BERLIN, Api, zone_cells
+from tests.support.cluster import (
     FAST_NODE_LOSS,
     SteadyLoad,
     placements,
     zone_call_retries,
     zones_command,
 )
-from tests.faults.helpers import (
+from tests.support.faults import (
     ScriptedReceiver,
     ServeProcess,
     assert_booking_invariants,
@@ -32,9 +32,9 @@ from tests.faults.helpers import (
     serve_env,
     wait_until,
 )
-from tests.support import BERLIN, Api, zone_cells
+from tests.support.raycluster import LocalRayCluster
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.timeout(600)]
 
 REPLICAS = 2
 DRIVERS_PER_ZONE = 30

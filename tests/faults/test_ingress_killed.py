@@ -14,7 +14,8 @@ import ray
 
 from dispatcher.config import ResolvedSettings
 from dispatcher.embedded import free_port
-from tests.faults.helpers import (
+from tests.support import BERLIN, offset
+from tests.support.faults import (
     ScriptedReceiver,
     ServeProcess,
     assert_booking_invariants,
@@ -23,9 +24,8 @@ from tests.faults.helpers import (
     serve_env,
     wait_until,
 )
-from tests.support import BERLIN, offset
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ORDERS = 6
 PICKED_UP = 2

@@ -17,10 +17,10 @@ import ray
 
 from dispatcher.config import ResolvedSettings
 from dispatcher.embedded import free_port
-from tests.faults.helpers import ServeProcess, remote_api, serve_env
 from tests.support import BERLIN, Api, Driver, Point, offset
+from tests.support.faults import ServeProcess, remote_api, serve_env
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 DRIVERS = 20
 SPACING_KM = 0.3

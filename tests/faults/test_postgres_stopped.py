@@ -19,11 +19,12 @@ import pytest
 from redis.asyncio import Redis
 
 from dispatcher.api.keys import DISPATCHER
+from dispatcher.api.service import SETTLE_TIMEOUT_S
 from dispatcher.config import ResolvedSettings
 from dispatcher.geo import haversine_km
-from dispatcher.service import SETTLE_TIMEOUT_S
 from tests.faults.conftest import OwnServers
-from tests.faults.helpers import (
+from tests.support import BERLIN, Api, Driver, offset
+from tests.support.faults import (
     GEO_TOLERANCE_KM,
     ScriptedReceiver,
     assert_booking_invariants,
@@ -33,9 +34,8 @@ from tests.faults.helpers import (
     read_answer,
     wait_until,
 )
-from tests.support import BERLIN, Api, Driver, offset
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 TTL_S = 600.0
 DRIVERS = 12
@@ -382,7 +382,7 @@ async def test_gateway_batch_pings_during_outage_are_retryable(
     fault_stack: OwnServers,
     own_pool: asyncpg.Pool,
 ) -> None:
-    """CONTRACT §3: a write PostgreSQL cannot take answers 503 + Retry-After. A stopped
+    """docs/API.md#errors: a write PostgreSQL cannot take answers 503 + Retry-After. A stopped
     PostgreSQL closes the ingress's LISTEN connection, so the ingress knows at once and
     a gateway's batch must say "retry" (503), not 200, and nothing of it is stored.
     (Fixes acknowledged before an outage showed, as with a hung server, are stored

@@ -18,7 +18,8 @@ from redis.asyncio import Redis
 from dispatcher.config import ResolvedSettings
 from dispatcher.geo import haversine_km, round_km
 from tests.faults.conftest import OwnServers
-from tests.faults.helpers import (
+from tests.support import BERLIN, Api, Driver, offset
+from tests.support.faults import (
     ScriptedReceiver,
     assert_booking_invariants,
     background,
@@ -26,9 +27,8 @@ from tests.faults.helpers import (
     wait_until,
     zones_built,
 )
-from tests.support import BERLIN, Api, Driver, offset
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 DRIVERS = 24
 TTL_S = 600.0
@@ -197,7 +197,7 @@ async def test_redis_killed_under_load_then_restarted_empty(
     delivered = scripted_receiver.delivered()
     assert len(delivered) == expected_events and set(delivered.values()) == {1}
 
-    # Same nearest-driver answers on every path (CONTRACT §4), before, during and after.
+    # Same nearest-driver answers on every path (docs/API.md#seller-order-ready), before, during and after.
     if load.wrong_at:
         print(
             f"{len(load.wrong_driver)} non-nearest answers, from {min(load.wrong_at) - restarted:.2f} s "

@@ -17,10 +17,10 @@ import pytest
 from dispatcher.config import ResolvedSettings
 from dispatcher.webhooks.signing import sign
 from dispatcher.zoning import Zoning
-from tests.faults.helpers import assert_booking_invariants
 from tests.support import BERLIN, Api, WebhookReceiver, offset
+from tests.support.faults import assert_booking_invariants
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ORDERS = 100
 DUPLICATES = 10

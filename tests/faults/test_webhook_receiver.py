@@ -13,10 +13,10 @@ import asyncpg
 import pytest
 
 from dispatcher.config import ResolvedSettings
-from tests.faults.helpers import ScriptedReceiver, background, wait_until
 from tests.support import BERLIN, Api, offset
+from tests.support.faults import ScriptedReceiver, background, wait_until
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 EVENTS = 3
 SCHEDULE_S = (0.0, 0.25, 0.5, *([1.0] * 20))

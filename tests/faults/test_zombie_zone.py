@@ -9,15 +9,15 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from dispatcher.actors.messages import AssignRequest, Ping
 from dispatcher.errors import StaleEpochError
 from dispatcher.geo import haversine_km
+from dispatcher.messages import AssignRequest, Ping
 from dispatcher.store import keys
-from tests.faults.helpers import assert_booking_invariants
-from tests.service_fixtures import MakeCore
 from tests.support import BERLIN, located_drivers, offset
+from tests.support.faults import assert_booking_invariants
+from tests.support.fixtures import MakeCore
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 TTL_S = 600.0
 Point = tuple[float, float]

@@ -20,7 +20,8 @@ from redis.asyncio import Redis
 
 from dispatcher.config import ResolvedSettings
 from dispatcher.zoning import Zoning
-from tests.faults.helpers import (
+from tests.support import BERLIN, Api, WebhookReceiver, offset
+from tests.support.faults import (
     assert_booking_invariants,
     mirror_diff,
     read_answer,
@@ -28,9 +29,8 @@ from tests.faults.helpers import (
     zone_actor_handle,
     zone_actor_pid,
 )
-from tests.support import BERLIN, Api, WebhookReceiver, offset
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 DRIVERS = 44
 ORDERS = 40

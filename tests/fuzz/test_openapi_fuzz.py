@@ -33,7 +33,7 @@ from dispatcher.config import ResolvedSettings
 from dispatcher.webhooks.signing import sign
 from tests.support import BERLIN, Api, offset
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 # Bounded for CI: this many generated cases per operation and mode, derandomized
 # (the same cases every run), no example database, no shrinking.
@@ -47,7 +47,7 @@ POSITIVE_CHECKS = [
 ]
 # Negative mode: invalid data must be refused with a 4xx, and never crash the service.
 NEGATIVE_CHECKS = [*POSITIVE_CHECKS, negative_data_rejection]
-# Documented leniency (README "Where the contract is silent"): a gateway batch validates
+# Documented leniency (docs/API.md#location-pings): a gateway batch validates
 # its items one by one and answers 200 with the bad ones in `rejected`; Vendure events
 # ignore unknown fields. Invalid data there is not refused as a whole, by design.
 LENIENT_NEGATIVE = {("POST", "/drivers/locations")}

@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, assume, example, given, settings, strategies
 from pydantic import BaseModel, ValidationError
 
 from dispatcher.api.body import parse
-from dispatcher.api.drivers import DriverQuery, _batch_item, to_ping
+from dispatcher.api.routes.drivers import DriverQuery, _batch_item, to_ping
 from dispatcher.errors import RequestValidationError
 from dispatcher.geo import EARTH_RADIUS_KM, MAX_LATITUDE, bounding_box, haversine_km
 from dispatcher.models import (
@@ -30,6 +30,9 @@ from dispatcher.models import (
     UpdateDriver,
 )
 from dispatcher.zoning import Zoning
+
+# About two minutes of generated examples in all: with the fault suite, behind `slow`.
+pytestmark = pytest.mark.slow
 
 # Deterministic and bounded for CI; `--hypothesis-seed` or a profile can widen it.
 PROPERTY = settings(max_examples=200, derandomize=True, database=None, deadline=None,

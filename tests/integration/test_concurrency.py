@@ -34,7 +34,7 @@ from tests.support import (
     zone_cells,
 )
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 ACTIVE = ("ASSIGNED", "PICKED_UP")
 REPLAYED = "Idempotent-Replayed"

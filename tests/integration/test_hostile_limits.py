@@ -143,7 +143,7 @@ async def test_nul_in_any_id_or_text_is_a_4xx_not_a_500(
 async def test_a_path_id_longer_than_the_request_line_limit_is_a_problem_document(
     api: Api, seeded: tuple[Driver, str], pg_pool: asyncpg.Pool, redis_client: Redis
 ) -> None:
-    """A 10 kB id makes the request line longer than aiohttp's 8190 bytes: CONTRACT §3
+    """A 10 kB id makes the request line longer than aiohttp's 8190 bytes: docs/API.md#errors
     still wants an application/problem+json 4xx, not aiohttp's text/plain 400."""
     before = await snapshot(pg_pool, redis_client)
     statuses: set[int] = set()
@@ -187,7 +187,7 @@ async def test_recorded_at_at_the_edges_of_the_calendar_is_a_4xx_not_a_500(
 
 
 async def test_sql_metacharacters_and_unicode_order_ids_round_trip(api: Api, pg_pool: asyncpg.Pool) -> None:
-    """CONTRACT §4: sellerOrderId is opaque. These are valid ids, stored and answered verbatim."""
+    """docs/API.md#seller-order-ready: sellerOrderId is opaque. These are valid ids, stored and answered verbatim."""
     ids = [
         "x'; DROP TABLE deliveries; --",
         "' OR '1'='1",

@@ -22,10 +22,10 @@ from redis.asyncio import Redis
 from dispatcher.api.app import ROUTES
 from dispatcher.config import ResolvedSettings
 from dispatcher.embedded import free_port
-from tests.faults.helpers import ServeProcess, serve_env
 from tests.fuzz.state import assert_unchanged, problem, settled, snapshot
-from tests.service_fixtures import kill_zone_actors
 from tests.support import BERLIN, Api, Driver, WebhookReceiver, offset
+from tests.support.faults import ServeProcess, serve_env
+from tests.support.fixtures import kill_zone_actors
 
 pytestmark = pytest.mark.integration
 
@@ -282,7 +282,7 @@ async def test_serve_never_prints_secrets_it_was_given(
     settings: ResolvedSettings, ray_session: None, pg_pool: asyncpg.Pool, tmp_path: Path
 ) -> None:
     """`dispatcher serve` at DEBUG: stdout and stderr hold none of the configured secrets
-    (CONTRACT §1 prints only secrets it generated itself), through failures and successes."""
+    (it prints only secrets it generated itself: docs/CONFIGURATION.md), through failures and successes."""
     port = free_port()
     resolved = settings.model_copy(update={
         "ray_address": ray.get_runtime_context().gcs_address, "data_dir": tmp_path / "data",

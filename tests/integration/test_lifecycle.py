@@ -276,7 +276,7 @@ async def test_mirror_equals_dispatchable_drivers_after_a_mixed_workload(
     await ping_all(api, fresh)
     await asyncio.sleep(sweep + 0.5)
 
-    # Invariant 3, zone by zone, read twice around the mirror so nothing moved meanwhile.
+    # Invariant 3 (docs/API.md#invariants), zone by zone, read twice around the mirror so nothing moved meanwhile.
     zones = [r["zone_id"] for r in await pg_pool.fetch("SELECT zone_id FROM zones")]
     assert {home, west, north} <= set(zones)
     before = await dispatchable_by_zone(pg_pool, ttl)

@@ -6,12 +6,14 @@ import dataclasses
 import itertools
 import random
 import time
+from collections.abc import AsyncIterator
 
 import pytest
 from redis.asyncio import Redis
 
-from dispatcher.actors.core import CANDIDATES, nearest_widening, search_steps
+from dispatcher.actors.core import CANDIDATES, nearest_widening
 from dispatcher.geo import haversine_km
+from dispatcher.rules import search_steps
 from dispatcher.store import keys
 from dispatcher.store.drivers import MirrorEntry
 from dispatcher.store.geo import GeoMirror, MirrorUnavailableError, connect_redis
@@ -24,8 +26,10 @@ ZONING = Zoning(5)
 
 
 @pytest.fixture
-async def mirror(redis_url: str, redis_client: Redis) -> GeoMirror:
-    return GeoMirror(connect_redis(redis_url, 2.0), 2.0)
+async def mirror(redis_url: str, redis_client: Redis) -> AsyncIterator[GeoMirror]:
+    mirror = GeoMirror(connect_redis(redis_url, 2.0), 2.0)
+    yield mirror
+    await mirror.client.aclose()
 
 
 async def place(redis: Redis, drivers: dict[str, tuple[float, float]]) -> None:

@@ -18,8 +18,8 @@ from dispatcher.config import ResolvedSettings
 from dispatcher.webhooks.sender import WebhookSender
 from dispatcher.zoning import Zoning
 from tests.support import (
+    API_ROUTES,
     BERLIN,
-    CONTRACT_ROUTES,
     Api,
     Driver,
     WebhookReceiver,
@@ -305,7 +305,7 @@ async def test_openapi_documents_every_contract_route(api: Api) -> None:
     assert doc["openapi"].startswith("3.1")
     assert doc["info"]["title"] and doc["info"]["version"]
     paths = doc["paths"]
-    missing = [(m, p) for m, p in CONTRACT_ROUTES if m not in paths.get(p, {})]
+    missing = [(m, p) for m, p in API_ROUTES if m not in paths.get(p, {})]
     assert missing == []
     schemas = doc["components"]["schemas"]
     assert isinstance(schemas, dict) and schemas
@@ -338,7 +338,7 @@ async def test_openapi_documents_every_contract_route(api: Api) -> None:
     assert "401" in ready_op["responses"] and "422" in ready_op["responses"]
     created = paths["/drivers"]["post"]["responses"]["201"]["content"]["application/json"]["schema"]["$ref"]
     assert {"driverId", "token", "name", "status", "isActive"} <= set(schemas[created.removeprefix(prefix)]["properties"])
-    for method, path in CONTRACT_ROUTES:
+    for method, path in API_ROUTES:
         op = paths[path][method]
         declared = {p["name"] for p in op.get("parameters", []) if p["in"] == "path"}
         assert declared == {seg[1:-1] for seg in path.split("/") if seg.startswith("{")}, (method, path)
@@ -356,7 +356,7 @@ async def test_unknown_route_is_404_and_wrong_method_405_problems(api: Api) -> N
 
 
 async def test_opaque_ids_with_reserved_characters_reach_their_delivery(api: Api, pg_pool: asyncpg.Pool) -> None:
-    """sellerOrderId is opaque (CONTRACT §4): percent-encoded in the path, it names its delivery."""
+    """sellerOrderId is opaque (docs/API.md#seller-order-ready): percent-encoded in the path, it names its delivery."""
     for seller_order_id in ("SO/42", "SO 42?x=1#frag", "100%", "ü-𝄞-東京", "a.b..c"):
         driver, assigned = await assigned_order(api, seller_order_id)
         path = "/deliveries/" + quote(seller_order_id, safe="")

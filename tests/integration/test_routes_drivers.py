@@ -408,7 +408,7 @@ async def test_ping_authorization_and_validation(api: Api, pg_pool: asyncpg.Pool
 async def test_implausible_jump_is_a_422_validation_problem_and_changes_nothing(
     api: Api, pg_pool: asyncpg.Pool
 ) -> None:
-    """CONTRACT §3: a 422 is a validation failure, so its body carries `errors` [{loc, msg}]."""
+    """docs/API.md#errors: a 422 is a validation failure, so its body carries `errors` [{loc, msg}]."""
     driver = await api.online_driver(*BERLIN)
     before = await driver_row(pg_pool, driver)
     resp = await api.ping(driver, *offset(*BERLIN, 20.0, 0.0))

@@ -1,4 +1,4 @@
-"""The seed's flows end to end: happy path, Redis down, no driver, and retries."""
+"""The main flows end to end: happy path, Redis down, no driver, and retries."""
 
 from __future__ import annotations
 

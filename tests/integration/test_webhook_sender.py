@@ -18,7 +18,7 @@ import pytest
 from aiohttp import web
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from dispatcher.webhooks.outbox import EVENT_TYPES, build_body, enqueue
+from dispatcher.store.outbox import EVENT_TYPES, build_body, enqueue
 from dispatcher.webhooks.sender import WebhookSender, parse_retry_after
 from dispatcher.webhooks.signing import new_secret
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from dispatcher.actors.messages import AssignRequest
-from tests.service_fixtures import MakeCore
+from dispatcher.messages import AssignRequest
 from tests.support import BERLIN, located_drivers, offset
+from tests.support.fixtures import MakeCore
 
 pytestmark = pytest.mark.integration
 

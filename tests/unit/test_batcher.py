@@ -8,9 +8,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from dispatcher.actors.batcher import PingBuffer
-from dispatcher.actors.messages import Ping, PingVerdict
+from dispatcher.api.pingbuffer import PingBuffer
 from dispatcher.errors import DatabaseUnavailableError
+from dispatcher.messages import Ping, PingVerdict
 
 
 def ping(n: int, *, driver: str | None = None, age_s: float = 0.0) -> Ping:

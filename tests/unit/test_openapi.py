@@ -1,4 +1,4 @@
-"""The OpenAPI document covers every route of the contract with resolvable schemas."""
+"""The OpenAPI document covers every route of docs/API.md with resolvable schemas."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from typing import Any
 
 from dispatcher.api.app import ROUTES
 from dispatcher.api.openapi import build_openapi
-from tests.support import CONTRACT_ROUTES
+from tests.support import API_ROUTES
 
 
 def refs(node: Any) -> set[str]:
@@ -22,7 +22,7 @@ def test_every_contract_route_is_documented() -> None:
     doc = build_openapi(ROUTES)
     assert doc["openapi"].startswith("3.1")
     documented = {(method, path) for path, ops in doc["paths"].items() for method in ops}
-    assert documented == set(CONTRACT_ROUTES)
+    assert documented == set(API_ROUTES)
 
 
 def test_every_reference_resolves_and_problems_are_described() -> None:

@@ -7,9 +7,9 @@ from collections.abc import Sequence
 
 import pytest
 
-from dispatcher.actors.messages import AssignRequest, AssignResult
-from dispatcher.actors.orderbatcher import OrderBatcher
+from dispatcher.api.orderbatcher import OrderBatcher
 from dispatcher.errors import ZoneUnavailableError
+from dispatcher.messages import AssignRequest, AssignResult
 
 
 class FakeZones:

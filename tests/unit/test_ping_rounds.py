@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 from dispatcher.actors.core import _rounds
-from dispatcher.actors.messages import Ping
+from dispatcher.messages import Ping
 
 T0 = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
 
@@ -32,7 +32,7 @@ def test_empty_batch_has_no_round() -> None:
 
 
 def test_search_steps_widen_up_to_the_radius() -> None:
-    from dispatcher.actors.core import search_steps
+    from dispatcher.rules import search_steps
 
     assert search_steps(5.0) == [0.1, 0.25, 0.5, 1.0, 2.0, 5.0]
     assert search_steps(1.5) == [0.1, 0.25, 0.5, 1.0, 1.5]

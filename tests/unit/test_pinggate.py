@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 
-from dispatcher.actors.messages import Ping, PingVerdict
-from dispatcher.actors.pinggate import LastFix, PingGate, judge_fix
+from dispatcher.api.pinggate import PingGate
+from dispatcher.messages import Ping, PingVerdict
+from dispatcher.rules import LastFix, judge_fix
 
 T0 = datetime(2026, 12, 1, 8, 0, tzinfo=UTC)
 BERLIN = (52.52, 13.405)

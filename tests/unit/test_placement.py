@@ -6,7 +6,7 @@ from collections import Counter
 
 from hypothesis import given, strategies as st
 
-from dispatcher.actors.placement import Move, plan_rebalance
+from dispatcher.zonectl.placement import Move, plan_rebalance
 
 
 def apply(placements: dict[str, str], moves: list[Move]) -> dict[str, str]:

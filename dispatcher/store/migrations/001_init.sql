@@ -36,7 +36,7 @@ CREATE INDEX drivers_dispatchable_idx ON drivers (lat, lon)
 CREATE INDEX drivers_zone_idx ON drivers (zone_id);
 
 CREATE TABLE deliveries (
-    -- Invariant 2: one delivery per sellerOrderId (also the idempotency key).
+    -- Invariant 2 (docs/API.md#invariants): one delivery per sellerOrderId (also the idempotency key).
     seller_order_id  text PRIMARY KEY,
     assignment_id    text NOT NULL UNIQUE,
     driver_id        text NOT NULL REFERENCES drivers (id),
@@ -60,7 +60,7 @@ CREATE TABLE deliveries (
     cancelled_at     timestamptz
 );
 
--- Invariant 1: a driver has at most one active delivery, whatever any process believes.
+-- Invariant 1 (docs/API.md#invariants): a driver has at most one active delivery, whatever any process believes.
 CREATE UNIQUE INDEX deliveries_one_active_per_driver
     ON deliveries (driver_id) WHERE status IN ('ASSIGNED', 'PICKED_UP');
 

@@ -1,0 +1,1 @@
+"""`python -m benchmarks`: the load benchmark of the service against its own servers and references."""

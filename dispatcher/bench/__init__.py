@@ -1,1 +1,0 @@
-"""`python -m dispatcher.bench`: the load benchmark of issue 4 against its own servers and references."""

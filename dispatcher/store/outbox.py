@@ -1,0 +1,85 @@
+"""Webhook outbox: events written in the same transaction as the state change they report."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Final, TypeAlias
+
+import asyncpg
+from asyncpg.pool import PoolConnectionProxy
+
+# What callers hold inside a transaction: a bare connection or one acquired from a pool.
+Conn: TypeAlias = asyncpg.Connection | PoolConnectionProxy
+
+EVENT_TYPES: Final[tuple[str, ...]] = (
+    "delivery.assigned",
+    "delivery.picked_up",
+    "delivery.delivered",
+    "delivery.failed",
+    "delivery.cancelled",
+)
+# Senders LISTEN here; the notification is delivered only when the caller commits.
+NOTIFY_CHANNEL: Final = "dispatcher_outbox"
+# Same as Settings.pg_timeout_s's default: a stuck statement must not hold the caller's
+# transaction (and its row locks) forever.
+DEFAULT_PG_TIMEOUT_S: Final = 5.0
+
+# One round trip: the insert and the wake-up ride the same statement.
+_INSERT_SQL: Final = """
+WITH inserted AS (
+    INSERT INTO webhook_outbox (webhook_id, event_type, seller_order_id, body)
+    VALUES ($1, $2, $3, $4)
+    RETURNING id
+)
+SELECT pg_notify($5, '') FROM inserted
+"""
+
+
+def build_body(event_type: str, data: Mapping[str, object], now: datetime) -> str:
+    """Return the compact JSON body `{"type", "timestamp", "data"}` (docs/API.md#webhooks)."""
+    if event_type not in EVENT_TYPES:
+        raise ValueError(f"unknown webhook event type {event_type!r}")
+    if now.tzinfo is None:
+        raise ValueError("webhook timestamp must be timezone-aware")
+    payload = {
+        "type": event_type,
+        "timestamp": now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "data": dict(data),
+    }
+    # ASCII-only output means the text column and the wire bytes cannot disagree on encoding;
+    # NaN/Infinity are not JSON and Vendure's parser would reject them.
+    return json.dumps(payload, separators=(",", ":"), allow_nan=False)
+
+
+def new_event_id() -> str:
+    """A Standard Webhooks `webhook-id`, fixed for every attempt of one event."""
+    return "msg_" + uuid.uuid4().hex
+
+
+async def enqueue(
+    conn: Conn,
+    *,
+    event_type: str,
+    seller_order_id: str,
+    data: Mapping[str, object],
+    pg_timeout_s: float = DEFAULT_PG_TIMEOUT_S,
+) -> str:
+    """Add one event to the outbox inside the caller's transaction; return its webhook-id."""
+    if data.get("sellerOrderId", seller_order_id) != seller_order_id:
+        raise ValueError("data.sellerOrderId disagrees with seller_order_id")
+    webhook_id = new_event_id()
+    # Built once and stored: every retry sends these exact bytes.
+    body = build_body(event_type, data, datetime.now(UTC))
+    await conn.execute(
+        _INSERT_SQL,
+        webhook_id,
+        event_type,
+        seller_order_id,
+        body,
+        NOTIFY_CHANNEL,
+        timeout=pg_timeout_s,
+    )
+    return webhook_id

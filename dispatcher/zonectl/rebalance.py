@@ -1,0 +1,163 @@
+"""Listing zone actors and moving them between nodes with an epoch-fenced handoff."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+from dispatcher.actors.options import ZONE_RESOURCE, zone_actor_name, zone_actor_options
+from dispatcher.actors.zone import ZoneActorRemote
+from dispatcher.config import ResolvedSettings
+from dispatcher.errors import StaleEpochError
+from dispatcher.messages import ZonePlacement
+from dispatcher.zonectl.placement import Move, plan_rebalance
+
+log = logging.getLogger(__name__)
+
+ZONE_PREFIX = zone_actor_name("")
+# A zone that does not say where it is within this long is listed as unreachable.
+WHERE_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class MoveResult:
+    zone_id: str
+    source: str
+    target: str
+    landed: str
+    epoch_before: int
+    epoch_after: int
+    seconds: float
+    # Why the move did not happen (the zone stays where it was), else None.
+    error: str | None = None
+
+
+def zone_nodes(resource_units: float) -> list[str]:
+    """Alive nodes able to host a zone actor."""
+    nodes: list[dict[str, Any]] = ray.nodes()  # type: ignore[no-untyped-call]
+    return sorted(
+        n["NodeID"]
+        for n in nodes
+        if n["Alive"] and (resource_units <= 0 or n["Resources"].get(ZONE_RESOURCE, 0) >= resource_units)
+    )
+
+
+def zone_ids(namespace: str) -> list[str]:
+    """Every zone with a named actor in the namespace."""
+    return sorted(
+        entry["name"][len(ZONE_PREFIX):]
+        for entry in ray.util.list_named_actors(all_namespaces=True)
+        if entry["namespace"] == namespace and entry["name"].startswith(ZONE_PREFIX)
+    )
+
+
+def _handle(zone_id: str, namespace: str) -> Any:
+    return ray.get_actor(zone_actor_name(zone_id), namespace=namespace)
+
+
+def placements(namespace: str) -> list[ZonePlacement]:
+    """Where each zone actor runs; asked of all of them at once."""
+    asked = []
+    for zone_id in zone_ids(namespace):
+        try:
+            asked.append((zone_id, _handle(zone_id, namespace).where.remote()))
+        except ValueError:  # it went away between the listing and now
+            continue
+    out = []
+    for zone_id, ref in asked:
+        try:
+            out.append(ray.get(ref, timeout=WHERE_TIMEOUT_S))
+        except (GetTimeoutError, RayActorError):
+            out.append(ZonePlacement(zone_id, "", 0, "unreachable", 0, 0))
+    return out
+
+
+def plan(
+    namespace: str, resource_units: float, *, every_zone: bool = False, draining: Sequence[str] = ()
+) -> list[Move]:
+    """The moves that even out zones over the nodes. Nodes whose id starts with one of
+    `draining` host no zone afterwards (emptied before they are taken down). With
+    `every_zone`, every other zone is handed over too, on its own node (a restart of
+    every zone process, e.g. to pick up changed settings)."""
+    where = {p.zone_id: p.node_id for p in placements(namespace) if p.state != "unreachable"}
+    nodes = [n for n in zone_nodes(resource_units) if not any(n.startswith(d) for d in draining)]
+    moves = plan_rebalance(where, nodes)
+    if every_zone:
+        moved = {m.zone_id for m in moves}
+        moves += [Move(z, node, node) for z, node in sorted(where.items()) if z not in moved]
+    return moves
+
+
+def move_zone(move: Move, namespace: str, *, timeout_s: float = 60.0) -> MoveResult:
+    """Hand one zone over to a new incarnation on `move.target`.
+
+    The old incarnation finishes its in-flight calls and then refuses calls (the ingress
+    retries them); it is killed; the new one takes the zone with a higher epoch and
+    rebuilds its shard and mirror from PostgreSQL before this returns.
+    """
+    started = time.monotonic()
+    deadline = started + timeout_s
+    old = _handle(move.zone_id, namespace)
+    epoch_before = ray.get(old.where.remote(), timeout=WHERE_TIMEOUT_S).epoch
+    # The successor must run with the settings the ingress gave this zone.
+    settings_json: str = ray.get(old.drain.remote(), timeout=timeout_s)
+    ray.kill(old, no_restart=True)
+    units = ResolvedSettings.model_validate_json(settings_json).zone_resource_units
+    options = zone_actor_options(move.zone_id, namespace, resource_units=units, node_id=move.target)
+    after = _start_successor(move.zone_id, options, settings_json, deadline)
+    return MoveResult(
+        move.zone_id, move.source, move.target, after.node_id, epoch_before, after.epoch,
+        time.monotonic() - started,
+    )  # fmt: skip
+
+
+def _start_successor(zone_id: str, options: dict[str, Any], settings_json: str, deadline: float) -> ZonePlacement:
+    # Until the GCS has seen the old process die, its name still resolves to it and the
+    # "successor" we get is the drained one: ask again until a live one takes the zone.
+    # An ingress may also create the successor first (its calls are retried); then it
+    # lands wherever Ray spreads it, and the result says so.
+    while True:
+        handle = ZoneActorRemote.options(**options).remote(zone_id, settings_json)
+        try:
+            placement: ZonePlacement = ray.get(handle.warm.remote(), timeout=max(0.1, deadline - time.monotonic()))
+            return placement
+        except (RayActorError, RayTaskError) as exc:
+            if isinstance(exc, RayTaskError) and not isinstance(exc.cause, StaleEpochError):
+                raise
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"zone {zone_id}: no successor started in time") from exc
+            time.sleep(0.02)
+
+
+def rebalance(
+    namespace: str,
+    resource_units: float,
+    *,
+    every_zone: bool = False,
+    draining: Sequence[str] = (),
+    dry_run: bool = False,
+    progress: Callable[[int, int, Move, MoveResult | None], None] = lambda *_: None,
+) -> list[MoveResult]:
+    """Plan, then move zones one at a time (only one zone is ever in handoff)."""
+    moves = plan(namespace, resource_units, every_zone=every_zone, draining=draining)
+    results: list[MoveResult] = []
+    for index, move in enumerate(moves, start=1):
+        if dry_run:
+            progress(index, len(moves), move, None)
+            continue
+        try:
+            result = move_zone(move, namespace)
+        except (GetTimeoutError, RayActorError, ValueError, RuntimeError) as exc:
+            # Unreachable or gone: left to Ray's restart (or to the next request, which
+            # recreates it); the other zones go on.
+            log.warning("zone %s not moved: %s", move.zone_id, exc)
+            result = MoveResult(move.zone_id, move.source, move.target, move.source, 0, 0, 0.0, str(exc))
+        results.append(result)
+        progress(index, len(moves), move, result)
+    return results

@@ -1,0 +1,1 @@
+"""Tests of the load benchmark (benchmarks/), marked `bench`: deselected by default."""

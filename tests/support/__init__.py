@@ -1,0 +1,295 @@
+"""Test helpers: a real webhook receiver, a signed-request client, driver factories."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, cast
+
+import h3
+from aiohttp import ClientResponse, web
+from aiohttp.test_utils import TestClient
+from redis.asyncio import Redis
+from standardwebhooks.webhooks import Webhook
+
+from dispatcher.actors.core import ZoneCore
+from dispatcher.api.keys import DISPATCHER
+from dispatcher.config import ResolvedSettings
+from dispatcher.messages import Ping, PingVerdict
+from dispatcher.store import keys
+from dispatcher.webhooks.signing import sign
+from dispatcher.zoning import Zoning
+
+BERLIN = (52.52, 13.405)
+Point = tuple[float, float]
+PROBLEM_JSON = "application/problem+json"
+
+# Every route of docs/API.md#routes: (method, path).
+API_ROUTES: list[tuple[str, str]] = [
+    ("post", "/events/seller-order-ready"),
+    ("post", "/events/seller-order-cancelled"),
+    ("post", "/drivers"),
+    ("get", "/drivers"),
+    ("get", "/drivers/{driverId}"),
+    ("patch", "/drivers/{driverId}"),
+    ("patch", "/drivers/{driverId}/location"),
+    ("post", "/drivers/locations"),
+    ("patch", "/drivers/{driverId}/status"),
+    ("get", "/deliveries/{sellerOrderId}"),
+    ("post", "/deliveries/{sellerOrderId}/picked-up"),
+    ("post", "/deliveries/{sellerOrderId}/delivered"),
+    ("post", "/deliveries/{sellerOrderId}/failed"),
+    ("get", "/health"),
+    ("get", "/ready"),
+    ("get", "/zones"),
+    ("get", "/metrics"),
+    ("get", "/openapi.json"),
+]
+
+
+@dataclass
+class Delivery:
+    webhook_id: str
+    body: dict[str, Any]
+
+
+@dataclass
+class WebhookReceiver:
+    """A real HTTP endpoint that verifies every webhook with the reference library.
+
+    `script` holds statuses to answer in turn (then 200); `received` keeps every
+    verified attempt, including retries, so tests can count ids and attempts.
+    """
+
+    secret: str
+    url: str = ""
+    received: list[Delivery] = field(default_factory=list)
+    rejected: int = 0
+    script: list[int | tuple[int, dict[str, str]]] = field(default_factory=list)
+    _runner: web.AppRunner | None = None
+    _arrived: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/hooks", self._handle)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{port}/hooks"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        raw = await request.read()
+        try:
+            Webhook(self.secret).verify(raw, dict(request.headers))
+        except Exception:
+            self.rejected += 1
+            return web.Response(status=400)
+        if self.script:
+            step = self.script.pop(0)
+            status, headers = step if isinstance(step, tuple) else (step, {})
+            if status >= 300:
+                return web.Response(status=status, headers=headers)
+        self.received.append(Delivery(request.headers["webhook-id"], json.loads(raw)))
+        self._arrived.set()
+        return web.Response(status=204)
+
+    def of_type(self, event_type: str) -> list[Delivery]:
+        return [d for d in self.received if d.body["type"] == event_type]
+
+    def for_order(self, seller_order_id: str) -> list[Delivery]:
+        return [d for d in self.received if d.body["data"]["sellerOrderId"] == seller_order_id]
+
+    async def wait_until(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:  # noqa: ASYNC109 - a deadline, not a cancellation scope
+        deadline = time.monotonic() + timeout
+        while not predicate():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"webhooks not received in {timeout}s: {len(self.received)} so far")
+            self._arrived.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._arrived.wait(), min(remaining, 0.2))
+
+
+@dataclass
+class Driver:
+    driver_id: str
+    token: str
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
+
+
+class Api:
+    """The service under test, spoken to over real HTTP with real signatures and tokens."""
+
+    def __init__(self, client: TestClient[Any, Any], settings: ResolvedSettings) -> None:
+        self.client = client
+        self.settings = settings
+        # remote_api (tests/faults) passes an aiohttp ClientSession typed as Any.
+        self.in_process = isinstance(cast(object, client), TestClient)
+
+    @property
+    def admin(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.settings.admin_token}"}
+
+    def signed_headers(self, raw: bytes, *, secret: str | None = None, timestamp: int | None = None) -> dict[str, str]:
+        msg_id = "evt_" + uuid.uuid4().hex
+        ts = int(time.time()) if timestamp is None else timestamp
+        signature = sign(secret or self.settings.inbound_secret, msg_id, ts, raw)
+        return {
+            "webhook-id": msg_id,
+            "webhook-timestamp": str(ts),
+            "webhook-signature": signature,
+            "content-type": "application/json",
+        }
+
+    async def signed_post(self, path: str, payload: dict[str, Any] | bytes, **kw: Any) -> Any:
+        raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        return await self.client.post(path, data=raw, headers=self.signed_headers(raw, **kw))
+
+    async def order(self, seller_order_id: str, lat: float, lon: float, **extra: Any) -> Any:
+        body = {"sellerOrderId": seller_order_id, "pickupLat": lat, "pickupLon": lon, **extra}
+        return await self.signed_post("/events/seller-order-ready", body)
+
+    async def cancel(self, seller_order_id: str) -> Any:
+        return await self.signed_post("/events/seller-order-cancelled", {"sellerOrderId": seller_order_id})
+
+    async def create_driver(self, name: str = "Driver") -> Driver:
+        resp = await self.client.post("/drivers", json={"name": name}, headers=self.admin)
+        assert resp.status == 201, await resp.text()
+        body = await resp.json()
+        return Driver(body["driverId"], body["token"])
+
+    async def ping(self, driver: Driver, lat: float, lon: float, recorded_at: datetime | None = None) -> Any:
+        payload: dict[str, Any] = {"lat": lat, "lon": lon}
+        if recorded_at is not None:
+            payload["recordedAt"] = recorded_at.isoformat()
+        resp = await self.client.patch(f"/drivers/{driver.driver_id}/location", json=payload, headers=driver.auth)
+        if self.in_process:
+            # In-process only: an out-of-process ingress may be killed mid-test.
+            await self.settle()
+        return resp
+
+    async def settle(self) -> None:
+        """Wait until the fixes the ingress acknowledged are written (write-behind), so
+        a test can read PostgreSQL and Redis directly."""
+        if self.in_process:
+            await self.client.app[DISPATCHER].settle_pings(timeout_s=None)
+            return
+        # Out of process: the ingress's read barrier (reads see acknowledged fixes).
+        resp = await self.client.get("/drivers", params={"limit": "1"}, headers=self.admin)
+        assert resp.status == 200, await resp.text()
+
+    async def set_status(self, driver: Driver, status: str) -> Any:
+        return await self.client.patch(
+            f"/drivers/{driver.driver_id}/status", json={"status": status}, headers=driver.auth
+        )
+
+    async def online_driver(self, lat: float, lon: float, name: str = "Driver") -> Driver:
+        """A dispatchable driver: registered, AVAILABLE, and pinged at (lat, lon)."""
+        driver = await self.create_driver(name)
+        resp = await self.set_status(driver, "AVAILABLE")
+        assert resp.status == 200, await resp.text()
+        resp = await self.ping(driver, lat, lon)
+        assert resp.status == 204, await resp.text()
+        return driver
+
+    async def step(self, driver: Driver, seller_order_id: str, step: str, body: dict[str, Any] | None = None) -> Any:
+        return await self.client.post(f"/deliveries/{seller_order_id}/{step}", json=body or {}, headers=driver.auth)
+
+
+def offset(lat: float, lon: float, north_km: float, east_km: float) -> tuple[float, float]:
+    """A point `north_km` north and `east_km` east of (lat, lon) (small distances)."""
+    import math
+
+    dlat = north_km / 111.195
+    dlon = east_km / (111.195 * math.cos(math.radians(lat)))
+    return lat + dlat, lon + dlon
+
+
+async def geo_members(redis: Redis, zone_id: str) -> set[str]:
+    """Driver ids in the zone's Redis GEO key."""
+    return as_text(await redis.zrange(keys.zone_geo(zone_id), 0, -1))
+
+
+async def problem(resp: ClientResponse, status: int) -> dict[str, Any]:
+    """The RFC 9457 body of an error answer, after checking its shape."""
+    text = await resp.text()
+    assert resp.status == status, text
+    assert resp.headers["Content-Type"].startswith(PROBLEM_JSON), resp.headers["Content-Type"]
+    body: dict[str, Any] = json.loads(text)
+    assert body["status"] == status
+    for key in ("type", "title", "detail"):
+        assert isinstance(body[key], str) and body[key], body
+    return body
+
+
+async def validation_problem(resp: ClientResponse) -> dict[str, Any]:
+    body = await problem(resp, 422)
+    errors = body["errors"]
+    assert isinstance(errors, list) and errors, body
+    for item in errors:
+        assert set(item) >= {"loc", "msg"}, item
+        assert isinstance(item["loc"], list) and isinstance(item["msg"], str), item
+    return body
+
+
+def zone_cells(home: str) -> list[str]:
+    """The home cell and its six neighbours: seven zones that share borders."""
+    cells = [str(c) for c in h3.grid_disk(home, 1)]
+    return [home, *sorted(c for c in cells if c != home)]
+
+
+def point_in(rng: random.Random, zoning: Zoning, cell: str) -> Point:
+    """A uniformly random point strictly inside `cell`."""
+    clat, clon = zoning.centre_of(cell)
+    reach = float(h3.average_hexagon_edge_length(zoning.resolution, "km"))
+    while True:
+        point = offset(clat, clon, rng.uniform(-reach, reach), rng.uniform(-reach, reach))
+        if zoning.zone_of(*point) == cell:
+            return point
+
+
+def as_text(values: Any) -> set[str]:
+    """Members of a bytes-mode Redis reply as strings."""
+    return {v.decode() if isinstance(v, bytes) else str(v) for v in values}
+
+
+async def located_drivers(core: ZoneCore, spots: list[Point]) -> list[str]:
+    """Drivers registered, AVAILABLE, and located through `core`'s ping path."""
+    ids = []
+    for n, _ in enumerate(spots):
+        record, _ = await core.drivers.create(f"z{n}", None, None)
+        await core.drivers.set_status(record.id, "AVAILABLE")
+        ids.append(record.id)
+    now = datetime.now(UTC)
+    verdicts = await core.apply_pings([Ping(d, *p, now) for d, p in zip(ids, spots, strict=True)])
+    assert verdicts == [PingVerdict.ACCEPTED] * len(ids)
+    return ids
+
+
+def with_headers(headers: dict[str, str], **changes: str | None) -> dict[str, str]:
+    """A copy of `headers` with each change applied (`webhook_id=...` sets `webhook-id`;
+    None removes the header)."""
+    out = dict(headers)
+    for name, value in changes.items():
+        key = name.replace("_", "-")
+        if value is None:
+            out.pop(key)
+        else:
+            out[key] = value
+    return out
