@@ -163,6 +163,7 @@ async def driver_events(request: web.Request) -> web.StreamResponse:
             "this route is a WebSocket: send an Upgrade: websocket request"
         )
     hub = request.app[EVENT_HUB]
+    position = await hub.store.position(driver_id)
     await ws.prepare(request)
     if principal is None:
         code = await _message_auth(request, ws, driver_id)
@@ -174,7 +175,7 @@ async def driver_events(request: web.Request) -> web.StreamResponse:
                 )
             return ws
     try:
-        sub = await hub.open(driver_id, ws, query.after)
+        sub = await hub.open(driver_id, ws, query.after, position)
     except DOWN_ERRORS:
         hub.metrics.count_close(CLOSE_TRY_AGAIN)
         await ws.close(

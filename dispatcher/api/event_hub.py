@@ -20,6 +20,7 @@ from dispatcher.store.driver_events import (
     SOCKETS_CHANNEL,
     DriverEvent,
     DriverEventStore,
+    LogPosition,
 )
 
 log = logging.getLogger(__name__)
@@ -127,24 +128,32 @@ class EventHub:
     # ---- sockets ----------------------------------------------------------------------
 
     async def open(
-        self, driver_id: str, ws: web.WebSocketResponse, after: int | None
+        self,
+        driver_id: str,
+        ws: web.WebSocketResponse,
+        after: int | None,
+        position: LogPosition,
     ) -> Subscriber:
-        """Register a socket; it first gets the events after `after` (or resync)."""
-        opening = await self.store.open_socket(driver_id)
-        start = opening.start_after(after)
-        cursor = opening.head if start is None else start
+        """Register a socket; it first gets the events after `after` (or resync).
+
+        `position` was read before the client saw the upgrade: without `after`, the
+        stream starts there, so no event committed after the handshake is missed.
+        """
+        generation = await self.store.claim_socket(driver_id)
+        start = position.start_after(after)
+        cursor = position.head if start is None else start
         sub = Subscriber(
             driver_id,
-            opening.generation,
+            generation,
             ws,
             cursor,
-            live_after=opening.head,
-            known=opening.head,
+            live_after=position.head,
+            known=position.head,
         )
         if start is None:
             sub.queue.append((RESYNC, None))
         else:
-            self.metrics.replay.observe(opening.head - start)
+            self.metrics.replay.observe(position.head - start)
         older = self.sockets.get(driver_id)
         if older is not None and older.generation < sub.generation:
             self.close(older, CLOSE_REPLACED, "a newer socket opened for this driver")

@@ -10,6 +10,7 @@ from typing import Final
 
 import asyncpg
 
+from dispatcher.store.pg import connection
 from dispatcher.webhooks.outbox import Conn
 
 # Every type a driver's stream may carry; other changes add theirs here.
@@ -62,15 +63,17 @@ CROSS JOIN LATERAL (
 ORDER BY c.driver_id, e.seq
 """
 
-# A new socket: its generation (newest wins), the wake-up of the other replicas, and
-# where the driver's log stands (last seq, oldest retained seq).
-_OPEN_SQL: Final = """
-WITH g AS (SELECT nextval('driver_socket_generation') AS generation)
-SELECT g.generation,
-       pg_notify($2, $1 || ' ' || g.generation) AS notified,
-       coalesce((SELECT seq FROM driver_event_seq WHERE driver_id = $1), 0) AS head,
+# Where a driver's log stands: last seq and oldest retained seq.
+_POSITION_SQL: Final = """
+SELECT coalesce((SELECT seq FROM driver_event_seq WHERE driver_id = $1), 0) AS head,
        (SELECT min(seq) FROM driver_events WHERE driver_id = $1) AS oldest
-FROM g
+"""
+
+# A new socket's generation (the newest wins), and the wake-up that tells every
+# replica to close its older socket for the driver.
+_CLAIM_SQL: Final = """
+WITH g AS (SELECT nextval('driver_socket_generation') AS generation)
+SELECT g.generation, pg_notify($2, $1 || ' ' || g.generation) FROM g
 """
 
 
@@ -91,10 +94,9 @@ class DriverEvent:
 
 
 @dataclass(frozen=True, slots=True)
-class SocketOpening:
-    """A socket's place among the driver's sockets and in the driver's log."""
+class LogPosition:
+    """Where a driver's log stands when a socket opens."""
 
-    generation: int
     head: int
     oldest: int | None
 
@@ -149,21 +151,35 @@ class DriverEventStore:
         self.pool = pool
         self.pg_timeout_s = pg_timeout_s
 
-    async def open_socket(self, driver_id: str) -> SocketOpening:
-        row = await self.pool.fetchrow(
-            _OPEN_SQL, driver_id, SOCKETS_CHANNEL, timeout=self.pg_timeout_s
-        )
+    async def position(self, driver_id: str) -> LogPosition:
+        async with connection(self.pool) as conn:
+            row = await conn.fetchrow(
+                _POSITION_SQL, driver_id, timeout=self.pg_timeout_s
+            )
         assert row is not None
-        return SocketOpening(row["generation"], row["head"], row["oldest"])
+        return LogPosition(row["head"], row["oldest"])
+
+    async def claim_socket(self, driver_id: str) -> int:
+        """A generation for a new socket of the driver; older ones everywhere close."""
+        async with connection(self.pool) as conn:
+            generation: int = await conn.fetchval(
+                _CLAIM_SQL, driver_id, SOCKETS_CHANNEL, timeout=self.pg_timeout_s
+            )
+        return generation
 
     async def after(self, cursors: Sequence[tuple[str, int, int]]) -> list[DriverEvent]:
         """Events after each (driver, cursor), at most `room` per driver, in seq order."""
         if not cursors:
             return []
         ids, afters, rooms = zip(*cursors, strict=True)
-        rows = await self.pool.fetch(
-            _AFTER_SQL, list(ids), list(afters), list(rooms), timeout=self.pg_timeout_s
-        )
+        async with connection(self.pool) as conn:
+            rows = await conn.fetch(
+                _AFTER_SQL,
+                list(ids),
+                list(afters),
+                list(rooms),
+                timeout=self.pg_timeout_s,
+            )
         return [
             DriverEvent(r["driver_id"], r["seq"], r["type"], r["at"], r["data"])
             for r in rows
@@ -171,18 +187,20 @@ class DriverEventStore:
 
     async def heads(self, driver_ids: Sequence[str]) -> dict[str, int]:
         """The last seq of each driver that has events."""
-        rows = await self.pool.fetch(
-            "SELECT driver_id, seq FROM driver_event_seq WHERE driver_id = ANY($1::text[])",
-            list(driver_ids),
-            timeout=self.pg_timeout_s,
-        )
+        async with connection(self.pool) as conn:
+            rows = await conn.fetch(
+                "SELECT driver_id, seq FROM driver_event_seq WHERE driver_id = ANY($1::text[])",
+                list(driver_ids),
+                timeout=self.pg_timeout_s,
+            )
         return {r["driver_id"]: r["seq"] for r in rows}
 
     async def prune(self, retention_s: float) -> int:
         """Delete events older than the retention; returns how many went."""
-        status: str = await self.pool.execute(
-            "DELETE FROM driver_events WHERE at < now() - make_interval(secs => $1)",
-            retention_s,
-            timeout=self.pg_timeout_s,
-        )
+        async with connection(self.pool) as conn:
+            status: str = await conn.execute(
+                "DELETE FROM driver_events WHERE at < now() - make_interval(secs => $1)",
+                retention_s,
+                timeout=self.pg_timeout_s,
+            )
         return int(status.split()[-1])
