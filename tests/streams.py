@@ -127,3 +127,54 @@ def percentiles(values: Sequence[float]) -> dict[str, float]:
 def connector_session() -> aiohttp.ClientSession:
     """One session for many sockets: no connection limit, no compression offered."""
     return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+
+
+@dataclass
+class Follower:
+    """A driver app that stays connected: on any close it reconnects to the next replica
+    with `after` = the last seq it processed, as a real client should."""
+
+    session: aiohttp.ClientSession
+    base_urls: Sequence[str]
+    driver: Driver
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    close_codes: list[int | None] = field(default_factory=list)
+    connects: int = 0
+    task: asyncio.Task[None] | None = None
+    _stop: bool = False
+
+    @property
+    def seqs(self) -> list[int]:
+        return [m["seq"] for m in self.messages if "seq" in m]
+
+    def start(self) -> Follower:
+        self.task = asyncio.create_task(self._run())
+        return self
+
+    async def _run(self) -> None:
+        turn = 0
+        while not self._stop:
+            url = self.base_urls[turn % len(self.base_urls)]
+            after = self.seqs[-1] if self.seqs else 0
+            try:
+                ws = await self.session.ws_connect(
+                    url + events_path(self.driver.driver_id, after),
+                    headers=self.driver.auth,
+                )
+            except (aiohttp.ClientError, OSError):
+                turn += 1
+                await asyncio.sleep(0.1)
+                continue
+            self.connects += 1
+            async for msg in ws:
+                if msg.type is aiohttp.WSMsgType.TEXT:
+                    self.messages.append(json.loads(msg.data))
+            self.close_codes.append(ws.close_code)
+            turn += 1
+
+    async def stop(self) -> None:
+        self._stop = True
+        if self.task is not None:
+            self.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.task

@@ -13,6 +13,7 @@ import pytest
 
 from dispatcher.actors.messages import AssignRequest
 from dispatcher.api.driver_stream import AUTH_TIMEOUT_S
+from dispatcher.api.keys import EVENT_HUB
 from dispatcher.config import ResolvedSettings
 from dispatcher.store.deliveries import DeliveryStore, OrderExistsError
 from dispatcher.store.driver_events import append_driver_event
@@ -143,13 +144,7 @@ async def test_refusals_leak_nothing(api: Api, session: aiohttp.ClientSession) -
         assert msg.type is aiohttp.WSMsgType.CLOSE and ws.close_code == code, msg
         assert other.driver_id not in str(msg.extra)
     # Nothing was registered for the refused sockets.
-    assert not api.client.app[_hub_key()].sockets
-
-
-def _hub_key() -> Any:
-    from dispatcher.api.keys import EVENT_HUB
-
-    return EVENT_HUB
+    assert not api.client.app[EVENT_HUB].sockets
 
 
 async def test_auth_message_and_operator_may_watch(
@@ -229,8 +224,6 @@ async def test_resume_replays_missed_events_then_resyncs_past_retention(
         "UPDATE driver_events SET at = at - interval '25 hours' WHERE driver_id = $1 AND seq <= 50",
         driver.driver_id,
     )
-    from dispatcher.api.keys import EVENT_HUB
-
     assert await api.client.app[EVENT_HUB].store.prune(24 * 3600.0) == 50
     stale = await watch(session, base(api), driver, after=10)
     await stale.wait_for(lambda w: len(w.messages) >= 1)
@@ -319,3 +312,45 @@ async def assert_events_match_deliveries(pool: asyncpg.Pool) -> None:
         for r in rows
     ]
     assert len(events) == len(set(events)) and set(events) == deliveries
+
+
+async def test_metrics_count_sockets_replays_latency_and_closes(
+    api: Api, session: aiohttp.ClientSession, pg_pool: asyncpg.Pool
+) -> None:
+    driver = await api.create_driver()
+    async with pg_pool.acquire() as conn:
+        await append_driver_event(
+            conn, driver.driver_id, "offer.expired", {"offerId": "o-1"}
+        )
+    first = await watch(session, base(api), driver, after=0)
+    await first.wait_for(lambda w: w.seqs == [1])
+    second = await watch(session, base(api), driver, after=1)
+    await first.wait_for(lambda w: w.closed)
+    async with pg_pool.acquire() as conn:
+        await append_driver_event(
+            conn, driver.driver_id, "offer.expired", {"offerId": "o-2"}
+        )
+    await second.wait_for(lambda w: w.seqs == [2])
+    text = await (await api.client.get("/metrics")).text()
+    assert "dispatcher_driver_sockets 1.0" in text
+    assert 'dispatcher_driver_socket_closes_total{code="4001"} 1.0' in text
+    assert "dispatcher_driver_event_replay_events_count 2.0" in text
+    assert "dispatcher_driver_event_replay_events_sum 1.0" in text
+    # Only the live event (seq 2) counts for push latency, not the replayed one.
+    assert "dispatcher_driver_event_push_seconds_count 1.0" in text
+    await second.close()
+
+
+async def test_shutdown_closes_sockets_going_away(
+    api: Api, session: aiohttp.ClientSession
+) -> None:
+    driver = await api.create_driver()
+    w = await watch(session, base(api), driver)
+    hub = api.client.app[EVENT_HUB]
+    for _ in range(200):
+        if driver.driver_id in hub.sockets:
+            break
+        await asyncio.sleep(0.05)
+    await api.client.close()
+    await w.wait_for(lambda w: w.closed)
+    assert w.close_code == 1001
