@@ -43,6 +43,8 @@ WARMUP_ORDERS = 50
 # After the last order, events still on their way get this long to arrive.
 DRAIN_S = 30.0
 ADMIN_TIMEOUT = aiohttp.ClientTimeout(total=300)
+# The report's machine entry (bench/report.py machine_info) quoted in the section.
+LOAD_KEY = "load average at start (1, 5, 15 min)"
 
 
 def plan_stream_steps() -> int:
@@ -273,7 +275,10 @@ def stream_section(run: StreamRun, report: Report) -> str:
         f"client process, then {run.orders} orders at {ORDER_RATE:g}/s (open loop), each on a distinct "
         "driver's spot. Receipt latency is measured at the client, from the event's `at` (its row's "
         "write, just before the commit; PostgreSQL's clock, same machine) to the message's arrival; "
-        "`at` has millisecond precision, so each value is over by up to 1 ms.",
+        "`at` has millisecond precision, so each value is over by up to 1 ms. Load average at the "
+        f"start (1, 5, 15 min): {report.machine.get(LOAD_KEY, '?')}; machines differ by ~3x from day to "
+        "day, so compare the ratios of one run, not absolute values across runs."
+        + (f" {report.options.note}" if report.options.note else ""),
         "",
         "| figure | value |",
         "|---|---|",
