@@ -39,6 +39,8 @@ CLOSE_TIMEOUT_S: Final = 2.0
 # covers everything in between.
 READ_RETRY_S: Final = 0.5
 RESYNC: Final = '{"type":"resync"}'
+# Bound on the remembered generations (~100 bytes each).
+GENERATIONS_MAX: Final = 100_000
 
 
 @dataclass(eq=False)
@@ -98,6 +100,8 @@ class EventHub:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._closers: set[asyncio.Task[None]] = set()
+        # Newest socket generation seen per driver (wake-ups may beat a registration).
+        self._generations: dict[str, int] = {}
         metrics.connected.set_function(lambda: len(self.sockets))
 
     @property
@@ -155,7 +159,17 @@ class EventHub:
         else:
             self.metrics.replay.observe(position.head - start)
         older = self.sockets.get(driver_id)
-        if older is not None and older.generation < sub.generation:
+        newest = max(
+            self._generations.get(driver_id, 0),
+            0 if older is None else older.generation,
+        )
+        if newest > generation:
+            # A newer socket opened while this one took its generation (here, or on
+            # another replica whose wake-up came first): this one is the older.
+            self.close(sub, CLOSE_REPLACED, "a newer socket opened for this driver")
+            return sub
+        self._note_generation(driver_id, generation)
+        if older is not None:
             self.close(older, CLOSE_REPLACED, "a newer socket opened for this driver")
         self.sockets[driver_id] = sub
         sub.writer = asyncio.create_task(
@@ -203,14 +217,22 @@ class EventHub:
 
     def on_socket(self, payload: str) -> None:
         """NOTIFY: a socket for `driverId` opened with `generation`, here or elsewhere."""
-        driver_id, _, generation = payload.partition(" ")
+        driver_id, _, text = payload.partition(" ")
+        if not text.isdigit():
+            return
+        generation = int(text)
+        self._note_generation(driver_id, generation)
         sub = self.sockets.get(driver_id)
-        if (
-            sub is not None
-            and generation.isdigit()
-            and sub.generation < int(generation)
-        ):
+        if sub is not None and sub.generation < generation:
             self.close(sub, CLOSE_REPLACED, "a newer socket opened for this driver")
+
+    def _note_generation(self, driver_id: str, generation: int) -> None:
+        if len(self._generations) >= GENERATIONS_MAX:
+            # Only a socket opening in the same moment as another needs the entry.
+            self._generations.clear()
+        self._generations[driver_id] = max(
+            generation, self._generations.get(driver_id, 0)
+        )
 
     def wake_all(self) -> None:
         """Listening (re)started: wake-ups may have been missed; read for everyone."""
