@@ -39,6 +39,11 @@ from dispatcher.store.pg import DOWN_ERRORS
 AUTH_TIMEOUT_S: Final = 5.0
 CLOSE_UNAUTHENTICATED: Final = 4401
 CLOSE_FORBIDDEN: Final = 4403
+AUTH_CLOSE_REASONS: Final = {
+    CLOSE_UNAUTHENTICATED: b'send {"type": "auth", "token": ...} first',
+    CLOSE_FORBIDDEN: b"this token may not watch this driver",
+    CLOSE_TRY_AGAIN: b"database unavailable; reconnect with after",
+}
 # Tokens in URLs end up in access logs and browser history: refused, never read.
 QUERY_TOKEN_NAMES: Final = ("token", "access_token")
 # The client only ever sends its auth message (and control frames).
@@ -166,13 +171,15 @@ async def driver_events(request: web.Request) -> web.StreamResponse:
     position = await hub.store.position(driver_id)
     await ws.prepare(request)
     if principal is None:
-        code = await _message_auth(request, ws, driver_id)
+        try:
+            code = await _message_auth(request, ws, driver_id)
+        except DOWN_ERRORS:
+            # Upgraded already: no 503 possible, a close code the client retries on.
+            code = CLOSE_TRY_AGAIN
         if code is not None:
             hub.metrics.count_close(code)
             with contextlib.suppress(Exception):
-                await ws.close(
-                    code=code, message=b"not authorised to watch this driver"
-                )
+                await ws.close(code=code, message=AUTH_CLOSE_REASONS[code])
             return ws
     try:
         sub = await hub.open(driver_id, ws, query.after, position)
