@@ -55,6 +55,14 @@ class NotFoundError(DispatchError):
     title = "Not found"
 
 
+class UpgradeRequiredError(DispatchError):
+    """A plain GET on a WebSocket route."""
+
+    status = 426
+    code = "upgrade-required"
+    title = "Upgrade Required"
+
+
 class ConflictError(DispatchError):
     status = 409
     code = "conflict"

@@ -8,8 +8,10 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
+from dispatcher.api import driver_stream
 from dispatcher.api.keys import (
     DISPATCHER,
+    EVENT_HUB,
     METRICS,
     MIRROR,
     OPENAPI,
@@ -38,7 +40,9 @@ from dispatcher.zoning import Zoning
 MAX_BODY_BYTES = 64 * 1024
 SENDER_STOP_TIMEOUT_S = 5.0
 
-ROUTES: list[RouteSpec] = [*events.ROUTES, *drivers.ROUTES, *deliveries.ROUTES, *ops.ROUTES]
+ROUTES: list[RouteSpec] = [
+    *events.ROUTES, *drivers.ROUTES, *driver_stream.ROUTES, *deliveries.ROUTES, *ops.ROUTES
+]
 
 
 def create_app(settings: ResolvedSettings, *, zones: ZoneDirectory | None = None) -> web.Application:
@@ -59,7 +63,11 @@ def create_app(settings: ResolvedSettings, *, zones: ZoneDirectory | None = None
 
     directory = zones or ZoneDirectory(settings)
     metrics.count_zone_retries(lambda: directory.retries)
-    app.cleanup_ctx.extend([_postgres, _redis, _dispatcher(directory), _webhooks])
+    app.cleanup_ctx.extend(
+        [_postgres, _redis, driver_stream.event_hub_context, _dispatcher(directory), _webhooks]
+    )
+    # Driver sockets are closed (1001) before aiohttp waits for the handlers to end.
+    app.on_shutdown.append(driver_stream.close_sockets)
     return app
 
 
@@ -92,13 +100,20 @@ def _dispatcher(directory: ZoneDirectory) -> Callable[[web.Application], AsyncIt
             refused=lambda: dispatcher.pings_refused_on_write,
             dropped=lambda: dispatcher.pings.dropped,
         )
-        # Another replica's deactivation reaches this one's ping gate by NOTIFY.
+        # Another replica's deactivation reaches this one's ping gate by NOTIFY, and
+        # committed driver events reach this replica's sockets the same way.
         # Its connection is also the ingress's early warning that PostgreSQL went away.
+        hub = app[EVENT_HUB]
+
+        def listening() -> None:
+            dispatcher.database_back()
+            hub.wake_all()
+
         changes = Listener(
             pool,
-            {DRIVER_CHANGED_CHANNEL: dispatcher.gate.forget},
+            {DRIVER_CHANGED_CHANNEL: dispatcher.gate.forget, **hub.channels},
             pg_timeout_s=s.pg_timeout_s,
-            on_listening=dispatcher.database_back,
+            on_listening=listening,
             on_lost=dispatcher.database_lost,
             # Pings are refused until it is back: try again every second at most.
             max_backoff_s=1.0,
