@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import random
 from collections.abc import Iterator
@@ -30,10 +29,10 @@ from tests.support import BERLIN, offset
 SMALL = SyntheticSpec(size_km=6.0, orders_per_hour=40.0)
 
 
-def small_run(seed: int, **changes: object) -> RunSettings:
-    return dataclasses.replace(
-        RunSettings(seed=seed, hours=12.0, drivers=150, start_hour=8.0), **changes
-    )  # type: ignore[arg-type]
+def small_run(seed: int, *, drivers: int = 150, driver: DriverBehaviour | None = None) -> RunSettings:
+    return RunSettings(
+        seed=seed, hours=12.0, drivers=drivers, start_hour=8.0, driver=driver or DriverBehaviour()
+    )
 
 
 # ---- the same seed, the same result -------------------------------------------------
