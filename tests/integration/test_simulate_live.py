@@ -1,0 +1,111 @@
+"""A short, compressed live run against the real service ends clean, as PostgreSQL records it."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+import pytest
+
+from dispatcher.config import ResolvedSettings
+from dispatcher.embedded import free_port
+from dispatcher.simulate.live import LiveRunner, LiveTarget
+from dispatcher.simulate.settings import DriverBehaviour, RunSettings, VendureBehaviour
+from dispatcher.simulate.summary import summarize
+from dispatcher.simulate.synthetic import SyntheticCity, SyntheticSpec
+from dispatcher.webhooks.signing import new_secret
+from tests.support import Api
+
+pytestmark = pytest.mark.integration
+
+# 30 s of wall time at 20x: ten simulated minutes of a lunch hour.
+WALL_MINUTES = 0.5
+SPEED = 20.0
+FINAL = {"DELIVERED", "FAILED", "CANCELLED"}
+STATUS_OF = {"delivered": "DELIVERED", "failed": "FAILED", "cancelled": "CANCELLED"}
+
+
+@pytest.mark.timeout(300)
+async def test_a_short_live_run_ends_with_every_order_final(
+    start_api: Callable[[ResolvedSettings], Any],
+    make_settings: Callable[..., ResolvedSettings],
+    pg_pool: asyncpg.Pool,
+) -> None:
+    port = free_port()
+    settings = make_settings(
+        vendure_webhook_url=f"http://127.0.0.1:{port}/webhooks",
+        vendure_webhook_secret=new_secret(),
+        # Compressed time makes drivers cover ground 20x faster on the wall clock.
+        max_ping_speed_kmh=20 * 250.0,
+        zone_resolution=5,
+    )
+    api: Api = await start_api(settings)
+    url = str(api.client.make_url("")).rstrip("/")
+    target = LiveTarget(
+        url,
+        settings.admin_token,
+        settings.inbound_secret,
+        settings.vendure_webhook_secret,
+    )
+    city = SyntheticCity(SyntheticSpec(size_km=5.0, orders_per_hour=100.0))
+    run = RunSettings(
+        seed=4,
+        start_hour=12.0,
+        drivers=12,
+        driver=DriverBehaviour(fail_share=0.1),
+        vendure=VendureBehaviour(cancel_share=0.15, cancel_within_s=300.0),
+    )
+    result = await LiveRunner(
+        city, run, target, minutes=WALL_MINUTES, speed=SPEED, receiver_port=port
+    ).run()
+
+    summary = summarize(result)
+    assert summary["orders"] >= 10, summary
+    assert summary["assigned"] >= 5, summary
+    assert "unexpected answers" not in result.notes, result.notes
+    assert "webhooks with bad signatures" not in result.notes, result.notes
+
+    rows = await pg_pool.fetch("SELECT seller_order_id, driver_id, status, assigned_at, "
+                               "coalesce(delivered_at, failed_at, cancelled_at) AS ended_at FROM deliveries")  # fmt: skip
+    by_order = {r["seller_order_id"]: r for r in rows}
+    # Invariant 2: one delivery per sellerOrderId, and only orders the shop sent.
+    assert len(by_order) == len(rows)
+    # Every delivery ended: nothing is left ASSIGNED or PICKED_UP.
+    assert {r["status"] for r in rows} <= FINAL, sorted({r["status"] for r in rows})
+    # Invariant 1 over the whole run: a driver's deliveries never overlap in time.
+    by_driver: dict[str, list[asyncpg.Record]] = {}
+    for r in rows:
+        by_driver.setdefault(r["driver_id"], []).append(r)
+    for driver_rows in by_driver.values():
+        spans = sorted((r["assigned_at"], r["ended_at"]) for r in driver_rows)
+        for (_, ended), (started, _) in itertools.pairwise(spans):
+            assert ended <= started, spans
+
+    # The simulator's account and PostgreSQL's agree, order by order.
+    booked = [r for r in result.records if r.assigned_s is not None]
+    assert len(booked) == len(rows)
+    runner_ids = {
+        f"sim-{result.notes['order ids'].split('-')[1]}-o{r.number:07d}": r
+        for r in booked
+    }
+    assert set(runner_ids) == set(by_order)
+    for seller_order_id, record in runner_ids.items():
+        assert STATUS_OF[record.outcome] == by_order[seller_order_id]["status"], (
+            seller_order_id,
+            record,
+        )
+    # Orders never booked have no delivery, and the run accounts for each of them.
+    for record in result.records:
+        if record.assigned_s is None:
+            assert record.outcome in {"unassigned", "cancelled", "open"}
+
+    # Everyone signed off, and the shop heard about every booking.
+    statuses = await pg_pool.fetch(
+        "SELECT status, count(*) AS n FROM drivers GROUP BY status"
+    )
+    assert {r["status"]: r["n"] for r in statuses} == {"OFFLINE": run.drivers}
+    assert f"delivery.assigned {len(rows)}" in result.notes["webhooks received"], (
+        result.notes
+    )
