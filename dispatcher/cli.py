@@ -1,4 +1,4 @@
-"""`dispatcher serve|migrate|bench`: settings -> embedded servers if needed -> Ray -> ingress."""
+"""`dispatcher serve|migrate|bench|simulate`: settings -> embedded servers if needed -> Ray -> ingress."""
 
 from __future__ import annotations
 
@@ -32,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "bench", help="load benchmark on its own servers (dispatcher bench --help)", add_help=False
     )
+    sub.add_parser(
+        "simulate", help="play a city's drivers and orders (dispatcher simulate --help)", add_help=False
+    )
     return parser
 
 
@@ -42,6 +45,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from dispatcher.bench.__main__ import main as bench_main
 
         return bench_main(raw[1:])
+    if raw[:1] == ["simulate"]:
+        from dispatcher.simulate.cli import main as simulate_main
+
+        return simulate_main(raw[1:])
     args = _parser().parse_args(raw)
     overrides = {k: v for k, v in (("host", getattr(args, "host", None)), ("port", getattr(args, "port", None))) if v is not None}
     try:

@@ -29,6 +29,9 @@ from dispatcher.simulate.settings import RunSettings
 from dispatcher.simulate.summary import OrderRecord, RunResult, Utilisation
 from dispatcher.store.drivers import MirrorEntry
 
+# Called about once a simulated hour: (share of the run done, orders so far, booked so far).
+Progress = Callable[[float, int, int], None]
+
 # Grid cells of the idle-driver index, in degrees: ~1 km, so a 5 km search reads ~100 cells.
 CELL_DEG = 0.01
 
@@ -140,12 +143,13 @@ class OfflineEngine:
         self._heap: list[_Event] = []
         self._seq = 0
         self.now = self.start_s
+        self.booked = 0
 
     def push(self, t: float, kind: int, subject: object, version: int = 0) -> None:
         self._seq += 1
         heapq.heappush(self._heap, (t, kind, self._seq, subject, version))
 
-    def run(self, progress: Callable[[float], None] | None = None) -> RunResult:
+    def run(self, progress: Progress | None = None) -> RunResult:
         began = time.perf_counter()
         for driver in self.drivers.values():
             ends = shift_under_way(driver, self.start_s, self.s.driver.shift_hours)
@@ -171,7 +175,11 @@ class OfflineEngine:
             self.now = event[0]
             handlers[event[1]](event)
             if progress is not None and self.now >= next_report:
-                progress((self.now - self.start_s) / 3600.0)
+                progress(
+                    (self.now - self.start_s) / (self.end_s - self.start_s),
+                    len(self.records),
+                    self.booked,
+                )
                 next_report = self.now + 3600.0
         self.now = self.end_s
         self._close_books()
@@ -218,6 +226,7 @@ class OfflineEngine:
         driver = self.drivers[decision.driver_id]
         self.idle.remove(driver.driver_id)
         record.assigned_s = self.now
+        self.booked += 1
         record.driver_id = driver.driver_id
         record.distance_km = decision.distance_km
         driver.phase = Phase.TO_PICKUP
@@ -341,6 +350,6 @@ def run_offline(
     city: City,
     settings: RunSettings,
     matcher: Matcher | None = None,
-    progress: Callable[[float], None] | None = None,
+    progress: Progress | None = None,
 ) -> RunResult:
     return OfflineEngine(city, settings, matcher).run(progress)
