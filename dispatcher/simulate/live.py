@@ -210,12 +210,15 @@ class LiveRunner:
         if self.tally.cancelled_at_end:
             notes["cancelled at the end of the run"] = self.tally.cancelled_at_end
         notes["order ids"] = f"sim-{self.run_tag}-o…"
+        notes["deliveries under way finished by"] = (
+            f"{(end_s - self.start_s) / 3600.0:.2f} h simulated (x{DRAIN_SPEED:g} after the orders stop)"
+        )
         return RunResult(
             "live",
             self.city.name,
             "auto",
             self.s.seed,
-            round((end_s - self.start_s) / 3600.0, 3),
+            self.window_s / 3600.0,
             self.s.drivers,
             records,
             self.util,

@@ -18,7 +18,7 @@ class RunProgress:
         self.label = label
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
-        self.began = time.monotonic()
+        self.began: float | None = None  # the clock starts with the first update
         self._drawn = 0.0
         self._tenth = -1
         self._width = 0
@@ -26,6 +26,8 @@ class RunProgress:
     def update(self, fraction: float, orders: int, assigned: int) -> None:
         fraction = min(max(fraction, 0.0), 1.0)
         now = time.monotonic()
+        if self.began is None:
+            self.began = now
         if self.tty:
             if now - self._drawn < REDRAW_S and fraction < 1.0:
                 return
