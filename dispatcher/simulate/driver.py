@@ -15,6 +15,7 @@ from dispatcher.simulate.settings import DriverBehaviour
 class Phase(enum.Enum):
     OFF = "off"  # not on shift: OFFLINE in the service
     IDLE = "idle"  # on shift, AVAILABLE, waiting where the last delivery ended
+    OFFERED = "offered"  # holds an open offer: booked for no other order meanwhile
     TO_PICKUP = "to_pickup"  # booked: ASSIGNED
     AT_PICKUP = "at_pickup"  # waiting at the shop: still ASSIGNED
     TO_DROP = "to_drop"  # PICKED_UP

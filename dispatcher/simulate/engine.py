@@ -12,7 +12,9 @@ from typing import Any
 from dispatcher.simulate.city import SLOT_S, City
 from dispatcher.simulate.demand import Order, OrderStream
 from dispatcher.simulate.driver import (
+    BehaviourOfferHandler,
     DriverAgent,
+    OfferHandler,
     Phase,
     first_shift_s,
     make_fleet,
@@ -22,7 +24,6 @@ from dispatcher.simulate.matching import (
     Book,
     Matcher,
     NearestDispatchable,
-    NoDriver,
     Offer,
 )
 from dispatcher.simulate.settings import RunSettings
@@ -46,7 +47,8 @@ CELL_DEG = 0.01
     DONE,
     CANCEL,
     READY,
-) = range(9)
+    OFFER_END,
+) = range(10)
 
 
 class IdleIndex:
@@ -116,7 +118,11 @@ class OfflineEngine:
     """Runs one seeded scenario to its horizon. Same settings and seed, same result."""
 
     def __init__(
-        self, city: City, settings: RunSettings, matcher: Matcher | None = None
+        self,
+        city: City,
+        settings: RunSettings,
+        matcher: Matcher | None = None,
+        offer_handler: OfferHandler | None = None,
     ) -> None:
         self.city = city
         self.s = settings
@@ -144,6 +150,9 @@ class OfflineEngine:
         self._seq = 0
         self.now = self.start_s
         self.booked = 0
+        self.offer_handler = offer_handler or BehaviourOfferHandler(settings.driver)
+        # Drivers who declined or let an offer lapse, per order: not asked again.
+        self.passed: dict[int, set[str]] = {}
 
     def push(self, t: float, kind: int, subject: object, version: int = 0) -> None:
         self._seq += 1
@@ -168,6 +177,7 @@ class OfflineEngine:
             SLOT: self._slot, SHIFT_START: self._shift_start, SHIFT_END: self._shift_end,
             READY: self._ready, ARRIVE_PICKUP: self._arrive_pickup, PICKED_UP: self._picked_up,
             ARRIVE_DROP: self._arrive_drop, DONE: self._done, CANCEL: self._cancel,
+            OFFER_END: self._offer_end,
         }  # fmt: skip
         next_report = self.start_s
         while self._heap and self._heap[0][0] < self.end_s:
@@ -208,19 +218,65 @@ class OfflineEngine:
         if record.outcome != "open" or record.assigned_s is not None:
             return  # cancelled meanwhile
         record.attempts += 1
-        decision = self.matcher.decide(order.pickup, self.idle, self.now, frozenset())
+        self._dispatch(order, record)
+
+    def _dispatch(self, order: Order, record: OrderRecord) -> None:
+        passed = frozenset(self.passed.get(order.number, ()))
+        decision = self.matcher.decide(order.pickup, self.idle, self.now, passed)
         if isinstance(decision, Book):
             self._book(order, record, decision)
-        elif isinstance(decision, NoDriver):
+        elif isinstance(decision, Offer):
+            self._offer(order, record, decision)
+        else:
             retry = self.now + self.s.vendure.retry_s
             if retry - order.ready_s <= self.s.vendure.give_up_s:
                 self.push(retry, READY, order)
             else:
                 record.outcome = "unassigned"
-        elif isinstance(decision, Offer):
-            raise NotImplementedError(
-                "offer decisions need the offer core; auto mode books at once"
-            )
+
+    # ---- offers (a matcher that returns Offer; auto mode never does) -----------------
+
+    def _offer(self, order: Order, record: OrderRecord, offer: Offer) -> None:
+        """Hold the offered drivers and ask each one; the round ends at the first accept,
+        or once everyone answered or the offer lapsed."""
+        record.offers += len(offer.driver_ids)
+        # Keyed by order and offer count: answers do not depend on other orders' events.
+        rng = random.Random(f"answers:{self.s.seed}:{order.number}:{record.offers}")
+        answers: list[tuple[float, str, bool, float]] = []
+        for driver_id, km in zip(offer.driver_ids, offer.distances_km, strict=True):
+            driver = self.drivers[driver_id]
+            self.idle.remove(driver_id)
+            driver.phase = Phase.OFFERED
+            answer = self.offer_handler.answer(driver, km, rng)
+            in_time = answer.accept is not None and answer.after_s <= offer.timeout_s
+            at = self.now + (answer.after_s if in_time else offer.timeout_s)
+            answers.append((at, driver_id, in_time and bool(answer.accept), km))
+        accepted = [a for a in answers if a[2]]
+        ends = min(accepted)[0] if accepted else max(a[0] for a in answers)
+        self.push(ends, OFFER_END, (order, tuple(answers)))
+
+    def _offer_end(self, event: _Event) -> None:
+        order, answers = event[3]
+        record = self.records[order.number]
+        accepted = sorted(a for a in answers if a[2] and a[0] <= self.now)
+        winner = accepted[0] if accepted and record.outcome == "open" else None
+        for _, driver_id, said_yes, _ in answers:
+            if winner is not None and driver_id == winner[1]:
+                continue
+            if not said_yes:
+                self.passed.setdefault(order.number, set()).add(driver_id)
+            self._release(self.drivers[driver_id])
+        if winner is not None:
+            self._book(order, record, Book(winner[1], winner[3]))
+        elif record.outcome == "open":
+            self._dispatch(order, record)
+
+    def _release(self, driver: DriverAgent) -> None:
+        if driver.ending:
+            self._go_off(driver)
+        else:
+            driver.phase = Phase.IDLE
+            self.idle.add(driver)
 
     def _book(self, order: Order, record: OrderRecord, decision: Book) -> None:
         driver = self.drivers[decision.driver_id]
@@ -295,11 +351,7 @@ class OfflineEngine:
         """Delivered, failed or cancelled: the service sets the driver AVAILABLE again."""
         self.util.add(self.util.busy_s, driver.busy_since, self.now)
         driver.order_number = None
-        if driver.ending:
-            self._go_off(driver)
-            return
-        driver.phase = Phase.IDLE
-        self.idle.add(driver)
+        self._release(driver)
 
     # ---- shifts ------------------------------------------------------------------
 

@@ -9,12 +9,19 @@ from collections.abc import Iterator
 import pytest
 
 from dispatcher.geo import haversine_km, round_km
-from dispatcher.simulate.city import SLOT_S
+from dispatcher.simulate.city import SLOT_S, Point
 from dispatcher.simulate.demand import OrderStream
 from dispatcher.simulate.driver import BehaviourOfferHandler, DriverAgent, make_fleet
 from dispatcher.simulate.engine import run_offline
 from dispatcher.simulate.manhattan import ManhattanCity
-from dispatcher.simulate.matching import Book, NearestDispatchable, NoDriver
+from dispatcher.simulate.matching import (
+    Book,
+    Decision,
+    FleetView,
+    NearestDispatchable,
+    NoDriver,
+    Offer,
+)
 from dispatcher.simulate.settings import (
     DispatchRule,
     DriverBehaviour,
@@ -29,9 +36,15 @@ from tests.support import BERLIN, offset
 SMALL = SyntheticSpec(size_km=6.0, orders_per_hour=40.0)
 
 
-def small_run(seed: int, *, drivers: int = 150, driver: DriverBehaviour | None = None) -> RunSettings:
+def small_run(
+    seed: int, *, drivers: int = 150, driver: DriverBehaviour | None = None
+) -> RunSettings:
     return RunSettings(
-        seed=seed, hours=12.0, drivers=drivers, start_hour=8.0, driver=driver or DriverBehaviour()
+        seed=seed,
+        hours=12.0,
+        drivers=drivers,
+        start_hour=8.0,
+        driver=driver or DriverBehaviour(),
     )
 
 
@@ -272,3 +285,53 @@ def test_utilisation_spreads_intervals_over_hours() -> None:
     ] == pytest.approx(0.25)
     assert util.by_hour()[5] is None
     assert percentile([3.0, 1.0, 2.0], 95) == 3.0 and percentile([], 50) is None
+
+
+# ---- the offer plug-in point ------------------------------------------------------------
+
+
+class OfferNearest:
+    """A stand-in offer core: offers the order to the nearest driver not yet asked."""
+
+    mode = "cascade-test"
+
+    def __init__(self) -> None:
+        self.nearest = NearestDispatchable(DispatchRule())
+
+    def decide(
+        self, pickup: Point, fleet: FleetView, now_s: float, exclude: frozenset[str]
+    ) -> Decision:
+        found = self.nearest.decide(pickup, fleet, now_s, exclude)
+        if isinstance(found, Book):
+            return Offer((found.driver_id,), (found.distance_km,), 20.0)
+        return found
+
+
+def test_an_offer_matcher_plugs_into_the_engine() -> None:
+    behaviour = DriverBehaviour(accept_at_zero_km=0.6, never_answer_share=0.2)
+    settings = small_run(5, driver=behaviour)
+    first = run_offline(SyntheticCity(SMALL), settings, OfferNearest())
+    again = run_offline(SyntheticCity(SMALL), settings, OfferNearest())
+    assert first.fingerprint() == again.fingerprint()
+    assert first.matcher == "cascade-test"
+    summary = summarize(first)
+    # Declines and silent drivers make several offers per order, and waiting for answers
+    # takes time that auto mode does not spend.
+    assert summary["offers_per_order"] > 1.3
+    assert (
+        summary["assign_s_mean"]
+        > summarize(run_offline(SyntheticCity(SMALL), settings))["assign_s_mean"] + 5
+    )
+    assert summary["assigned"] > 0.9 * summary["orders"]
+    silent = {
+        d.driver_id
+        for d in make_fleet(
+            SyntheticCity(SMALL),
+            settings.drivers,
+            settings.seed,
+            behaviour,
+            whole_run=False,
+        )
+        if d.never_answers
+    }
+    assert silent and not any(r.driver_id in silent for r in first.records)
