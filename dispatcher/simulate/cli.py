@@ -9,6 +9,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
+
 from dispatcher.config import ResolvedSettings, Settings
 from dispatcher.embedded import free_port
 from dispatcher.simulate.city import City
@@ -276,6 +278,12 @@ def _live(
                             progress=progress.update)  # fmt: skip
         try:
             return asyncio.run(runner.run())
+        except (aiohttp.ClientError, TimeoutError, OSError, RuntimeError) as exc:
+            print(
+                f"dispatcher simulate: the service at {url} failed: {exc}",
+                file=sys.stderr,
+            )
+            return 1
         finally:
             progress.close()
     return _live_embedded(args, env, city, run, minutes, speed, wall_kmh, progress)
@@ -336,6 +344,12 @@ def _live_embedded(
     try:
         with resolved_service(settings) as resolved:
             return asyncio.run(play(resolved))
-    except (DispatchError, OSError, RuntimeError) as exc:
+    except (
+        DispatchError,
+        aiohttp.ClientError,
+        TimeoutError,
+        OSError,
+        RuntimeError,
+    ) as exc:
         print(f"dispatcher simulate: {exc}", file=sys.stderr)
         return 1

@@ -272,18 +272,24 @@ class LiveRunner:
 
     async def _ping(self, account: _Account) -> None:
         lat, lon = account.agent.where(self.clock.now())
-        async with (
-            self._limit,
-            self.session.patch(
-                f"/drivers/{account.service_id}/location",
-                json={"lat": lat, "lon": lon},
-                headers=account.auth,
-            ) as resp,
-        ):
-            self.tally.pings += 1
-            if resp.status != 204:
-                self.tally.pings_refused += 1
-                self.tally.http_errors.add(f"ping {resp.status}")
+        self.tally.pings += 1
+        try:
+            async with (
+                self._limit,
+                self.session.patch(
+                    f"/drivers/{account.service_id}/location",
+                    json={"lat": lat, "lon": lon},
+                    headers=account.auth,
+                ) as resp,
+            ):
+                status = resp.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self.tally.pings_refused += 1
+            self.tally.http_errors.add(f"ping {type(exc).__name__}")
+            return
+        if status != 204:
+            self.tally.pings_refused += 1
+            self.tally.http_errors.add(f"ping {status}")
 
     async def _ping_loop(self) -> None:
         period = self.s.driver.ping_period_s
@@ -349,31 +355,15 @@ class LiveRunner:
 
     async def _order(self, order: Order) -> None:
         record = self.records[order.number]
-        seller_order_id = self.seller_order_id(order)
-        while True:
-            if record.outcome != "open":
-                return
+        while record.outcome == "open":
             record.attempts += 1
-            status, body = await self.vendure.order_ready(
-                seller_order_id, order.pickup, order.drop
-            )
-            if status == 200 and body.get("assigned") is True:
-                account = self.by_service_id.get(str(body["driverId"]))
-                if account is None:
-                    # A driver of another run or of a person: the service may book anyone.
-                    self.tally.http_errors.add("booked a driver this run does not play")
-                    await self.vendure.order_cancelled(
-                        seller_order_id, "simulator does not play this driver"
-                    )
-                    record.outcome = "cancelled"
-                    return
-                record.assigned_s = self.clock.now()
-                record.driver_id = account.agent.driver_id
-                record.distance_km = float(body["distanceKm"])
+            # Under the order's lock: a customer's cancel waits for the answer, so it
+            # never misses a booking that was in flight.
+            async with self.locks[order.number]:
+                account = await self._ready(order, record)
+            if account is not None:
                 await self._deliver(order, record, account)
                 return
-            if status != 200:
-                self.tally.http_errors.add(f"seller-order-ready {status}")
             retry = self.clock.now() + self.s.vendure.retry_s
             if retry - order.ready_s > self.s.vendure.give_up_s:
                 record.outcome = "unassigned"
@@ -383,14 +373,46 @@ class LiveRunner:
                     return  # the run is over: still open
                 await asyncio.sleep(CLOCK_POLL_S)
 
+    async def _ready(self, order: Order, record: OrderRecord) -> _Account | None:
+        """One seller-order-ready; the booked driver's account, or None."""
+        if record.outcome != "open":
+            return None
+        seller_order_id = self.seller_order_id(order)
+        try:
+            status, body = await self.vendure.order_ready(
+                seller_order_id, order.pickup, order.drop
+            )
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self.tally.http_errors.add(f"seller-order-ready {type(exc).__name__}")
+            return None
+        if status != 200:
+            self.tally.http_errors.add(f"seller-order-ready {status}")
+            return None
+        if body.get("assigned") is not True:
+            return None
+        account = self.by_service_id.get(str(body["driverId"]))
+        if account is None:
+            # A driver of another run or of a person: the service may book anyone.
+            self.tally.http_errors.add("booked a driver this run does not play")
+            await self.vendure.order_cancelled(
+                seller_order_id, "simulator does not play this driver"
+            )
+            record.outcome = "cancelled"
+            return None
+        record.assigned_s = self.clock.now()
+        record.driver_id = account.agent.driver_id
+        record.distance_km = float(body["distanceKm"])
+        agent = account.agent
+        agent.phase = Phase.TO_PICKUP
+        agent.busy_since = record.assigned_s
+        agent.order_number = order.number
+        return account
+
     async def _deliver(
         self, order: Order, record: OrderRecord, account: _Account
     ) -> None:
         agent = account.agent
         seller_order_id = self.seller_order_id(order)
-        agent.phase = Phase.TO_PICKUP
-        agent.busy_since = record.assigned_s or self.clock.now()
-        agent.order_number = order.number
         try:
             await self.clock.sleep_until(
                 agent.move(self.city, self.s.driver, order.pickup, self.clock.now())
@@ -409,6 +431,8 @@ class LiveRunner:
             await self.clock.sleep_until(
                 agent.move(self.city, self.s.driver, order.drop, self.clock.now())
             )
+            if record.outcome != "open":
+                return
             agent.stop(self.clock.now())
             agent.phase = Phase.AT_DROP
             await self.clock.sleep_until(self.clock.now() + self.s.driver.dropoff_s)
@@ -428,11 +452,17 @@ class LiveRunner:
                     record.outcome = "delivered"
                 record.done_s = self.clock.now()
         finally:
-            # Delivered, failed or cancelled: the service sets the driver AVAILABLE again.
-            agent.stop(self.clock.now())
-            agent.phase = Phase.IDLE
-            agent.order_number = None
-            self.util.add(self.util.busy_s, agent.busy_since, self.clock.now())
+            self._release(agent, order)
+
+    def _release(self, agent: DriverAgent, order: Order) -> None:
+        """Delivered, failed or cancelled: the service sets the driver AVAILABLE again.
+        Only once per booking: after a cancel the driver may already carry the next order."""
+        if agent.order_number != order.number:
+            return
+        agent.stop(self.clock.now())
+        agent.phase = Phase.IDLE
+        agent.order_number = None
+        self.util.add(self.util.busy_s, agent.busy_since, self.clock.now())
 
     async def _step(
         self,
@@ -441,16 +471,19 @@ class LiveRunner:
         step: str,
         body: dict[str, Any] | None = None,
     ) -> None:
-        async with (
-            self._limit,
-            self.session.post(
-                f"/deliveries/{seller_order_id}/{step}",
-                json=body or {},
-                headers=account.auth,
-            ) as resp,
-        ):
-            if resp.status != 200:
-                self.tally.http_errors.add(f"{step} {resp.status}")
+        try:
+            async with (
+                self._limit,
+                self.session.post(
+                    f"/deliveries/{seller_order_id}/{step}",
+                    json=body or {},
+                    headers=account.auth,
+                ) as resp,
+            ):
+                if resp.status != 200:
+                    self.tally.http_errors.add(f"{step} {resp.status}")
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            self.tally.http_errors.add(f"{step} {type(exc).__name__}")
 
     async def _customer_cancels(self, order: Order) -> None:
         assert order.cancel_after_s is not None
@@ -470,14 +503,22 @@ class LiveRunner:
                     "cancelled"  # never booked: the shop just stops retrying
                 )
                 return True
-            status, _ = await self.vendure.order_cancelled(
-                self.seller_order_id(order), reason
-            )
+            try:
+                status, _ = await self.vendure.order_cancelled(
+                    self.seller_order_id(order), reason
+                )
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                self.tally.http_errors.add(
+                    f"seller-order-cancelled {type(exc).__name__}"
+                )
+                return False
             if status != 200:
                 self.tally.http_errors.add(f"seller-order-cancelled {status}")
                 return False
             record.outcome = "cancelled"
             record.done_s = self.clock.now()
+            assert record.driver_id is not None
+            self._release(self.accounts[record.driver_id].agent, order)
             return True
 
     async def _drain(self) -> None:

@@ -119,6 +119,10 @@ def _fmt(value: float | None, digits: int, unit: str = "") -> str:
     return "-" if value is None else f"{value:.{digits}f}{unit}"
 
 
+def _span(hours: float) -> str:
+    return f"{hours * 60:.1f} min" if hours < 1 else f"{hours:g} h"
+
+
 def format_table(result: RunResult) -> str:
     """The plain-text summary printed at the end of every run."""
     s = summarize(result)
@@ -132,7 +136,7 @@ def format_table(result: RunResult) -> str:
             "scenario",
             f"{result.scenario} ({result.mode}, {result.matcher} mode, seed {result.seed})",
         ),
-        ("simulated", f"{result.hours:g} h, {result.drivers} drivers"),
+        ("simulated", f"{_span(result.hours)}, {result.drivers} drivers"),
         ("orders", str(n)),
         ("assigned", share(s["assigned"])),
         ("delivered / failed", f"{s['delivered']} / {s['failed']}"),

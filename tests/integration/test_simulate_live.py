@@ -13,7 +13,7 @@ from dispatcher.config import ResolvedSettings
 from dispatcher.embedded import free_port
 from dispatcher.simulate.live import LiveRunner, LiveTarget
 from dispatcher.simulate.settings import DriverBehaviour, RunSettings, VendureBehaviour
-from dispatcher.simulate.summary import summarize
+from dispatcher.simulate.summary import format_table, summarize
 from dispatcher.simulate.synthetic import SyntheticCity, SyntheticSpec
 from dispatcher.webhooks.signing import new_secret
 from tests.support import Api
@@ -53,16 +53,19 @@ async def test_a_short_live_run_ends_with_every_order_final(
     run = RunSettings(
         seed=4,
         start_hour=12.0,
-        drivers=12,
-        driver=DriverBehaviour(fail_share=0.1),
+        drivers=25,
+        driver=DriverBehaviour(fail_share=0.3),
         vendure=VendureBehaviour(cancel_share=0.15, cancel_within_s=300.0),
     )
     result = await LiveRunner(
         city, run, target, minutes=WALL_MINUTES, speed=SPEED, receiver_port=port
     ).run()
 
+    print(format_table(result))
     summary = summarize(result)
     assert summary["orders"] >= 10, summary
+    # The seeded fates include customers who cancel and doors where nobody answers.
+    assert summary["cancelled"] >= 1 and summary["failed"] >= 1, summary
     assert summary["assigned"] >= 5, summary
     assert "unexpected answers" not in result.notes, result.notes
     assert "webhooks with bad signatures" not in result.notes, result.notes

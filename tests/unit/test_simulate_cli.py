@@ -133,3 +133,25 @@ def test_the_report_holds_markdown_and_valid_pngs(
             )
             # Not a blank canvas: a plot has more than a couple of colours.
             assert len(set(image.convert("RGB").getdata())) > 10
+
+
+def test_a_url_that_does_not_answer_exits_1(capsys: pytest.CaptureFixture[str]) -> None:
+    from dispatcher.embedded import free_port
+    from dispatcher.webhooks.signing import new_secret
+
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    code = main(
+        [
+            "--url",
+            url,
+            "--admin-token",
+            "adm_x",
+            "--inbound-secret",
+            new_secret(),
+            "--minutes",
+            "0.1",
+        ]
+    )
+    assert code == 1
+    err = capsys.readouterr().err
+    assert f"the service at {url} failed" in err
