@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import Callable
 from typing import Any
@@ -11,6 +12,7 @@ import pytest
 
 from dispatcher.config import ResolvedSettings
 from dispatcher.embedded import free_port
+from dispatcher.simulate.cli import main as simulate_main
 from dispatcher.simulate.live import LiveRunner, LiveTarget
 from dispatcher.simulate.settings import DriverBehaviour, RunSettings, VendureBehaviour
 from dispatcher.simulate.summary import format_table, summarize
@@ -112,3 +114,40 @@ async def test_a_short_live_run_ends_with_every_order_final(
     assert f"delivery.assigned {len(rows)}" in result.notes["webhooks received"], (
         result.notes
     )
+
+
+@pytest.mark.timeout(300)
+async def test_the_cli_plays_a_running_service_with_secrets_from_the_environment(
+    start_api: Callable[[ResolvedSettings], Any],
+    make_settings: Callable[..., ResolvedSettings],
+    pg_pool: asyncpg.Pool,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    port = free_port()
+    settings = make_settings(
+        vendure_webhook_url=f"http://127.0.0.1:{port}/webhooks",
+        vendure_webhook_secret=new_secret(),
+    )
+    api: Api = await start_api(settings)
+    url = str(api.client.make_url("")).rstrip("/")
+    monkeypatch.setenv("DISPATCHER_ADMIN_TOKEN", settings.admin_token)
+    monkeypatch.setenv("DISPATCHER_INBOUND_SECRET", settings.inbound_secret)
+    monkeypatch.setenv(
+        "DISPATCHER_VENDURE_WEBHOOK_SECRET", settings.vendure_webhook_secret
+    )
+    argv = ["--url", url, "--minutes", "0.25", "--speed", "5", "--drivers", "8", "--seed", "9",
+            "--receiver-port", str(port), "--open"]  # fmt: skip
+    # The CLI runs its own event loop: a thread, while this loop serves the API.
+    assert await asyncio.to_thread(simulate_main, argv) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == f"operator page: {url}/ops"
+    assert "synthetic (live, auto mode, seed 9)" in out
+    assert (
+        "webhooks with bad signatures" not in out and "unexpected answers" not in out
+    ), out
+    drivers = await pg_pool.fetch("SELECT name, status FROM drivers")
+    assert len(drivers) == 8 and {d["status"] for d in drivers} == {"OFFLINE"}
+    booked = await pg_pool.fetchval("SELECT count(*) FROM deliveries")
+    if booked:
+        assert f"delivery.assigned {booked}" in out, out
