@@ -148,6 +148,7 @@ async def test_the_cli_plays_a_running_service_with_secrets_from_the_environment
     ), out
     drivers = await pg_pool.fetch("SELECT name, status FROM drivers")
     assert len(drivers) == 8 and {d["status"] for d in drivers} == {"OFFLINE"}
+    # Seed 9 makes 8 orders in these 75 simulated seconds of a lunch hour.
     booked = await pg_pool.fetchval("SELECT count(*) FROM deliveries")
-    if booked:
-        assert f"delivery.assigned {booked}" in out, out
+    assert booked >= 1
+    assert f"delivery.assigned {booked}" in out, out
