@@ -7,7 +7,7 @@ import contextlib
 import random
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +30,9 @@ DRAIN_SPEED = 60.0
 # ...for at most this long (wall seconds); what is left is cancelled by the shop, and counted.
 DRAIN_LIMIT_S = 120.0
 HTTP_TIMEOUT_S = 30.0
+# A 503 (a zone restarting, PostgreSQL away) is retried like a phone would retry it.
+RETRY_ATTEMPTS = 5
+RETRY_WAIT_S = 1.0
 # The outbox sends within about a second of a change; wait at most this for it to empty.
 WEBHOOK_SETTLE_S = 15.0
 
@@ -88,6 +91,7 @@ class _Tally:
     http_errors: _Counts = field(default_factory=_Counts)
     pings: int = 0
     pings_refused: int = 0
+    retried: int = 0  # 503 answers to lifecycle calls and cancels, tried again
     cancelled_at_end: int = 0
 
 
@@ -130,6 +134,8 @@ class LiveRunner:
         self.accounts: dict[str, _Account] = {}
         self.by_service_id: dict[str, _Account] = {}
         self.locks: dict[int, asyncio.Lock] = {}
+        # Orders whose last seller-order-ready got no definite answer: when it was sent.
+        self.uncertain: dict[int, float] = {}
         self.util = Utilisation()
         self.tally = _Tally()
         self.order_tasks: set[asyncio.Task[None]] = set()
@@ -207,6 +213,8 @@ class LiveRunner:
             notes["unexpected answers"] = ", ".join(
                 f"{k} x{v}" for k, v in sorted(self.tally.http_errors.items())
             )
+        if self.tally.retried:
+            notes["503 answers, tried again"] = self.tally.retried
         if self.tally.cancelled_at_end:
             notes["cancelled at the end of the run"] = self.tally.cancelled_at_end
         notes["order ids"] = f"sim-{self.run_tag}-o…"
@@ -289,7 +297,10 @@ class LiveRunner:
             return
         if status != 204:
             self.tally.pings_refused += 1
-            self.tally.http_errors.add(f"ping {status}")
+            # 503: the service is briefly unable (a zone starting); the next fix follows
+            # within a ping period anyway. Anything else is a finding.
+            if status != 503:
+                self.tally.http_errors.add(f"ping {status}")
 
     async def _ping_loop(self) -> None:
         period = self.s.driver.ping_period_s
@@ -365,26 +376,52 @@ class LiveRunner:
                 await self._deliver(order, record, account)
                 return
             retry = self.clock.now() + self.s.vendure.retry_s
+            if self._over():
+                return  # the run is over: still open
             if retry - order.ready_s > self.s.vendure.give_up_s:
                 record.outcome = "unassigned"
                 return
             while self.clock.now() < retry:
-                if self._stop_retrying:
-                    return  # the run is over: still open
+                if self._over():
+                    return
                 await asyncio.sleep(CLOCK_POLL_S)
 
+    def _over(self) -> bool:
+        """No new orders any more: the shop stops retrying (read after every await)."""
+        return self._stop_retrying
+
     async def _ready(self, order: Order, record: OrderRecord) -> _Account | None:
-        """One seller-order-ready; the booked driver's account, or None."""
+        """seller-order-ready until the service gives a definite answer; the booked
+        driver's account, or None. A 503 or a lost answer may hide a booking, so the
+        shop sends the same event again (a replay answers what was decided)."""
         if record.outcome != "open":
             return None
         seller_order_id = self.seller_order_id(order)
-        try:
-            status, body = await self.vendure.order_ready(
-                seller_order_id, order.pickup, order.drop
+        for _ in range(RETRY_ATTEMPTS):
+            # Measured on the clock's pace at sending: the drain must not stretch it.
+            sent_s, pace, sent_wall = (
+                self.clock.now(),
+                self.clock.speed,
+                time.monotonic(),
             )
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            self.tally.http_errors.add(f"seller-order-ready {type(exc).__name__}")
-            return None
+            try:
+                status, body = await self.vendure.order_ready(
+                    seller_order_id, order.pickup, order.drop
+                )
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                self.tally.http_errors.add(f"seller-order-ready {type(exc).__name__}")
+                self.uncertain[order.number] = sent_s
+            else:
+                if status != 503:
+                    break
+                self.tally.retried += 1
+                self.uncertain[order.number] = sent_s
+            await asyncio.sleep(RETRY_WAIT_S)
+        else:
+            return (
+                None  # still unknown: the end of the run settles it (_settle_uncertain)
+            )
+        self.uncertain.pop(order.number, None)
         if status != 200:
             self.tally.http_errors.add(f"seller-order-ready {status}")
             return None
@@ -399,7 +436,7 @@ class LiveRunner:
             )
             record.outcome = "cancelled"
             return None
-        record.assigned_s = self.clock.now()
+        record.assigned_s = sent_s + (time.monotonic() - sent_wall) * pace
         record.driver_id = account.agent.driver_id
         record.distance_km = float(body["distanceKm"])
         agent = account.agent
@@ -425,7 +462,8 @@ class LiveRunner:
             async with self.locks[order.number]:
                 if record.outcome != "open":
                     return
-                await self._step(account, seller_order_id, "picked-up")
+                if not await self._step(account, seller_order_id, "picked-up"):
+                    return  # still ASSIGNED in the service: the end of the run cancels it
                 record.picked_up_s = self.clock.now()
             agent.phase = Phase.TO_DROP
             await self.clock.sleep_until(
@@ -439,17 +477,14 @@ class LiveRunner:
             async with self.locks[order.number]:
                 if record.outcome != "open":
                     return
-                if order.fails:
-                    await self._step(
-                        account,
-                        seller_order_id,
-                        "failed",
-                        {"reason": "nobody at the door"},
-                    )
-                    record.outcome = "failed"
-                else:
-                    await self._step(account, seller_order_id, "delivered")
-                    record.outcome = "delivered"
+                step, body = (
+                    ("failed", {"reason": "nobody at the door"})
+                    if order.fails
+                    else ("delivered", None)
+                )
+                if not await self._step(account, seller_order_id, step, body):
+                    return  # still PICKED_UP in the service: the end of the run cancels it
+                record.outcome = step
                 record.done_s = self.clock.now()
         finally:
             self._release(agent, order)
@@ -470,8 +505,10 @@ class LiveRunner:
         seller_order_id: str,
         step: str,
         body: dict[str, Any] | None = None,
-    ) -> None:
-        try:
+    ) -> bool:
+        """One lifecycle call, retried while the service says 503; True once it took."""
+
+        async def call() -> int:
             async with (
                 self._limit,
                 self.session.post(
@@ -480,10 +517,28 @@ class LiveRunner:
                     headers=account.auth,
                 ) as resp,
             ):
-                if resp.status != 200:
-                    self.tally.http_errors.add(f"{step} {resp.status}")
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            self.tally.http_errors.add(f"{step} {type(exc).__name__}")
+                return resp.status
+
+        return await self._retrying(step, call) == 200
+
+    async def _retrying(
+        self, what: str, call: Callable[[], Awaitable[int]]
+    ) -> int | None:
+        """`call()`'s status, retried on 503 and network errors as a driver app would;
+        None when every attempt failed. Other failures are counted as unexpected."""
+        for _ in range(RETRY_ATTEMPTS):
+            try:
+                status = await call()
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                self.tally.http_errors.add(f"{what} {type(exc).__name__}")
+            else:
+                if status != 503:
+                    if status >= 300:
+                        self.tally.http_errors.add(f"{what} {status}")
+                    return status
+                self.tally.retried += 1
+            await asyncio.sleep(RETRY_WAIT_S)
+        return None
 
     async def _customer_cancels(self, order: Order) -> None:
         assert order.cancel_after_s is not None
@@ -503,17 +558,13 @@ class LiveRunner:
                     "cancelled"  # never booked: the shop just stops retrying
                 )
                 return True
-            try:
-                status, _ = await self.vendure.order_cancelled(
-                    self.seller_order_id(order), reason
-                )
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                self.tally.http_errors.add(
-                    f"seller-order-cancelled {type(exc).__name__}"
-                )
-                return False
-            if status != 200:
-                self.tally.http_errors.add(f"seller-order-cancelled {status}")
+            seller_order_id = self.seller_order_id(order)
+
+            async def call() -> int:
+                status, _ = await self.vendure.order_cancelled(seller_order_id, reason)
+                return status
+
+            if await self._retrying("seller-order-cancelled", call) != 200:
                 return False
             record.outcome = "cancelled"
             record.done_s = self.clock.now()
@@ -537,3 +588,42 @@ class LiveRunner:
             booked = record.outcome == "open" and record.assigned_s is not None
             if booked and await self._cancel(self.orders[number], "simulation ended"):
                 self.tally.cancelled_at_end += 1
+        await self._settle_uncertain()
+
+    async def _settle_uncertain(self) -> None:
+        """Orders whose seller-order-ready never got a definite answer may have been
+        booked: the shop cancels each one. 200 means it had been (accounted as cancelled
+        at the end, booked when it was sent), 404 that it never was."""
+        for number, sent_s in sorted(self.uncertain.items()):
+            record = self.records[number]
+            if record.assigned_s is not None:
+                continue
+            seller_order_id = self.seller_order_id(self.orders[number])
+            status: int | None = None
+            body: dict[str, Any] = {}
+            for _ in range(RETRY_ATTEMPTS):
+                try:
+                    status, body = await self.vendure.order_cancelled(
+                        seller_order_id, "simulation ended"
+                    )
+                except (aiohttp.ClientError, TimeoutError):
+                    status = None
+                if status not in (None, 503):
+                    break
+                await asyncio.sleep(RETRY_WAIT_S)
+            if status == 200:
+                account = self.by_service_id.get(str(body.get("driverId")))
+                record.assigned_s = sent_s
+                record.driver_id = (
+                    account.agent.driver_id if account is not None else None
+                )
+                record.distance_km = (
+                    float(body["distanceKm"])
+                    if body.get("distanceKm") is not None
+                    else None
+                )
+                record.outcome = "cancelled"
+                record.done_s = self.clock.now()
+                self.tally.cancelled_at_end += 1
+            elif status != 404:
+                self.tally.http_errors.add(f"seller-order-cancelled {status}")

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 from collections.abc import Callable
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
+from aiohttp import web
 
 from dispatcher.config import ResolvedSettings
 from dispatcher.embedded import free_port
@@ -152,3 +155,101 @@ async def test_the_cli_plays_a_running_service_with_secrets_from_the_environment
     booked = await pg_pool.fetchval("SELECT count(*) FROM deliveries")
     assert booked >= 1
     assert f"delivery.assigned {booked}" in out, out
+
+
+class LosingProxy:
+    """Forwards everything to the service, but loses the answers to some seller-order-ready
+    events after the service handled them (it answers 503 instead): the first answer of
+    the first few orders, and every answer of one order."""
+
+    def __init__(self, upstream: str, *, lose_first: int, lose_always: bool) -> None:
+        self.upstream = upstream
+        self.lose_first = lose_first
+        self.lose_always = lose_always
+        self.seen: list[str] = []
+        self.lost = 0
+        self.url = ""
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession()
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._forward)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._session is not None:
+            await self._session.close()
+
+    async def _forward(self, request: web.Request) -> web.StreamResponse:
+        assert self._session is not None
+        raw = await request.read()
+        headers = {
+            k: v
+            for k, v in request.headers.items()
+            if k.lower() not in {"host", "content-length"}
+        }
+        async with self._session.request(
+            request.method, self.upstream + request.path_qs, data=raw, headers=headers
+        ) as resp:
+            body = await resp.read()
+            status, content_type = (
+                resp.status,
+                resp.headers.get("Content-Type", "application/json"),
+            )
+        if request.path == "/events/seller-order-ready" and status == 200:
+            order_id = json.loads(raw)["sellerOrderId"]
+            first = order_id not in self.seen
+            if first:
+                self.seen.append(order_id)
+            index = self.seen.index(order_id)
+            if (index == 0 and self.lose_always) or (
+                first and 0 < index <= self.lose_first
+            ):
+                self.lost += 1
+                return web.json_response({"title": "lost"}, status=503)
+        return web.Response(
+            body=body, status=status, headers={"Content-Type": content_type}
+        )
+
+
+@pytest.mark.timeout(300)
+async def test_lost_answers_never_leave_a_booking_behind(
+    start_api: Callable[[ResolvedSettings], Any],
+    make_settings: Callable[..., ResolvedSettings],
+    pg_pool: asyncpg.Pool,
+) -> None:
+    """A 503 may hide a booking. The shop sends the event again (the replay tells), and an
+    order whose answer never comes is cancelled at the end: nothing is left active."""
+    settings = make_settings(max_ping_speed_kmh=20 * 250.0, zone_resolution=5)
+    api: Api = await start_api(settings)
+    proxy = LosingProxy(
+        str(api.client.make_url("")).rstrip("/"), lose_first=3, lose_always=True
+    )
+    await proxy.start()
+    try:
+        target = LiveTarget(proxy.url, settings.admin_token, settings.inbound_secret)
+        city = SyntheticCity(SyntheticSpec(size_km=4.0, orders_per_hour=100.0))
+        run = RunSettings(seed=6, start_hour=12.0, drivers=15)
+        result = await LiveRunner(
+            city, run, target, minutes=WALL_MINUTES, speed=SPEED
+        ).run()
+    finally:
+        await proxy.stop()
+    assert proxy.lost >= 4, proxy.lost
+    assert result.notes.get("503 answers, tried again", 0) >= 4, result.notes
+    assert "unexpected answers" not in result.notes, result.notes
+    rows = await pg_pool.fetch("SELECT seller_order_id, status FROM deliveries")
+    assert rows and {r["status"] for r in rows} <= FINAL, rows
+    # Every delivery the service made is one the simulator knows it made.
+    assert len(rows) == sum(1 for r in result.records if r.assigned_s is not None)
+    # The order whose answers were all lost was booked, then cancelled at the end.
+    always_lost = next(r for r in rows if r["seller_order_id"] == proxy.seen[0])
+    assert always_lost["status"] == "CANCELLED"
+    assert result.notes["cancelled at the end of the run"] >= 1
