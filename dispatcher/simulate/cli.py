@@ -18,7 +18,7 @@ from dispatcher.simulate.progress import RunProgress
 from dispatcher.simulate.settings import RunSettings
 from dispatcher.simulate.summary import RunResult, format_table
 
-SCENARIOS = ("synthetic", "manhattan")
+SCENARIOS = ("manhattan", "synthetic")
 # The service refuses a fix implying more than this (DISPATCHER_MAX_PING_SPEED_KMH's
 # default): compressed live time must keep drivers under it on the wall clock.
 SERVICE_MAX_PING_SPEED_KMH = 250.0
@@ -53,8 +53,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--scenario",
         choices=SCENARIOS,
-        default="synthetic",
-        help="city model (default synthetic)",
+        default="manhattan",
+        help="city model: manhattan (2018 taxi demand, the default) or synthetic",
     )
     p.add_argument(
         "--seed",

@@ -39,7 +39,7 @@ async def test_simulate_with_embedded_defaults_plays_and_summarises(tmp_path: Pa
     assert proc.returncode == 0, log[-3000:]
     lines = text.splitlines()
     assert lines[0].startswith("operator page: http://127.0.0.1:") and lines[0].endswith("/ops")
-    assert lines[1].startswith("scenario") and "synthetic (live, auto mode, seed 2)" in lines[1]
+    assert lines[1].startswith("scenario") and "manhattan (live, auto mode, seed 2)" in lines[1]
     assert "dispatcher listening on http://127.0.0.1:" in log
     orders = int(next(line for line in lines if line.startswith("orders")).split()[-1])
     assert orders > 0

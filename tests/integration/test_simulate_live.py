@@ -140,7 +140,7 @@ async def test_the_cli_plays_a_running_service_with_secrets_from_the_environment
         "DISPATCHER_VENDURE_WEBHOOK_SECRET", settings.vendure_webhook_secret
     )
     argv = ["--url", url, "--minutes", "0.25", "--speed", "5", "--drivers", "8", "--seed", "9",
-            "--receiver-port", str(port), "--open"]  # fmt: skip
+            "--scenario", "synthetic", "--receiver-port", str(port), "--open"]  # fmt: skip
     # The CLI runs its own event loop: a thread, while this loop serves the API.
     assert await asyncio.to_thread(simulate_main, argv) == 0
     out = capsys.readouterr().out

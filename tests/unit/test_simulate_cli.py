@@ -67,7 +67,7 @@ def test_an_offline_run_ends_with_its_summary_on_stdout(
     assert main(["--offline", "--hours", "4", "--seed", "3", "--drivers", "80"]) == 0
     out = capsys.readouterr().out
     assert out.splitlines()[0].startswith("scenario")
-    assert "synthetic (offline, auto mode, seed 3)" in out
+    assert "manhattan (offline, auto mode, seed 3)" in out
     for row in (
         "orders",
         "assigned",
@@ -119,7 +119,7 @@ def test_the_report_holds_markdown_and_valid_pngs(
         == 0
     )
     readme = (out_dir / "README.md").read_text()
-    assert "# Simulation: synthetic, offline, seed 1" in readme
+    assert "# Simulation: manhattan, offline, seed 1" in readme
     assert "Fingerprint of the run" in readme
     for name in PLOTS:
         path = out_dir / name
