@@ -247,36 +247,51 @@ class LiveRunner:
                 random.Random(f"start:{self.s.seed}:{agent.driver_id}")
             )
             agent.phase = Phase.IDLE
-            async with self._limit:
-                body = {
-                    "name": f"sim {self.run_tag} {agent.driver_id}",
-                    "vehicleType": "simulated",
-                }
-                async with self.session.post(
-                    "/drivers", json=body, headers=admin
-                ) as resp:
-                    created = await self._json(resp, 201, "POST /drivers")
-                account = _Account(agent, created["driverId"], created["token"])
-                async with self.session.patch(
-                    f"/drivers/{account.service_id}/status",
-                    json={"status": "AVAILABLE"},
-                    headers=account.auth,
-                ) as resp:
-                    await self._json(resp, 200, "PATCH status")
+            body = {
+                "name": f"sim {self.run_tag} {agent.driver_id}",
+                "vehicleType": "simulated",
+            }
+            created = await self._call("POST", "/drivers", body, admin, 201)
+            account = _Account(agent, created["driverId"], created["token"])
+            await self._call(
+                "PATCH",
+                f"/drivers/{account.service_id}/status",
+                {"status": "AVAILABLE"},
+                account.auth,
+                200,
+            )
             self.accounts[agent.driver_id] = account
             self.by_service_id[account.service_id] = account
             await self._ping(account)
 
         await asyncio.gather(*(register(agent) for agent in fleet))
 
-    async def _json(
-        self, resp: aiohttp.ClientResponse, status: int, what: str
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any],
+        headers: dict[str, str],
+        expect: int,
     ) -> dict[str, Any]:
-        if resp.status != status:
-            text = await resp.text()
-            raise RuntimeError(f"{what} answered {resp.status}: {text[:300]}")
-        body: dict[str, Any] = await resp.json()
-        return body
+        """A set-up call that must succeed: 503 is retried (a 503 wrote nothing), anything
+        else ends the run with the service's answer."""
+        for attempt in range(RETRY_ATTEMPTS):
+            async with (
+                self._limit,
+                self.session.request(method, path, json=body, headers=headers) as resp,
+            ):
+                if resp.status == expect:
+                    answer: dict[str, Any] = await resp.json()
+                    return answer
+                text = await resp.text()
+                if resp.status != 503 or attempt == RETRY_ATTEMPTS - 1:
+                    raise RuntimeError(
+                        f"{method} {path} answered {resp.status}: {text[:300]}"
+                    )
+            self.tally.retried += 1
+            await asyncio.sleep(RETRY_WAIT_S)
+        raise AssertionError("unreachable: the last attempt raises")
 
     async def _ping(self, account: _Account) -> None:
         lat, lon = account.agent.where(self.clock.now())
