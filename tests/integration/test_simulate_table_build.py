@@ -35,7 +35,9 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.timeout(600)
-def test_the_script_rebuilds_the_shipped_files_byte_for_byte(wheel: Path, tmp_path: Path) -> None:
+def test_the_script_rebuilds_the_shipped_files_byte_for_byte(
+    wheel: Path, tmp_path: Path
+) -> None:
     done = subprocess.run(
         [sys.executable, str(SCRIPT), str(wheel), "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=540, check=False,
@@ -53,7 +55,10 @@ def test_the_shipped_totals_are_the_sources_own(wheel: Path) -> None:
     totals = json.loads((DATA / "manhattan.totals.json").read_text())
     by_weekday = [0] * 5
     rows = 0
-    with zipfile.ZipFile(wheel) as archive, archive.open("pyhailing/data/trips.csv") as raw:
+    with (
+        zipfile.ZipFile(wheel) as archive,
+        archive.open("pyhailing/data/trips.csv") as raw,
+    ):
         reader = csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8"))
         for row in reader:
             rows += 1
