@@ -1,4 +1,4 @@
-"""`dispatcher serve|migrate|zones`: settings -> embedded servers if needed -> Ray -> ingress."""
+"""`dispatcher serve|migrate|zones|simulate`: settings -> embedded servers if needed -> Ray -> ingress."""
 
 from __future__ import annotations
 
@@ -30,11 +30,19 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="listen port (DISPATCHER_PORT, default 8080)")
     sub.add_parser("migrate", help="apply database migrations and exit")
     zonectl.add_parser(sub)
+    sub.add_parser(
+        "simulate", help="play a city's drivers and orders (dispatcher simulate --help)", add_help=False
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
+    if raw[:1] == ["simulate"]:
+        # The simulator has its own options and, without --url, starts its own service.
+        from dispatcher.simulate.cli import main as simulate_main
+
+        return simulate_main(raw[1:])
     args = _parser().parse_args(raw)
     overrides = {k: v for k, v in (("host", getattr(args, "host", None)), ("port", getattr(args, "port", None))) if v is not None}
     try:

@@ -71,6 +71,10 @@ def resolve(path: str, doc: Path) -> bool:
     return False
 
 
+# Lock files and compressed or image data hold no prose to check.
+BINARY_SUFFIXES = {".lock", ".gz", ".png"}
+
+
 def tracked_text_files() -> list[Path]:
     names = subprocess.run(
         ["git", "ls-files", "-co", "--exclude-standard"],
@@ -83,7 +87,7 @@ def tracked_text_files() -> list[Path]:
     return [
         ROOT / n
         for n in names
-        if n not in skip and (ROOT / n).is_file() and (ROOT / n).suffix != ".lock"
+        if n not in skip and (ROOT / n).is_file() and (ROOT / n).suffix not in BINARY_SUFFIXES
     ]
 
 

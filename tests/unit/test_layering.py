@@ -31,9 +31,18 @@ ALLOWED: dict[str, set[str]] = {
     "dispatcher.api": {"dispatcher.store", "dispatcher.webhooks", "dispatcher.actors"},
     "dispatcher.zonectl": {"dispatcher.actors"},
     "dispatcher.runtime": {"dispatcher.embedded", "dispatcher.webhooks"},
+    # The simulator is a client of the public API; without --url it hosts an ingress itself.
+    "dispatcher.simulate": {
+        "dispatcher.api",
+        "dispatcher.embedded",
+        "dispatcher.runtime",
+        "dispatcher.store",
+        "dispatcher.webhooks",
+    },
     "dispatcher.cli": {
         "dispatcher.api",
         "dispatcher.runtime",
+        "dispatcher.simulate",
         "dispatcher.store",
         "dispatcher.zonectl",
     },

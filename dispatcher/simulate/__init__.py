@@ -1,0 +1,1 @@
+"""City simulator: plays drivers and orders against the service (live) or its decision rule (offline)."""

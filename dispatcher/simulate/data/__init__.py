@@ -1,0 +1,1 @@
+"""Package data of the simulator: the Manhattan demand table and its provenance (README.md)."""
