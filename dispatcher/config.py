@@ -73,6 +73,12 @@ class Settings(BaseSettings):
     ping_rate_per_s: float = Field(default=10.0, ge=0, allow_inf_nan=False)
     ping_burst: int = Field(default=60, ge=0)
     log_level: str = "INFO"
+    # Slow clients (slowloris) must not hold connections: a request head must arrive
+    # within this of its first byte, a body within the body timeout (408 either way),
+    # and an idle keep-alive connection is closed after the idle timeout.
+    http_head_timeout_s: float = Field(default=10.0, gt=0, allow_inf_nan=False)
+    http_body_timeout_s: float = Field(default=30.0, gt=0, allow_inf_nan=False)
+    http_idle_timeout_s: float = Field(default=75.0, gt=0, allow_inf_nan=False)
 
     def require_resolved(self) -> ResolvedSettings:
         """Narrow to settings whose servers and secrets are all known."""

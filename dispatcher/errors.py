@@ -37,6 +37,23 @@ class BadRequestError(DispatchError):
     title = "Bad request"
 
 
+class RequestTimeoutError(DispatchError):
+    """The client sent its body too slowly (slowloris); the connection is closed."""
+
+    status = 408
+    code = "request-timeout"
+    title = "Request timeout"
+
+
+class ClientClosedError(DispatchError):
+    """The client went away before its request was read: nobody reads the answer, and
+    it is no server error (counted as 499, nginx's "client closed request")."""
+
+    status = 499
+    code = "client-closed-request"
+    title = "Client closed request"
+
+
 class RequestValidationError(DispatchError):
     status = 422
     code = "validation-error"

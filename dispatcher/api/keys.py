@@ -11,6 +11,7 @@ from dispatcher.api.metrics import Metrics
 from dispatcher.config import ResolvedSettings
 from dispatcher.service import Dispatcher
 from dispatcher.store.geo import GeoMirror
+from dispatcher.store.inbound_ids import InboundIdStore
 from dispatcher.webhooks.sender import WebhookSender
 
 SETTINGS = web.AppKey("settings", ResolvedSettings)
@@ -20,3 +21,4 @@ DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 SENDER = web.AppKey("webhook_sender", WebhookSender)
 METRICS = web.AppKey("metrics", Metrics)
 OPENAPI = web.AppKey("openapi", dict[str, Any])
+INBOUND_IDS = web.AppKey("inbound_ids", InboundIdStore)
