@@ -34,7 +34,9 @@ CEILING_S = 30.0
 
 
 def address(api: Api) -> tuple[str, int]:
-    return str(api.client.host), int(api.client.port)
+    port = api.client.port
+    assert port is not None
+    return str(api.client.host), port
 
 
 def malformed_corpus(token: str) -> dict[str, bytes]:
