@@ -12,16 +12,14 @@ from dispatcher.api.auth import verify_inbound
 from dispatcher.api.body import parse, read_body
 from dispatcher.api.keys import INBOUND_IDS
 from dispatcher.errors import UnauthorizedError
+from dispatcher.models import CANCELLED_EVENT, READY_EVENT, READY_ONLY_FIELDS
 
 M = TypeVar("M", bound=BaseModel)
 
-READY = "seller-order-ready"
-CANCELLED = "seller-order-cancelled"
-# Fields only an order-ready event carries: a cancel body holding them is a signed
-# order-ready message sent to the wrong route, whatever else it says.
-READY_ONLY_FIELDS = frozenset(
-    {"pickup", "pickupLat", "pickupLon", "pickup_lat", "pickup_lon", "drop"}
-)
+READY = READY_EVENT
+CANCELLED = CANCELLED_EVENT
+# The model's fields by their JSON names and by their Python names (both are accepted).
+_READY_ONLY_KEYS = frozenset(READY_ONLY_FIELDS) | {"pickup_lat", "pickup_lon"}
 
 
 def _bound_to(event_type: str, raw: bytes) -> None:
@@ -36,7 +34,7 @@ def _bound_to(event_type: str, raw: bytes) -> None:
     declared = body.get("type")
     if declared is not None and declared != event_type:
         raise UnauthorizedError(f"the signed event is not a {event_type} event")
-    if event_type == CANCELLED and READY_ONLY_FIELDS & body.keys():
+    if event_type == CANCELLED and _READY_ONLY_KEYS & body.keys():
         raise UnauthorizedError(f"the signed event is not a {event_type} event")
 
 

@@ -102,7 +102,10 @@ def _operation(route: RouteSpec) -> dict[str, Any]:
         elif status != 204:
             response["content"] = {route.content_type: {}}
         op["responses"][str(status)] = response
-    for status in route.errors:
+    # Every route that reads a body can also answer these (api/body.py read_body):
+    # malformed framing, a body too slow to arrive, a body too large.
+    body_errors = (400, 408, 413) if route.body is not None else ()
+    for status in sorted({*route.errors, *body_errors}):
         op["responses"][str(status)] = {
             "description": "problem",
             "content": {"application/problem+json": {"schema": _schema_of(Problem)}},
