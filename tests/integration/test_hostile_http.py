@@ -4,6 +4,7 @@ that leave mid-body, undecodable header bytes, and the per-route body limits."""
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import logging
 import time
@@ -436,3 +437,72 @@ async def test_a_full_batch_of_1000_pings_fits_and_256_kib_plus_one_is_413(
         )
         == before
     )
+
+
+async def test_undecodable_paths_queries_and_json_text_are_4xx(
+    api: Api, pg_pool: asyncpg.Pool
+) -> None:
+    """Siblings of the header bytes: percent-encoded non-UTF-8 in a path id or a query,
+    raw non-UTF-8 bytes in the path, and lone surrogates in JSON text."""
+    host, port = address(api)
+    admin = b"Authorization: Bearer " + api.settings.admin_token.encode() + b"\r\n"
+    cases = {
+        "%ff in a path id": (b"GET /drivers/%ff%fe HTTP/1.1\r\n", b"", {404}),
+        "%ff in the zoneId query": (
+            b"GET /drivers?zoneId=%ff%fe HTTP/1.1\r\n",
+            b"",
+            {200, 422},
+        ),
+        "raw \\xff in the path": (
+            b"GET /drivers/\xff\xfe HTTP/1.1\r\n",
+            b"",
+            {400, 404},
+        ),
+        "a lone surrogate in a name": (
+            b"POST /drivers HTTP/1.1\r\n",
+            b'{"name": "a\\udc80b"}',
+            {422},
+        ),
+        "a lone surrogate in a failure reason": (
+            b"POST /deliveries/SO-none/failed HTTP/1.1\r\n",
+            b'{"reason": "\\ud800"}',
+            {404, 422},
+        ),
+    }
+    failures: list[str] = []
+    for name, (line, body, statuses) in cases.items():
+        head = line + b"Host: x\r\n" + admin + b"Content-Type: application/json\r\n"
+        answer = await exchange(
+            host, port, head + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+        )
+        if answer.status not in statuses:
+            failures.append(f"{name}: {answer.status} {answer.body[:100]!r}")
+        elif answer.status >= 400:
+            failures += assert_problem_without_echo(name, answer, [])
+    assert failures == [], "\n".join(failures)
+    assert await pg_pool.fetchval("SELECT count(*) FROM drivers") == 0
+
+
+async def test_compressed_bodies_are_held_to_the_limit_after_inflating(
+    api: Api, pg_pool: asyncpg.Pool
+) -> None:
+    """A gzip body inflating past the route's limit is 413 (a zip bomb), a corrupt one 400;
+    both problems, and nothing written."""
+    bomb = gzip.compress(b'{"name": "' + b" " * (8 * 1024 * 1024) + b'"}')
+    assert len(bomb) < MAX_BODY_BYTES
+    headers = {
+        **api.admin,
+        "Content-Type": "application/json",
+        "Content-Encoding": "gzip",
+    }
+    resp = await api.client.post("/drivers", data=bomb, headers=headers)
+    assert resp.status == 413 and resp.headers["Content-Type"].startswith(
+        PROBLEM_JSON
+    ), await resp.text()
+    resp = await api.client.post(
+        "/drivers", data=b"\x1f\x8b\x08\x00garbage", headers=headers
+    )
+    assert resp.status == 400 and resp.headers["Content-Type"].startswith(
+        PROBLEM_JSON
+    ), await resp.text()
+    assert await pg_pool.fetchval("SELECT count(*) FROM drivers") == 0
