@@ -486,8 +486,9 @@ async def test_undecodable_paths_queries_and_json_text_are_4xx(
 async def test_compressed_bodies_are_held_to_the_limit_after_inflating(
     api: Api, pg_pool: asyncpg.Pool
 ) -> None:
-    """A gzip body inflating past the route's limit is 413 (a zip bomb), a corrupt one 400;
-    both problems, and nothing written."""
+    """A gzip body inflating past the route's limit is 413 (a zip bomb), a corrupt one a
+    400 or 422 (aiohttp may hand over what inflated before the damage); problems, nothing
+    written."""
     bomb = gzip.compress(b'{"name": "' + b" " * (8 * 1024 * 1024) + b'"}')
     assert len(bomb) < MAX_BODY_BYTES
     headers = {
@@ -502,7 +503,7 @@ async def test_compressed_bodies_are_held_to_the_limit_after_inflating(
     resp = await api.client.post(
         "/drivers", data=b"\x1f\x8b\x08\x00garbage", headers=headers
     )
-    assert resp.status == 400 and resp.headers["Content-Type"].startswith(
+    assert resp.status in (400, 422) and resp.headers["Content-Type"].startswith(
         PROBLEM_JSON
     ), await resp.text()
     assert await pg_pool.fetchval("SELECT count(*) FROM drivers") == 0
