@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 
 # CONTRACT §3: bodies over 64 KiB are answered 413...
 MAX_BODY_BYTES = 64 * 1024
-# ...except a gateway's ping batch: 1000 pings with recordedAt take about 110 KiB.
+# ...except a gateway's ping batch: 1000 pings with recordedAt and 36-character driver ids
+# take about 150 KiB.
 MAX_BATCH_BODY_BYTES = 256 * 1024
 
 M = TypeVar("M", bound=BaseModel)
