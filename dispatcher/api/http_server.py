@@ -24,6 +24,7 @@ from aiohttp.web_request import BaseRequest
 
 from dispatcher.api.keys import SETTINGS
 from dispatcher.api.problems import PROBLEM_JSON, problem_response
+from dispatcher.errors import PROBLEM_BASE, RequestTimeoutError
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,6 @@ PARSER_ERRORS: tuple[tuple[type[BaseException], str], ...] = (
     (ContentLengthError, "the body does not match its Content-Length"),
     (BadHttpMessage, "the HTTP request is malformed"),
 )
-HEAD_TIMEOUT_STATUS = 408
 
 
 def parser_error_detail(exc: BaseException | None) -> str:
@@ -50,10 +50,15 @@ def parser_error_detail(exc: BaseException | None) -> str:
     return "the HTTP request is malformed"
 
 
-def _raw_problem(status: int, title: str, detail: str) -> bytes:
+def _raw_problem(status: int, type_code: str, title: str, detail: str) -> bytes:
     """A complete HTTP/1.1 answer, for a connection that never produced a request."""
     body = json.dumps(
-        {"type": "about:blank", "title": title, "status": status, "detail": detail}
+        {
+            "type": PROBLEM_BASE + type_code,
+            "title": title,
+            "status": status,
+            "detail": detail,
+        }
     ).encode()
     head = (
         f"HTTP/1.1 {status} {title}\r\nContent-Type: {PROBLEM_JSON}\r\n"
@@ -63,7 +68,7 @@ def _raw_problem(status: int, title: str, detail: str) -> bytes:
 
 
 class ProblemRequestHandler(RequestHandler):
-    """aiohttp's protocol with three changes.
+    """aiohttp's protocol with two changes.
 
     - Errors raised before a request reaches the app (the parser's 400s, a handler
       crash outside the middleware) are answered with a problem document that quotes
@@ -110,8 +115,9 @@ class ProblemRequestHandler(RequestHandler):
         )
         self.transport.write(
             _raw_problem(
-                HEAD_TIMEOUT_STATUS,
-                "Request Timeout",
+                RequestTimeoutError.status,
+                RequestTimeoutError.code,
+                RequestTimeoutError.title,
                 "the request head was not received in time",
             )
         )

@@ -62,7 +62,13 @@ def build_openapi(routes: Sequence[RouteSpec]) -> dict[str, Any]:
                 "bearer": {"type": "http", "scheme": "bearer"},
                 "webhookSignature": {
                     "type": "apiKey", "in": "header", "name": "webhook-signature",
-                    "description": "Standard Webhooks: webhook-id, webhook-timestamp, webhook-signature",
+                    "description": (
+                        "Standard Webhooks: webhook-id, webhook-timestamp, webhook-signature. "
+                        "One signature authorizes one event: send a fresh webhook-id per event "
+                        "(the same one only to retry that event with the same body), to the "
+                        "route of that event; a webhook-id seen on another route or with another "
+                        "body is refused (401)."
+                    ),
                 },
             },
         },
