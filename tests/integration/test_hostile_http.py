@@ -403,6 +403,7 @@ async def test_a_full_batch_of_1000_pings_fits_and_256_kib_plus_one_is_413(
 
     too_big = raw[:-1] + b" " * (MAX_BATCH_BODY_BYTES + 1 - len(raw)) + raw[-1:]
     assert len(too_big) == MAX_BATCH_BODY_BYTES + 1
+    await api.settle()  # the accepted fix is written behind
     before = await pg_pool.fetchval(
         "SELECT location_recorded_at FROM drivers WHERE id = $1", driver.driver_id
     )

@@ -4,6 +4,7 @@ ingress replicas at once, opens no more zones (and starts no more actors) than a
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -18,6 +19,7 @@ pytestmark = pytest.mark.integration
 
 MAX_ZONES = 3
 BURST = 20
+WRITE_CEILING_S = 60.0
 
 
 def zone_actors() -> set[str]:
@@ -60,9 +62,14 @@ async def test_a_burst_into_new_zones_from_two_replicas_respects_the_limit(
             body = await problem(answer, 422)
             assert "outside the service area" in body["detail"]
     assert await pg_pool.fetchval("SELECT count(*) FROM zones") == MAX_ZONES
-    located = await pg_pool.fetchval(
-        "SELECT count(*) FROM drivers WHERE zone_id IS NOT NULL"
-    )
-    assert located == MAX_ZONES
+    # The accepted fixes are written once their zones' actors are up; on a loaded
+    # machine that can outlast a flush (the fixes are kept and retried).
+    located_sql = "SELECT count(*) FROM drivers WHERE zone_id IS NOT NULL"
+    deadline = time.monotonic() + WRITE_CEILING_S
+    while time.monotonic() < deadline:
+        if await pg_pool.fetchval(located_sql) >= MAX_ZONES:
+            break
+        await asyncio.sleep(0.2)
+    assert await pg_pool.fetchval(located_sql) == MAX_ZONES
     actors = await asyncio.to_thread(zone_actors)
     assert len(actors) <= MAX_ZONES, sorted(actors)
