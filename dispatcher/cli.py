@@ -110,10 +110,11 @@ def _serve(settings: ResolvedSettings) -> int:
 
 async def _run_ingress(settings: ResolvedSettings, owns_ray: bool) -> int:
     from dispatcher.api.app import create_app
+    from dispatcher.api.http_server import IngressRunner
     from dispatcher.api.keys import DISPATCHER
 
     app = create_app(settings)
-    runner = web.AppRunner(app, handle_signals=False, access_log=None)
+    runner = IngressRunner(app, handle_signals=False, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port)
     await site.start()

@@ -82,6 +82,13 @@ class Settings(BaseSettings):
     # How often each ingress compares its sockets' cursors with the log (lost wake-ups).
     event_catch_up_interval_s: float = Field(default=1.0, gt=0)
     event_prune_interval_s: float = Field(default=60.0, gt=0)
+    # Slow clients (slowloris) must not hold connections: a request head must arrive
+    # within this of its first byte, a body within the body timeout (408 either way),
+    # and an idle keep-alive connection is closed after the idle timeout.
+    http_head_timeout_s: float = Field(default=10.0, gt=0, allow_inf_nan=False)
+    http_body_timeout_s: float = Field(default=30.0, gt=0, allow_inf_nan=False)
+    http_idle_timeout_s: float = Field(default=75.0, gt=0, allow_inf_nan=False)
+
 
 
 class ResolvedSettings(Settings):

@@ -31,6 +31,37 @@ class DispatchError(Exception):
         return PROBLEM_BASE + self.code
 
 
+class BadRequestError(DispatchError):
+    """The request's framing is broken (the HTTP parser refused it)."""
+
+    status = 400
+    code = "bad-request"
+    title = "Bad request"
+
+
+class PayloadTooLargeError(DispatchError):
+    status = 413
+    code = "payload-too-large"
+    title = "Payload too large"
+
+
+class RequestTimeoutError(DispatchError):
+    """The client sent its body too slowly (slowloris); the connection is closed."""
+
+    status = 408
+    code = "request-timeout"
+    title = "Request timeout"
+
+
+class ClientClosedError(DispatchError):
+    """The client went away before its request was read: nobody reads the answer, and
+    it is no server error (counted as 499, nginx's "client closed request")."""
+
+    status = 499
+    code = "client-closed-request"
+    title = "Client closed request"
+
+
 class RequestValidationError(DispatchError):
     status = 422
     code = "validation-error"

@@ -11,6 +11,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    WithJsonSchema,
     model_validator,
 )
 from pydantic.alias_generators import to_camel
@@ -24,20 +25,36 @@ def _int_id_to_str(value: Any) -> Any:
     # Vendure ids are often integers; a JSON number names the same order as its string.
     if isinstance(value, int) and not isinstance(value, bool):
         return str(value)
+    # JSON (and JSON Schema's "integer") has no separate integer type: 42.0 is 42.
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
     return value
 
 
-# Opaque id: 1-128 characters, no control characters (PostgreSQL text cannot hold NUL).
+# Text that may be logged or stored: no control characters (PostgreSQL text cannot hold NUL).
+NO_CONTROL = r"^[^\x00-\x1f\x7f]+$"
+ORDER_ID_MAX = 128
+# Opaque id: 1-128 characters, no control characters; an integer names the order of its
+# decimal string, so it may have at most 128 characters too (sign included).
+ORDER_ID_SCHEMA = {
+    "anyOf": [
+        {"type": "string", "minLength": 1, "maxLength": ORDER_ID_MAX, "pattern": NO_CONTROL},
+        {"type": "integer", "minimum": -(10 ** (ORDER_ID_MAX - 1) - 1), "maximum": 10**ORDER_ID_MAX - 1},
+    ],
+    "description": "An opaque id; a JSON integer (also 42.0) names the same order as its decimal"
+    " string. Send ids beyond 2^53 as strings: few JSON parsers keep such numbers exact.",
+}
 OrderId = Annotated[
     str,
     BeforeValidator(_int_id_to_str),
-    Field(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$"),
+    Field(min_length=1, max_length=ORDER_ID_MAX, pattern=NO_CONTROL),
+    WithJsonSchema(ORDER_ID_SCHEMA, mode="validation"),
 ]
 Latitude = Annotated[float, Field(ge=-MAX_LATITUDE, le=MAX_LATITUDE, allow_inf_nan=False)]
 Longitude = Annotated[float, Field(ge=-180.0, le=180.0, allow_inf_nan=False)]
 DriverStatus = Literal["AVAILABLE", "BUSY", "OFFLINE"]
 DeliveryStatus = Literal["ASSIGNED", "PICKED_UP", "DELIVERED", "FAILED", "CANCELLED"]
-ShortText = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
+ShortText = Annotated[str, Field(min_length=1, max_length=200, pattern=NO_CONTROL)]
 
 
 class RequestModel(BaseModel):
@@ -73,9 +90,37 @@ class LatLon(RequestModel):
     lon: Longitude
 
 
-class SellerOrderReady(RequestModel):
-    """Both body shapes: flat `pickupLat/pickupLon` or nested `pickup {lat, lon}`."""
+READY_EVENT = "seller-order-ready"
+CANCELLED_EVENT = "seller-order-cancelled"
+# Fields only an order-ready event carries: a cancel body holding any of them is an
+# order-ready message sent to the wrong route (api/inbound.py refuses it).
+READY_ONLY_FIELDS = ("pickup", "pickupLat", "pickupLon", "drop")
 
+
+class SellerOrderReady(RequestModel):
+    """Both body shapes: flat `pickupLat/pickupLon` or nested `pickup {lat, lon}`.
+
+    The schema names one shape at a time (the server also takes both when they agree).
+    """
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "oneOf": [
+                {
+                    "required": ["pickup"],
+                    "properties": {"pickup": {"type": "object"}, "pickupLat": {"type": "null"}, "pickupLon": {"type": "null"}},
+                },
+                {
+                    "required": ["pickupLat", "pickupLon"],
+                    "properties": {"pickupLat": {"type": "number"}, "pickupLon": {"type": "number"}, "pickup": {"type": "null"}},
+                },
+            ]
+        }
+    )
+
+    type: Literal["seller-order-ready"] | None = Field(
+        default=None, description="Optional; when sent, it must name this event."
+    )
     seller_order_id: OrderId
     # Ignored, but still text that could be logged: no control characters.
     event_id: str | None = Field(default=None, max_length=256, pattern=r"^[^\x00-\x1f\x7f]*$")
@@ -108,6 +153,15 @@ Reason = Annotated[str, Field(min_length=1, max_length=500, pattern=r"^[^\x00]+$
 
 
 class SellerOrderCancelled(RequestModel):
+    """No order-ready field may appear: a signed order-ready body is never a cancel."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"not": {"anyOf": [{"required": [name]} for name in READY_ONLY_FIELDS]}}
+    )
+
+    type: Literal["seller-order-cancelled"] | None = Field(
+        default=None, description="Optional; when sent, it must name this event."
+    )
     seller_order_id: OrderId
     reason: Reason | None = None
 
@@ -140,6 +194,17 @@ class CreateDriver(OperatorRequestModel):
 
 
 class UpdateDriver(OperatorRequestModel):
+    """At least one change: `{}` (or only nulls) is refused."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "anyOf": [
+                {"required": ["isActive"], "properties": {"isActive": {"type": "boolean"}}},
+                {"required": ["name"], "properties": {"name": {"type": "string"}}},
+            ]
+        }
+    )
+
     is_active: bool | None = None
     name: ShortText | None = None
 

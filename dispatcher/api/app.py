@@ -9,9 +9,11 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 
 from dispatcher.api import driver_stream
+from dispatcher.api.body import MAX_BATCH_BODY_BYTES, MAX_BODY_BYTES
 from dispatcher.api.keys import (
     DISPATCHER,
     EVENT_HUB,
+    INBOUND_IDS,
     METRICS,
     MIRROR,
     OPENAPI,
@@ -31,14 +33,16 @@ from dispatcher.config import ResolvedSettings
 from dispatcher.store.deliveries import DeliveryStore
 from dispatcher.store.drivers import DRIVER_CHANGED_CHANNEL, DriverStore
 from dispatcher.store.geo import GeoMirror, connect_redis
+from dispatcher.store.inbound_ids import InboundIdStore
 from dispatcher.store.listen import Listener
 from dispatcher.store.pg import create_pool
 from dispatcher.webhooks.sender import WebhookSender
+from dispatcher.webhooks.signing import DEFAULT_TOLERANCE_S
 from dispatcher.zoning import Zoning
 
-# Bodies over 64 KiB are answered 413 (docs/API.md#errors).
-MAX_BODY_BYTES = 64 * 1024
 SENDER_STOP_TIMEOUT_S = 5.0
+
+__all__ = ["MAX_BODY_BYTES", "ROUTES", "create_app"]
 
 ROUTES: list[RouteSpec] = [
     *events.ROUTES, *drivers.ROUTES, *driver_stream.ROUTES, *deliveries.ROUTES, *ops.ROUTES
@@ -49,10 +53,15 @@ def create_app(settings: ResolvedSettings, *, zones: ZoneDirectory | None = None
     """The ingress. Ray must already be initialised in this process (see cli.main)."""
     metrics = Metrics()
     app = web.Application(
-        client_max_size=MAX_BODY_BYTES,
-        # aiohttp answers an over-long request line with its own plain-text 400, outside
-        # our middleware; at the body limit, every id reaches a handler and gets a problem.
-        handler_args={"max_line_size": MAX_BODY_BYTES, "max_field_size": MAX_BODY_BYTES},
+        # The outer bound; api/body.py's read_body holds each route to its own limit.
+        client_max_size=MAX_BATCH_BODY_BYTES,
+        # At the body limit, every id reaches a handler and gets a problem; longer lines
+        # get api/http_server.py's problem 400 (run the app with its IngressRunner).
+        handler_args={
+            "max_line_size": MAX_BODY_BYTES,
+            "max_field_size": MAX_BODY_BYTES,
+            "keepalive_timeout": settings.http_idle_timeout_s,
+        },
         middlewares=[metrics_middleware(metrics), problem_middleware],
     )
     app[SETTINGS] = settings
@@ -74,6 +83,7 @@ def create_app(settings: ResolvedSettings, *, zones: ZoneDirectory | None = None
 async def _postgres(app: web.Application) -> AsyncIterator[None]:
     s = app[SETTINGS]
     app[PG_POOL] = await create_pool(s.database_url, max_size=s.pg_pool_max, command_timeout_s=s.pg_timeout_s)
+    app[INBOUND_IDS] = InboundIdStore(app[PG_POOL], tolerance_s=DEFAULT_TOLERANCE_S)
     yield
     await app[PG_POOL].close()
 

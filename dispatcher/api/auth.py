@@ -9,7 +9,11 @@ from aiohttp import web
 
 from dispatcher.api.keys import DISPATCHER, SETTINGS
 from dispatcher.errors import ForbiddenError, UnauthorizedError
-from dispatcher.webhooks.signing import InvalidSignatureError, verify
+from dispatcher.webhooks.signing import (
+    InvalidSignatureError,
+    SignedMessage,
+    verify_message,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,10 +30,10 @@ class Principal:
         return self.is_operator or self.driver_id == driver_id
 
 
-def verify_inbound(request: web.Request, body: bytes) -> None:
+def verify_inbound(request: web.Request, body: bytes) -> SignedMessage:
     """Vendure's events: signature over the raw body, 300 s tolerance; else 401."""
     try:
-        verify([request.app[SETTINGS].inbound_secret], request.headers, body)
+        return verify_message([request.app[SETTINGS].inbound_secret], request.headers, body)
     except InvalidSignatureError as exc:
         raise UnauthorizedError(f"invalid webhook signature: {exc}") from None
 
@@ -39,6 +43,10 @@ def _bearer(request: web.Request) -> str:
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
         raise UnauthorizedError("missing bearer token (Authorization: Bearer <token>)")
+    # Non-UTF-8 header bytes arrive as surrogates that cannot be encoded for the
+    # comparison; no token we issue holds anything but printable ASCII.
+    if not (token.isascii() and token.isprintable()):
+        raise UnauthorizedError("malformed bearer token")
     return token.strip()
 
 

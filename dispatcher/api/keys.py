@@ -12,6 +12,7 @@ from dispatcher.api.metrics import Metrics
 from dispatcher.api.service import Dispatcher
 from dispatcher.config import ResolvedSettings
 from dispatcher.store.geo import GeoMirror
+from dispatcher.store.inbound_ids import InboundIdStore
 from dispatcher.webhooks.sender import WebhookSender
 
 SETTINGS = web.AppKey("settings", ResolvedSettings)
@@ -22,3 +23,4 @@ SENDER = web.AppKey("webhook_sender", WebhookSender)
 METRICS = web.AppKey("metrics", Metrics)
 OPENAPI = web.AppKey("openapi", dict[str, Any])
 EVENT_HUB = web.AppKey("event_hub", EventHub)
+INBOUND_IDS = web.AppKey("inbound_ids", InboundIdStore)

@@ -64,7 +64,13 @@ def build_openapi(routes: Sequence[RouteSpec]) -> dict[str, Any]:
                 "bearer": {"type": "http", "scheme": "bearer"},
                 "webhookSignature": {
                     "type": "apiKey", "in": "header", "name": "webhook-signature",
-                    "description": "Standard Webhooks: webhook-id, webhook-timestamp, webhook-signature",
+                    "description": (
+                        "Standard Webhooks: webhook-id, webhook-timestamp, webhook-signature. "
+                        "One signature authorizes one event: send a fresh webhook-id per event "
+                        "(the same one only to retry that event with the same body), to the "
+                        "route of that event; a webhook-id seen on another route or with another "
+                        "body is refused (401)."
+                    ),
                 },
             },
         },
@@ -104,7 +110,10 @@ def _operation(route: RouteSpec) -> dict[str, Any]:
         elif status != 204:
             response["content"] = {route.content_type: {}}
         op["responses"][str(status)] = response
-    for status in route.errors:
+    # Every route that reads a body can also answer these (api/body.py read_body):
+    # malformed framing, a body too slow to arrive, a body too large.
+    body_errors = (400, 408, 413) if route.body is not None else ()
+    for status in sorted({*route.errors, *body_errors}):
         op["responses"][str(status)] = {
             "description": "problem",
             "content": {"application/problem+json": {"schema": _schema_of(Problem)}},

@@ -43,13 +43,20 @@ def problem_response(
     )
 
 
+# Answers after which the connection's remaining input is unusable: close it.
+CLOSING_STATUSES = frozenset({408, 499})
+
+
 def from_dispatch_error(exc: DispatchError) -> web.Response:
     headers = None
     if exc.retry_after_s is not None:
         headers = {"Retry-After": str(exc.retry_after_s)}
-    return problem_response(
+    response = problem_response(
         exc.status, exc.title, exc.detail, type_uri=exc.type_uri, errors=exc.errors, headers=headers
     )
+    if exc.status in CLOSING_STATUSES:
+        response.force_close()
+    return response
 
 
 def validation_errors(exc: ValidationError, prefix: str = "body") -> list[dict[str, Any]]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncpg
 
 from dispatcher.errors import ForbiddenError, NotFoundError, RequestValidationError
-from dispatcher.store.pg import connection, known_zones
+from dispatcher.store.pg import connection, known_zones, reserve_zone
 from dispatcher.zoning import Zoning
 
 
@@ -35,7 +35,9 @@ class ZoneRouter:
         if zone in self.known:
             return zone
         await self._check_may_open_zone(driver_id)
-        if len(self.known) >= self.max_zones:
+        # Counted and added in one PostgreSQL step: concurrent pings (from any replica)
+        # cannot each see room for one more zone and open one each.
+        if not await reserve_zone(self.pool, zone, max_zones=self.max_zones):
             raise RequestValidationError(
                 f"location outside the service area: the zone limit ({self.max_zones}) is reached",
                 errors=[{"loc": ["body", "lat"], "msg": "outside the service area"}],

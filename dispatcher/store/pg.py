@@ -102,6 +102,36 @@ async def activate_zone(pool: asyncpg.Pool, zone_id: str) -> int:
     return epoch
 
 
+# Fixed key for pg_advisory_xact_lock: serialises zone creation across ingress replicas,
+# so that counting the zones and adding one is a single step. The bytes spell "dispzone".
+ZONE_CREATE_LOCK_KEY = 0x646973707A6F6E65
+
+
+async def reserve_zone(pool: asyncpg.Pool, zone_id: str, *, max_zones: int) -> bool:
+    """Add the zone's row unless `max_zones` zones exist; True if the zone exists now.
+
+    Atomic across concurrent pings and ingress replicas: the count and the insert run
+    under one transaction-scoped advisory lock. The row's epoch stays 0 until the
+    zone's actor activates it (activate_zone).
+    """
+    async with connection(pool) as conn, conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", ZONE_CREATE_LOCK_KEY)
+        exists: bool = await conn.fetchval(
+            """
+            WITH added AS (
+                INSERT INTO zones (zone_id)
+                SELECT $1 WHERE (SELECT count(*) FROM zones) < $2
+                ON CONFLICT (zone_id) DO NOTHING
+                RETURNING zone_id
+            )
+            SELECT EXISTS (SELECT 1 FROM added) OR EXISTS (SELECT 1 FROM zones WHERE zone_id = $1)
+            """,
+            zone_id,
+            max_zones,
+        )
+    return exists
+
+
 async def known_zones(pool: asyncpg.Pool) -> list[str]:
     async with connection(pool) as conn:
         rows = await conn.fetch("SELECT zone_id FROM zones ORDER BY zone_id")

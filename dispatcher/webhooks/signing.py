@@ -9,6 +9,7 @@ import hmac
 import re
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from secrets import token_bytes
 
 SECRET_PREFIX = "whsec_"
@@ -24,6 +25,14 @@ _TIMESTAMP_RE = re.compile(r"[0-9]{1,12}")
 
 class InvalidSignatureError(Exception):
     """The request's Standard Webhooks headers do not authenticate its body."""
+
+
+@dataclass(frozen=True, slots=True)
+class SignedMessage:
+    """What a verified message's headers say: its id and the signed Unix timestamp."""
+
+    webhook_id: str
+    timestamp: int
 
 
 def decode_secret(secret: str) -> bytes:
@@ -68,6 +77,10 @@ def _header(headers: Mapping[str, str], name: str) -> str:
         value = next((v for k, v in headers.items() if k.lower() == name), None)
     if value is None or not value.strip():
         raise InvalidSignatureError(f"missing {name} header")
+    # aiohttp hands non-UTF-8 header bytes over as surrogates, which cannot be encoded
+    # for the HMAC; every value Standard Webhooks defines is printable ASCII anyway.
+    if not (value.isascii() and value.isprintable()):
+        raise InvalidSignatureError(f"{name} header is not printable ASCII")
     return value.strip()
 
 
@@ -97,6 +110,21 @@ def verify(
     tolerance_s: int = DEFAULT_TOLERANCE_S,
 ) -> str:
     """Check the Standard Webhooks headers against the raw body; return the webhook-id.
+
+    See verify_message, which this wraps.
+    """
+    return verify_message(secrets, headers, body, now=now, tolerance_s=tolerance_s).webhook_id
+
+
+def verify_message(
+    secrets: Sequence[str],
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    now: float | None = None,
+    tolerance_s: int = DEFAULT_TOLERANCE_S,
+) -> SignedMessage:
+    """Check the Standard Webhooks headers against the raw body; return id and timestamp.
 
     Any `v1` entry matching any of `secrets` is enough, so keys can be rotated. Raises
     InvalidSignatureError when the request is not authentic, ValueError when a secret is
@@ -129,5 +157,5 @@ def verify(
         expected = _digest(key, msg_id, raw_timestamp, body)
         for candidate in candidates:
             if hmac.compare_digest(expected, candidate):
-                return msg_id
+                return SignedMessage(msg_id, int(raw_timestamp))
     raise InvalidSignatureError("no matching signature")

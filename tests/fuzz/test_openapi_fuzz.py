@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections import Counter
@@ -20,6 +21,7 @@ from redis.asyncio import Redis
 from schemathesis import Case, GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.result import Ok
+from schemathesis.core.transport import Response
 from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     negative_data_rejection,
@@ -47,6 +49,17 @@ POSITIVE_CHECKS = [
 ]
 # Negative mode: invalid data must be refused with a 4xx, and never crash the service.
 NEGATIVE_CHECKS = [*POSITIVE_CHECKS, negative_data_rejection]
+# Positive mode: data the schema allows must be accepted. These answers are allowed
+# anyway, since they are about who asks and what exists, not about the data's shape.
+ACCEPTED_OR_STATEFUL = {401, 403, 404, 409, 429}
+# Rules no JSON Schema can state, because they depend on the clock or on stored state:
+# a 422 to schema-valid data must name one of them, or the schema is wrong.
+STATEFUL_422 = (
+    "implausible jump",  # faster than DISPATCHER_MAX_PING_SPEED_KMH since the last fix
+    "outside the service area",  # DISPATCHER_MAX_ZONES reached
+    "recordedAt is in the future",
+    "recordedAt is out of range",
+)
 # Documented leniency (docs/API.md#location-pings): a gateway batch validates
 # its items one by one and answers 200 with the bad ones in `rejected`; Vendure events
 # ignore unknown fields. Invalid data there is not refused as a whole, by design.
@@ -144,6 +157,8 @@ def _fuzz(operation: Any, mode: GenerationMode, base_url: str, creds: Credential
             response, checks=checks, headers=kwargs.get("headers"),
             transport_kwargs={"base_url": base_url, **kwargs},
         )
+        if mode.is_positive:
+            _check_positive_accepted(response)
 
     try:
         exercise()
@@ -154,6 +169,18 @@ def _fuzz(operation: Any, mode: GenerationMode, base_url: str, creds: Credential
         tally.no_negative.append(label)
     except (Exception, BaseExceptionGroup) as exc:  # schemathesis' FailureGroup is a BaseExceptionGroup
         tally.failures.append(f"{label}: {exc}")
+
+
+def _check_positive_accepted(response: Response) -> None:
+    """Schema-valid data is accepted, or refused for a reason the schema cannot hold."""
+    status = response.status_code
+    if 200 <= status < 300 or status in ACCEPTED_OR_STATEFUL:
+        return
+    text = response.content.decode(errors="replace")
+    detail = json.loads(text).get("detail", "") if status == 422 else ""
+    if not any(rule in detail for rule in STATEFUL_422):
+        sent = response.request.body
+        raise AssertionError(f"valid data refused: {status} {text[:300]}\nrequest: {sent!r:.500}")
 
 
 def run_fuzz(doc: dict[str, Any], base_url: str, creds: Credentials) -> Tally:

@@ -620,9 +620,9 @@ async def test_driver_route_bodies_over_64_kib_are_413(api: Api, pg_pool: asyncp
     driver = await api.create_driver()
     big = json.dumps({"name": "x", "pad": "y" * (64 * 1024)}).encode()
     headers = {**api.admin, "Content-Type": "application/json"}
+    # (POST /drivers/locations reads up to 256 KiB: test_hostile_http.py covers it.)
     for method, path in (
         ("POST", "/drivers"),
-        ("POST", "/drivers/locations"),
         ("PATCH", f"/drivers/{driver.driver_id}/location"),
         ("PATCH", f"/drivers/{driver.driver_id}/status"),
         ("PATCH", f"/drivers/{driver.driver_id}"),

@@ -10,11 +10,13 @@ from typing import Any
 import asyncpg
 import pytest
 import ray
-from aiohttp.test_utils import TestClient
+from aiohttp import web
+from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
 
 from dispatcher.actors.core import ZoneCore
 from dispatcher.api.app import create_app
+from dispatcher.api.http_server import IngressRunner
 from dispatcher.api.zoneclient import ZoneDirectory
 from dispatcher.config import ResolvedSettings
 from dispatcher.store.deliveries import DeliveryStore
@@ -37,6 +39,13 @@ FAST = {
     "zone_resolution": 6,
     "ray_namespace": RAY_NAMESPACE,
 }
+
+
+class IngressTestServer(TestServer):
+    """A TestServer that runs the app as `dispatcher serve` does (IngressRunner)."""
+
+    async def _make_runner(self, **kwargs: Any) -> web.BaseRunner:
+        return IngressRunner(self.app, **kwargs)
 
 
 @pytest.fixture(scope="session")
@@ -109,7 +118,8 @@ async def start_api(
     clients: list[TestClient[Any, Any]] = []
 
     async def start(settings: ResolvedSettings) -> Api:
-        client: TestClient[Any, Any] = await aiohttp_client(create_app(settings, zones=ZoneDirectory(settings)))
+        server = IngressTestServer(create_app(settings, zones=ZoneDirectory(settings)))
+        client: TestClient[Any, Any] = await aiohttp_client(server)
         clients.append(client)
         return Api(client, settings)
 

@@ -35,3 +35,20 @@ def test_every_reference_resolves_and_problems_are_described() -> None:
     assert {"401", "409", "413", "422", "503"} <= set(ready["responses"])
     assert ready["security"] == [{"webhookSignature": []}]
     assert "Problem" in schemas
+
+
+def test_the_document_states_the_rules_the_server_applies() -> None:
+    """The mismatches an outside fuzzing campaign found, pinned: integer order ids, the
+    control-character rule, a required pickup, and PATCH /drivers/{id} needing a change."""
+    schemas = build_openapi(ROUTES)["components"]["schemas"]
+    order_id = schemas["SellerOrderCancelled"]["properties"]["sellerOrderId"]
+    kinds = {branch["type"]: branch for branch in order_id["anyOf"]}
+    assert set(kinds) == {"string", "integer"}
+    assert kinds["string"]["pattern"] == r"^[^\x00-\x1f\x7f]+$"
+    assert len(str(kinds["integer"]["maximum"])) == kinds["string"]["maxLength"]
+    ready = schemas["SellerOrderReady"]
+    assert [sorted(branch["required"]) for branch in ready["oneOf"]] == [["pickup"], ["pickupLat", "pickupLon"]]
+    assert [branch["required"] for branch in schemas["UpdateDriver"]["anyOf"]] == [["isActive"], ["name"]]
+    cancelled = schemas["SellerOrderCancelled"]
+    assert {"pickup", "pickupLat", "pickupLon"} <= {b["required"][0] for b in cancelled["not"]["anyOf"]}
+    assert ready["properties"]["type"]["anyOf"][0]["const"] == "seller-order-ready"

@@ -12,7 +12,13 @@ from aiohttp import web
 from pydantic import ConfigDict, Field, ValidationError
 
 from dispatcher.api.auth import require_driver, require_operator
-from dispatcher.api.body import parse, parse_body, path_id, read_body
+from dispatcher.api.body import (
+    MAX_BATCH_BODY_BYTES,
+    parse,
+    parse_body,
+    path_id,
+    read_body,
+)
 from dispatcher.api.keys import DISPATCHER, METRICS
 from dispatcher.api.problems import validation_errors
 from dispatcher.api.ratelimit import check_ping_rate, ping_limiter, rate_limited_detail
@@ -151,7 +157,7 @@ async def ping_location(request: web.Request) -> web.StreamResponse:
 
 async def ping_batch(request: web.Request) -> web.StreamResponse:
     await require_operator(request)
-    items = _batch_items(await read_body(request))
+    items = _batch_items(await read_body(request, limit=MAX_BATCH_BODY_BYTES))
     now = datetime.now(UTC)
     limiter = ping_limiter(request.app)
     metrics = request.app[METRICS]

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from dispatcher.api.auth import verify_inbound
-from dispatcher.api.body import parse, read_body
+from dispatcher.api.inbound import CANCELLED, READY, accept_event
 from dispatcher.api.keys import DISPATCHER, METRICS
 from dispatcher.api.responses import delivery_view, json_model, json_text
 from dispatcher.api.spec import RouteSpec
@@ -23,9 +22,7 @@ REPLAYED_HEADER = "Idempotent-Replayed"
 
 
 async def seller_order_ready(request: web.Request) -> web.StreamResponse:
-    raw = await read_body(request)
-    verify_inbound(request, raw)
-    event = parse(raw, SellerOrderReady)
+    event = await accept_event(request, READY, SellerOrderReady)
     lat, lon = event.pickup_point
     drop = event.drop
     req = AssignRequest(
@@ -46,9 +43,7 @@ async def seller_order_ready(request: web.Request) -> web.StreamResponse:
 
 
 async def seller_order_cancelled(request: web.Request) -> web.StreamResponse:
-    raw = await read_body(request)
-    verify_inbound(request, raw)
-    event = parse(raw, SellerOrderCancelled)
+    event = await accept_event(request, CANCELLED, SellerOrderCancelled)
     dispatcher = request.app[DISPATCHER]
     await dispatcher.step(event.seller_order_id, "cancelled", reason=event.reason)
     found = await dispatcher.deliveries.get(event.seller_order_id)
