@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import ray
 from ray.exceptions import RayActorError, RayTaskError
 
+from dispatcher.actors.hosting import excluded_nodes, zone_target
 from dispatcher.actors.messages import (
     AssignRequest,
     AssignResult,
@@ -28,9 +29,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # A zone that died is restarted by Ray in about a second, and a zone moved by
-# `dispatcher zones rebalance` is back in one or two: retry with backoff for a few
-# seconds, after which the caller gets a retryable 503.
-RETRY_DELAYS_S = (0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.0, 1.0)
+# `dispatcher zones rebalance` is back in one or two: retry for about five seconds,
+# after which the caller gets a retryable 503. The backoff stops growing at a quarter
+# second: a zone that comes back is found within that, not up to a second later (a
+# failed call to a dead or restarting zone costs one local round trip).
+RETRY_DELAYS_S = (0.05, 0.1, 0.2, *(0.25,) * 19)
 
 ACTOR_REDACTED = ("admin_token", "inbound_secret", "vendure_webhook_secret")
 
@@ -58,9 +61,14 @@ class ZoneDirectory:
         return sorted(self._handles)
 
     def _get_or_create(self, zone_id: str) -> Any:
+        # Read at every creation (rare: the handle is cached until a call fails), so a
+        # zone re-created while its node is drained neither lands there nor on any node
+        # closed before, and one re-created during a handoff starts where it is handed to.
+        namespace = self.settings.ray_namespace
         options = zone_actor_options(
-            zone_id, self.settings.ray_namespace, resource_units=self.settings.zone_resource_units
-        )
+            zone_id, namespace, resource_units=self.settings.zone_resource_units,
+            node_id=zone_target(namespace, zone_id), excluded=excluded_nodes(namespace),
+        )  # fmt: skip
         return ZoneActorRemote.options(**options).remote(zone_id, self._settings_json)
 
     async def _handle(self, zone_id: str) -> Any:

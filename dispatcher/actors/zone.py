@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Sequence
 
 import ray
 
 from dispatcher.actors.core import ZoneCore
+from dispatcher.actors.hosting import current_node, is_excluded
 from dispatcher.actors.messages import (
     AssignRequest,
     AssignResult,
@@ -41,10 +43,19 @@ class ZoneActor:
     and the mirror are rebuilt from it whenever this process (re)starts."""
 
     def __init__(self, zone_id: str, settings_json: str) -> None:
+        self._started_at = time.time()
+        self._active_at = 0.0
         logging.basicConfig(level=logging.INFO)
         self.zone_id = zone_id
         self._settings_json = settings_json
         self.settings = ResolvedSettings.model_validate_json(settings_json)
+        node_id = current_node()
+        # Ray restarts an actor with its first options: one created before its node was
+        # closed (drained) or began dying can come back there. Refusing to start ends
+        # this actor for good (Ray does not retry a failed constructor) and frees the
+        # name; the next call re-creates the zone with the closed nodes excluded.
+        if is_excluded(self.settings.ray_namespace, node_id):
+            raise NodeClosedError(f"zone {zone_id}: node {node_id} is closed to zones")
         self._core: ZoneCore | None = None
         self._starting = asyncio.Lock()
         # Set by drain(): this incarnation handed the zone over and must never take it
@@ -85,6 +96,7 @@ class ZoneActor:
                     await mirror.client.aclose()
                     raise
                 self._core = core
+                self._active_at = time.time()
         return self._core
 
     @ray.method
@@ -120,6 +132,7 @@ class ZoneActor:
         return ZonePlacement(
             self.zone_id, ray.get_runtime_context().get_node_id(), os.getpid(), state,
             core.epoch if core is not None else 0, len(core.shard) if core is not None else 0,
+            self._started_at, self._active_at,
         )  # fmt: skip
 
     @ray.method
@@ -152,6 +165,10 @@ class ZoneActor:
             if core.drivers.ping_pool is not core.drivers.pool:
                 await core.drivers.ping_pool.close()
             await core.mirror.client.aclose()
+
+
+class NodeClosedError(RuntimeError):
+    """A zone actor started on a node closed to zones."""
 
 
 ZoneActorRemote = ray.remote(ZoneActor)

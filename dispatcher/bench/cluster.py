@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,10 @@ ZONE_SLOTS_PER_NODE = 16
 # Ray's token authentication settings: a process joining the cluster needs the ones the
 # cluster was started with (a local ray.init() turns token mode on in its environment).
 RAY_AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+# The GCS logs this, with a local timestamp, when it declares a node dead (Ray 2.60).
+NODE_DEAD_LINE = re.compile(
+    r"^\[(?P<at>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*gcs_job_manager.*Node is dead.*node_id=(?P<node>[0-9a-f]+)"
+)
 
 
 def ray_auth_env() -> dict[str, str]:
@@ -68,6 +74,17 @@ class LocalRayCluster:
         for proc in workers:
             with contextlib.suppress(psutil.Error):
                 proc.kill()
+
+    def node_dead_at(self, node_id: str) -> float | None:
+        """Unix time the GCS declared `node_id` dead (from its log), None if not yet."""
+        head: Any = self._cluster.head_node
+        log_path = Path(head.get_logs_dir_path()) / "gcs_server.out"
+        with contextlib.suppress(FileNotFoundError), log_path.open(errors="replace") as log:
+            for line in log:
+                found = NODE_DEAD_LINE.match(line)
+                if found and found["node"] == node_id:
+                    return datetime.strptime(found["at"], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        return None
 
     def shutdown(self) -> None:
         self._cluster.shutdown()  # type: ignore[no-untyped-call]
