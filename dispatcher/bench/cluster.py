@@ -18,6 +18,10 @@ from dispatcher.actors.options import ZONE_RESOURCE
 
 # Zone actors one worker node offers room for (the custom resource's capacity).
 ZONE_SLOTS_PER_NODE = 16
+# A raylet starts at most this many worker processes at once (Ray sets its startup
+# concurrency to the node's CPU count): after a node loss, the zones restarting on one
+# node start that many at a time. Zone actors ask for no CPU, so this changes nothing else.
+WORKER_NODE_CPUS = 2
 # Ray's token authentication settings: a process joining the cluster needs the ones the
 # cluster was started with (a local ray.init() turns token mode on in its environment).
 RAY_AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
@@ -55,7 +59,7 @@ class LocalRayCluster:
 
     def add_worker(self, zone_slots: int = ZONE_SLOTS_PER_NODE) -> str:
         """Start one more worker node; returns its node id once the GCS knows it."""
-        node = self._cluster.add_node(num_cpus=1, resources={ZONE_RESOURCE: zone_slots})
+        node = self._cluster.add_node(num_cpus=WORKER_NODE_CPUS, resources={ZONE_RESOURCE: zone_slots})
         self._cluster.wait_for_nodes()
         node_id = str(node.node_id)
         self.workers[node_id] = node

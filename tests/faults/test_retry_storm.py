@@ -18,7 +18,7 @@ from dispatcher.config import ResolvedSettings
 from dispatcher.webhooks.signing import sign
 from dispatcher.zoning import Zoning
 from tests.faults.helpers import assert_booking_invariants
-from tests.support import BERLIN, Api, WebhookReceiver, offset
+from tests.support import BERLIN, WAIT_CEILING_S, Api, WebhookReceiver, offset
 
 pytestmark = pytest.mark.integration
 
@@ -105,7 +105,7 @@ async def test_retry_storm_books_each_order_once(
     await assert_booking_invariants(pg_pool)
 
     # Exactly one webhook per assigned order.
-    await receiver.wait_until(lambda: len(receiver.received) >= len(assigned), timeout=20)
+    await receiver.wait_until(lambda: len(receiver.received) >= len(assigned), timeout=WAIT_CEILING_S)
     await asyncio.sleep(0.5)
     ids = Counter(d.webhook_id for d in receiver.received)
     per_order = Counter(d.body["data"]["sellerOrderId"] for d in receiver.received)
