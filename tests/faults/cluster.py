@@ -39,11 +39,11 @@ from tests.support import BERLIN, Api, Driver, Point, offset, point_in, zone_cel
 # detection takes period x threshold (0.5 s here; Ray's default is 3 s x 5). Only then
 # does Ray restart that node's actors elsewhere. A node that is alive but starved of CPU
 # answers late, not never: it is declared dead only after `threshold` checks in a row
-# each went unanswered for the whole timeout (5 x 2 s here).
+# each went unanswered for the whole timeout (5 x 1.5 s here). As deploy/ray-cluster.yaml.
 FAST_NODE_LOSS = {
     "health_check_initial_delay_ms": 0,
     "health_check_period_ms": 100,
-    "health_check_timeout_ms": 2000,
+    "health_check_timeout_ms": 1500,
     "health_check_failure_threshold": 5,
 }
 # Errors a careful client (Vendure, a driver app) retries on.
