@@ -27,7 +27,7 @@ for core in $cores; do
     nice -n 0 taskset -c "$core" bash -c 'while :; do :; done' &
     hogs+=("$!")
 done
-echo "cpu_hog: busy loop on core(s) $cores (pids ${hogs[*]})" >&2
+echo "cpu_hog: busy loop on core(s) $(echo $cores) (pids ${hogs[*]})" >&2
 
 status=0
 "$@" || status=$?

@@ -29,8 +29,9 @@ from dispatcher.errors import StaleEpochError
 log = logging.getLogger(__name__)
 
 ZONE_PREFIX = zone_actor_name("")
-# A zone that does not say where it is within this long is listed as unreachable.
-WHERE_TIMEOUT_S = 5.0
+# A zone that does not say where it is within this long is listed as unreachable (its
+# node is likely lost; a busy node's zone answers in well under this).
+WHERE_TIMEOUT_S = 10.0
 # A drain repeats its plan until no zone is left on a closed node: a zone an ingress
 # created just before the node closed can land there after the first listing.
 DRAIN_PASSES = 3

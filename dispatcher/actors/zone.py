@@ -7,6 +7,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
+from typing import cast
 
 import ray
 
@@ -72,16 +73,26 @@ class ZoneActor:
                 raise StaleEpochError(f"zone {self.zone_id} moved to a new incarnation")
             if self._core is None:
                 s = self.settings
-                pool = await create_pool(
-                    s.database_url, max_size=ZONE_POOL_SIZE, command_timeout_s=s.pg_timeout_s, stateless=True
-                )
-                # A location fix is superseded seconds later: its commit need not wait for
-                # the WAL flush. At most the last ~0.6 s of fixes can be lost if PostgreSQL
-                # itself crashes; bookings use the durable pool.
-                ping_pool = await create_pool(
-                    s.database_url, max_size=PING_POOL_SIZE, command_timeout_s=s.pg_timeout_s,
-                    server_settings={"synchronous_commit": "off"}, stateless=True,
-                )
+                # Both pools connect at once: a restarted zone answers that much sooner.
+                pools = await asyncio.gather(
+                    create_pool(
+                        s.database_url, max_size=ZONE_POOL_SIZE, command_timeout_s=s.pg_timeout_s, stateless=True
+                    ),
+                    # A location fix is superseded seconds later: its commit need not wait for
+                    # the WAL flush. At most the last ~0.6 s of fixes can be lost if PostgreSQL
+                    # itself crashes; bookings use the durable pool.
+                    create_pool(
+                        s.database_url, max_size=PING_POOL_SIZE, command_timeout_s=s.pg_timeout_s,
+                        server_settings={"synchronous_commit": "off"}, stateless=True,
+                    ),
+                    return_exceptions=True,
+                )  # fmt: skip
+                pool, ping_pool = pools
+                if isinstance(pool, BaseException) or isinstance(ping_pool, BaseException):
+                    for opened in pools:
+                        if not isinstance(opened, BaseException):
+                            await opened.close()
+                    raise pool if isinstance(pool, BaseException) else cast(BaseException, ping_pool)
                 mirror = GeoMirror(connect_redis(s.redis_url, s.redis_timeout_s), s.redis_timeout_s)
                 core = ZoneCore(
                     self.zone_id, s,

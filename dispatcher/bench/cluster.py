@@ -25,6 +25,17 @@ WORKER_NODE_CPUS = 2
 # Ray's token authentication settings: a process joining the cluster needs the ones the
 # cluster was started with (a local ray.init() turns token mode on in its environment).
 RAY_AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+# GCS health checks for a quick node-loss detection, as deploy/ray-cluster.yaml sets them.
+# A lost node's raylet refuses the check, so each fails at once and detection takes
+# period x threshold (0.5 s; Ray's default is 3 s x 5). A node that is alive but starved
+# of CPU answers late, not never: it is declared dead only after `threshold` checks in a
+# row each went unanswered for the whole timeout (5 x 1.5 s).
+FAST_NODE_LOSS = {
+    "health_check_initial_delay_ms": 0,
+    "health_check_period_ms": 100,
+    "health_check_timeout_ms": 1500,
+    "health_check_failure_threshold": 5,
+}
 # The GCS logs this, with a local timestamp, when it declares a node dead (Ray 2.60).
 NODE_DEAD_LINE = re.compile(
     r"^\[(?P<at>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*gcs_job_manager.*Node is dead.*node_id=(?P<node>[0-9a-f]+)"

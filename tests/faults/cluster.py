@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 
-from dispatcher.bench.cluster import LocalRayCluster
+from dispatcher.bench.cluster import FAST_NODE_LOSS, LocalRayCluster
 from dispatcher.config import ResolvedSettings
 from dispatcher.embedded import free_port
 from dispatcher.zoning import Zoning
@@ -32,20 +32,17 @@ from tests.faults.helpers import (
     serve_env,
     wait_until,
 )
-from tests.support import BERLIN, Api, Driver, Point, offset, point_in, zone_cells
+from tests.support import (
+    BERLIN,
+    WAIT_CEILING_S,
+    Api,
+    Driver,
+    Point,
+    offset,
+    point_in,
+    zone_cells,
+)
 
-# The GCS declares a node dead after `threshold` failed health checks in a row, one every
-# period: a lost node's raylet refuses the connection, so each check fails at once and
-# detection takes period x threshold (0.5 s here; Ray's default is 3 s x 5). Only then
-# does Ray restart that node's actors elsewhere. A node that is alive but starved of CPU
-# answers late, not never: it is declared dead only after `threshold` checks in a row
-# each went unanswered for the whole timeout (5 x 1.5 s here). As deploy/ray-cluster.yaml.
-FAST_NODE_LOSS = {
-    "health_check_initial_delay_ms": 0,
-    "health_check_period_ms": 100,
-    "health_check_timeout_ms": 1500,
-    "health_check_failure_threshold": 5,
-}
 # Errors a careful client (Vendure, a driver app) retries on.
 RETRYABLE_STATUS = (502, 503, 504)
 # `dispatcher serve` processes sharing the zones, and drivers online in each zone.
@@ -69,9 +66,15 @@ async def zones_command(env: Mapping[str, str], *args: str, timeout_s: float = 1
 
 
 async def placements(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
-    """zone id -> its `dispatcher zones list` entry."""
-    listing = await zones_command(env, "list")
-    return {z["zone_id"]: z for z in listing["zones"]}
+    """zone id -> its `dispatcher zones list` entry, once every zone answered the listing
+    (on a busy machine a zone can miss the listing's deadline and show `unreachable`)."""
+    deadline = time.monotonic() + WAIT_CEILING_S
+    while True:
+        listing = await zones_command(env, "list")
+        found = {z["zone_id"]: z for z in listing["zones"]}
+        if all(z["state"] != "unreachable" for z in found.values()) or time.monotonic() > deadline:
+            return found
+        await asyncio.sleep(0.5)
 
 
 async def zone_call_retries(apis: Sequence[Api]) -> int:
