@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -34,6 +36,10 @@ T = TypeVar("T")
 # second: a zone that comes back is found within that, not up to a second later (a
 # failed call to a dead or restarting zone costs one local round trip).
 RETRY_DELAYS_S = (0.05, 0.1, 0.2, *(0.25,) * 19)
+# A call that meets a zone in handoff (`dispatcher zones rebalance`) is retried for as long as
+# the handoff runs, up to this long: about 1-2 s on an idle machine, ten times that on a
+# starved one, and a clean handoff should not cost the caller an error either way.
+HANDOFF_WAIT_S = 30.0
 
 ACTOR_REDACTED = ("admin_token", "inbound_secret", "vendure_webhook_secret")
 
@@ -88,7 +94,16 @@ class ZoneDirectory:
 
     async def _call(self, zone_id: str, invoke: Callable[[Any], Awaitable[T]]) -> T:
         last: BaseException | None = None
-        for attempt, delay in enumerate((0.0, *RETRY_DELAYS_S)):
+        delays = iter((0.0, *RETRY_DELAYS_S))
+        started = time.monotonic()
+        for attempt in itertools.count():
+            delay = next(delays, None)
+            if delay is None:
+                # Out of retries, but a zone in handoff is on its way back: wait for the
+                # handoff itself, however slow the machine.
+                if not await self._in_handoff(zone_id, started):
+                    break
+                delay = RETRY_DELAYS_S[-1]
             if delay:
                 await asyncio.sleep(delay)
             if attempt:
@@ -110,9 +125,19 @@ class ZoneDirectory:
                 last = exc
                 self._handles.pop(zone_id, None)
             except TimeoutError as exc:
-                raise ZoneUnavailableError(f"zone {zone_id} did not answer in time") from exc
+                # A successor still starting queues calls; only a zone not in handoff is hung.
+                if not await self._in_handoff(zone_id, started):
+                    raise ZoneUnavailableError(f"zone {zone_id} did not answer in time") from exc
+                last = exc
         log.warning("zone %s unavailable: %s", zone_id, last)
         raise ZoneUnavailableError(f"zone {zone_id} is restarting; retry shortly")
+
+    async def _in_handoff(self, zone_id: str, since: float) -> bool:
+        """Whether the zone is being handed over (its target is published until the
+        handoff ends) and a call that began at `since` may still wait for it."""
+        if time.monotonic() - since > HANDOFF_WAIT_S:
+            return False
+        return await asyncio.to_thread(zone_target, self.settings.ray_namespace, zone_id) is not None
 
     async def assign_many(self, zone_id: str, reqs: Sequence[AssignRequest]) -> list[AssignResult]:
         return await self._call(zone_id, lambda h: h.assign_many.remote(list(reqs)))

@@ -35,6 +35,10 @@ WHERE_TIMEOUT_S = 10.0
 # A drain repeats its plan until no zone is left on a closed node: a zone an ingress
 # created just before the node closed can land there after the first listing.
 DRAIN_PASSES = 3
+# A handoff that has not finished in this long is given up (the zone is left to Ray's
+# restart or the next request). A ceiling, not an estimate: a handoff starts a new Python
+# process, 1-2 s here when idle, a minute on a machine starved of CPU.
+MOVE_TIMEOUT_S = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +151,7 @@ def plan(
     return moves
 
 
-def move_zone(move: Move, namespace: str, *, timeout_s: float = 60.0) -> MoveResult:
+def move_zone(move: Move, namespace: str, *, timeout_s: float = MOVE_TIMEOUT_S) -> MoveResult:
     """Hand one zone over to a new incarnation on `move.target`.
 
     The old incarnation finishes its in-flight calls and then refuses calls (the ingress

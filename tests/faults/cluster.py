@@ -50,7 +50,7 @@ REPLICAS = 2
 DRIVERS_PER_ZONE = 30
 
 
-async def zones_command(env: Mapping[str, str], *args: str, timeout_s: float = 120.0) -> dict[str, Any]:
+async def zones_command(env: Mapping[str, str], *args: str, timeout_s: float = 900.0) -> dict[str, Any]:
     """Run `dispatcher zones <args> --json` as an operator would; its parsed output."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "dispatcher.cli", "zones", *args, "--json",

@@ -22,7 +22,7 @@ from tests.faults.cluster import (
 )
 from tests.faults.helpers import ScriptedReceiver, assert_booking_invariants, wait_until
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
 
 
 def record_node_loss_parts(

@@ -25,7 +25,7 @@ from tests.faults.cluster import (
 )
 from tests.faults.helpers import ScriptedReceiver, assert_booking_invariants, wait_until
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
 
 # Rounds of killing every zone's process after the drain: each restart of a zone that
 # was created before the drain (Ray reuses its first options) may pick the drained node.
