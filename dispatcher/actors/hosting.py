@@ -18,8 +18,9 @@ NODE_ID_LABEL = "ray.io/node-id"
 # closure outlives every ingress and CLI process but not the cluster, whose node ids it
 # names. Keys are scoped by the dispatcher's Ray namespace.
 KV_NAMESPACE = "dispatcher"
-# A handoff target older than this is ignored (a `zones rebalance` that died mid-move).
-TARGET_TTL_S = 120.0
+# A handoff target older than this is ignored (a `zones rebalance` that died mid-move);
+# longer than a move may take (rebalance.MOVE_TIMEOUT_S).
+TARGET_TTL_S = 360.0
 
 
 @dataclass(frozen=True, slots=True)
