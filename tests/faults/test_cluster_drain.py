@@ -29,7 +29,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(1800)]
 
 # Rounds of killing every zone's process after the drain: each restart of a zone that
 # was created before the drain (Ray reuses its first options) may pick the drained node.
-RESTART_ROUNDS = 3
+RESTART_ROUNDS = 2
 
 
 async def test_a_drained_node_hosts_no_zone_whoever_recreates_it_until_reopened(
