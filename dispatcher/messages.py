@@ -100,6 +100,8 @@ class ZonePlacement:
     `idle`: the process exists but has not taken the zone yet (no call arrived);
     `draining`: it handed the zone over and refuses calls; `unreachable`: it did not
     answer (its node may be lost; Ray restarts it elsewhere once the loss is detected).
+    `started_at` / `active_at`: Unix times this incarnation's constructor began and it
+    took the zone (0 if not yet): the parts of a restart's time, as operators measure it.
     """
 
     zone_id: str
@@ -108,3 +110,5 @@ class ZonePlacement:
     state: ZoneState
     epoch: int
     drivers: int
+    started_at: float = 0.0
+    active_at: float = 0.0

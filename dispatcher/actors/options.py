@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from dispatcher.actors.hosting import NODE_ID_LABEL
 
 # Each zone is its own process; asking for no CPU lets a laptop host dozens of zones,
 # while the custom resource lets a cluster's autoscaler see and place them.
@@ -20,10 +23,16 @@ def zone_actor_name(zone_id: str) -> str:
 
 
 def zone_actor_options(
-    zone_id: str, namespace: str, *, resource_units: float = 0.0, node_id: str | None = None
+    zone_id: str,
+    namespace: str,
+    *,
+    resource_units: float = 0.0,
+    node_id: str | None = None,
+    excluded: Collection[str] = (),
 ) -> dict[str, Any]:
     """Options for creating (or finding) a zone's actor; `node_id` pins a new
-    incarnation to that node when it still has room (rebalancing)."""
+    incarnation to that node when it still has room (rebalancing); `excluded` nodes
+    (closed to zones, or dying) never host it, not even when Ray restarts it."""
     options: dict[str, Any] = {
         "name": zone_actor_name(zone_id),
         "namespace": namespace,
@@ -49,4 +58,7 @@ def zone_actor_options(
     if node_id is not None:
         # Soft: if the node died or filled up meanwhile, any other node will do.
         options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=True)
+    if excluded:
+        # A hard constraint that holds under SPREAD and the soft affinity's fallback alike.
+        options["label_selector"] = {NODE_ID_LABEL: f"!in({','.join(sorted(excluded))})"}
     return options

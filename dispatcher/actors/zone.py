@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Sequence
+from typing import cast
 
 import ray
 from ray.actor import ActorClass
 
 from dispatcher.actors.core import ZoneCore
+from dispatcher.actors.hosting import current_node, is_excluded
 from dispatcher.config import ResolvedSettings
 from dispatcher.errors import StaleEpochError
 from dispatcher.messages import (
@@ -42,10 +45,19 @@ class ZoneActor:
     and the mirror are rebuilt from it whenever this process (re)starts."""
 
     def __init__(self, zone_id: str, settings_json: str) -> None:
+        self._started_at = time.time()
+        self._active_at = 0.0
         logging.basicConfig(level=logging.INFO)
         self.zone_id = zone_id
         self._settings_json = settings_json
         self.settings = ResolvedSettings.model_validate_json(settings_json)
+        node_id = current_node()
+        # Ray restarts an actor with its first options: one created before its node was
+        # closed (drained) or began dying can come back there. Refusing to start ends
+        # this actor for good (Ray does not retry a failed constructor) and frees the
+        # name; the next call re-creates the zone with the closed nodes excluded.
+        if is_excluded(self.settings.ray_namespace, node_id):
+            raise NodeClosedError(f"zone {zone_id}: node {node_id} is closed to zones")
         self._core: ZoneCore | None = None
         self._starting = asyncio.Lock()
         # Set by drain(): this incarnation handed the zone over and must never take it
@@ -62,16 +74,26 @@ class ZoneActor:
                 raise StaleEpochError(f"zone {self.zone_id} moved to a new incarnation")
             if self._core is None:
                 s = self.settings
-                pool = await create_pool(
-                    s.database_url, max_size=ZONE_POOL_SIZE, command_timeout_s=s.pg_timeout_s, stateless=True
-                )
-                # A location fix is superseded seconds later: its commit need not wait for
-                # the WAL flush. At most the last ~0.6 s of fixes can be lost if PostgreSQL
-                # itself crashes; bookings use the durable pool.
-                ping_pool = await create_pool(
-                    s.database_url, max_size=PING_POOL_SIZE, command_timeout_s=s.pg_timeout_s,
-                    server_settings={"synchronous_commit": "off"}, stateless=True,
-                )
+                # Both pools connect at once: a restarted zone answers that much sooner.
+                pools = await asyncio.gather(
+                    create_pool(
+                        s.database_url, max_size=ZONE_POOL_SIZE, command_timeout_s=s.pg_timeout_s, stateless=True
+                    ),
+                    # A location fix is superseded seconds later: its commit need not wait for
+                    # the WAL flush. At most the last ~0.6 s of fixes can be lost if PostgreSQL
+                    # itself crashes; bookings use the durable pool.
+                    create_pool(
+                        s.database_url, max_size=PING_POOL_SIZE, command_timeout_s=s.pg_timeout_s,
+                        server_settings={"synchronous_commit": "off"}, stateless=True,
+                    ),
+                    return_exceptions=True,
+                )  # fmt: skip
+                pool, ping_pool = pools
+                if isinstance(pool, BaseException) or isinstance(ping_pool, BaseException):
+                    for opened in pools:
+                        if not isinstance(opened, BaseException):
+                            await opened.close()
+                    raise pool if isinstance(pool, BaseException) else cast(BaseException, ping_pool)
                 mirror = GeoMirror(connect_redis(s.redis_url, s.redis_timeout_s), s.redis_timeout_s)
                 core = ZoneCore(
                     self.zone_id, s,
@@ -86,6 +108,7 @@ class ZoneActor:
                     await mirror.client.aclose()
                     raise
                 self._core = core
+                self._active_at = time.time()
         return self._core
 
     @ray.method
@@ -121,6 +144,7 @@ class ZoneActor:
         return ZonePlacement(
             self.zone_id, ray.get_runtime_context().get_node_id(), os.getpid(), state,
             core.epoch if core is not None else 0, len(core.shard) if core is not None else 0,
+            self._started_at, self._active_at,
         )  # fmt: skip
 
     @ray.method
@@ -153,6 +177,10 @@ class ZoneActor:
             if core.drivers.ping_pool is not core.drivers.pool:
                 await core.drivers.ping_pool.close()
             await core.mirror.client.aclose()
+
+
+class NodeClosedError(RuntimeError):
+    """A zone actor started on a node closed to zones."""
 
 
 # Typed, so callers' handles are `ActorProxy[ZoneActor]` and mypy checks every remote call.

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
 
@@ -11,6 +13,7 @@ import ray
 from ray.actor import ActorProxy
 from ray.exceptions import RayActorError, RayTaskError
 
+from dispatcher.actors.hosting import excluded_nodes, zone_target
 from dispatcher.actors.options import zone_actor_name, zone_actor_options
 from dispatcher.actors.zone import ZoneActor, ZoneActorRemote
 from dispatcher.config import ResolvedSettings
@@ -29,9 +32,15 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 # A zone that died is restarted by Ray in about a second, and a zone moved by
-# `dispatcher zones rebalance` is back in one or two: retry with backoff for a few
-# seconds, after which the caller gets a retryable 503.
-RETRY_DELAYS_S = (0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0, 1.0, 1.0)
+# `dispatcher zones rebalance` is back in one or two: retry for about five seconds,
+# after which the caller gets a retryable 503. The backoff stops growing at a quarter
+# second: a zone that comes back is found within that, not up to a second later (a
+# failed call to a dead or restarting zone costs one local round trip).
+RETRY_DELAYS_S = (0.05, 0.1, 0.2, *(0.25,) * 19)
+# A call that meets a zone in handoff (`dispatcher zones rebalance`) is retried for as long as
+# the handoff runs, up to this long: about 1-2 s on an idle machine, ten times that on a
+# starved one, and a clean handoff should not cost the caller an error either way.
+HANDOFF_WAIT_S = 30.0
 
 ACTOR_REDACTED = ("admin_token", "inbound_secret", "vendure_webhook_secret")
 
@@ -59,9 +68,14 @@ class ZoneDirectory:
         return sorted(self._handles)
 
     def _get_or_create(self, zone_id: str) -> ActorProxy[ZoneActor]:
+        # Read at every creation (rare: the handle is cached until a call fails), so a
+        # zone re-created while its node is drained neither lands there nor on any node
+        # closed before, and one re-created during a handoff starts where it is handed to.
+        namespace = self.settings.ray_namespace
         options = zone_actor_options(
-            zone_id, self.settings.ray_namespace, resource_units=self.settings.zone_resource_units
-        )
+            zone_id, namespace, resource_units=self.settings.zone_resource_units,
+            node_id=zone_target(namespace, zone_id), excluded=excluded_nodes(namespace),
+        )  # fmt: skip
         return ZoneActorRemote.options(**options).remote(zone_id, self._settings_json)
 
     async def _handle(self, zone_id: str) -> ActorProxy[ZoneActor]:
@@ -81,7 +95,16 @@ class ZoneDirectory:
 
     async def _call(self, zone_id: str, invoke: Callable[[ActorProxy[ZoneActor]], Awaitable[T]]) -> T:
         last: BaseException | None = None
-        for attempt, delay in enumerate((0.0, *RETRY_DELAYS_S)):
+        delays = iter((0.0, *RETRY_DELAYS_S))
+        started = time.monotonic()
+        for attempt in itertools.count():
+            delay = next(delays, None)
+            if delay is None:
+                # Out of retries, but a zone in handoff is on its way back: wait for the
+                # handoff itself, however slow the machine.
+                if not await self._in_handoff(zone_id, started):
+                    break
+                delay = RETRY_DELAYS_S[-1]
             if delay:
                 await asyncio.sleep(delay)
             if attempt:
@@ -103,9 +126,19 @@ class ZoneDirectory:
                 last = exc
                 self._handles.pop(zone_id, None)
             except TimeoutError as exc:
-                raise ZoneUnavailableError(f"zone {zone_id} did not answer in time") from exc
+                # A successor still starting queues calls; only a zone not in handoff is hung.
+                if not await self._in_handoff(zone_id, started):
+                    raise ZoneUnavailableError(f"zone {zone_id} did not answer in time") from exc
+                last = exc
         log.warning("zone %s unavailable: %s", zone_id, last)
         raise ZoneUnavailableError(f"zone {zone_id} is restarting; retry shortly")
+
+    async def _in_handoff(self, zone_id: str, since: float) -> bool:
+        """Whether the zone is being handed over (its target is published until the
+        handoff ends) and a call that began at `since` may still wait for it."""
+        if time.monotonic() - since > HANDOFF_WAIT_S:
+            return False
+        return await asyncio.to_thread(zone_target, self.settings.ray_namespace, zone_id) is not None
 
     async def assign_many(self, zone_id: str, reqs: Sequence[AssignRequest]) -> list[AssignResult]:
         return await self._call(zone_id, lambda h: h.assign_many.remote(list(reqs)))

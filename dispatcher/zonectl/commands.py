@@ -1,4 +1,4 @@
-"""`dispatcher zones list|rebalance`: operator commands against a running Ray cluster."""
+"""`dispatcher zones list|rebalance|reopen-node`: operator commands against a running Ray cluster."""
 
 from __future__ import annotations
 
@@ -8,15 +8,24 @@ import json
 import logging
 import sys
 
+from dispatcher.actors.hosting import closed_nodes, reopen_node
 from dispatcher.config import Settings
 from dispatcher.zonectl.placement import Move
-from dispatcher.zonectl.rebalance import MoveResult, placements, rebalance
+from dispatcher.zonectl.rebalance import (
+    MoveResult,
+    node_states,
+    placements,
+    rebalance,
+    resolve_node,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     zones = sub.add_parser("zones", help="list or rebalance the zone actors of a running cluster")
     actions = zones.add_subparsers(dest="zones_command", required=True)
-    listing = actions.add_parser("list", help="each zone actor: node, process, state, epoch, drivers")
+    listing = actions.add_parser(
+        "list", help="each zone actor (node, process, state, epoch, drivers) and each node (open or closed)"
+    )
     listing.add_argument("--json", action="store_true", help="one JSON document instead of a table")
     moving = actions.add_parser(
         "rebalance", help="move zone actors so every node hosts an even share (one at a time)"
@@ -24,8 +33,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     moving.add_argument("--dry-run", action="store_true", help="print the plan, move nothing")
     moving.add_argument(
         "--drain-node", dest="draining", action="append", default=[], metavar="NODE_ID",
-        help="move every zone off this node (an id or its prefix, from `zones list`), e.g. "
-             "before taking it down for an upgrade; repeatable",
+        help="close this node to zones (an id or its prefix, from `zones list`) and move every "
+             "zone off it, e.g. before taking it down for an upgrade; it takes no zone again "
+             "until `zones reopen-node`; repeatable",
     )  # fmt: skip
     moving.add_argument(
         "--all", dest="every_zone", action="store_true",
@@ -33,6 +43,9 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
              "(a rolling restart of all zones)",
     )  # fmt: skip
     moving.add_argument("--json", action="store_true", help="print the results as JSON at the end")
+    reopen = actions.add_parser("reopen-node", help="let zones start again on a node closed by a drain")
+    reopen.add_argument("node", metavar="NODE_ID", help="a node id or its prefix (`zones list` shows closed ones)")
+    reopen.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
 def run(args: argparse.Namespace, settings: Settings) -> int:
@@ -51,21 +64,43 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     )  # fmt: skip
     try:
         if args.zones_command == "list":
-            return _list(settings.ray_namespace, as_json=args.json)
+            return _list(settings.ray_namespace, settings.zone_resource_units, as_json=args.json)
+        if args.zones_command == "reopen-node":
+            return _reopen(settings.ray_namespace, args.node, as_json=args.json)
         return _rebalance(args, settings)
     finally:
         ray.shutdown()
 
 
-def _list(namespace: str, *, as_json: bool) -> int:
+def _list(namespace: str, resource_units: float, *, as_json: bool) -> int:
     found = placements(namespace)
+    nodes = node_states(namespace, resource_units)
     if as_json:
-        print(json.dumps({"zones": [dataclasses.asdict(p) for p in found]}, indent=2))
+        print(json.dumps(
+            {"zones": [dataclasses.asdict(p) for p in found], "nodes": [dataclasses.asdict(n) for n in nodes]},
+            indent=2,
+        ))  # fmt: skip
         return 0
     print(f"{'zone':<17} {'node':<10} {'pid':>7} {'state':<11} {'epoch':>5} {'drivers':>7}")
     for p in found:
         print(f"{p.zone_id:<17} {_short(p.node_id):<10} {p.pid:>7} {p.state:<11} {p.epoch:>5} {p.drivers:>7}")
     print(f"{len(found)} zones on {len({p.node_id for p in found if p.node_id})} nodes")
+    hosted = {n.node_id: sum(p.node_id == n.node_id for p in found) for n in nodes}
+    print(f"\n{'node':<10} {'state':<8} {'zones':>5} {'slots':>5}")
+    for n in nodes:
+        print(f"{_short(n.node_id):<10} {n.state:<8} {hosted[n.node_id]:>5} {n.zone_slots:>5g}")
+    return 0
+
+
+def _reopen(namespace: str, prefix: str, *, as_json: bool) -> int:
+    # A closed node may have died since; match the closed list, not only alive nodes.
+    matches = [n for n in closed_nodes(namespace) if n.startswith(prefix)]
+    node_id = matches[0] if len(matches) == 1 else resolve_node(prefix)
+    was_closed = reopen_node(namespace, node_id)
+    if as_json:
+        print(json.dumps({"node_id": node_id, "was_closed": was_closed}))
+    else:
+        print(f"node {_short(node_id)} {'reopened to zones' if was_closed else 'was not closed'}")
     return 0
 
 

@@ -11,6 +11,14 @@ from typing import Any
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
+from dispatcher.actors.hosting import (
+    clear_zone_target,
+    close_node,
+    closed_nodes,
+    dying_nodes,
+    excluded_nodes,
+    set_zone_target,
+)
 from dispatcher.actors.options import ZONE_RESOURCE, zone_actor_name, zone_actor_options
 from dispatcher.actors.zone import ZoneActorRemote
 from dispatcher.config import ResolvedSettings
@@ -21,8 +29,16 @@ from dispatcher.zonectl.placement import Move, plan_rebalance
 log = logging.getLogger(__name__)
 
 ZONE_PREFIX = zone_actor_name("")
-# A zone that does not say where it is within this long is listed as unreachable.
-WHERE_TIMEOUT_S = 5.0
+# A zone that does not say where it is within this long is listed as unreachable (its
+# node is likely lost; a busy node's zone answers in well under this).
+WHERE_TIMEOUT_S = 10.0
+# A drain repeats its plan until no zone is left on a closed node: a zone an ingress
+# created just before the node closed can land there after the first listing.
+DRAIN_PASSES = 3
+# A handoff that has not finished in this long is given up (the zone is left to Ray's
+# restart or the next request). A ceiling, not an estimate: a handoff starts a new Python
+# process, 1-2 s here when idle, a minute on a machine starved of CPU.
+MOVE_TIMEOUT_S = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,14 +54,54 @@ class MoveResult:
     error: str | None = None
 
 
-def zone_nodes(resource_units: float) -> list[str]:
-    """Alive nodes able to host a zone actor."""
+def alive_nodes() -> list[dict[str, Any]]:
     nodes: list[dict[str, Any]] = ray.nodes()  # type: ignore[no-untyped-call]
+    return [n for n in nodes if n["Alive"]]
+
+
+def zone_nodes(resource_units: float, excluded: frozenset[str] = frozenset()) -> list[str]:
+    """Alive nodes able to host a zone actor and not closed to zones."""
     return sorted(
         n["NodeID"]
-        for n in nodes
-        if n["Alive"] and (resource_units <= 0 or n["Resources"].get(ZONE_RESOURCE, 0) >= resource_units)
+        for n in alive_nodes()
+        if n["NodeID"] not in excluded
+        and (resource_units <= 0 or n["Resources"].get(ZONE_RESOURCE, 0) >= resource_units)
     )
+
+
+@dataclass(frozen=True, slots=True)
+class NodeState:
+    node_id: str
+    # open: takes zones; closed: drained by an operator, takes none until reopened;
+    # dying: Ray is draining it; no-room: offers no zone resource (e.g. the head)
+    state: str
+    zone_slots: float
+
+
+def node_states(namespace: str, resource_units: float) -> list[NodeState]:
+    """Every alive node and whether zones may start on it."""
+    closed, dying = closed_nodes(namespace), dying_nodes()
+    out = []
+    for n in sorted(alive_nodes(), key=lambda n: str(n["NodeID"])):
+        node_id, slots = str(n["NodeID"]), float(n["Resources"].get(ZONE_RESOURCE, 0))
+        if node_id in closed:
+            state = "closed"
+        elif node_id in dying:
+            state = "dying"
+        elif resource_units > 0 and slots < resource_units:
+            state = "no-room"
+        else:
+            state = "open"
+        out.append(NodeState(node_id, state, slots))
+    return out
+
+
+def resolve_node(prefix: str) -> str:
+    """The one alive node whose id starts with `prefix` (as `zones list` shows it)."""
+    found = [n["NodeID"] for n in alive_nodes() if n["NodeID"].startswith(prefix)]
+    if len(found) != 1:
+        raise ValueError(f"node {prefix!r}: {'no alive node' if not found else 'ambiguous'}")
+    return str(found[0])
 
 
 def zone_ids(namespace: str) -> list[str]:
@@ -86,7 +142,8 @@ def plan(
     `every_zone`, every other zone is handed over too, on its own node (a restart of
     every zone process, e.g. to pick up changed settings)."""
     where = {p.zone_id: p.node_id for p in placements(namespace) if p.state != "unreachable"}
-    nodes = [n for n in zone_nodes(resource_units) if not any(n.startswith(d) for d in draining)]
+    excluded = excluded_nodes(namespace)
+    nodes = [n for n in zone_nodes(resource_units, excluded) if not any(n.startswith(d) for d in draining)]
     moves = plan_rebalance(where, nodes)
     if every_zone:
         moved = {m.zone_id for m in moves}
@@ -94,7 +151,7 @@ def plan(
     return moves
 
 
-def move_zone(move: Move, namespace: str, *, timeout_s: float = 60.0) -> MoveResult:
+def move_zone(move: Move, namespace: str, *, timeout_s: float = MOVE_TIMEOUT_S) -> MoveResult:
     """Hand one zone over to a new incarnation on `move.target`.
 
     The old incarnation finishes its in-flight calls and then refuses calls (the ingress
@@ -105,12 +162,21 @@ def move_zone(move: Move, namespace: str, *, timeout_s: float = 60.0) -> MoveRes
     deadline = started + timeout_s
     old = _handle(move.zone_id, namespace)
     epoch_before = ray.get(old.where.remote(), timeout=WHERE_TIMEOUT_S).epoch
-    # The successor must run with the settings the ingress gave this zone.
-    settings_json: str = ray.get(old.drain.remote(), timeout=timeout_s)
-    ray.kill(old, no_restart=True)
-    units = ResolvedSettings.model_validate_json(settings_json).zone_resource_units
-    options = zone_actor_options(move.zone_id, namespace, resource_units=units, node_id=move.target)
-    after = _start_successor(move.zone_id, options, settings_json, deadline)
+    # An ingress that re-creates the zone in between (its call met the drained
+    # incarnation) starts it on the target too, never back on the source.
+    set_zone_target(namespace, move.zone_id, move.target)
+    try:
+        # The successor must run with the settings the ingress gave this zone.
+        settings_json: str = ray.get(old.drain.remote(), timeout=timeout_s)
+        ray.kill(old, no_restart=True)
+        units = ResolvedSettings.model_validate_json(settings_json).zone_resource_units
+        options = zone_actor_options(
+            move.zone_id, namespace, resource_units=units, node_id=move.target,
+            excluded=excluded_nodes(namespace),
+        )  # fmt: skip
+        after = _start_successor(move.zone_id, options, settings_json, deadline)
+    finally:
+        clear_zone_target(namespace, move.zone_id)
     return MoveResult(
         move.zone_id, move.source, move.target, after.node_id, epoch_before, after.epoch,
         time.monotonic() - started,
@@ -120,8 +186,9 @@ def move_zone(move: Move, namespace: str, *, timeout_s: float = 60.0) -> MoveRes
 def _start_successor(zone_id: str, options: dict[str, Any], settings_json: str, deadline: float) -> ZonePlacement:
     # Until the GCS has seen the old process die, its name still resolves to it and the
     # "successor" we get is the drained one: ask again until a live one takes the zone.
-    # An ingress may also create the successor first (its calls are retried); then it
-    # lands wherever Ray spreads it, and the result says so.
+    # An ingress may also create the successor first (its calls are retried); it starts
+    # on the zone's target as well (set_zone_target), or elsewhere if the target filled
+    # up or died meanwhile, and the result says where.
     while True:
         handle = ZoneActorRemote.options(**options).remote(zone_id, settings_json)
         try:
@@ -144,13 +211,35 @@ def rebalance(
     dry_run: bool = False,
     progress: Callable[[int, int, Move, MoveResult | None], None] = lambda *_: None,
 ) -> list[MoveResult]:
-    """Plan, then move zones one at a time (only one zone is ever in handoff)."""
-    moves = plan(namespace, resource_units, every_zone=every_zone, draining=draining)
+    """Plan, then move zones one at a time (only one zone is ever in handoff).
+
+    `draining` nodes (ids or prefixes) are closed to zones first, for good: no zone
+    starts there again, whoever creates it, until `reopen_node`.
+    """
+    drained = [resolve_node(prefix) for prefix in draining]
+    if not dry_run:
+        for node_id in drained:
+            close_node(namespace, node_id, "drained")
+    moves = plan(namespace, resource_units, every_zone=every_zone, draining=drained)
+    if dry_run:
+        for index, move in enumerate(moves, start=1):
+            progress(index, len(moves), move, None)
+        return []
+    results = _move_all(moves, namespace, progress)
+    for _ in range(DRAIN_PASSES if drained else 0):
+        stragglers = plan(namespace, resource_units, draining=drained)
+        stragglers = [m for m in stragglers if m.source in excluded_nodes(namespace)]
+        if not stragglers:
+            break
+        results += _move_all(stragglers, namespace, progress)
+    return results
+
+
+def _move_all(
+    moves: Sequence[Move], namespace: str, progress: Callable[[int, int, Move, MoveResult | None], None]
+) -> list[MoveResult]:
     results: list[MoveResult] = []
     for index, move in enumerate(moves, start=1):
-        if dry_run:
-            progress(index, len(moves), move, None)
-            continue
         try:
             result = move_zone(move, namespace)
         except (GetTimeoutError, RayActorError, ValueError, RuntimeError) as exc:

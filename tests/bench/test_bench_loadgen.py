@@ -60,7 +60,8 @@ async def test_open_loop_sends_at_the_rate_and_counts_from_the_schedule(base_url
     assert result.items == result.ok
     assert result.offered_rate == 100.0
     assert result.lag_p99_ms is not None
-    assert 0.5 <= result.duration_s < 5.0
+    # It stops on schedule, not when a (generous) ceiling cuts it off.
+    assert 0.5 <= result.duration_s < 30.0
 
 
 async def test_run_reads_the_request_file(base_url: str, tmp_path: Path) -> None:

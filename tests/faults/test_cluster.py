@@ -3,100 +3,41 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
 
 from dispatcher.config import ResolvedSettings
-from dispatcher.embedded import free_port
-from dispatcher.zoning import Zoning
-from tests.support import BERLIN, Api, zone_cells
 from tests.support.cluster import (
-    FAST_NODE_LOSS,
-    SteadyLoad,
+    assert_webhooks_exactly_once,
+    cluster_stack,
     placements,
     zone_call_retries,
     zones_command,
 )
-from tests.support.faults import (
-    ScriptedReceiver,
-    ServeProcess,
-    assert_booking_invariants,
-    remote_api,
-    serve_env,
-    wait_until,
-)
-from tests.support.raycluster import LocalRayCluster
+from tests.support.faults import ScriptedReceiver, assert_booking_invariants, wait_until
 
-pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.timeout(600)]
-
-REPLICAS = 2
-DRIVERS_PER_ZONE = 30
+pytestmark = [pytest.mark.integration, pytest.mark.cluster, pytest.mark.timeout(1800)]
 
 
-@dataclass
-class ClusterStack:
-    cluster: LocalRayCluster
-    settings: ResolvedSettings
-    env: dict[str, str]
-    apis: list[Api]
-    load: SteadyLoad
-
-
-@contextlib.asynccontextmanager
-async def cluster_stack(
-    workers: int, make_settings: Callable[..., ResolvedSettings], tmp_path: Path
-) -> AsyncIterator[ClusterStack]:
-    """`workers` worker nodes, REPLICAS `dispatcher serve` processes sharing the zones,
-    and drivers online in the seven zones around Berlin."""
-    cluster = LocalRayCluster(system_config=FAST_NODE_LOSS)
-    replicas: list[ServeProcess] = []
-    try:
-        for _ in range(workers):
-            cluster.add_worker()
-        settings = make_settings(
-            ray_address=cluster.address, zone_resource_units=1, heartbeat_ttl_s=600, search_radius_km=8.0
-        )
-        env = serve_env(settings, port=0)
-        for n in range(REPLICAS):
-            replica = ServeProcess(serve_env(settings, port=free_port()), tmp_path / f"serve-{n}.log")
-            replicas.append(replica)
-        await asyncio.gather(*(r.start() for r in replicas))
-        async with contextlib.AsyncExitStack() as stack:
-            apis = [
-                await stack.enter_async_context(remote_api(f"http://127.0.0.1:{r.env['DISPATCHER_PORT']}", settings))
-                for r in replicas
-            ]
-            zoning = Zoning(settings.zone_resolution)
-            load = SteadyLoad(apis, zoning, zone_cells(zoning.zone_of(*BERLIN)))
-            await load.add_drivers(DRIVERS_PER_ZONE)
-            yield ClusterStack(cluster, settings, env, apis, load)
-    finally:
-        for replica in replicas:
-            await replica.stop()
-        await asyncio.to_thread(cluster.shutdown)
-
-
-async def assert_webhooks_exactly_once(pool: asyncpg.Pool, hooks: ScriptedReceiver, load: SteadyLoad) -> None:
-    """Every delivery's `delivery.assigned` arrived, each webhook-id accepted once."""
-    async def drained() -> bool:
-        pending = await pool.fetchval("SELECT count(*) FROM webhook_outbox WHERE delivered_at IS NULL")
-        return bool(pending == 0)
-
-    await wait_until(drained, within_s=60, what="outbox drained")
-    delivered = hooks.delivered()
-    assert delivered and max(delivered.values()) == 1, [i for i, n in delivered.items() if n > 1]
-    bodies = hooks.bodies().values()
-    assigned = Counter(b["data"]["sellerOrderId"] for b in bodies if b["type"] == "delivery.assigned")
-    booked = {s for s, sent in load.orders.items() if sent.body["assigned"]}
-    assert set(assigned) == booked
-    assert max(assigned.values()) == 1
+def record_node_loss_parts(
+    dead_at: float | None,
+    lost_at: float,
+    successors: list[dict[str, Any]],
+    recovery: Callable[[str, float], None],
+) -> None:
+    """Where a node loss's time goes: the GCS declaring the node dead, Ray starting each
+    zone's new process, the zone taking its epoch and rebuilding (times after the loss)."""
+    assert dead_at is not None, "the GCS never logged the node dead"
+    recovery("node lost: GCS declares it dead", dead_at - lost_at)
+    recovery("node lost: last zone constructor starts", max(z["started_at"] for z in successors) - lost_at)
+    recovery("node lost: last zone active (epoch, shard, mirror)", max(z["active_at"] for z in successors) - lost_at)
+    recovery("node lost: slowest activation", max(z["active_at"] - z["started_at"] for z in successors))
 
 
 async def test_node_lost_under_load_restarts_its_zones_elsewhere_and_loses_nothing(
@@ -118,7 +59,7 @@ async def test_node_lost_under_load_restarts_its_zones_elsewhere_and_loses_nothi
 
         async with load.running():
             await asyncio.sleep(3)
-            lost_at = time.monotonic()
+            lost_at, lost_at_unix = time.monotonic(), time.time()
             await asyncio.to_thread(stack.cluster.lose_worker, victim)
 
             async def lost_zones_answer() -> bool:
@@ -130,6 +71,7 @@ async def test_node_lost_under_load_restarts_its_zones_elsewhere_and_loses_nothi
         recovered = load.answered_again(lost, lost_at)
         recovery(f"node lost ({len(lost)} of {len(before)} zones) -> all answer", max(recovered.values()))
         after = await placements(stack.env)
+        record_node_loss_parts(stack.cluster.node_dead_at(victim), lost_at_unix, [after[z] for z in lost], recovery)
         for zone_id in lost:
             assert after[zone_id]["node_id"] in stack.cluster.workers, after[zone_id]
             assert after[zone_id]["state"] == "active"

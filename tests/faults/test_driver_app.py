@@ -177,6 +177,9 @@ async def test_valid_fix_sent_with_a_newer_glitch_is_kept(
     )
 
 
+SCHEDULING_SLACK_S = 3.0
+
+
 async def test_silent_driver_leaves_the_mirror_within_ttl_plus_sweep(
     start_api: Callable[[ResolvedSettings], Any],
     make_settings: Callable[..., ResolvedSettings],
@@ -210,7 +213,9 @@ async def test_silent_driver_leaves_the_mirror_within_ttl_plus_sweep(
                 left.set()
             await asyncio.sleep(0.02)
 
-    bound = ttl_s + api.settings.sweep_interval_s + 0.75
+    # TTL + one sweep interval is the promise; the slack only absorbs scheduling delays of
+    # a machine three times slower with both cores busy (the watch polls every 20 ms).
+    bound = ttl_s + api.settings.sweep_interval_s + SCHEDULING_SLACK_S
     async with background(*(keep_pinging(c, offset(*chatty_at, 0.05 * n, 0)) for n, c in enumerate(chatty))):
         await asyncio.sleep(0.5)  # every chatty driver has a fresh fix
         silent = await api.online_driver(*silent_at, name="silent")

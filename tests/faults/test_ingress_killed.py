@@ -14,7 +14,7 @@ import ray
 
 from dispatcher.config import ResolvedSettings
 from dispatcher.embedded import free_port
-from tests.support import BERLIN, offset
+from tests.support import BERLIN, WAIT_CEILING_S, offset
 from tests.support.faults import (
     ScriptedReceiver,
     ServeProcess,
@@ -79,7 +79,7 @@ async def test_ingress_sigkilled_with_webhooks_pending(
             rows = await outbox(own_pool)
             return len(rows) == EVENTS and all(r["attempts"] >= 2 for r in rows.values())
 
-        await wait_until(all_attempted_twice, within_s=15, what="every event attempted twice")
+        await wait_until(all_attempted_twice, within_s=WAIT_CEILING_S, what="every event attempted twice")
         # Then the receiver hangs: the kill comes while POSTs are in flight.
         hooks.hold()
         held_from = len(hooks.attempts)
@@ -87,7 +87,7 @@ async def test_ingress_sigkilled_with_webhooks_pending(
         async def in_flight() -> bool:
             return any(a.status == 0 for a in hooks.attempts[held_from:])
 
-        await wait_until(in_flight, within_s=10, interval_s=0.01, what="a POST in flight")
+        await wait_until(in_flight, within_s=WAIT_CEILING_S, interval_s=0.01, what="a POST in flight")
         await first.kill()
         attempted_before = hooks.attempted_ids()
         rows_before = await outbox(own_pool)

@@ -26,9 +26,11 @@ DRIVERS = 20
 SPACING_KM = 0.3
 # A long write-behind window, so that the kill surely lands with fixes still queued.
 FLUSH_MS = 200.0
-# Beyond the window: the flush's actor call and a busy machine's stalls.
-MARGIN_S = 1.0
-PING_FOR_S = 2.0
+# Beyond the window: the flush's actor call and the stalls of a machine three times
+# slower with both cores busy.
+MARGIN_S = 3.0
+# Long enough that every driver has fixes acknowledged before window + margin.
+PING_FOR_S = 5.0
 # Per driver, under the ingress's default rate limit (10 pings/s, burst 60).
 PING_GAP_S = 0.11
 # 3 m per ping: well under 100 km/h, far below the 250 km/h limit.

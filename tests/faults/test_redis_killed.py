@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from dispatcher.config import ResolvedSettings
 from dispatcher.geo import haversine_km, round_km
 from tests.faults.conftest import OwnServers
-from tests.support import BERLIN, Api, Driver, offset
+from tests.support import BERLIN, WAIT_CEILING_S, Api, Driver, offset
 from tests.support.faults import (
     ScriptedReceiver,
     assert_booking_invariants,
@@ -159,7 +159,7 @@ async def test_redis_killed_under_load_then_restarted_empty(
             return any(p == "back" and redis == "ok" for p, _, redis in load.ready)
 
         # Load keeps flowing while the zones rebuild themselves; nothing is restarted.
-        ready_s = await wait_until(ready_ok, within_s=5, what="/ready redis ok")
+        ready_s = await wait_until(ready_ok, within_s=WAIT_CEILING_S, what="/ready redis ok")
         await wait_until(rebuilt, within_s=SWEEP_S + 5, interval_s=0.02, what="mirror rebuilt under load")
         rebuilt_s = time.monotonic() - restarted
         await asyncio.sleep(max(0.0, 3.0 - (time.monotonic() - restarted)))
@@ -181,7 +181,7 @@ async def test_redis_killed_under_load_then_restarted_empty(
     assert load.ready[-1][2] == "ok", load.ready[-1]
 
     # The mirror equals the dispatchable set per zone, quiescent, no stale, none missing.
-    await wait_until(lambda: _no_diff(own_pool, own_redis), within_s=3, what="quiescent mirror")
+    await wait_until(lambda: _no_diff(own_pool, own_redis), within_s=WAIT_CEILING_S, what="quiescent mirror")
     assert await mirror_diff(own_pool, own_redis, TTL_S) == []
 
     # No double booking; one webhook per event.
@@ -191,7 +191,7 @@ async def test_redis_killed_under_load_then_restarted_empty(
     assert {r["seller_order_id"] for r in rows if r["status"] == "CANCELLED"} == load.cancelled
     expected_events = len(load.assigned) + len(load.cancelled)
     await wait_until(
-        lambda: _delivered_at_least(scripted_receiver, expected_events), within_s=10, what="webhooks"
+        lambda: _delivered_at_least(scripted_receiver, expected_events), within_s=WAIT_CEILING_S, what="webhooks"
     )
     await asyncio.sleep(0.3)
     delivered = scripted_receiver.delivered()

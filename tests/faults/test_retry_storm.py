@@ -17,7 +17,7 @@ import pytest
 from dispatcher.config import ResolvedSettings
 from dispatcher.webhooks.signing import sign
 from dispatcher.zoning import Zoning
-from tests.support import BERLIN, Api, WebhookReceiver, offset
+from tests.support import BERLIN, WAIT_CEILING_S, Api, WebhookReceiver, offset
 from tests.support.faults import assert_booking_invariants
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -105,7 +105,7 @@ async def test_retry_storm_books_each_order_once(
     await assert_booking_invariants(pg_pool)
 
     # Exactly one webhook per assigned order.
-    await receiver.wait_until(lambda: len(receiver.received) >= len(assigned), timeout=20)
+    await receiver.wait_until(lambda: len(receiver.received) >= len(assigned), timeout=WAIT_CEILING_S)
     await asyncio.sleep(0.5)
     ids = Counter(d.webhook_id for d in receiver.received)
     per_order = Counter(d.body["data"]["sellerOrderId"] for d in receiver.received)

@@ -13,7 +13,7 @@ from dispatcher.errors import StaleEpochError
 from dispatcher.geo import haversine_km
 from dispatcher.messages import AssignRequest, Ping
 from dispatcher.store import keys
-from tests.support import BERLIN, located_drivers, offset
+from tests.support import BERLIN, WAIT_CEILING_S, located_drivers, offset
 from tests.support.faults import assert_booking_invariants
 from tests.support.fixtures import MakeCore
 
@@ -110,11 +110,11 @@ async def test_zombie_assigning_in_a_loop_stops_at_the_new_activation(
                 under_way.set()
 
     booking = asyncio.create_task(book_forever())
-    await asyncio.wait_for(under_way.wait(), 10)
+    await asyncio.wait_for(under_way.wait(), WAIT_CEILING_S)
     successor = await zone_cores()
     await successor.start()
     at_activation = {r["seller_order_id"] for r in await pg_pool.fetch("SELECT seller_order_id FROM deliveries")}
-    await asyncio.wait_for(booking, 10)
+    await asyncio.wait_for(booking, WAIT_CEILING_S)
 
     assert refused, "the zombie kept booking after the new activation"
     assert set(answered) == at_activation, "PostgreSQL and the zombie's answers disagree"

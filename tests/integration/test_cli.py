@@ -124,7 +124,7 @@ async def run_cli(env: dict[str, str], *args: str) -> tuple[int | None, bytes]:
         env=env, stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
-    async with asyncio.timeout(30):
+    async with asyncio.timeout(STOP_WITHIN_S):
         _, err = await proc.communicate()
     return proc.returncode, err
 

@@ -29,8 +29,9 @@ pytestmark = pytest.mark.integration
 
 TTL_S = 2.0
 SWEEP_S = 0.5
-# Scheduling slack on a loaded 2-core machine, on top of TTL + sweep interval.
-MARGIN_S = 0.75
+# Scheduling slack on top of TTL + sweep interval, for a machine three times slower with
+# both cores busy.
+MARGIN_S = 3.0
 
 
 def free_port() -> int:

@@ -12,29 +12,45 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import asyncpg
 
+from dispatcher.config import ResolvedSettings
+from dispatcher.embedded import free_port
 from dispatcher.zoning import Zoning
-from tests.support import Api, Driver, Point, offset, point_in
+from tests.support import (
+    BERLIN,
+    WAIT_CEILING_S,
+    Api,
+    Driver,
+    Point,
+    offset,
+    point_in,
+    zone_cells,
+)
+from tests.support.faults import (
+    ScriptedReceiver,
+    ServeProcess,
+    remote_api,
+    serve_env,
+    wait_until,
+)
+from tests.support.raycluster import FAST_NODE_LOSS, LocalRayCluster
 
-# The GCS declares a silent node dead after period x threshold (here 2 s; Ray's default
-# is 15 s): only then does Ray restart that node's actors elsewhere.
-FAST_NODE_LOSS = {
-    "health_check_initial_delay_ms": 0,
-    "health_check_period_ms": 500,
-    "health_check_failure_threshold": 4,
-}
 # Errors a careful client (Vendure, a driver app) retries on.
 RETRYABLE_STATUS = (502, 503, 504)
+# `dispatcher serve` processes sharing the zones, and drivers online in each zone.
+REPLICAS = 2
+DRIVERS_PER_ZONE = 30
 
 
-async def zones_command(env: Mapping[str, str], *args: str, timeout_s: float = 120.0) -> dict[str, Any]:
+async def zones_command(env: Mapping[str, str], *args: str, timeout_s: float = 900.0) -> dict[str, Any]:
     """Run `dispatcher zones <args> --json` as an operator would; its parsed output."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "dispatcher.cli", "zones", *args, "--json",
@@ -50,9 +66,15 @@ async def zones_command(env: Mapping[str, str], *args: str, timeout_s: float = 1
 
 
 async def placements(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
-    """zone id -> its `dispatcher zones list` entry."""
-    listing = await zones_command(env, "list")
-    return {z["zone_id"]: z for z in listing["zones"]}
+    """zone id -> its `dispatcher zones list` entry, once every zone answered the listing
+    (on a busy machine a zone can miss the listing's deadline and show `unreachable`)."""
+    deadline = time.monotonic() + WAIT_CEILING_S
+    while True:
+        listing = await zones_command(env, "list")
+        found = {z["zone_id"]: z for z in listing["zones"]}
+        if all(z["state"] != "unreachable" for z in found.values()) or time.monotonic() > deadline:
+            return found
+        await asyncio.sleep(0.5)
 
 
 async def zone_call_retries(apis: Sequence[Api]) -> int:
@@ -217,3 +239,68 @@ class SteadyLoad:
             assert row["location_recorded_at"] >= at, f"{driver_id}: acknowledged fix at {at} lost"
             if row["location_recorded_at"] == at:
                 assert (row["lat"], row["lon"]) == (lat, lon), driver_id
+
+
+@dataclass
+class ClusterStack:
+    cluster: LocalRayCluster
+    settings: ResolvedSettings
+    env: dict[str, str]
+    apis: list[Api]
+    load: SteadyLoad
+
+
+@contextlib.asynccontextmanager
+async def cluster_stack(
+    workers: int, make_settings: Callable[..., ResolvedSettings], tmp_path: Path
+) -> AsyncIterator[ClusterStack]:
+    """`workers` worker nodes, REPLICAS `dispatcher serve` processes sharing the zones,
+    and drivers online in the seven zones around Berlin."""
+    cluster = LocalRayCluster(system_config=FAST_NODE_LOSS)
+    replicas: list[ServeProcess] = []
+    try:
+        for _ in range(workers):
+            cluster.add_worker()
+        settings = make_settings(
+            ray_address=cluster.address, zone_resource_units=1, heartbeat_ttl_s=600, search_radius_km=8.0
+        )
+        env = serve_env(settings, port=0)
+        for n in range(REPLICAS):
+            replica = ServeProcess(serve_env(settings, port=free_port()), tmp_path / f"serve-{n}.log")
+            replicas.append(replica)
+        await asyncio.gather(*(r.start() for r in replicas))
+        async with contextlib.AsyncExitStack() as stack:
+            apis = [
+                await stack.enter_async_context(remote_api(f"http://127.0.0.1:{r.env['DISPATCHER_PORT']}", settings))
+                for r in replicas
+            ]
+            zoning = Zoning(settings.zone_resolution)
+            load = SteadyLoad(apis, zoning, zone_cells(zoning.zone_of(*BERLIN)))
+            await load.add_drivers(DRIVERS_PER_ZONE)
+            yield ClusterStack(cluster, settings, env, apis, load)
+    finally:
+        for replica in replicas:
+            await replica.stop()
+        await asyncio.to_thread(cluster.shutdown)
+
+
+async def assert_webhooks_exactly_once(pool: asyncpg.Pool, hooks: ScriptedReceiver, load: SteadyLoad) -> None:
+    """Every delivery's `delivery.assigned` arrived, each webhook-id accepted once."""
+    async def drained() -> bool:
+        pending = await pool.fetchval("SELECT count(*) FROM webhook_outbox WHERE delivered_at IS NULL")
+        return bool(pending == 0)
+
+    await wait_until(drained, within_s=60, what="outbox drained")
+    delivered = hooks.delivered()
+    assert delivered and max(delivered.values()) == 1, [i for i, n in delivered.items() if n > 1]
+    bodies = hooks.bodies().values()
+    assigned = Counter(b["data"]["sellerOrderId"] for b in bodies if b["type"] == "delivery.assigned")
+    booked = {s for s, sent in load.orders.items() if sent.body["assigned"]}
+    assert set(assigned) == booked
+    assert max(assigned.values()) == 1
+
+
+async def node_states(env: Mapping[str, str]) -> dict[str, str]:
+    """node id -> its state in `dispatcher zones list` (open, closed, dying, no-room)."""
+    listing = await zones_command(env, "list")
+    return {n["node_id"]: n["state"] for n in listing["nodes"]}

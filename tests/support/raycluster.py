@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 from collections.abc import Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +18,28 @@ from dispatcher.actors.options import ZONE_RESOURCE
 
 # Zone actors one worker node offers room for (the custom resource's capacity).
 ZONE_SLOTS_PER_NODE = 16
+# A raylet starts at most this many worker processes at once (Ray sets its startup
+# concurrency to the node's CPU count): after a node loss, the zones restarting on one
+# node start that many at a time. Zone actors ask for no CPU, so this changes nothing else.
+WORKER_NODE_CPUS = 2
 # Ray's token authentication settings: a process joining the cluster needs the ones the
 # cluster was started with (a local ray.init() turns token mode on in its environment).
 RAY_AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+# GCS health checks for a quick node-loss detection, as deploy/ray-cluster.yaml sets them.
+# A lost node's raylet refuses the check, so each fails at once and detection takes
+# period x threshold (0.5 s; Ray's default is 3 s x 5). A node that is alive but starved
+# of CPU answers late, not never: it is declared dead only after `threshold` checks in a
+# row each went unanswered for the whole timeout (5 x 1.5 s).
+FAST_NODE_LOSS = {
+    "health_check_initial_delay_ms": 0,
+    "health_check_period_ms": 100,
+    "health_check_timeout_ms": 1500,
+    "health_check_failure_threshold": 5,
+}
+# The GCS logs this, with a local timestamp, when it declares a node dead (Ray 2.60).
+NODE_DEAD_LINE = re.compile(
+    r"^\[(?P<at>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*gcs_job_manager.*Node is dead.*node_id=(?P<node>[0-9a-f]+)"
+)
 
 
 def ray_auth_env() -> dict[str, str]:
@@ -49,7 +70,7 @@ class LocalRayCluster:
 
     def add_worker(self, zone_slots: int = ZONE_SLOTS_PER_NODE) -> str:
         """Start one more worker node; returns its node id once the GCS knows it."""
-        node = self._cluster.add_node(num_cpus=1, resources={ZONE_RESOURCE: zone_slots})
+        node = self._cluster.add_node(num_cpus=WORKER_NODE_CPUS, resources={ZONE_RESOURCE: zone_slots})
         self._cluster.wait_for_nodes()
         node_id = str(node.node_id)
         self.workers[node_id] = node
@@ -68,6 +89,17 @@ class LocalRayCluster:
         for proc in workers:
             with contextlib.suppress(psutil.Error):
                 proc.kill()
+
+    def node_dead_at(self, node_id: str) -> float | None:
+        """Unix time the GCS declared `node_id` dead (from its log), None if not yet."""
+        head: Any = self._cluster.head_node
+        log_path = Path(head.get_logs_dir_path()) / "gcs_server.out"
+        with contextlib.suppress(FileNotFoundError), log_path.open(errors="replace") as log:
+            for line in log:
+                found = NODE_DEAD_LINE.match(line)
+                if found and found["node"] == node_id:
+                    return datetime.strptime(found["at"], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        return None
 
     def shutdown(self) -> None:
         self._cluster.shutdown()  # type: ignore[no-untyped-call]
