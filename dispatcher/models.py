@@ -32,7 +32,10 @@ def _int_id_to_str(value: Any) -> Any:
 
 
 # Text that may be logged or stored: no control characters (PostgreSQL text cannot hold NUL).
-NO_CONTROL = r"^[^\x00-\x1f\x7f]+$"
+NO_CONTROL_CHARS = r"[^\x00-\x1f\x7f]"
+NO_CONTROL = rf"^{NO_CONTROL_CHARS}+$"
+# The same rule for optional text, which may be empty.
+NO_CONTROL_OR_EMPTY = rf"^{NO_CONTROL_CHARS}*$"
 ORDER_ID_MAX = 128
 # Opaque id: 1-128 characters, no control characters; an integer names the order of its
 # decimal string, so it may have at most 128 characters too (sign included).
@@ -123,8 +126,8 @@ class SellerOrderReady(RequestModel):
     )
     seller_order_id: OrderId
     # Ignored, but still text that could be logged: no control characters.
-    event_id: str | None = Field(default=None, max_length=256, pattern=r"^[^\x00-\x1f\x7f]*$")
-    channel_id: str | None = Field(default=None, max_length=256, pattern=r"^[^\x00-\x1f\x7f]*$")
+    event_id: str | None = Field(default=None, max_length=256, pattern=NO_CONTROL_OR_EMPTY)
+    channel_id: str | None = Field(default=None, max_length=256, pattern=NO_CONTROL_OR_EMPTY)
     pickup_lat: Latitude | None = None
     pickup_lon: Longitude | None = None
     pickup: LatLon | None = None
@@ -173,7 +176,7 @@ class LocationPing(RequestModel):
 
 
 class BatchPing(LocationPing):
-    driver_id: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$")]
+    driver_id: Annotated[str, Field(min_length=1, max_length=64, pattern=NO_CONTROL)]
 
 
 class BatchPingsEnvelope(RequestModel):
@@ -190,7 +193,7 @@ class BatchPings(RequestModel):
 class CreateDriver(OperatorRequestModel):
     name: ShortText
     phone: Annotated[str, Field(min_length=1, max_length=40, pattern=r"^[0-9+() .-]+$")] | None = None
-    vehicle_type: Annotated[str, Field(min_length=1, max_length=40, pattern=r"^[^\x00-\x1f\x7f]+$")] | None = None
+    vehicle_type: Annotated[str, Field(min_length=1, max_length=40, pattern=NO_CONTROL)] | None = None
 
 
 class UpdateDriver(OperatorRequestModel):

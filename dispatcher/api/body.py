@@ -21,6 +21,7 @@ from dispatcher.errors import (
     RequestTimeoutError,
     RequestValidationError,
 )
+from dispatcher.models import NO_CONTROL_CHARS, ORDER_ID_MAX
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ M = TypeVar("M", bound=BaseModel)
 
 
 # Ids we issue or accept are short printable text; anything else names nothing here.
-PATH_ID = re.compile(r"[^\x00-\x1f\x7f]{1,128}")
+PATH_ID = re.compile(rf"{NO_CONTROL_CHARS}{{1,{ORDER_ID_MAX}}}")
 
 
 def path_id(request: web.Request, name: str) -> str:

@@ -34,6 +34,7 @@ from dispatcher.errors import (
 )
 from dispatcher.messages import Ping, PingVerdict
 from dispatcher.models import (
+    NO_CONTROL,
     BatchPing,
     BatchPingResult,
     BatchPings,
@@ -62,7 +63,7 @@ class DriverQuery(RequestModel):
     # Query strings are text: "limit=10" must coerce.
     model_config = ConfigDict(strict=False)
     status: Literal["AVAILABLE", "BUSY", "OFFLINE"] | None = None
-    zone_id: str | None = Field(default=None, max_length=32, pattern=r"^[^\x00-\x1f\x7f]+$")
+    zone_id: str | None = Field(default=None, max_length=32, pattern=NO_CONTROL)
     limit: Annotated[int, Field(ge=1, le=5000)] = DEFAULT_LIST_LIMIT
 
 
