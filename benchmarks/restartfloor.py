@@ -58,11 +58,17 @@ def run(actors: int) -> dict[str, Any]:
         for kind, module in (("bare", ""), ("dispatcher", "dispatcher.actors.zone")):
             for n in range(actors):
                 handles[f"{kind}-{n}"] = remote.options(
-                    name=f"{kind}-{n}", lifetime="detached", max_restarts=-1, max_task_retries=0,
-                    num_cpus=0, resources={ZONE_RESOURCE: 1},
+                    name=f"{kind}-{n}",
+                    lifetime="detached",
+                    max_restarts=-1,
+                    max_task_retries=0,
+                    num_cpus=0,
+                    resources={ZONE_RESOURCE: 1},
                     # Soft: on the victim now, anywhere else once it is gone.
-                    scheduling_strategy=NodeAffinitySchedulingStrategy(victim, soft=True),
-                ).remote(module)  # fmt: skip
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(
+                        victim, soft=True
+                    ),
+                ).remote(module)
         first = {
             name: ray.get(h.born.remote(), timeout=CEILING_S)
             for name, h in handles.items()

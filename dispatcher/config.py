@@ -30,7 +30,9 @@ def default_data_dir() -> Path:
 class Settings(BaseSettings):
     """Process configuration; built once in `main()` and passed down, never global."""
 
-    model_config = SettingsConfigDict(env_prefix="DISPATCHER_", frozen=True, extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="DISPATCHER_", frozen=True, extra="ignore"
+    )
 
     # Servers and secrets (docs/CONFIGURATION.md). `None` means "start an embedded one"
     # or "generate one".
@@ -88,7 +90,6 @@ class Settings(BaseSettings):
     http_head_timeout_s: float = Field(default=10.0, gt=0, allow_inf_nan=False)
     http_body_timeout_s: float = Field(default=30.0, gt=0, allow_inf_nan=False)
     http_idle_timeout_s: float = Field(default=75.0, gt=0, allow_inf_nan=False)
-
 
 
 class ResolvedSettings(Settings):

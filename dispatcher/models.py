@@ -41,8 +41,17 @@ ORDER_ID_MAX = 128
 # decimal string, so it may have at most 128 characters too (sign included).
 ORDER_ID_SCHEMA = {
     "anyOf": [
-        {"type": "string", "minLength": 1, "maxLength": ORDER_ID_MAX, "pattern": NO_CONTROL},
-        {"type": "integer", "minimum": -(10 ** (ORDER_ID_MAX - 1) - 1), "maximum": 10**ORDER_ID_MAX - 1},
+        {
+            "type": "string",
+            "minLength": 1,
+            "maxLength": ORDER_ID_MAX,
+            "pattern": NO_CONTROL,
+        },
+        {
+            "type": "integer",
+            "minimum": -(10 ** (ORDER_ID_MAX - 1) - 1),
+            "maximum": 10**ORDER_ID_MAX - 1,
+        },
     ],
     "description": "An opaque id; a JSON integer (also 42.0) names the same order as its decimal"
     " string. Send ids beyond 2^53 as strings: few JSON parsers keep such numbers exact.",
@@ -53,7 +62,9 @@ OrderId = Annotated[
     Field(min_length=1, max_length=ORDER_ID_MAX, pattern=NO_CONTROL),
     WithJsonSchema(ORDER_ID_SCHEMA, mode="validation"),
 ]
-Latitude = Annotated[float, Field(ge=-MAX_LATITUDE, le=MAX_LATITUDE, allow_inf_nan=False)]
+Latitude = Annotated[
+    float, Field(ge=-MAX_LATITUDE, le=MAX_LATITUDE, allow_inf_nan=False)
+]
 Longitude = Annotated[float, Field(ge=-180.0, le=180.0, allow_inf_nan=False)]
 DriverStatus = Literal["AVAILABLE", "BUSY", "OFFLINE"]
 DeliveryStatus = Literal["ASSIGNED", "PICKED_UP", "DELIVERED", "FAILED", "CANCELLED"]
@@ -111,11 +122,19 @@ class SellerOrderReady(RequestModel):
             "oneOf": [
                 {
                     "required": ["pickup"],
-                    "properties": {"pickup": {"type": "object"}, "pickupLat": {"type": "null"}, "pickupLon": {"type": "null"}},
+                    "properties": {
+                        "pickup": {"type": "object"},
+                        "pickupLat": {"type": "null"},
+                        "pickupLon": {"type": "null"},
+                    },
                 },
                 {
                     "required": ["pickupLat", "pickupLon"],
-                    "properties": {"pickupLat": {"type": "number"}, "pickupLon": {"type": "number"}, "pickup": {"type": "null"}},
+                    "properties": {
+                        "pickupLat": {"type": "number"},
+                        "pickupLon": {"type": "number"},
+                        "pickup": {"type": "null"},
+                    },
                 },
             ]
         }
@@ -126,8 +145,12 @@ class SellerOrderReady(RequestModel):
     )
     seller_order_id: OrderId
     # Ignored, but still text that could be logged: no control characters.
-    event_id: str | None = Field(default=None, max_length=256, pattern=NO_CONTROL_OR_EMPTY)
-    channel_id: str | None = Field(default=None, max_length=256, pattern=NO_CONTROL_OR_EMPTY)
+    event_id: str | None = Field(
+        default=None, max_length=256, pattern=NO_CONTROL_OR_EMPTY
+    )
+    channel_id: str | None = Field(
+        default=None, max_length=256, pattern=NO_CONTROL_OR_EMPTY
+    )
     pickup_lat: Latitude | None = None
     pickup_lon: Longitude | None = None
     pickup: LatLon | None = None
@@ -138,7 +161,9 @@ class SellerOrderReady(RequestModel):
         flat = (self.pickup_lat, self.pickup_lon)
         if self.pickup is None:
             if None in flat:
-                raise ValueError("pickup location required: pickupLat and pickupLon, or pickup {lat, lon}")
+                raise ValueError(
+                    "pickup location required: pickupLat and pickupLon, or pickup {lat, lon}"
+                )
         elif flat != (None, None) and flat != (self.pickup.lat, self.pickup.lon):
             raise ValueError("pickupLat/pickupLon and pickup disagree")
         return self
@@ -159,7 +184,9 @@ class SellerOrderCancelled(RequestModel):
     """No order-ready field may appear: a signed order-ready body is never a cancel."""
 
     model_config = ConfigDict(
-        json_schema_extra={"not": {"anyOf": [{"required": [name]} for name in READY_ONLY_FIELDS]}}
+        json_schema_extra={
+            "not": {"anyOf": [{"required": [name]} for name in READY_ONLY_FIELDS]}
+        }
     )
 
     type: Literal["seller-order-cancelled"] | None = Field(
@@ -192,8 +219,13 @@ class BatchPings(RequestModel):
 
 class CreateDriver(OperatorRequestModel):
     name: ShortText
-    phone: Annotated[str, Field(min_length=1, max_length=40, pattern=r"^[0-9+() .-]+$")] | None = None
-    vehicle_type: Annotated[str, Field(min_length=1, max_length=40, pattern=NO_CONTROL)] | None = None
+    phone: (
+        Annotated[str, Field(min_length=1, max_length=40, pattern=r"^[0-9+() .-]+$")]
+        | None
+    ) = None
+    vehicle_type: (
+        Annotated[str, Field(min_length=1, max_length=40, pattern=NO_CONTROL)] | None
+    ) = None
 
 
 class UpdateDriver(OperatorRequestModel):
@@ -202,7 +234,10 @@ class UpdateDriver(OperatorRequestModel):
     model_config = ConfigDict(
         json_schema_extra={
             "anyOf": [
-                {"required": ["isActive"], "properties": {"isActive": {"type": "boolean"}}},
+                {
+                    "required": ["isActive"],
+                    "properties": {"isActive": {"type": "boolean"}},
+                },
                 {"required": ["name"], "properties": {"name": {"type": "string"}}},
             ]
         }

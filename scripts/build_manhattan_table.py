@@ -136,14 +136,16 @@ def build_zones(geojson: dict[str, Any]) -> list[dict[str, Any]]:
                 lat, lon = utm_to_latlon(x, y)
                 points.append([round(lat, COORD_DIGITS), round(lon, COORD_DIGITS)])
         lat, lon = utm_to_latlon(cx, cy)
-        zones.append({
-            "id": int(feature["properties"]["zone_id"]),
-            "name": feature["properties"]["zone_name"],
-            "lat": round(lat, COORD_DIGITS),
-            "lon": round(lon, COORD_DIGITS),
-            "areaKm2": round(area, 4),
-            "points": points,
-        })  # fmt: skip
+        zones.append(
+            {
+                "id": int(feature["properties"]["zone_id"]),
+                "name": feature["properties"]["zone_name"],
+                "lat": round(lat, COORD_DIGITS),
+                "lon": round(lon, COORD_DIGITS),
+                "areaKm2": round(area, 4),
+                "points": points,
+            }
+        )
     return zones
 
 

@@ -57,8 +57,12 @@ def zone_actor_options(
         options["resources"] = {ZONE_RESOURCE: resource_units}
     if node_id is not None:
         # Soft: if the node died or filled up meanwhile, any other node will do.
-        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=True)
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
+            node_id, soft=True
+        )
     if excluded:
         # A hard constraint that holds under SPREAD and the soft affinity's fallback alike.
-        options["label_selector"] = {NODE_ID_LABEL: f"!in({','.join(sorted(excluded))})"}
+        options["label_selector"] = {
+            NODE_ID_LABEL: f"!in({','.join(sorted(excluded))})"
+        }
     return options

@@ -77,28 +77,45 @@ class ZoneActor:
                 # Both pools connect at once: a restarted zone answers that much sooner.
                 pools = await asyncio.gather(
                     create_pool(
-                        s.database_url, max_size=ZONE_POOL_SIZE, command_timeout_s=s.pg_timeout_s, stateless=True
+                        s.database_url,
+                        max_size=ZONE_POOL_SIZE,
+                        command_timeout_s=s.pg_timeout_s,
+                        stateless=True,
                     ),
                     # A location fix is superseded seconds later: its commit need not wait for
                     # the WAL flush. At most the last ~0.6 s of fixes can be lost if PostgreSQL
                     # itself crashes; bookings use the durable pool.
                     create_pool(
-                        s.database_url, max_size=PING_POOL_SIZE, command_timeout_s=s.pg_timeout_s,
-                        server_settings={"synchronous_commit": "off"}, stateless=True,
+                        s.database_url,
+                        max_size=PING_POOL_SIZE,
+                        command_timeout_s=s.pg_timeout_s,
+                        server_settings={"synchronous_commit": "off"},
+                        stateless=True,
                     ),
                     return_exceptions=True,
-                )  # fmt: skip
+                )
                 pool, ping_pool = pools
-                if isinstance(pool, BaseException) or isinstance(ping_pool, BaseException):
+                if isinstance(pool, BaseException) or isinstance(
+                    ping_pool, BaseException
+                ):
                     for opened in pools:
                         if not isinstance(opened, BaseException):
                             await opened.close()
-                    raise pool if isinstance(pool, BaseException) else cast(BaseException, ping_pool)
-                mirror = GeoMirror(connect_redis(s.redis_url, s.redis_timeout_s), s.redis_timeout_s)
+                    raise (
+                        pool
+                        if isinstance(pool, BaseException)
+                        else cast(BaseException, ping_pool)
+                    )
+                mirror = GeoMirror(
+                    connect_redis(s.redis_url, s.redis_timeout_s), s.redis_timeout_s
+                )
                 core = ZoneCore(
-                    self.zone_id, s,
-                    drivers=DriverStore(pool, ping_pool=ping_pool), deliveries=DeliveryStore(pool),
-                    mirror=mirror, zoning=Zoning(s.zone_resolution),
+                    self.zone_id,
+                    s,
+                    drivers=DriverStore(pool, ping_pool=ping_pool),
+                    deliveries=DeliveryStore(pool),
+                    mirror=mirror,
+                    zoning=Zoning(s.zone_resolution),
                 )
                 try:
                     await core.start()
@@ -140,12 +157,19 @@ class ZoneActor:
 
     def _placement(self) -> ZonePlacement:
         core = self._core
-        state: ZoneState = "draining" if self._drained else "idle" if core is None else "active"
+        state: ZoneState = (
+            "draining" if self._drained else "idle" if core is None else "active"
+        )
         return ZonePlacement(
-            self.zone_id, ray.get_runtime_context().get_node_id(), os.getpid(), state,
-            core.epoch if core is not None else 0, len(core.shard) if core is not None else 0,
-            self._started_at, self._active_at,
-        )  # fmt: skip
+            self.zone_id,
+            ray.get_runtime_context().get_node_id(),
+            os.getpid(),
+            state,
+            core.epoch if core is not None else 0,
+            len(core.shard) if core is not None else 0,
+            self._started_at,
+            self._active_at,
+        )
 
     @ray.method
     async def warm(self) -> ZonePlacement:

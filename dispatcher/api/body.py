@@ -64,11 +64,15 @@ async def read_body(request: web.Request, *, limit: int = MAX_BODY_BYTES) -> byt
     except TimeoutError:
         raise RequestTimeoutError("the body was not received in time") from None
     except ConnectionError:
-        log.info("client closed the connection while sending a body to %s", request.method)
+        log.info(
+            "client closed the connection while sending a body to %s", request.method
+        )
         raise ClientClosedError("the client closed the connection") from None
     except BadHttpMessage as exc:
         # e.g. a malformed chunk size: the parser's message quotes the bytes, ours does not.
-        raise BadRequestError(f"the body framing is malformed ({type(exc).__name__})") from None
+        raise BadRequestError(
+            f"the body framing is malformed ({type(exc).__name__})"
+        ) from None
     return b"".join(chunks)
 
 
@@ -81,8 +85,12 @@ def parse(raw: bytes, model: type[M], *, empty_ok: bool = False) -> M:
         errors = validation_errors(exc)
         first = errors[0] if errors else {"loc": ["body"], "msg": "invalid body"}
         where = ".".join(str(part) for part in first["loc"])
-        raise RequestValidationError(f"{where}: {first['msg']}", errors=errors) from None
+        raise RequestValidationError(
+            f"{where}: {first['msg']}", errors=errors
+        ) from None
 
 
-async def parse_body(request: web.Request, model: type[M], *, empty_ok: bool = False) -> M:
+async def parse_body(
+    request: web.Request, model: type[M], *, empty_ok: bool = False
+) -> M:
     return parse(await read_body(request), model, empty_ok=empty_ok)

@@ -73,9 +73,12 @@ class ZoneDirectory:
         # closed before, and one re-created during a handoff starts where it is handed to.
         namespace = self.settings.ray_namespace
         options = zone_actor_options(
-            zone_id, namespace, resource_units=self.settings.zone_resource_units,
-            node_id=zone_target(namespace, zone_id), excluded=excluded_nodes(namespace),
-        )  # fmt: skip
+            zone_id,
+            namespace,
+            resource_units=self.settings.zone_resource_units,
+            node_id=zone_target(namespace, zone_id),
+            excluded=excluded_nodes(namespace),
+        )
         return ZoneActorRemote.options(**options).remote(zone_id, self._settings_json)
 
     async def _handle(self, zone_id: str) -> ActorProxy[ZoneActor]:
@@ -93,7 +96,9 @@ class ZoneDirectory:
         self._handles[zone_id] = handle
         return handle
 
-    async def _call(self, zone_id: str, invoke: Callable[[ActorProxy[ZoneActor]], Awaitable[T]]) -> T:
+    async def _call(
+        self, zone_id: str, invoke: Callable[[ActorProxy[ZoneActor]], Awaitable[T]]
+    ) -> T:
         last: BaseException | None = None
         delays = iter((0.0, *RETRY_DELAYS_S))
         started = time.monotonic()
@@ -128,7 +133,9 @@ class ZoneDirectory:
             except TimeoutError as exc:
                 # A successor still starting queues calls; only a zone not in handoff is hung.
                 if not await self._in_handoff(zone_id, started):
-                    raise ZoneUnavailableError(f"zone {zone_id} did not answer in time") from exc
+                    raise ZoneUnavailableError(
+                        f"zone {zone_id} did not answer in time"
+                    ) from exc
                 last = exc
         log.warning("zone %s unavailable: %s", zone_id, last)
         raise ZoneUnavailableError(f"zone {zone_id} is restarting; retry shortly")
@@ -138,12 +145,19 @@ class ZoneDirectory:
         handoff ends) and a call that began at `since` may still wait for it."""
         if time.monotonic() - since > HANDOFF_WAIT_S:
             return False
-        return await asyncio.to_thread(zone_target, self.settings.ray_namespace, zone_id) is not None
+        return (
+            await asyncio.to_thread(zone_target, self.settings.ray_namespace, zone_id)
+            is not None
+        )
 
-    async def assign_many(self, zone_id: str, reqs: Sequence[AssignRequest]) -> list[AssignResult]:
+    async def assign_many(
+        self, zone_id: str, reqs: Sequence[AssignRequest]
+    ) -> list[AssignResult]:
         return await self._call(zone_id, lambda h: h.assign_many.remote(list(reqs)))
 
-    async def apply_pings(self, zone_id: str, pings: Sequence[Ping]) -> list[PingVerdict]:
+    async def apply_pings(
+        self, zone_id: str, pings: Sequence[Ping]
+    ) -> list[PingVerdict]:
         batch = PingBatch.of(pings)
         return await self._call(zone_id, lambda h: h.apply_ping_batch.remote(batch))
 

@@ -165,9 +165,19 @@ def _port(text: str) -> int:
 def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Combinations argparse cannot express; each is a usage error (exit 2)."""
     if args.offline:
-        live_only = [f for f, v in (("--url", args.url), ("--minutes", args.minutes), ("--speed", args.speed),
-                                    ("--open", args.open), ("--receiver-port", args.receiver_port),
-                                    ("--admin-token", args.admin_token), ("--inbound-secret", args.inbound_secret)) if v]  # fmt: skip
+        live_only = [
+            f
+            for f, v in (
+                ("--url", args.url),
+                ("--minutes", args.minutes),
+                ("--speed", args.speed),
+                ("--open", args.open),
+                ("--receiver-port", args.receiver_port),
+                ("--admin-token", args.admin_token),
+                ("--inbound-secret", args.inbound_secret),
+            )
+            if v
+        ]
         if live_only:
             p.error(
                 f"{', '.join(live_only)} only apply to live runs, not with --offline"
@@ -264,18 +274,29 @@ def _live(
         admin = args.admin_token or env.admin_token
         inbound = args.inbound_secret or env.inbound_secret
         if not admin or not inbound:
-            p.error("--url needs the operator token and the inbound secret: --admin-token and "
-                    "--inbound-secret, or DISPATCHER_ADMIN_TOKEN and DISPATCHER_INBOUND_SECRET")  # fmt: skip
+            p.error(
+                "--url needs the operator token and the inbound secret: --admin-token and "
+                "--inbound-secret, or DISPATCHER_ADMIN_TOKEN and DISPATCHER_INBOUND_SECRET"
+            )
         if wall_kmh > SERVICE_MAX_PING_SPEED_KMH:
-            print(f"dispatcher simulate: at --speed {speed:g} drivers may move at {wall_kmh:.0f} km/h of wall "
-                  "time; the service refuses fixes above its DISPATCHER_MAX_PING_SPEED_KMH (250 by default)",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"dispatcher simulate: at --speed {speed:g} drivers may move at {wall_kmh:.0f} km/h of wall "
+                "time; the service refuses fixes above its DISPATCHER_MAX_PING_SPEED_KMH (250 by default)",
+                file=sys.stderr,
+            )
         url = args.url.rstrip("/")
         if args.open:
             print(f"operator page: {url}/ops", flush=True)
         target = LiveTarget(url, admin, inbound, env.vendure_webhook_secret)
-        runner = LiveRunner(city, run, target, minutes=minutes, speed=speed, receiver_port=args.receiver_port,
-                            progress=progress.update)  # fmt: skip
+        runner = LiveRunner(
+            city,
+            run,
+            target,
+            minutes=minutes,
+            speed=speed,
+            receiver_port=args.receiver_port,
+            progress=progress.update,
+        )
         try:
             return asyncio.run(runner.run())
         except (aiohttp.ClientError, TimeoutError, OSError, RuntimeError) as exc:
@@ -334,8 +355,15 @@ def _live_embedded(
                 resolved.inbound_secret,
                 resolved.vendure_webhook_secret,
             )
-            runner = LiveRunner(city, run, target, minutes=minutes, speed=speed, receiver_port=receiver_port,
-                                progress=progress.update)  # fmt: skip
+            runner = LiveRunner(
+                city,
+                run,
+                target,
+                minutes=minutes,
+                speed=speed,
+                receiver_port=receiver_port,
+                progress=progress.update,
+            )
             try:
                 return await runner.run()
             finally:

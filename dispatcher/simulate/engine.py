@@ -174,11 +174,17 @@ class OfflineEngine:
         first_slot = math.floor(self.start_s / SLOT_S) * SLOT_S
         self.push(first_slot, SLOT, first_slot)
         handlers: dict[int, Callable[[_Event], None]] = {
-            SLOT: self._slot, SHIFT_START: self._shift_start, SHIFT_END: self._shift_end,
-            READY: self._ready, ARRIVE_PICKUP: self._arrive_pickup, PICKED_UP: self._picked_up,
-            ARRIVE_DROP: self._arrive_drop, DONE: self._done, CANCEL: self._cancel,
+            SLOT: self._slot,
+            SHIFT_START: self._shift_start,
+            SHIFT_END: self._shift_end,
+            READY: self._ready,
+            ARRIVE_PICKUP: self._arrive_pickup,
+            PICKED_UP: self._picked_up,
+            ARRIVE_DROP: self._arrive_drop,
+            DONE: self._done,
+            CANCEL: self._cancel,
             OFFER_END: self._offer_end,
-        }  # fmt: skip
+        }
         next_report = self.start_s
         while self._heap and self._heap[0][0] < self.end_s:
             event = heapq.heappop(self._heap)
@@ -195,9 +201,16 @@ class OfflineEngine:
         self._close_books()
         ordered = [self.records[k] for k in sorted(self.records)]
         return RunResult(
-            "offline", self.city.name, self.matcher.mode, self.s.seed, self.s.hours, self.s.drivers,
-            ordered, self.util, wall_s=time.perf_counter() - began,
-        )  # fmt: skip
+            "offline",
+            self.city.name,
+            self.matcher.mode,
+            self.s.seed,
+            self.s.hours,
+            self.s.drivers,
+            ordered,
+            self.util,
+            wall_s=time.perf_counter() - began,
+        )
 
     # ---- demand ----------------------------------------------------------------
 

@@ -10,9 +10,31 @@ from dispatcher.simulate.city import DAY_S, SLOT_S, Point, offset
 # Orders per hour relative to the day's mean, hour by hour from midnight: quiet nights,
 # a lunch peak and a larger dinner peak, as food delivery sees them.
 DEFAULT_PROFILE: tuple[float, ...] = (
-    0.4, 0.25, 0.15, 0.1, 0.1, 0.15, 0.3, 0.5, 0.7, 0.8, 0.9, 1.3,
-    2.0, 1.9, 1.1, 0.8, 0.8, 1.1, 1.9, 2.4, 2.2, 1.5, 0.9, 0.6,
-)  # fmt: skip
+    0.4,
+    0.25,
+    0.15,
+    0.1,
+    0.1,
+    0.15,
+    0.3,
+    0.5,
+    0.7,
+    0.8,
+    0.9,
+    1.3,
+    2.0,
+    1.9,
+    1.1,
+    0.8,
+    0.8,
+    1.1,
+    1.9,
+    2.4,
+    2.2,
+    1.5,
+    0.9,
+    0.6,
+)
 
 
 @dataclass(frozen=True, slots=True)

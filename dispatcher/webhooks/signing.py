@@ -113,7 +113,9 @@ def verify(
 
     See verify_message, which this wraps.
     """
-    return verify_message(secrets, headers, body, now=now, tolerance_s=tolerance_s).webhook_id
+    return verify_message(
+        secrets, headers, body, now=now, tolerance_s=tolerance_s
+    ).webhook_id
 
 
 def verify_message(

@@ -21,30 +21,52 @@ from dispatcher.zonectl.rebalance import (
 
 
 def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    zones = sub.add_parser("zones", help="list or rebalance the zone actors of a running cluster")
+    zones = sub.add_parser(
+        "zones", help="list or rebalance the zone actors of a running cluster"
+    )
     actions = zones.add_subparsers(dest="zones_command", required=True)
     listing = actions.add_parser(
-        "list", help="each zone actor (node, process, state, epoch, drivers) and each node (open or closed)"
+        "list",
+        help="each zone actor (node, process, state, epoch, drivers) and each node (open or closed)",
     )
-    listing.add_argument("--json", action="store_true", help="one JSON document instead of a table")
+    listing.add_argument(
+        "--json", action="store_true", help="one JSON document instead of a table"
+    )
     moving = actions.add_parser(
-        "rebalance", help="move zone actors so every node hosts an even share (one at a time)"
+        "rebalance",
+        help="move zone actors so every node hosts an even share (one at a time)",
     )
-    moving.add_argument("--dry-run", action="store_true", help="print the plan, move nothing")
     moving.add_argument(
-        "--drain-node", dest="draining", action="append", default=[], metavar="NODE_ID",
+        "--dry-run", action="store_true", help="print the plan, move nothing"
+    )
+    moving.add_argument(
+        "--drain-node",
+        dest="draining",
+        action="append",
+        default=[],
+        metavar="NODE_ID",
         help="close this node to zones (an id or its prefix, from `zones list`) and move every "
-             "zone off it, e.g. before taking it down for an upgrade; it takes no zone again "
-             "until `zones reopen-node`; repeatable",
-    )  # fmt: skip
+        "zone off it, e.g. before taking it down for an upgrade; it takes no zone again "
+        "until `zones reopen-node`; repeatable",
+    )
     moving.add_argument(
-        "--all", dest="every_zone", action="store_true",
+        "--all",
+        dest="every_zone",
+        action="store_true",
         help="also hand every other zone over to a new process on its own node "
-             "(a rolling restart of all zones)",
-    )  # fmt: skip
-    moving.add_argument("--json", action="store_true", help="print the results as JSON at the end")
-    reopen = actions.add_parser("reopen-node", help="let zones start again on a node closed by a drain")
-    reopen.add_argument("node", metavar="NODE_ID", help="a node id or its prefix (`zones list` shows closed ones)")
+        "(a rolling restart of all zones)",
+    )
+    moving.add_argument(
+        "--json", action="store_true", help="print the results as JSON at the end"
+    )
+    reopen = actions.add_parser(
+        "reopen-node", help="let zones start again on a node closed by a drain"
+    )
+    reopen.add_argument(
+        "node",
+        metavar="NODE_ID",
+        help="a node id or its prefix (`zones list` shows closed ones)",
+    )
     reopen.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -59,12 +81,16 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     import ray
 
     ray.init(
-        address=settings.ray_address, namespace=settings.ray_namespace,
-        logging_level=logging.WARNING, log_to_driver=False,
-    )  # fmt: skip
+        address=settings.ray_address,
+        namespace=settings.ray_namespace,
+        logging_level=logging.WARNING,
+        log_to_driver=False,
+    )
     try:
         if args.zones_command == "list":
-            return _list(settings.ray_namespace, settings.zone_resource_units, as_json=args.json)
+            return _list(
+                settings.ray_namespace, settings.zone_resource_units, as_json=args.json
+            )
         if args.zones_command == "reopen-node":
             return _reopen(settings.ray_namespace, args.node, as_json=args.json)
         return _rebalance(args, settings)
@@ -76,19 +102,30 @@ def _list(namespace: str, resource_units: float, *, as_json: bool) -> int:
     found = placements(namespace)
     nodes = node_states(namespace, resource_units)
     if as_json:
-        print(json.dumps(
-            {"zones": [dataclasses.asdict(p) for p in found], "nodes": [dataclasses.asdict(n) for n in nodes]},
-            indent=2,
-        ))  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    "zones": [dataclasses.asdict(p) for p in found],
+                    "nodes": [dataclasses.asdict(n) for n in nodes],
+                },
+                indent=2,
+            )
+        )
         return 0
-    print(f"{'zone':<17} {'node':<10} {'pid':>7} {'state':<11} {'epoch':>5} {'drivers':>7}")
+    print(
+        f"{'zone':<17} {'node':<10} {'pid':>7} {'state':<11} {'epoch':>5} {'drivers':>7}"
+    )
     for p in found:
-        print(f"{p.zone_id:<17} {_short(p.node_id):<10} {p.pid:>7} {p.state:<11} {p.epoch:>5} {p.drivers:>7}")
+        print(
+            f"{p.zone_id:<17} {_short(p.node_id):<10} {p.pid:>7} {p.state:<11} {p.epoch:>5} {p.drivers:>7}"
+        )
     print(f"{len(found)} zones on {len({p.node_id for p in found if p.node_id})} nodes")
     hosted = {n.node_id: sum(p.node_id == n.node_id for p in found) for n in nodes}
     print(f"\n{'node':<10} {'state':<8} {'zones':>5} {'slots':>5}")
     for n in nodes:
-        print(f"{_short(n.node_id):<10} {n.state:<8} {hosted[n.node_id]:>5} {n.zone_slots:>5g}")
+        print(
+            f"{_short(n.node_id):<10} {n.state:<8} {hosted[n.node_id]:>5} {n.zone_slots:>5g}"
+        )
     return 0
 
 
@@ -100,7 +137,9 @@ def _reopen(namespace: str, prefix: str, *, as_json: bool) -> int:
     if as_json:
         print(json.dumps({"node_id": node_id, "was_closed": was_closed}))
     else:
-        print(f"node {_short(node_id)} {'reopened to zones' if was_closed else 'was not closed'}")
+        print(
+            f"node {_short(node_id)} {'reopened to zones' if was_closed else 'was not closed'}"
+        )
     return 0
 
 
@@ -119,9 +158,13 @@ def _rebalance(args: argparse.Namespace, settings: Settings) -> int:
         print(line, file=sys.stderr if args.json else sys.stdout, flush=True)
 
     results = rebalance(
-        settings.ray_namespace, settings.zone_resource_units,
-        every_zone=args.every_zone, draining=args.draining, dry_run=args.dry_run, progress=report,
-    )  # fmt: skip
+        settings.ray_namespace,
+        settings.zone_resource_units,
+        every_zone=args.every_zone,
+        draining=args.draining,
+        dry_run=args.dry_run,
+        progress=report,
+    )
     if args.json:
         print(json.dumps({"moves": [dataclasses.asdict(r) for r in results]}, indent=2))
     elif not args.dry_run:
@@ -131,6 +174,3 @@ def _rebalance(args: argparse.Namespace, settings: Settings) -> int:
 
 def _short(node_id: str) -> str:
     return node_id[:8] if node_id else "-"
-
-
-

@@ -35,9 +35,18 @@ def record_node_loss_parts(
     zone's new process, the zone taking its epoch and rebuilding (times after the loss)."""
     assert dead_at is not None, "the GCS never logged the node dead"
     recovery("node lost: GCS declares it dead", dead_at - lost_at)
-    recovery("node lost: last zone constructor starts", max(z["started_at"] for z in successors) - lost_at)
-    recovery("node lost: last zone active (epoch, shard, mirror)", max(z["active_at"] for z in successors) - lost_at)
-    recovery("node lost: slowest activation", max(z["active_at"] - z["started_at"] for z in successors))
+    recovery(
+        "node lost: last zone constructor starts",
+        max(z["started_at"] for z in successors) - lost_at,
+    )
+    recovery(
+        "node lost: last zone active (epoch, shard, mirror)",
+        max(z["active_at"] for z in successors) - lost_at,
+    )
+    recovery(
+        "node lost: slowest activation",
+        max(z["active_at"] - z["started_at"] for z in successors),
+    )
 
 
 async def test_node_lost_under_load_restarts_its_zones_elsewhere_and_loses_nothing(
@@ -52,7 +61,9 @@ async def test_node_lost_under_load_restarts_its_zones_elsewhere_and_loses_nothi
         before = await placements(stack.env)
         assert set(before) == set(load.cells), "every zone has its actor"
         hosts = Counter(p["node_id"] for p in before.values())
-        assert set(hosts) <= set(stack.cluster.workers), "a zone actor landed on the head"
+        assert set(hosts) <= set(stack.cluster.workers), (
+            "a zone actor landed on the head"
+        )
         assert len(hosts) >= 2, f"zones not spread over the workers: {hosts}"
         victim, _ = hosts.most_common(1)[0]
         lost = sorted(z for z, p in before.items() if p["node_id"] == victim)
@@ -65,22 +76,44 @@ async def test_node_lost_under_load_restarts_its_zones_elsewhere_and_loses_nothi
             async def lost_zones_answer() -> bool:
                 return set(load.answered_again(lost, lost_at)) == set(lost)
 
-            await wait_until(lost_zones_answer, within_s=90, interval_s=0.1, what="lost zones answering")
+            await wait_until(
+                lost_zones_answer,
+                within_s=90,
+                interval_s=0.1,
+                what="lost zones answering",
+            )
             await asyncio.sleep(2)
 
         recovered = load.answered_again(lost, lost_at)
-        recovery(f"node lost ({len(lost)} of {len(before)} zones) -> all answer", max(recovered.values()))
+        recovery(
+            f"node lost ({len(lost)} of {len(before)} zones) -> all answer",
+            max(recovered.values()),
+        )
         after = await placements(stack.env)
-        record_node_loss_parts(stack.cluster.node_dead_at(victim), lost_at_unix, [after[z] for z in lost], recovery)
+        record_node_loss_parts(
+            stack.cluster.node_dead_at(victim),
+            lost_at_unix,
+            [after[z] for z in lost],
+            recovery,
+        )
         for zone_id in lost:
             assert after[zone_id]["node_id"] in stack.cluster.workers, after[zone_id]
             assert after[zone_id]["state"] == "active"
-            assert after[zone_id]["epoch"] > before[zone_id]["epoch"], "the new incarnation took a new epoch"
-        epochs = {r["zone_id"]: r["epoch"] for r in await own_pool.fetch("SELECT zone_id, epoch FROM zones")}
-        assert all(epochs[z] == after[z]["epoch"] for z in after), "PostgreSQL's epoch is the live one's"
+            assert after[zone_id]["epoch"] > before[zone_id]["epoch"], (
+                "the new incarnation took a new epoch"
+            )
+        epochs = {
+            r["zone_id"]: r["epoch"]
+            for r in await own_pool.fetch("SELECT zone_id, epoch FROM zones")
+        }
+        assert all(epochs[z] == after[z]["epoch"] for z in after), (
+            "PostgreSQL's epoch is the live one's"
+        )
         retries = await zone_call_retries(stack.apis)
-        print(f"node loss: {len(load.orders)} orders, {len(load.pings)} pings, "
-              f"ingress retried {retries} zone calls, clients retried {dict(load.retried)}")
+        print(
+            f"node loss: {len(load.orders)} orders, {len(load.pings)} pings, "
+            f"ingress retried {retries} zone calls, clients retried {dict(load.retried)}"
+        )
         assert retries > 0, "the load never reached a lost zone"
         assert len(load.orders) > 20 and len(load.pings) > 100, "the load did not flow"
         await load.assert_nothing_lost(own_pool)
@@ -108,7 +141,9 @@ async def test_rebalance_onto_added_nodes_then_draining_one_hands_zones_over_cle
             await asyncio.sleep(1)
             middle = await placements(stack.env)
             # Then empty the first node, as before taking it down for an upgrade.
-            drained = await zones_command(stack.env, "rebalance", "--drain-node", first_node[:12])
+            drained = await zones_command(
+                stack.env, "rebalance", "--drain-node", first_node[:12]
+            )
             await asyncio.sleep(2)
 
         moves = result["moves"]
@@ -117,10 +152,17 @@ async def test_rebalance_onto_added_nodes_then_draining_one_hands_zones_over_cle
         # 7 zones over 3 nodes: 3/2/2, so 4 handoffs, each onto a new node.
         assert len(moves) == 4 and {m["landed"] for m in moves} == set(added), moves
         spread = Counter(p["node_id"] for p in middle.values())
-        assert max(spread.values()) - min(spread.values()) <= 1 and set(spread) == {first_node, *added}
+        assert max(spread.values()) - min(spread.values()) <= 1 and set(spread) == {
+            first_node,
+            *added,
+        }
         evacuated = drained["moves"]
-        assert {m["zone_id"] for m in evacuated} == {z for z, p in middle.items() if p["node_id"] == first_node}
-        assert all(m["error"] is None and m["landed"] in added for m in evacuated), evacuated
+        assert {m["zone_id"] for m in evacuated} == {
+            z for z, p in middle.items() if p["node_id"] == first_node
+        }
+        assert all(m["error"] is None and m["landed"] in added for m in evacuated), (
+            evacuated
+        )
         moves += evacuated
         recovery("rebalance: slowest zone handoff", max(m["seconds"] for m in moves))
         after = await placements(stack.env)
@@ -133,8 +175,10 @@ async def test_rebalance_onto_added_nodes_then_draining_one_hands_zones_over_cle
             assert after[zone_id]["state"] == "active"
             assert after[zone_id]["epoch"] >= move["epoch_after"]
         retries = await zone_call_retries(stack.apis)
-        print(f"rebalance: {len(load.orders)} orders, {len(load.pings)} pings, "
-              f"ingress retried {retries} zone calls, clients retried {dict(load.retried)}")
+        print(
+            f"rebalance: {len(load.orders)} orders, {len(load.pings)} pings, "
+            f"ingress retried {retries} zone calls, clients retried {dict(load.retried)}"
+        )
         assert retries > 0, "no call met a handoff: the load did not overlap the moves"
         # A clean handoff: the ingress retried the calls it held back, no client saw an error.
         assert not load.retried, load.retried

@@ -29,10 +29,23 @@ async def test_simulate_with_embedded_defaults_plays_and_summarises(
     tmp_path: Path,
 ) -> None:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "dispatcher.cli", "simulate", "--minutes", "0.33", "--speed", "10",
-        "--drivers", "12", "--seed", "2", "--open",
-        env=clean_env(tmp_path), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        sys.executable,
+        "-m",
+        "dispatcher.cli",
+        "simulate",
+        "--minutes",
+        "0.33",
+        "--speed",
+        "10",
+        "--drivers",
+        "12",
+        "--seed",
+        "2",
+        "--open",
+        env=clean_env(tmp_path),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), RUN_WITHIN_S)
     finally:

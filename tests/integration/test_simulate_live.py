@@ -75,8 +75,10 @@ async def test_a_short_live_run_ends_with_every_order_final(
     assert "unexpected answers" not in result.notes, result.notes
     assert "webhooks with bad signatures" not in result.notes, result.notes
 
-    rows = await pg_pool.fetch("SELECT seller_order_id, driver_id, status, assigned_at, "
-                               "coalesce(delivered_at, failed_at, cancelled_at) AS ended_at FROM deliveries")  # fmt: skip
+    rows = await pg_pool.fetch(
+        "SELECT seller_order_id, driver_id, status, assigned_at, "
+        "coalesce(delivered_at, failed_at, cancelled_at) AS ended_at FROM deliveries"
+    )
     by_order = {r["seller_order_id"]: r for r in rows}
     # Invariant 2: one delivery per sellerOrderId, and only orders the shop sent.
     assert len(by_order) == len(rows)
@@ -139,8 +141,23 @@ async def test_the_cli_plays_a_running_service_with_secrets_from_the_environment
     monkeypatch.setenv(
         "DISPATCHER_VENDURE_WEBHOOK_SECRET", settings.vendure_webhook_secret
     )
-    argv = ["--url", url, "--minutes", "0.25", "--speed", "5", "--drivers", "8", "--seed", "9",
-            "--scenario", "synthetic", "--receiver-port", str(port), "--open"]  # fmt: skip
+    argv = [
+        "--url",
+        url,
+        "--minutes",
+        "0.25",
+        "--speed",
+        "5",
+        "--drivers",
+        "8",
+        "--seed",
+        "9",
+        "--scenario",
+        "synthetic",
+        "--receiver-port",
+        str(port),
+        "--open",
+    ]
     # The CLI runs its own event loop: a thread, while this loop serves the API.
     assert await asyncio.to_thread(simulate_main, argv) == 0
     out = capsys.readouterr().out

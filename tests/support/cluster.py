@@ -50,16 +50,27 @@ REPLICAS = 2
 DRIVERS_PER_ZONE = 30
 
 
-async def zones_command(env: Mapping[str, str], *args: str, timeout_s: float = 900.0) -> dict[str, Any]:
+async def zones_command(
+    env: Mapping[str, str], *args: str, timeout_s: float = 900.0
+) -> dict[str, Any]:
     """Run `dispatcher zones <args> --json` as an operator would; its parsed output."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "dispatcher.cli", "zones", *args, "--json",
-        env=dict(env), stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        sys.executable,
+        "-m",
+        "dispatcher.cli",
+        "zones",
+        *args,
+        "--json",
+        env=dict(env),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     async with asyncio.timeout(timeout_s):
         out, err = await proc.communicate()
-    assert proc.returncode == 0, f"dispatcher zones {' '.join(args)}: {proc.returncode}\n{err.decode()[-3000:]}"
+    assert proc.returncode == 0, (
+        f"dispatcher zones {' '.join(args)}: {proc.returncode}\n{err.decode()[-3000:]}"
+    )
     result: dict[str, Any] = json.loads(out)
     result["stderr"] = err.decode()
     return result
@@ -72,7 +83,10 @@ async def placements(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
     while True:
         listing = await zones_command(env, "list")
         found = {z["zone_id"]: z for z in listing["zones"]}
-        if all(z["state"] != "unreachable" for z in found.values()) or time.monotonic() > deadline:
+        if (
+            all(z["state"] != "unreachable" for z in found.values())
+            or time.monotonic() > deadline
+        ):
             return found
         await asyncio.sleep(0.5)
 
@@ -132,7 +146,9 @@ class SteadyLoad:
     async def add_drivers(self, per_zone: int) -> None:
         async def one(cell: str, n: int) -> None:
             home = point_in(self.rng, self.zoning, cell)
-            driver = await self.apis[n % len(self.apis)].online_driver(*home, name=f"{cell}-{n}")
+            driver = await self.apis[n % len(self.apis)].online_driver(
+                *home, name=f"{cell}-{n}"
+            )
             self.drivers[driver.driver_id] = (driver, home, cell)
 
         jobs = [one(cell, n) for cell in self.cells for n in range(per_zone)]
@@ -167,7 +183,15 @@ class SteadyLoad:
             seller_order_id = "SO-" + uuid.uuid4().hex[:12]
             sent = Sent(cell, time.monotonic())
             self.orders[seller_order_id] = sent
-            await self._until_answered(sent, functools.partial(Api.order, seller_order_id=seller_order_id, lat=pickup[0], lon=pickup[1]))
+            await self._until_answered(
+                sent,
+                functools.partial(
+                    Api.order,
+                    seller_order_id=seller_order_id,
+                    lat=pickup[0],
+                    lon=pickup[1],
+                ),
+            )
             await asyncio.sleep(interval_s)
 
     async def ping_worker(self, interval_s: float) -> None:
@@ -179,13 +203,22 @@ class SteadyLoad:
             # A few metres around home, never an implausible jump, and never across the cell's
             # border (that would open an eighth zone).
             while True:
-                lat, lon = offset(*home, self.rng.uniform(-0.005, 0.005), self.rng.uniform(-0.005, 0.005))
+                lat, lon = offset(
+                    *home,
+                    self.rng.uniform(-0.005, 0.005),
+                    self.rng.uniform(-0.005, 0.005),
+                )
                 if self.zoning.zone_of(lat, lon) == cell:
                     break
             at = datetime.now(UTC)
             sent = Sent(cell, time.monotonic())
             self.pings.append(sent)
-            await self._until_answered(sent, functools.partial(Api.ping, driver=driver, lat=lat, lon=lon, recorded_at=at))
+            await self._until_answered(
+                sent,
+                functools.partial(
+                    Api.ping, driver=driver, lat=lat, lon=lon, recorded_at=at
+                ),
+            )
             assert sent.status == 204, sent.body
             newest = self.acked_fix.get(driver.driver_id)
             if newest is None or newest[0] < at:
@@ -193,9 +226,15 @@ class SteadyLoad:
             await asyncio.sleep(interval_s)
 
     @contextlib.asynccontextmanager
-    async def running(self, *, order_workers: int = 3, ping_workers: int = 4) -> AsyncIterator[None]:
-        tasks = [asyncio.create_task(self.order_worker(0.1)) for _ in range(order_workers)]
-        tasks += [asyncio.create_task(self.ping_worker(0.02)) for _ in range(ping_workers)]
+    async def running(
+        self, *, order_workers: int = 3, ping_workers: int = 4
+    ) -> AsyncIterator[None]:
+        tasks = [
+            asyncio.create_task(self.order_worker(0.1)) for _ in range(order_workers)
+        ]
+        tasks += [
+            asyncio.create_task(self.ping_worker(0.02)) for _ in range(ping_workers)
+        ]
         try:
             yield
         finally:
@@ -222,21 +261,34 @@ class SteadyLoad:
         """Every acknowledged order and fix is in PostgreSQL as it was answered."""
         for api in self.apis:
             await api.settle()  # acknowledged fixes are written behind
-        assert all(s.status == 200 for s in self.orders.values()), Counter(s.status for s in self.orders.values())
-        rows = {r["seller_order_id"]: r for r in await pool.fetch("SELECT seller_order_id, driver_id FROM deliveries")}
+        assert all(s.status == 200 for s in self.orders.values()), Counter(
+            s.status for s in self.orders.values()
+        )
+        rows = {
+            r["seller_order_id"]: r
+            for r in await pool.fetch(
+                "SELECT seller_order_id, driver_id FROM deliveries"
+            )
+        }
         for seller_order_id, sent in self.orders.items():
             if sent.body["assigned"]:
-                assert rows[seller_order_id]["driver_id"] == sent.body["driverId"], seller_order_id
+                assert rows[seller_order_id]["driver_id"] == sent.body["driverId"], (
+                    seller_order_id
+                )
             else:
                 assert seller_order_id not in rows, seller_order_id
         assert set(rows) <= set(self.orders), "a delivery nobody asked for"
         stored = {
             r["id"]: r
-            for r in await pool.fetch("SELECT id, lat, lon, location_recorded_at FROM drivers")
+            for r in await pool.fetch(
+                "SELECT id, lat, lon, location_recorded_at FROM drivers"
+            )
         }
         for driver_id, (at, lat, lon) in self.acked_fix.items():
             row = stored[driver_id]
-            assert row["location_recorded_at"] >= at, f"{driver_id}: acknowledged fix at {at} lost"
+            assert row["location_recorded_at"] >= at, (
+                f"{driver_id}: acknowledged fix at {at} lost"
+            )
             if row["location_recorded_at"] == at:
                 assert (row["lat"], row["lon"]) == (lat, lon), driver_id
 
@@ -262,16 +314,23 @@ async def cluster_stack(
         for _ in range(workers):
             cluster.add_worker()
         settings = make_settings(
-            ray_address=cluster.address, zone_resource_units=1, heartbeat_ttl_s=600, search_radius_km=8.0
+            ray_address=cluster.address,
+            zone_resource_units=1,
+            heartbeat_ttl_s=600,
+            search_radius_km=8.0,
         )
         env = serve_env(settings, port=0)
         for n in range(REPLICAS):
-            replica = ServeProcess(serve_env(settings, port=free_port()), tmp_path / f"serve-{n}.log")
+            replica = ServeProcess(
+                serve_env(settings, port=free_port()), tmp_path / f"serve-{n}.log"
+            )
             replicas.append(replica)
         await asyncio.gather(*(r.start() for r in replicas))
         async with contextlib.AsyncExitStack() as stack:
             apis = [
-                await stack.enter_async_context(remote_api(f"http://127.0.0.1:{r.env['DISPATCHER_PORT']}", settings))
+                await stack.enter_async_context(
+                    remote_api(f"http://127.0.0.1:{r.env['DISPATCHER_PORT']}", settings)
+                )
                 for r in replicas
             ]
             zoning = Zoning(settings.zone_resolution)
@@ -284,17 +343,26 @@ async def cluster_stack(
         await asyncio.to_thread(cluster.shutdown)
 
 
-async def assert_webhooks_exactly_once(pool: asyncpg.Pool, hooks: ScriptedReceiver, load: SteadyLoad) -> None:
+async def assert_webhooks_exactly_once(
+    pool: asyncpg.Pool, hooks: ScriptedReceiver, load: SteadyLoad
+) -> None:
     """Every delivery's `delivery.assigned` arrived, each webhook-id accepted once."""
+
     async def drained() -> bool:
-        pending = await pool.fetchval("SELECT count(*) FROM webhook_outbox WHERE delivered_at IS NULL")
+        pending = await pool.fetchval(
+            "SELECT count(*) FROM webhook_outbox WHERE delivered_at IS NULL"
+        )
         return bool(pending == 0)
 
     await wait_until(drained, within_s=60, what="outbox drained")
     delivered = hooks.delivered()
-    assert delivered and max(delivered.values()) == 1, [i for i, n in delivered.items() if n > 1]
+    assert delivered and max(delivered.values()) == 1, [
+        i for i, n in delivered.items() if n > 1
+    ]
     bodies = hooks.bodies().values()
-    assigned = Counter(b["data"]["sellerOrderId"] for b in bodies if b["type"] == "delivery.assigned")
+    assigned = Counter(
+        b["data"]["sellerOrderId"] for b in bodies if b["type"] == "delivery.assigned"
+    )
     booked = {s for s, sent in load.orders.items() if sent.body["assigned"]}
     assert set(assigned) == booked
     assert max(assigned.values()) == 1

@@ -55,13 +55,20 @@ class LocalRayCluster:
     Raylets must be started from the main thread (Ray installs signal handlers).
     """
 
-    def __init__(self, *, system_config: Mapping[str, Any] | None = None, temp_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        system_config: Mapping[str, Any] | None = None,
+        temp_dir: Path | None = None,
+    ) -> None:
         head: dict[str, Any] = {"num_cpus": 0, "include_dashboard": False}
         if system_config:
             head["_system_config"] = dict(system_config)
         if temp_dir is not None:
             head["temp_dir"] = str(temp_dir)
-        self._cluster = Cluster(initialize_head=True, connect=False, head_node_args=head)
+        self._cluster = Cluster(
+            initialize_head=True, connect=False, head_node_args=head
+        )
         self.workers: dict[str, Any] = {}
 
     @property
@@ -70,7 +77,9 @@ class LocalRayCluster:
 
     def add_worker(self, zone_slots: int = ZONE_SLOTS_PER_NODE) -> str:
         """Start one more worker node; returns its node id once the GCS knows it."""
-        node = self._cluster.add_node(num_cpus=WORKER_NODE_CPUS, resources={ZONE_RESOURCE: zone_slots})
+        node = self._cluster.add_node(
+            num_cpus=WORKER_NODE_CPUS, resources={ZONE_RESOURCE: zone_slots}
+        )
         self._cluster.wait_for_nodes()
         node_id = str(node.node_id)
         self.workers[node_id] = node
@@ -94,11 +103,16 @@ class LocalRayCluster:
         """Unix time the GCS declared `node_id` dead (from its log), None if not yet."""
         head: Any = self._cluster.head_node
         log_path = Path(head.get_logs_dir_path()) / "gcs_server.out"
-        with contextlib.suppress(FileNotFoundError), log_path.open(errors="replace") as log:
+        with (
+            contextlib.suppress(FileNotFoundError),
+            log_path.open(errors="replace") as log,
+        ):
             for line in log:
                 found = NODE_DEAD_LINE.match(line)
                 if found and found["node"] == node_id:
-                    return datetime.strptime(found["at"], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+                    return datetime.strptime(
+                        found["at"], "%Y-%m-%d %H:%M:%S,%f"
+                    ).timestamp()
         return None
 
     def shutdown(self) -> None:

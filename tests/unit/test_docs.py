@@ -87,7 +87,9 @@ def tracked_text_files() -> list[Path]:
     return [
         ROOT / n
         for n in names
-        if n not in skip and (ROOT / n).is_file() and (ROOT / n).suffix not in BINARY_SUFFIXES
+        if n not in skip
+        and (ROOT / n).is_file()
+        and (ROOT / n).suffix not in BINARY_SUFFIXES
     ]
 
 

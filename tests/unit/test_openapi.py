@@ -21,7 +21,9 @@ def refs(node: Any) -> set[str]:
 def test_every_contract_route_is_documented() -> None:
     doc = build_openapi(ROUTES)
     assert doc["openapi"].startswith("3.1")
-    documented = {(method, path) for path, ops in doc["paths"].items() for method in ops}
+    documented = {
+        (method, path) for path, ops in doc["paths"].items() for method in ops
+    }
     assert documented == set(API_ROUTES)
 
 
@@ -47,8 +49,16 @@ def test_the_document_states_the_rules_the_server_applies() -> None:
     assert kinds["string"]["pattern"] == r"^[^\x00-\x1f\x7f]+$"
     assert len(str(kinds["integer"]["maximum"])) == kinds["string"]["maxLength"]
     ready = schemas["SellerOrderReady"]
-    assert [sorted(branch["required"]) for branch in ready["oneOf"]] == [["pickup"], ["pickupLat", "pickupLon"]]
-    assert [branch["required"] for branch in schemas["UpdateDriver"]["anyOf"]] == [["isActive"], ["name"]]
+    assert [sorted(branch["required"]) for branch in ready["oneOf"]] == [
+        ["pickup"],
+        ["pickupLat", "pickupLon"],
+    ]
+    assert [branch["required"] for branch in schemas["UpdateDriver"]["anyOf"]] == [
+        ["isActive"],
+        ["name"],
+    ]
     cancelled = schemas["SellerOrderCancelled"]
-    assert {"pickup", "pickupLat", "pickupLon"} <= {b["required"][0] for b in cancelled["not"]["anyOf"]}
+    assert {"pickup", "pickupLat", "pickupLon"} <= {
+        b["required"][0] for b in cancelled["not"]["anyOf"]
+    }
     assert ready["properties"]["type"]["anyOf"][0]["const"] == "seller-order-ready"

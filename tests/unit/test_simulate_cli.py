@@ -170,8 +170,21 @@ def test_the_same_seed_gives_the_same_fingerprint_in_separate_processes(
     for hash_seed in ("1", "2"):
         out = tmp_path / hash_seed
         env = {**os.environ, "PYTHONHASHSEED": hash_seed}
-        argv = [sys.executable, "-m", "dispatcher.cli", "simulate", "--offline", "--hours", "6",
-                "--start-hour", "10", "--seed", "3", "--report", str(out)]  # fmt: skip
+        argv = [
+            sys.executable,
+            "-m",
+            "dispatcher.cli",
+            "simulate",
+            "--offline",
+            "--hours",
+            "6",
+            "--start-hour",
+            "10",
+            "--seed",
+            "3",
+            "--report",
+            str(out),
+        ]
         done = subprocess.run(
             argv, env=env, capture_output=True, text=True, timeout=300, check=False
         )

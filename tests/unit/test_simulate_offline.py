@@ -171,13 +171,15 @@ def test_the_nearest_dispatchable_driver_is_booked() -> None:
 
 
 def test_stale_busy_far_and_excluded_drivers_are_skipped() -> None:
-    fleet = Fleet([
-        entry("stale", 0, 0.1, seen=NOW - 61),
-        entry("busy", 0, 0.2, available=False),
-        entry("far", 0, 5.2),
-        entry("gone", 0, 0.3),
-        entry("ok", 0, 4.5),
-    ])  # fmt: skip
+    fleet = Fleet(
+        [
+            entry("stale", 0, 0.1, seen=NOW - 61),
+            entry("busy", 0, 0.2, available=False),
+            entry("far", 0, 5.2),
+            entry("gone", 0, 0.3),
+            entry("ok", 0, 4.5),
+        ]
+    )
     decision = MATCHER.decide(BERLIN, fleet, NOW, frozenset({"gone"}))
     assert isinstance(decision, Book) and decision.driver_id == "ok"
     assert isinstance(
