@@ -142,11 +142,13 @@ class CreateDriver(OperatorRequestModel):
 class UpdateDriver(OperatorRequestModel):
     is_active: bool | None = None
     name: ShortText | None = None
+    # Booked at once when chosen, in every offer mode.
+    auto_accept: bool | None = None
 
     @model_validator(mode="after")
     def _something(self) -> UpdateDriver:
-        if self.is_active is None and self.name is None:
-            raise ValueError("nothing to change: give isActive and/or name")
+        if self.is_active is None and self.name is None and self.auto_accept is None:
+            raise ValueError("nothing to change: give isActive, name and/or autoAccept")
         return self
 
 
@@ -272,6 +274,8 @@ class ZoneView(ResponseModel):
     drivers: int
     available: int
     actor: Literal["alive", "restarting"]
+    # Offers of this zone's dispatches waiting for an answer (cascade and wave).
+    open_offers: int = 0
 
 
 class ZoneList(ResponseModel):

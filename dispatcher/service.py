@@ -169,9 +169,11 @@ class Dispatcher:
         await self._refresh_driver(driver_id, record.zone_id)
         return record
 
-    async def update_driver(self, driver_id: str, *, is_active: bool | None, name: str | None) -> DriverRecord:
+    async def update_driver(
+        self, driver_id: str, *, is_active: bool | None, name: str | None, auto_accept: bool | None = None
+    ) -> DriverRecord:
         await self.settle_pings()
-        record = await self.drivers.update(driver_id, is_active=is_active, name=name)
+        record = await self.drivers.update(driver_id, is_active=is_active, name=name, auto_accept=auto_accept)
         self.gate.forget(driver_id)
         await self._refresh_driver(driver_id, record.zone_id)
         return record

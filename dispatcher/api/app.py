@@ -10,7 +10,7 @@ from aiohttp import web
 
 from dispatcher.actors.client import ZoneDirectory
 from dispatcher.actors.router import ZoneRouter
-from dispatcher.api import deliveries, drivers, events, ops
+from dispatcher.api import deliveries, drivers, events, offers, ops
 from dispatcher.api.keys import (
     DISPATCHER,
     METRICS,
@@ -38,7 +38,9 @@ from dispatcher.zoning import Zoning
 MAX_BODY_BYTES = 64 * 1024
 SENDER_STOP_TIMEOUT_S = 5.0
 
-ROUTES: list[RouteSpec] = [*events.ROUTES, *drivers.ROUTES, *deliveries.ROUTES, *ops.ROUTES]
+ROUTES: list[RouteSpec] = [
+    *events.ROUTES, *drivers.ROUTES, *deliveries.ROUTES, *offers.ROUTES, *ops.ROUTES
+]
 
 
 def create_app(settings: ResolvedSettings, *, zones: ZoneDirectory | None = None) -> web.Application:
@@ -59,7 +61,7 @@ def create_app(settings: ResolvedSettings, *, zones: ZoneDirectory | None = None
 
     directory = zones or ZoneDirectory(settings)
     metrics.count_zone_retries(lambda: directory.retries)
-    app.cleanup_ctx.extend([_postgres, _redis, _dispatcher(directory), _webhooks])
+    app.cleanup_ctx.extend([_postgres, _redis, _dispatcher(directory), offers.offer_context, _webhooks])
     return app
 
 

@@ -8,6 +8,7 @@ from dispatcher.actors.messages import AssignRequest
 from dispatcher.api.auth import verify_inbound
 from dispatcher.api.body import parse, read_body
 from dispatcher.api.keys import DISPATCHER, METRICS
+from dispatcher.api.offers import cancel_dispatch
 from dispatcher.api.responses import delivery_view, json_model, json_text
 from dispatcher.api.spec import RouteSpec
 from dispatcher.errors import ConflictError, NotFoundError
@@ -49,6 +50,10 @@ async def seller_order_cancelled(request: web.Request) -> web.StreamResponse:
     raw = await read_body(request)
     verify_inbound(request, raw)
     event = parse(raw, SellerOrderCancelled)
+    # An order still waiting for an accept has no delivery: its offers are withdrawn.
+    waiting = await cancel_dispatch(request.app, event.seller_order_id)
+    if waiting is not None:
+        return json_model(waiting)
     dispatcher = request.app[DISPATCHER]
     await dispatcher.step(event.seller_order_id, "cancelled", reason=event.reason)
     found = await dispatcher.deliveries.get(event.seller_order_id)

@@ -71,7 +71,7 @@ class MirrorEntry:
     lat: float | None
     lon: float | None
     seen_epoch_s: float | None
-    dispatchable_status: bool  # AVAILABLE and active; freshness is checked separately
+    dispatchable_status: bool  # AVAILABLE, active, no open offer; freshness is checked separately
     # recordedAt of the stored fix (µs): orders mirror writes, newest fix wins.
     fix_us: int | None = None
 
@@ -145,17 +145,19 @@ class DriverStore:
             active: bool | None = await conn.fetchval("SELECT is_active FROM drivers WHERE id = $1", driver_id)
         return bool(active)
 
-    async def update(self, driver_id: str, *, is_active: bool | None, name: str | None) -> DriverRecord:
+    async def update(
+        self, driver_id: str, *, is_active: bool | None, name: str | None, auto_accept: bool | None = None
+    ) -> DriverRecord:
         async with connection(self.pool) as conn:
             # The NOTIFY (sent at commit) tells every ingress's ping gate to read the
             # driver again: a deactivation is refused at once on every replica.
             found = await conn.fetchval(
                 """WITH changed AS (
                        UPDATE drivers SET is_active = coalesce($2, is_active), name = coalesce($3, name),
-                           updated_at = now() WHERE id = $1 RETURNING id
+                           auto_accept = coalesce($5, auto_accept), updated_at = now() WHERE id = $1 RETURNING id
                    )
                    SELECT id FROM changed, pg_notify($4, id) AS notified""",
-                driver_id, is_active, name, DRIVER_CHANGED_CHANNEL,
+                driver_id, is_active, name, DRIVER_CHANGED_CHANNEL, auto_accept,
             )
         if found is None:
             raise NotFoundError(f"driver {driver_id} not found")
@@ -240,7 +242,7 @@ def mirror_columns(t: str = "drivers") -> str:
     return f"""
     {t}.id, {t}.zone_id, {t}.lat, {t}.lon, extract(epoch FROM {t}.last_seen_at)::float8 AS seen,
     floor(extract(epoch FROM {t}.location_recorded_at) * 1000000)::bigint AS fix_us,
-    ({t}.status = 'AVAILABLE' AND {t}.is_active) AS dispatchable_status
+    ({t}.status = 'AVAILABLE' AND {t}.is_active AND {t}.open_offer_id IS NULL) AS dispatchable_status
 """
 
 
