@@ -44,6 +44,10 @@ def ray_session() -> Iterator[None]:
     """Ray starts once per session (about 5 s and 1.7 GB): never per test."""
     if not ray.is_initialized():
         ray.init(
+            # "local": always our own instance. With no address, Ray joins the newest
+            # cluster in /tmp/ray/ray_current_cluster, which another session on the
+            # machine may have just started.
+            address="local",
             num_cpus=2,
             include_dashboard=False,
             namespace=RAY_NAMESPACE,

@@ -43,6 +43,12 @@ BODIES: dict[tuple[str, str], Any] = {
     ("POST", "/deliveries/{sellerOrderId}/delivered"): None,
     ("POST", "/deliveries/{sellerOrderId}/failed"): {"reason": "x"},
     ("GET", "/zones"): None,
+    ("GET", "/drivers/{driverId}/offers"): None,
+    ("POST", "/drivers/{driverId}/offers/{offerId}/accept"): None,
+    ("POST", "/drivers/{driverId}/offers/{offerId}/decline"): {},
+    ("GET", "/dispatches/{sellerOrderId}"): None,
+    ("POST", "/dispatches/{sellerOrderId}/assign"): {"driverId": "drv_x"},
+    ("POST", "/dispatches/{sellerOrderId}/redispatch"): None,
     ("POST", "/events/seller-order-ready"): {"sellerOrderId": "SO-x", "pickupLat": 52.52, "pickupLon": 13.405},
     ("POST", "/events/seller-order-cancelled"): {"sellerOrderId": "SO-owned"},
 }
@@ -54,6 +60,7 @@ def bearer(token: str) -> dict[str, str]:
 
 async def call(api: Api, method: str, template: str, driver_id: str, order: str, headers: dict[str, str]) -> ClientResponse:
     path = template.replace("{driverId}", driver_id).replace("{sellerOrderId}", order)
+    path = path.replace("{offerId}", "ofr_none")
     body = BODIES[(method, template)]
     resp: ClientResponse = await api.client.request(method, path, json=body, headers=headers)
     return resp
