@@ -80,6 +80,14 @@ class Settings(BaseSettings):
     ping_rate_per_s: float = Field(default=10.0, ge=0, allow_inf_nan=False)
     ping_burst: int = Field(default=60, ge=0)
     log_level: str = "INFO"
+    # Driver event stream (docs/EVENTS.md): events are kept this long for resumes.
+    event_retention_h: float = Field(default=24.0, gt=0)
+    # WebSocket ping interval; a client that does not answer is closed 1.5x this after
+    # its last frame (aiohttp waits half a heartbeat for the pong).
+    event_heartbeat_s: float = Field(default=10.0, gt=0)
+    # How often each ingress compares its sockets' cursors with the log (lost wake-ups).
+    event_catch_up_interval_s: float = Field(default=1.0, gt=0)
+    event_prune_interval_s: float = Field(default=60.0, gt=0)
 
     # Offers (docs/OFFERS.md). `auto` books the chosen driver at once; `cascade` and
     # `wave` offer the job and wait for an accept. Unset timeout and rounds take the

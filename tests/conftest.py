@@ -23,8 +23,8 @@ PG_URL_ENV = "DISPATCHER_TEST_DATABASE_URL"
 REDIS_URL_ENV = "DISPATCHER_TEST_REDIS_URL"
 TEST_DATABASE = "dispatcher_test"
 TABLES = (
-    "zones, drivers, deliveries, delivery_history, webhook_outbox, webhook_endpoints,"
-    " dispatches, offers"
+    "zones, drivers, deliveries, delivery_history, webhook_outbox, webhook_endpoints, "
+    "driver_events, driver_event_seq, dispatches, offers"
 )
 # RESTART IDENTITY keeps bigserial ids independent of which tests ran before.
 TRUNCATE_SQL = f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE"

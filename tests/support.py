@@ -38,6 +38,7 @@ CONTRACT_ROUTES: list[tuple[str, str]] = [
     ("post", "/drivers"),
     ("get", "/drivers"),
     ("get", "/drivers/{driverId}"),
+    ("get", "/drivers/{driverId}/events"),
     ("patch", "/drivers/{driverId}"),
     ("patch", "/drivers/{driverId}/location"),
     ("post", "/drivers/locations"),

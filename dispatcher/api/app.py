@@ -10,9 +10,10 @@ from aiohttp import web
 
 from dispatcher.actors.client import ZoneDirectory
 from dispatcher.actors.router import ZoneRouter
-from dispatcher.api import deliveries, drivers, events, offers, ops
+from dispatcher.api import deliveries, driver_stream, drivers, events, offers, ops
 from dispatcher.api.keys import (
     DISPATCHER,
+    EVENT_HUB,
     METRICS,
     MIRROR,
     OPENAPI,
@@ -39,7 +40,8 @@ MAX_BODY_BYTES = 64 * 1024
 SENDER_STOP_TIMEOUT_S = 5.0
 
 ROUTES: list[RouteSpec] = [
-    *events.ROUTES, *drivers.ROUTES, *deliveries.ROUTES, *offers.ROUTES, *ops.ROUTES
+    *events.ROUTES, *drivers.ROUTES, *driver_stream.ROUTES, *deliveries.ROUTES, *offers.ROUTES,
+    *ops.ROUTES,
 ]
 
 
@@ -61,7 +63,12 @@ def create_app(settings: ResolvedSettings, *, zones: ZoneDirectory | None = None
 
     directory = zones or ZoneDirectory(settings)
     metrics.count_zone_retries(lambda: directory.retries)
-    app.cleanup_ctx.extend([_postgres, _redis, _dispatcher(directory), offers.offer_context, _webhooks])
+    app.cleanup_ctx.extend(
+        [_postgres, _redis, driver_stream.event_hub_context, _dispatcher(directory), offers.offer_context,
+         _webhooks]
+    )
+    # Driver sockets are closed (1001) before aiohttp waits for the handlers to end.
+    app.on_shutdown.append(driver_stream.close_sockets)
     return app
 
 
@@ -94,13 +101,20 @@ def _dispatcher(directory: ZoneDirectory) -> Callable[[web.Application], AsyncIt
             refused=lambda: dispatcher.pings_refused_on_write,
             dropped=lambda: dispatcher.pings.dropped,
         )
-        # Another replica's deactivation reaches this one's ping gate by NOTIFY.
+        # Another replica's deactivation reaches this one's ping gate by NOTIFY, and
+        # committed driver events reach this replica's sockets the same way.
         # Its connection is also the ingress's early warning that PostgreSQL went away.
+        hub = app[EVENT_HUB]
+
+        def listening() -> None:
+            dispatcher.database_back()
+            hub.wake_all()
+
         changes = Listener(
             pool,
-            {DRIVER_CHANGED_CHANNEL: dispatcher.gate.forget},
+            {DRIVER_CHANGED_CHANNEL: dispatcher.gate.forget, **hub.channels},
             pg_timeout_s=s.pg_timeout_s,
-            on_listening=dispatcher.database_back,
+            on_listening=listening,
             on_lost=dispatcher.database_lost,
             # Pings are refused until it is back: try again every second at most.
             max_backoff_s=1.0,

@@ -7,6 +7,7 @@ from typing import Any
 import asyncpg
 from aiohttp import web
 
+from dispatcher.api.event_hub import EventHub
 from dispatcher.api.metrics import Metrics
 from dispatcher.config import ResolvedSettings
 from dispatcher.service import Dispatcher
@@ -20,3 +21,4 @@ DISPATCHER = web.AppKey("dispatcher", Dispatcher)
 SENDER = web.AppKey("webhook_sender", WebhookSender)
 METRICS = web.AppKey("metrics", Metrics)
 OPENAPI = web.AppKey("openapi", dict[str, Any])
+EVENT_HUB = web.AppKey("event_hub", EventHub)

@@ -22,6 +22,8 @@ SECURITY: dict[str, list[dict[str, list[str]]]] = {
     "none": [],
 }
 PATH_PARAM = re.compile(r"{(\w+)}")
+# A WebSocket route's 101: its schema describes the messages the server sends on it.
+DESCRIPTIONS = {101: "Switching Protocols: a WebSocket; the server sends JSON messages of this schema"}
 
 
 def _models(annotation: Any) -> list[type[BaseModel]]:
@@ -96,7 +98,7 @@ def _operation(route: RouteSpec) -> dict[str, Any]:
             "content": {"application/json": {"schema": _schema_of(route.body)}},
         }
     for status, annotation in route.responses.items():
-        response: dict[str, Any] = {"description": "success" if status < 400 else "see body"}
+        response: dict[str, Any] = {"description": DESCRIPTIONS.get(status, "success" if status < 400 else "see body")}
         if annotation is not None:
             response["content"] = {route.content_type: {"schema": _schema_of(annotation)}}
         elif status != 204:

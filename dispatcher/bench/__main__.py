@@ -21,6 +21,8 @@ from dispatcher.bench.progress import Progress
 from dispatcher.bench.report import Report, machine_info, markdown_report, text_report
 from dispatcher.bench.runner import LoadRunner
 from dispatcher.bench.scale import (
+    STREAM_BEGIN,
+    STREAM_END,
     ScaleRow,
     kept_section,
     merge_section,
@@ -30,6 +32,12 @@ from dispatcher.bench.scale import (
 )
 from dispatcher.bench.scenarios import ADMIN_TIMEOUT, REFERENCES, Bench, plan_steps
 from dispatcher.bench.stack import SERVICE_REDIS_DB, Stack
+from dispatcher.bench.stream import (
+    StreamRun,
+    plan_stream_steps,
+    run_stream,
+    stream_section,
+)
 from dispatcher.bench.wrk import find_wrk, install_hint
 
 # Memory first, so it is measured at exactly the lookup fleet (issue 4: "at 50,000
@@ -96,6 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"wrk ({wrk}) at saturation, Python open loop at fixed rates" if wrk else "Python (asyncio) only")
     stack = Stack(workdir, fsync=options.fsync)
     scaling = options.scenarios == ("scale",)
+    streaming = options.scenarios == ("stream",)
+    if streaming:
+        return _stream_main(options, report, stack, workdir)
     progress = Progress(plan_scale_steps(options) if scaling else plan_steps(options))
     scale_rows: list[ScaleRow] = []
     try:
@@ -136,6 +147,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         options.output.write_text(text)
         print(f"wrote {options.output}")
     return 1 if report.failed else 0
+
+
+def _stream_main(options: Options, report: Report, stack: Stack, workdir: Path) -> int:
+    """`--scenario stream`: its own run and its own section of the report."""
+    progress = Progress(plan_stream_steps())
+    run: StreamRun | None = None
+    try:
+        run = asyncio.run(run_stream(options, stack, progress))
+    except Exception as exc:
+        report.failed.append(f"{type(exc).__name__}: {exc}")
+        progress.note(traceback.format_exc())
+    finally:
+        progress.step("stopping the service and servers")
+        stack.close()
+        progress.finish()
+        if not options.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    if run is None:
+        print("".join(f"FAILED: {x}\n" for x in report.failed), end="")
+        return 1
+    section = stream_section(run, report)
+    print(section, end="")
+    if options.output is not None:
+        existing = options.output.read_text() if options.output.exists() else None
+        options.output.write_text(merge_section(existing, section, begin=STREAM_BEGIN, end=STREAM_END))
+        print(f"wrote {options.output}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -53,6 +53,8 @@ class Options:
     workers: tuple[int, ...] = (1, 2, 3)
     # DISPATCHER_* settings for the measured service (`--set NAME=VALUE`).
     service_env: tuple[tuple[str, str], ...] = ()
+    # Driver sockets held open by the stream scenario (`--scenario stream`).
+    sockets: int = 1000
 
 
 def parser() -> argparse.ArgumentParser:
@@ -61,9 +63,11 @@ def parser() -> argparse.ArgumentParser:
         description="Benchmark the dispatcher against a bare aiohttp ceiling and a naive Redis baseline (issue 4).",
     )
     p.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, 2 s runs, Python generator, no file")
-    p.add_argument("--scenario", choices=(*SCENARIOS, "all", "scale"), default="all",
-                   help="one scenario, all of issue 4's, or the scale-out figure of issue 5 "
-                        "(a local multi-node Ray cluster; not part of 'all')")
+    p.add_argument("--scenario", choices=(*SCENARIOS, "all", "scale", "stream"), default="all",
+                   help="one scenario, all of issue 4's, the scale-out figure of issue 5 "
+                        "(a local multi-node Ray cluster), or the driver event stream's figures "
+                        "(the last two are not part of 'all')")
+    p.add_argument("--sockets", type=int, default=1000, help="driver sockets for --scenario stream (default 1000)")
     p.add_argument("--workers", default="1,2,3", help="worker-node counts for --scenario scale (default 1,2,3)")
     p.add_argument("--drivers", type=int, help="drivers for pings and orders (default 20000)")
     p.add_argument("--lookup-drivers", type=int, help="drivers for lookup and memory (default 50000)")
@@ -109,6 +113,7 @@ def from_args(argv: Sequence[str] | None = None) -> Options:
                         ("repeats", sizes.repeats), ("ping-rate", sizes.ping_rate),
                         ("order-rate", sizes.order_rate)):
         _positive(name, value)
+    _positive("sockets", args.sockets)
     scenarios = SCENARIOS if args.scenario == "all" else (args.scenario,)
     output = args.output if args.output is not None else (None if args.quick else DEFAULT_OUTPUT)
     try:
@@ -127,5 +132,5 @@ def from_args(argv: Sequence[str] | None = None) -> Options:
         quick=args.quick, sizes=sizes, scenarios=scenarios, output=output,
         use_wrk=not (args.no_wrk or args.quick), fsync=not (args.no_fsync or args.quick),
         profile=args.profile, keep=args.keep, seed=args.seed, note=args.note, workers=workers,
-        service_env=tuple(service_env),
+        service_env=tuple(service_env), sockets=args.sockets,
     )

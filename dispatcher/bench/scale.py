@@ -30,6 +30,9 @@ from dispatcher.bench.workload import (
 
 # Replaces the section between these markers in docs/PERFORMANCE.md; a full bench run
 # keeps it, so neither run erases the other's figures.
+# The driver event stream's section (bench/stream.py) is kept the same way.
+STREAM_BEGIN = "<!-- stream: begin -->"
+STREAM_END = "<!-- stream: end -->"
 BEGIN = "<!-- scale-out: begin -->"
 END = "<!-- scale-out: end -->"
 
@@ -162,11 +165,12 @@ def scale_section(rows: list[ScaleRow], report: Report) -> str:
     return "\n".join(lines) + "\n"
 
 
-def merge_section(existing: str | None, section: str) -> str:
-    """`existing` with its scale-out section replaced by `section` (appended if none)."""
+def merge_section(existing: str | None, section: str, *, begin: str = BEGIN, end: str = END) -> str:
+    """`existing` with its section between `begin` and `end` (by default the scale-out
+    one) replaced by `section` (appended if none)."""
     if not existing:
         return "# Performance\n\n" + section
-    pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END) + r"\n?", re.DOTALL)
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", re.DOTALL)
     if pattern.search(existing):
         return pattern.sub(lambda _: section, existing)
     return existing.rstrip("\n") + "\n\n" + section
@@ -184,7 +188,7 @@ def kept_section(existing: str | None) -> str | None:
         return None
     kept = [
         match.group(0)
-        for begin, end in ((ANALYSIS_BEGIN, ANALYSIS_END), (BEGIN, END))
+        for begin, end in ((ANALYSIS_BEGIN, ANALYSIS_END), (BEGIN, END), (STREAM_BEGIN, STREAM_END))
         if (match := re.search(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", existing, re.DOTALL))
     ]
     return "\n".join(kept) if kept else None

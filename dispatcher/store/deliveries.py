@@ -14,6 +14,7 @@ from dispatcher.actors.messages import AssignRequest
 from dispatcher.errors import ConflictError, NotFoundError, StaleEpochError
 from dispatcher.geo import bounding_box, round_km
 from dispatcher.models import AssignedResponse
+from dispatcher.store.driver_events import append_driver_event
 from dispatcher.store.pg import connection, haversine_sql
 from dispatcher.webhooks.outbox import NOTIFY_CHANNEL, build_body, enqueue, new_event_id
 
@@ -266,6 +267,14 @@ class DeliveryStore:
             if exc.constraint_name == "deliveries_pkey":
                 raise OrderExistsError(req.seller_order_id) from exc
             raise DriverTakenError(driver_id) from exc
+        # The driver's stream hears of it iff this booking commits.
+        await append_driver_event(conn, driver_id, "delivery.assigned", {
+            "sellerOrderId": req.seller_order_id,
+            "assignmentId": assignment_id,
+            "pickup": {"lat": lat, "lon": lon},
+            "drop": None if req.drop_lat is None else {"lat": req.drop_lat, "lon": req.drop_lon},
+            "distanceKm": distance_km,
+        })
         return Booking(driver_id=driver_id, driver_zone_id=pick["zone_id"], body=body)
 
     async def step(self, seller_order_id: str, step: str, *, reason: str | None = None) -> StepResult:
@@ -312,6 +321,13 @@ class DeliveryStore:
             if reason is not None:
                 data["reason"] = reason
             await enqueue(conn, event_type=event_type, seller_order_id=seller_order_id, data=data)
+            # The driver hears of every step of its delivery, in the same transaction.
+            driver_data: dict[str, Any] = {
+                "sellerOrderId": seller_order_id, "assignmentId": row["assignment_id"], "status": target,
+            }
+            if reason is not None or target == "CANCELLED":
+                driver_data["reason"] = reason
+            await append_driver_event(conn, row["driver_id"], event_type, driver_data)
         return StepResult(seller_order_id, row["driver_id"], changed=True)
 
     async def get(self, seller_order_id: str) -> tuple[asyncpg.Record, list[asyncpg.Record]] | None:

@@ -13,6 +13,7 @@ import pytest
 from aiohttp import ClientResponse
 
 from dispatcher.config import ResolvedSettings
+from tests.streams import Watcher
 from tests.support import BERLIN, Api, Driver, WebhookReceiver, offset
 
 pytestmark = pytest.mark.integration
@@ -340,3 +341,79 @@ async def test_an_offered_driver_is_not_booked_by_an_auto_order(
         "sellerOrderId": "SO-auto",
         "reason": "NO_DRIVER_AVAILABLE",
     }
+
+
+async def test_drivers_hear_of_offers_on_their_event_stream(
+    start_api: StartApi,
+    make_settings: Callable[..., ResolvedSettings],
+    pg_pool: asyncpg.Pool,
+) -> None:
+    api = await offer_api(
+        start_api,
+        make_settings,
+        offer_mode="wave",
+        offer_wave_size=2,
+        offer_timeout_s=1.0,
+    )
+    a, b = await drivers_at(api, 0.1, 0.2)
+    watchers = [
+        Watcher(
+            d.driver_id,
+            await api.client.ws_connect(
+                f"/drivers/{d.driver_id}/events", headers=d.auth
+            ),
+        ).start()
+        for d in (a, b)
+    ]
+    try:
+        await api.order("SO-ev1", *BERLIN, drop={"lat": 52.5, "lon": 13.42})
+        for w in watchers:
+            await w.wait_for(
+                lambda w: any(e["type"] == "offer.created" for e in w.events)
+            )
+        created = next(e for e in watchers[0].events if e["type"] == "offer.created")[
+            "data"
+        ]
+        offer = (await open_offers(api, a))[0]
+        assert (
+            created["offerId"] == offer["offerId"]
+            and created["sellerOrderId"] == "SO-ev1"
+        )
+        assert created["pickup"] == {"lat": BERLIN[0], "lon": BERLIN[1]}
+        assert created["drop"] == {"lat": 52.5, "lon": 13.42}
+        assert set(created) == {
+            "offerId",
+            "sellerOrderId",
+            "pickup",
+            "drop",
+            "distanceKm",
+            "expiresAt",
+        }
+        assert (await answer(api, a, offer["offerId"], "accept")).status == 200
+        await watchers[0].wait_for(
+            lambda w: any(e["type"] == "delivery.assigned" for e in w.events)
+        )
+        await watchers[1].wait_for(
+            lambda w: any(e["type"] == "offer.withdrawn" for e in w.events)
+        )
+        withdrawn = next(
+            e for e in watchers[1].events if e["type"] == "offer.withdrawn"
+        )["data"]
+        assert withdrawn["reason"] == "SUPERSEDED"
+
+        # b alone now: its next offer expires unanswered, and it hears so.
+        await api.order("SO-ev2", *BERLIN)
+        await watchers[1].wait_for(
+            lambda w: any(e["type"] == "offer.expired" for e in w.events), within_s=20
+        )
+        assert [e["type"] for e in watchers[1].events] == [
+            "offer.created", "offer.withdrawn", "offer.created", "offer.expired"
+        ]  # fmt: skip
+        assert watchers[1].seqs == [1, 2, 3, 4]
+    finally:
+        for w in watchers:
+            await w.close()
+    rows = await pg_pool.fetch(
+        "SELECT type FROM driver_events WHERE driver_id = $1 ORDER BY seq", a.driver_id
+    )
+    assert [r["type"] for r in rows] == ["offer.created", "delivery.assigned"]
