@@ -31,6 +31,7 @@ from dispatcher.errors import (
 from dispatcher.models import DeliveryView, Point
 from dispatcher.offers.policy import (
     OFFER_GRACE_S,
+    PENDING_RETRY_S,
     Done,
     Expire,
     GiveUp,
@@ -85,6 +86,24 @@ class OfferOps:
             except DispatchError as exc:
                 # The zone's own timer, its restart, or the backstop will get to it.
                 log.info("dispatch %s: zone %s not woken: %s", order, zone_id, exc)
+
+    async def wake_stalled(self) -> int:
+        """The backstop's first half: a dispatch whose timer should have fired (its zone
+        restarting or gone) gets its zone called, which restarts the zone if need be;
+        the new incarnation resumes every open dispatch it owns."""
+        stalled = await self.store.stalled(BACKSTOP_SLACK_S, PENDING_RETRY_S)
+        by_zone: dict[str, list[str]] = {}
+        for order, zone_id in stalled:
+            by_zone.setdefault(zone_id, []).append(order)
+
+        async def wake_zone(zone_id: str, orders: list[str]) -> None:
+            # The first call restarts a dead zone, which then resumes all its open
+            # dispatches at start; the rest are woken together after it.
+            await self.follow(Changes(wake={orders[0]: zone_id}))
+            await asyncio.gather(*(self.follow(Changes(wake={o: zone_id})) for o in orders[1:]))
+
+        await asyncio.gather(*(wake_zone(z, orders) for z, orders in by_zone.items()))
+        return len(stalled)
 
     async def finish_overdue(self) -> int:
         """The backstop: end dispatches whose zone did not (wedged, or gone for good).
@@ -190,6 +209,7 @@ async def _backstop(ops: OfferOps, interval_s: float) -> None:
         await asyncio.sleep(interval_s)
         try:
             await ops.finish_overdue()
+            await ops.wake_stalled()
         except Exception as exc:
             log.info("offer backstop skipped: %s", exc)
 

@@ -333,6 +333,25 @@ class OfferStore:
             )
         return [r["seller_order_id"] for r in rows]
 
+    async def stalled(self, slack_s: float, pending_retry_s: float) -> list[tuple[str, str]]:
+        """Open dispatches their zone should have looked at by now (an open offer past
+        accept_by, or nothing open for longer than a retry): (order, zone) pairs. Their
+        zone was restarting or gone when its timer or a wake-up was due."""
+        async with connection(self.pool) as conn:
+            rows = await conn.fetch(
+                """SELECT d.seller_order_id, d.zone_id FROM dispatches d
+                   WHERE d.status IN ('PENDING', 'OFFERED') AND CASE
+                       WHEN EXISTS (SELECT 1 FROM offers o WHERE o.seller_order_id = d.seller_order_id
+                                    AND o.status = 'OPEN')
+                       THEN EXISTS (SELECT 1 FROM offers o WHERE o.seller_order_id = d.seller_order_id
+                                    AND o.status = 'OPEN' AND o.accept_by + make_interval(secs => $1) < now())
+                       ELSE d.updated_at + make_interval(secs => $1 + $2) < now()
+                   END
+                   ORDER BY d.deadline_at LIMIT 1000""",
+                slack_s, pending_retry_s,
+            )
+        return [(r["seller_order_id"], r["zone_id"]) for r in rows]
+
     async def open_offer_counts(self) -> dict[str, int]:
         """Open offers per zone (the zone of their dispatch)."""
         async with connection(self.pool) as conn:
