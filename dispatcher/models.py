@@ -212,6 +212,8 @@ class DriverView(ResponseModel):
     last_seen_at: datetime | None
     zone_id: str | None
     active_delivery: ActiveDelivery | None
+    # Booked at once when chosen, in the offer modes too (docs/OFFERS.md).
+    auto_accept: bool = False
 
 
 class DriverList(ResponseModel):

@@ -19,6 +19,7 @@ from dispatcher.errors import DatabaseUnavailableError, DispatchError
 from dispatcher.models import UnassignedResponse
 from dispatcher.store.deliveries import DeliveryStore
 from dispatcher.store.drivers import DriverRecord, DriverStore
+from dispatcher.store.offers import OfferStore
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ class Dispatcher:
             on_applied=self._pings_written,
         )
         self.orders = OrderBatcher(zones.assign_many, max_batch=ORDER_BATCH_MAX)
+        # A driver going OFFLINE or deactivated gives back his open offer at once.
+        self.offer_store = OfferStore(drivers.pool)
         # Fixes written to PostgreSQL, and those it refused after this ingress had
         # acknowledged them (metrics).
         self.pings_written = 0
@@ -166,6 +169,8 @@ class Dispatcher:
     async def set_status(self, driver_id: str, status: str) -> DriverRecord:
         await self.settle_pings()
         record = await self.drivers.set_status(driver_id, status)
+        if status == "OFFLINE":
+            await self._release_offer(driver_id)
         await self._refresh_driver(driver_id, record.zone_id)
         return record
 
@@ -175,8 +180,19 @@ class Dispatcher:
         await self.settle_pings()
         record = await self.drivers.update(driver_id, is_active=is_active, name=name, auto_accept=auto_accept)
         self.gate.forget(driver_id)
+        if is_active is False:
+            await self._release_offer(driver_id)
         await self._refresh_driver(driver_id, record.zone_id)
         return record
+
+    async def _release_offer(self, driver_id: str) -> None:
+        changes = await self.offer_store.release_driver(driver_id)
+        for order, zone_id in changes.wake.items():
+            try:
+                await self.zones.advance_dispatch(zone_id, order)
+            except DispatchError as exc:
+                # The dispatch's timer, its zone's restart or the backstop moves it on.
+                log.info("dispatch %s: zone %s not woken: %s", order, zone_id, exc)
 
     async def _refresh_driver(self, driver_id: str, zone_id: str | None = None) -> None:
         """Let the driver's zone actor bring its shard and mirror up to PostgreSQL."""

@@ -25,7 +25,7 @@ DRIVER_CHANGED_CHANNEL = "dispatcher_driver_changed"
 
 DRIVER_COLUMNS = """
     d.id, d.name, d.phone, d.vehicle_type, d.status, d.is_active, d.lat, d.lon,
-    d.last_seen_at, d.zone_id,
+    d.last_seen_at, d.zone_id, d.auto_accept,
     a.seller_order_id AS active_order, a.assignment_id AS active_assignment,
     a.status AS active_status
 """
@@ -53,6 +53,7 @@ class DriverRecord:
     lon: float | None
     last_seen_at: datetime | None
     zone_id: str | None
+    auto_accept: bool
     active_order: str | None
     active_assignment: str | None
     active_status: str | None

@@ -799,6 +799,34 @@ class OfferStore:
             changes.wake[seller_order_id] = dispatch["zone_id"]
         return changes
 
+    async def release_driver(self, driver_id: str) -> Changes:
+        """The driver went OFFLINE or was deactivated: his open offer is withdrawn now
+        (DRIVER_UNAVAILABLE), so his dispatch moves on without waiting for the timeout."""
+        changes = Changes()
+        async with connection(self.pool) as conn, conn.transaction():
+            offer = await conn.fetchrow(
+                """SELECT o.offer_id, o.seller_order_id FROM drivers d
+                   JOIN offers o ON o.offer_id = d.open_offer_id WHERE d.id = $1""",
+                driver_id,
+            )
+            if offer is None:
+                return changes
+            order = offer["seller_order_id"]
+            zone_id = await conn.fetchval(
+                "SELECT zone_id FROM dispatches WHERE seller_order_id = $1 FOR UPDATE", order
+            )
+            driver = (await _lock_drivers(conn, [driver_id])).get(driver_id)
+            if driver is None or (driver["status"] == "AVAILABLE" and driver["is_active"]):
+                return changes  # back already: the offer stands
+            for closed in await _close(conn, [offer["offer_id"]], "WITHDRAWN", "DRIVER_UNAVAILABLE"):
+                changes.drivers.add(driver_id)
+                changes.wake[order] = zone_id
+                await tell_driver(
+                    conn, driver_id, "offer.withdrawn",
+                    {"offerId": closed["offer_id"], "reason": "DRIVER_UNAVAILABLE"},
+                )  # fmt: skip
+        return changes
+
     async def _offer_of(
         self, conn: Conn, driver_id: str, offer_id: str
     ) -> asyncpg.Record:

@@ -417,3 +417,46 @@ async def test_drivers_hear_of_offers_on_their_event_stream(
         "SELECT type FROM driver_events WHERE driver_id = $1 ORDER BY seq", a.driver_id
     )
     assert [r["type"] for r in rows] == ["offer.created", "delivery.assigned"]
+
+
+async def test_operators_see_open_offers_per_zone_and_offer_metrics(
+    start_api: StartApi,
+    make_settings: Callable[..., ResolvedSettings],
+    pg_pool: asyncpg.Pool,
+) -> None:
+    api = await offer_api(
+        start_api, make_settings, offer_mode="wave", offer_wave_size=2
+    )
+    a, _ = await drivers_at(api, 0.1, 0.2)
+    await api.order("SO-m1", *BERLIN)
+    zones = (await (await api.client.get("/zones", headers=api.admin)).json())["zones"]
+    assert [z["openOffers"] for z in zones] == [2]
+    offer = (await open_offers(api, a))[0]
+    assert (await answer(api, a, offer["offerId"], "accept")).status == 200
+    text = await (await api.client.get("/metrics")).text()
+    assert 'dispatcher_offers_total{outcome="accepted"} 1.0' in text
+    assert 'dispatcher_offers_total{outcome="withdrawn"} 1.0' in text
+    assert "dispatcher_offers_open 0.0" in text
+    assert "dispatcher_offer_accept_seconds_count 1.0" in text
+    assert "dispatcher_dispatches_given_up_total 0.0" in text
+    zones = (await (await api.client.get("/zones", headers=api.admin)).json())["zones"]
+    assert [z["openOffers"] for z in zones] == [0]
+
+
+async def test_a_driver_going_offline_gives_back_his_offer_at_once(
+    start_api: StartApi,
+    make_settings: Callable[..., ResolvedSettings],
+    pg_pool: asyncpg.Pool,
+) -> None:
+    api = await offer_api(start_api, make_settings, offer_mode="cascade")
+    near, far = await drivers_at(api, 0.1, 0.3)
+    await api.order("SO-off", *BERLIN)
+    offer = (await open_offers(api, near))[0]
+    assert (await api.set_status(near, "OFFLINE")).status == 200
+    # The offer is withdrawn and the next driver offered, without waiting for the timeout.
+    assert len(await open_offers(api, far)) == 1
+    assert (
+        await refusal(await answer(api, near, offer["offerId"], "accept"))
+        == "OFFER_WITHDRAWN"
+    )
+    await assert_offer_invariants(pg_pool)

@@ -273,8 +273,8 @@ async def test_zones_lists_driver_counts_for_operators(api: Api, pg_pool: asyncp
     zones = {z["zoneId"]: z for z in body["zones"]}
     berlin_zone, munich_zone = zoning.zone_of(*here), zoning.zone_of(*MUNICH)
     assert set(zones) == {berlin_zone, munich_zone}
-    assert zones[berlin_zone] == {"zoneId": berlin_zone, "drivers": 2, "available": 1, "actor": "alive"}
-    assert zones[munich_zone] == {"zoneId": munich_zone, "drivers": 1, "available": 1, "actor": "alive"}
+    assert zones[berlin_zone] == {"zoneId": berlin_zone, "drivers": 2, "available": 1, "actor": "alive", "openOffers": 0}
+    assert zones[munich_zone] == {"zoneId": munich_zone, "drivers": 1, "available": 1, "actor": "alive", "openOffers": 0}
     assert {r["zone_id"] for r in await pg_pool.fetch("SELECT zone_id FROM zones")} == set(zones)
 
 
