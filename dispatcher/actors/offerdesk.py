@@ -7,6 +7,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 from dispatcher.actors.messages import AssignRequest, AssignResult
+from dispatcher.errors import StaleEpochError
 from dispatcher.offers.policy import (
     Done,
     Expire,
@@ -139,7 +140,14 @@ class OfferDesk:
         """After a (re)start: every open dispatch of the zone, advanced and timed again."""
         orders = await self.store.open_dispatches(zone_id)
         for order in orders:
-            await self.advance(order)
+            try:
+                await self.advance(order)
+            except StaleEpochError:
+                raise
+            except Exception as exc:
+                # One dispatch must not keep the zone from starting: try it again soon.
+                log.warning("dispatch %s not resumed: %s", order, exc)
+                self.retry_later(order)
         return len(orders)
 
     def retry_later(self, seller_order_id: str) -> None:

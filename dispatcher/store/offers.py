@@ -380,6 +380,10 @@ class OfferStore:
                     "SELECT status FROM dispatches WHERE seller_order_id = $1 FOR UPDATE",
                     req.seller_order_id,
                 )
+                if await _delivery_exists(conn, req.seller_order_id):
+                    # Booked already (before offers were on, or by another path):
+                    # the caller replays the stored answer.
+                    return None, changes
                 if existing is not None and existing["status"] in (
                     "PENDING",
                     "OFFERED",
@@ -605,6 +609,10 @@ class OfferStore:
             if offer["status"] == "ACCEPTED":
                 return changes
             refusal = _refusal_of(offer, dispatch, drivers[driver_id])
+            if refusal is None and await _delivery_exists(conn, order):
+                # Booked by another path (e.g. while `auto` was on): nobody else may be.
+                await _withdraw_open(conn, order, "SUPERSEDED", changes)
+                refusal = OfferRefusedError("OFFER_SUPERSEDED", "the order is assigned already")
             if refusal is None:
                 changes.wake[order] = dispatch["zone_id"]
                 await _close(conn, [offer_id], "ACCEPTED", None)
@@ -712,10 +720,8 @@ class OfferStore:
                 raise NotFoundError(
                     f"no dispatch for sellerOrderId {seller_order_id!r}"
                 )
-            if dispatch["status"] == "ASSIGNED":
-                raise OfferRefusedError(
-                    "ALREADY_ASSIGNED", "the order is already assigned"
-                )
+            if dispatch["status"] == "ASSIGNED" or await _delivery_exists(conn, seller_order_id):
+                raise OfferRefusedError("ALREADY_ASSIGNED", "the order is already assigned")
             if dispatch["status"] == "CANCELLED":
                 raise OfferRefusedError("ORDER_CANCELLED", "the order was cancelled")
             drivers = await _lock_drivers(
@@ -838,6 +844,11 @@ class OfferStore:
             # Another driver's offer is none of this driver's business: 404, as unknown.
             raise NotFoundError(f"no offer {offer_id} for driver {driver_id}")
         return _one(offer)
+
+
+async def _delivery_exists(conn: Conn, seller_order_id: str) -> bool:
+    found = await conn.fetchval("SELECT 1 FROM deliveries WHERE seller_order_id = $1", seller_order_id)
+    return found is not None
 
 
 def _one(row: asyncpg.Record | None) -> asyncpg.Record:

@@ -460,3 +460,25 @@ async def test_a_driver_going_offline_gives_back_his_offer_at_once(
         == "OFFER_WITHDRAWN"
     )
     await assert_offer_invariants(pg_pool)
+
+
+async def test_an_order_booked_before_offers_were_on_is_replayed_not_offered(
+    start_api: StartApi,
+    make_settings: Callable[..., ResolvedSettings],
+    pg_pool: asyncpg.Pool,
+) -> None:
+    auto = await offer_api(start_api, make_settings)
+    await drivers_at(auto, 0.1, 0.2)
+    first = await auto.order("SO-sw", *BERLIN)
+    first_bytes = await first.read()
+    cascade = await offer_api(
+        start_api,
+        make_settings,
+        offer_mode="cascade",
+        ray_namespace="dispatcher-test-cascade",
+    )
+    again = await cascade.order("SO-sw", *BERLIN)
+    assert await again.read() == first_bytes
+    assert again.headers.get("Idempotent-Replayed") == "true"
+    assert await pg_pool.fetchval("SELECT count(*) FROM offers") == 0
+    assert await pg_pool.fetchval("SELECT count(*) FROM dispatches") == 0
