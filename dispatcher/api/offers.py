@@ -273,6 +273,8 @@ async def list_offers(request: web.Request) -> web.StreamResponse:
         raise RequestValidationError(
             "invalid query", errors=validation_errors(exc, "query")
         ) from None
+    if await request.app[DISPATCHER].drivers.get(driver_id) is None:
+        raise NotFoundError(f"driver {driver_id} not found")
     rows = await request.app[OFFER_OPS].store.driver_offers(driver_id, query.status)
     return json_model(OfferList(offers=[offer_item(dict(r)) for r in rows]))
 

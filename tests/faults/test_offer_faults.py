@@ -27,8 +27,9 @@ pytestmark = pytest.mark.integration
 TTL_S = 600.0
 OPEN_OFFERS = 50
 ACCEPT_WHILE_DEAD = 10
-DEADLINE_S = 12.0
-TIMEOUT_S = 3.0
+DEADLINE_S = 16.0
+# Long enough that the accepts made right after the kill are in time on a slow machine.
+TIMEOUT_S = 6.0
 # "Deadline + grace + one zone restart": the restart is Ray's (about a second here),
 # plus the backstop's slack and period when no call reaches the zone first. A generous
 # ceiling, not a budget: the measured figure is printed.
@@ -63,21 +64,21 @@ async def test_zone_killed_with_50_open_offers_ends_every_dispatch_once(
         == OPEN_OFFERS
     )
 
+    by_id = {d.driver_id: d for d in drivers}
+    held = await pg_pool.fetch(
+        "SELECT offer_id, driver_id FROM offers WHERE status = 'OPEN' ORDER BY offer_id LIMIT $1",
+        ACCEPT_WHILE_DEAD,
+    )
     pid = await asyncio.to_thread(zone_actor_pid, zone, api.settings.ray_namespace)
     os.kill(pid, signal.SIGKILL)
     killed_at = time.monotonic()
-    # Accepts are the ingress's: they work while the zone is dead.
-    holders = {}
-    for driver in drivers:
-        offers = await open_offers(api, driver)
-        if offers:
-            holders[driver.driver_id] = (driver, offers[0])
-    accepted = 0
-    for driver, offer in list(holders.values())[:ACCEPT_WHILE_DEAD]:
-        resp = await answer(api, driver, offer["offerId"], "accept")
-        assert resp.status in (200, 409), await resp.text()
-        accepted += resp.status == 200
-    assert accepted >= ACCEPT_WHILE_DEAD - 2
+    # Accepts are the ingress's: they commit while the zone is dead (each answer then
+    # waits for its wake-up call, which restarts the zone).
+    answers = await asyncio.gather(
+        *(answer(api, by_id[r["driver_id"]], r["offer_id"], "accept") for r in held)
+    )
+    assert [a.status for a in answers] == [200] * ACCEPT_WHILE_DEAD
+    accepted = ACCEPT_WHILE_DEAD
 
     async def all_ended() -> bool:
         n: int = await pg_pool.fetchval(
@@ -115,8 +116,14 @@ async def test_zone_killed_with_50_open_offers_ends_every_dispatch_once(
            GROUP BY seller_order_id, event_type HAVING count(*) > 1"""
     )
     assert dup == [], "an order got a webhook twice"
-    await receiver.wait_until(lambda: len(receiver.received) == OPEN_OFFERS, timeout=30)
-    kinds = Counter(d.body["type"] for d in receiver.received)
+    # At least once: a retried webhook arrives again with its webhook-id; count events.
+    await receiver.wait_until(
+        lambda: len({d.webhook_id for d in receiver.received}) == OPEN_OFFERS,
+        timeout=30,
+    )
+    kinds = Counter(
+        d.body["type"] for d in {d.webhook_id: d for d in receiver.received}.values()
+    )
     assert kinds["delivery.assigned"] == statuses["ASSIGNED"]
     assert kinds["delivery.unassigned"] == statuses["UNASSIGNED"]
     print(f"\nzone killed with {OPEN_OFFERS} open offers: {dict(statuses)}")
