@@ -164,6 +164,11 @@ async def driver_events(request: web.Request) -> web.StreamResponse:
         max_msg_size=MAX_CLIENT_MESSAGE,
     )
     if not ws.can_prepare(request).ok:
+        if principal is None:
+            # A plain request without credentials: the auth message needs a socket.
+            raise UnauthorizedError(
+                "missing bearer token (Authorization: Bearer <token>)"
+            )
         raise UpgradeRequiredError(
             "this route is a WebSocket: send an Upgrade: websocket request"
         )

@@ -50,3 +50,21 @@ def test_quick_scale_bench_measures_each_worker_count() -> None:
         assert row[8].strip() == "0", "double bookings"
     # The zones spread over both workers of the second cluster.
     assert sorted(rows[1][7].strip().split("/")) == ["4", "4"], report
+
+
+@pytest.mark.timeout(SMOKE_TIMEOUT_S + 60)
+def test_quick_stream_bench_measures_sockets_and_latency() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "dispatcher.bench", "--scenario", "stream", "--quick", "--sockets", "100"],
+        capture_output=True, text=True, timeout=SMOKE_TIMEOUT_S, check=False,
+    )  # fmt: skip
+    report = f"stdout:\n{done.stdout[-4000:]}\nstderr:\n{done.stderr[-4000:]}"
+    assert done.returncode == 0, report
+    assert "FAILED" not in done.stdout, report
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in done.stdout.splitlines() if line.startswith("| ")}
+    assert rows["sockets held by the ingress"].startswith("100 of 100"), report
+    # Under load a warm-up order may displace a driver, so a few measured orders can
+    # book a warm-up driver, which has no socket: those are counted apart, not missing.
+    received, wrong, missing = (int(n) for n in rows["events received / wrong socket / missing"].split(" / "))
+    assert received > 0 and (wrong, missing) == (0, 0), report
+    assert "ms" in rows["commit → receipt p50 / p99"], report

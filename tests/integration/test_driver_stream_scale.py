@@ -132,7 +132,9 @@ async def test_1000_sockets_on_two_replicas_each_event_reaches_its_own_driver_on
     started = time.monotonic()
     watchers = await connect(session, apis, drivers)
     print(f"\n{SOCKETS} sockets connected in {time.monotonic() - started:.2f} s")
-    await until(lambda: [len(hub(a).sockets) for a in apis] == [SOCKETS // 2, SOCKETS // 2])
+    await until(
+        lambda: [len(hub(a).sockets) for a in apis] == [SOCKETS // 2, SOCKETS // 2]
+    )
 
     answer_s: list[float] = []
 

@@ -25,6 +25,7 @@ CANCELLED = "/events/seller-order-cancelled"
 # A valid body for each route with a path id, so that only the id is hostile.
 BODY_FOR: dict[tuple[str, str], dict[str, Any] | None] = {
     ("GET", "/drivers/{driverId}"): None,
+    ("GET", "/drivers/{driverId}/events"): None,
     ("PATCH", "/drivers/{driverId}"): {"isActive": False},
     ("PATCH", "/drivers/{driverId}/location"): {"lat": BERLIN[0], "lon": BERLIN[1]},
     ("PATCH", "/drivers/{driverId}/status"): {"status": "OFFLINE"},

@@ -35,6 +35,8 @@ BODIES: dict[tuple[str, str], Any] = {
     ("GET", "/drivers"): None,
     ("POST", "/drivers/locations"): {"pings": []},
     ("GET", "/drivers/{driverId}"): None,
+    # Not a WebSocket upgrade: credentials are judged first, then 426.
+    ("GET", "/drivers/{driverId}/events"): None,
     ("PATCH", "/drivers/{driverId}"): {"isActive": False},
     ("PATCH", "/drivers/{driverId}/location"): {"lat": BERLIN[0], "lon": BERLIN[1]},
     ("PATCH", "/drivers/{driverId}/status"): {"status": "OFFLINE"},
