@@ -33,7 +33,6 @@ BODY_FOR: dict[tuple[str, str], dict[str, Any] | None] = {
     ("POST", "/deliveries/{sellerOrderId}/picked-up"): None,
     ("POST", "/deliveries/{sellerOrderId}/delivered"): None,
     ("POST", "/deliveries/{sellerOrderId}/failed"): {"reason": "shop closed"},
-    ("GET", "/drivers/{driverId}/events"): None,
     ("GET", "/drivers/{driverId}/offers"): None,
     ("POST", "/drivers/{driverId}/offers/{offerId}/accept"): None,
     ("POST", "/drivers/{driverId}/offers/{offerId}/decline"): {},

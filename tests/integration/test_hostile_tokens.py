@@ -56,9 +56,6 @@ BODIES: dict[tuple[str, str], Any] = {
 }
 
 
-WEBSOCKETS = {"/drivers/{driverId}/events"}
-
-
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
@@ -88,9 +85,7 @@ async def test_every_route_refuses_the_wrong_credentials_and_writes_nothing(
     instead of signatures, or nothing at all: 401. Derived from ROUTES, so a new route
     cannot slip through unlisted."""
     owner, other = await owned_order(api, pg_pool, receiver)
-    # The WebSocket route authenticates by header or by its first message (a request
-    # without credentials is told to upgrade, 426); test_driver_stream.py checks it.
-    guarded = {(r.method, r.path): r.auth for r in ROUTES if r.auth != "none" and r.path not in WEBSOCKETS}
+    guarded = {(r.method, r.path): r.auth for r in ROUTES if r.auth != "none"}
     assert set(guarded) == set(BODIES)
     before = await snapshot(pg_pool, redis_client)
     failures: list[str] = []
@@ -165,7 +160,7 @@ async def test_deactivation_stops_a_cached_token_at_once_on_every_route_and_ingr
     before = await snapshot(pg_pool, redis_client)
     failures: list[str] = []
     for (method, template), auth in {(r.method, r.path): r.auth for r in ROUTES}.items():
-        if auth != "driver" or template in WEBSOCKETS:
+        if auth != "driver":
             continue
         resp = await call(b, method, template, owner.driver_id, "SO-owned", owner.auth)
         if resp.status != 403:
