@@ -218,7 +218,7 @@ async def _backstop(ops: OfferOps, interval_s: float) -> None:
 
 
 def refused(exc: OfferRefusedError) -> web.Response:
-    """409 problem naming the reason (CONTRACT §8)."""
+    """409 problem naming the reason (docs/OFFERS.md)."""
     body = {
         "type": PROBLEM_BASE + "offer-refused",
         "title": "Offer refused",

@@ -43,7 +43,7 @@ from dispatcher.webhooks.outbox import enqueue
 
 Conn = Any  # an asyncpg connection inside the caller's transaction
 
-# Why an accept or a decline is refused (CONTRACT §8), plus OFFER_DECLINED for an
+# Why an accept or a decline is refused (docs/OFFERS.md), plus OFFER_DECLINED for an
 # offer its driver already declined.
 Refusal = Literal[
     "OFFER_EXPIRED",
