@@ -59,6 +59,7 @@ class WOffer:
     status: str = "OPEN"
     answered_at: float | None = None
     reason: str | None = None
+    created_at: float = 0.0
 
 
 @dataclass
@@ -147,7 +148,7 @@ class World:
                 offer_id = f"o{next(self._ids)}"
                 self.offers[offer_id] = WOffer(
                     offer_id, order, d.attempt, step.round, driver_id, step.expires_at,
-                    step.expires_at + self.rules.grace_s,
+                    step.expires_at + self.rules.grace_s, created_at=self.now,
                 )  # fmt: skip
                 self.drivers[driver_id].open_offer = offer_id
             d.status, d.round = "OFFERED", step.round

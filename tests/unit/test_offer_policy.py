@@ -213,6 +213,8 @@ class OfferMachine(RuleBasedStateMachine):
                         per_round.get((o.attempt, o.round), 0) + 1
                     )
                     assert o.expires_at <= d.deadline_at or o.attempt < d.attempt
+                    # No offer is made at or after the deadline.
+                    assert o.created_at < d.deadline_at or o.attempt < d.attempt
             assert all(n <= w.rules.offers_per_round for n in per_round.values())
 
 
