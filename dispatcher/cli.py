@@ -21,16 +21,28 @@ log = logging.getLogger("dispatcher")
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dispatcher", description="Delivery-driver dispatcher for Vendure.")
-    parser.add_argument("--version", action="version", version=f"dispatcher {__version__}")
+    parser = argparse.ArgumentParser(
+        prog="dispatcher", description="Delivery-driver dispatcher for Vendure."
+    )
+    parser.add_argument(
+        "--version", action="version", version=f"dispatcher {__version__}"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the HTTP ingress (starts embedded servers when unset)")
-    serve.add_argument("--host", help="listen address (DISPATCHER_HOST, default 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="listen port (DISPATCHER_PORT, default 8080)")
+    serve = sub.add_parser(
+        "serve", help="run the HTTP ingress (starts embedded servers when unset)"
+    )
+    serve.add_argument(
+        "--host", help="listen address (DISPATCHER_HOST, default 127.0.0.1)"
+    )
+    serve.add_argument(
+        "--port", type=int, help="listen port (DISPATCHER_PORT, default 8080)"
+    )
     sub.add_parser("migrate", help="apply database migrations and exit")
     zonectl.add_parser(sub)
     sub.add_parser(
-        "bench", help="load benchmark on its own servers (dispatcher bench --help)", add_help=False
+        "bench",
+        help="load benchmark on its own servers (dispatcher bench --help)",
+        add_help=False,
     )
     return parser
 
@@ -43,14 +55,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return bench_main(raw[1:])
     args = _parser().parse_args(raw)
-    overrides = {k: v for k, v in (("host", getattr(args, "host", None)), ("port", getattr(args, "port", None))) if v is not None}
+    overrides = {
+        k: v
+        for k, v in (
+            ("host", getattr(args, "host", None)),
+            ("port", getattr(args, "port", None)),
+        )
+        if v is not None
+    }
     try:
         settings = Settings(**overrides)
     except ValueError as exc:
         print(f"dispatcher: invalid configuration:\n{exc}", file=sys.stderr)
         return 2
     logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     if args.command == "zones":
         return zonectl.run(args, settings)
@@ -84,7 +104,10 @@ def _announce(runtime: Runtime, s: ResolvedSettings) -> None:
     for name, value in runtime.generated.items():
         print(f"{labels[name]}={value}  (stored in {s.data_dir})", flush=True)
     if s.vendure_webhook_url is None:
-        print("DISPATCHER_VENDURE_WEBHOOK_URL is unset: webhooks stay in the outbox", flush=True)
+        print(
+            "DISPATCHER_VENDURE_WEBHOOK_URL is unset: webhooks stay in the outbox",
+            flush=True,
+        )
 
 
 def _serve(settings: ResolvedSettings) -> int:

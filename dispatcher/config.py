@@ -37,7 +37,9 @@ def default_data_dir() -> Path:
 class Settings(BaseSettings):
     """Process configuration; built once in `main()` and passed down, never global."""
 
-    model_config = SettingsConfigDict(env_prefix="DISPATCHER_", frozen=True, extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="DISPATCHER_", frozen=True, extra="ignore"
+    )
 
     # The contract's table (CONTRACT §1). `None` means "start an embedded one".
     database_url: str | None = None

@@ -16,11 +16,16 @@ def haversine_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
     phi1, phi2 = math.radians(lat1), math.radians(lat2)
     dphi = phi2 - phi1
     dlmb = math.radians(lon2 - lon1)
-    a = math.sin(dphi / 2) ** 2 + math.cos(phi1) * math.cos(phi2) * math.sin(dlmb / 2) ** 2
+    a = (
+        math.sin(dphi / 2) ** 2
+        + math.cos(phi1) * math.cos(phi2) * math.sin(dlmb / 2) ** 2
+    )
     return 2 * EARTH_RADIUS_KM * math.asin(min(1.0, math.sqrt(a)))
 
 
-def bounding_box(lat: float, lon: float, radius_km: float) -> tuple[float, float, float, float]:
+def bounding_box(
+    lat: float, lon: float, radius_km: float
+) -> tuple[float, float, float, float]:
     """(min_lat, max_lat, min_lon, max_lon) enclosing a circle; index pre-filter only.
 
     Longitudes are not wrapped: near ±180 the box extends past it, and callers match
@@ -30,7 +35,11 @@ def bounding_box(lat: float, lon: float, radius_km: float) -> tuple[float, float
     # the exact distance check that follows decides.
     dlat = math.degrees(radius_km / EARTH_RADIUS_KM) * (1 + 1e-9) + 1e-9
     cos_lat = math.cos(math.radians(min(abs(lat) + dlat, 89.9)))
-    dlon = min(180.0, math.degrees(radius_km / (EARTH_RADIUS_KM * max(cos_lat, 1e-9))) * (1 + 1e-9) + 1e-9)
+    dlon = min(
+        180.0,
+        math.degrees(radius_km / (EARTH_RADIUS_KM * max(cos_lat, 1e-9))) * (1 + 1e-9)
+        + 1e-9,
+    )
     return lat - dlat, lat + dlat, lon - dlon, lon + dlon
 
 

@@ -33,11 +33,15 @@ OrderId = Annotated[
     BeforeValidator(_int_id_to_str),
     Field(min_length=1, max_length=128, pattern=r"^[^\x00-\x1f\x7f]+$"),
 ]
-Latitude = Annotated[float, Field(ge=-MAX_LATITUDE, le=MAX_LATITUDE, allow_inf_nan=False)]
+Latitude = Annotated[
+    float, Field(ge=-MAX_LATITUDE, le=MAX_LATITUDE, allow_inf_nan=False)
+]
 Longitude = Annotated[float, Field(ge=-180.0, le=180.0, allow_inf_nan=False)]
 DriverStatus = Literal["AVAILABLE", "BUSY", "OFFLINE"]
 DeliveryStatus = Literal["ASSIGNED", "PICKED_UP", "DELIVERED", "FAILED", "CANCELLED"]
-ShortText = Annotated[str, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")]
+ShortText = Annotated[
+    str, Field(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$")
+]
 
 
 class RequestModel(BaseModel):
@@ -78,8 +82,12 @@ class SellerOrderReady(RequestModel):
 
     seller_order_id: OrderId
     # Ignored, but still text that could be logged: no control characters.
-    event_id: str | None = Field(default=None, max_length=256, pattern=r"^[^\x00-\x1f\x7f]*$")
-    channel_id: str | None = Field(default=None, max_length=256, pattern=r"^[^\x00-\x1f\x7f]*$")
+    event_id: str | None = Field(
+        default=None, max_length=256, pattern=r"^[^\x00-\x1f\x7f]*$"
+    )
+    channel_id: str | None = Field(
+        default=None, max_length=256, pattern=r"^[^\x00-\x1f\x7f]*$"
+    )
     pickup_lat: Latitude | None = None
     pickup_lon: Longitude | None = None
     pickup: LatLon | None = None
@@ -90,7 +98,9 @@ class SellerOrderReady(RequestModel):
         flat = (self.pickup_lat, self.pickup_lon)
         if self.pickup is None:
             if None in flat:
-                raise ValueError("pickup location required: pickupLat and pickupLon, or pickup {lat, lon}")
+                raise ValueError(
+                    "pickup location required: pickupLat and pickupLon, or pickup {lat, lon}"
+                )
         elif flat != (None, None) and flat != (self.pickup.lat, self.pickup.lon):
             raise ValueError("pickupLat/pickupLon and pickup disagree")
         return self
@@ -119,7 +129,9 @@ class LocationPing(RequestModel):
 
 
 class BatchPing(LocationPing):
-    driver_id: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$")]
+    driver_id: Annotated[
+        str, Field(min_length=1, max_length=64, pattern=r"^[^\x00-\x1f\x7f]+$")
+    ]
 
 
 class BatchPingsEnvelope(RequestModel):
@@ -135,8 +147,16 @@ class BatchPings(RequestModel):
 
 class CreateDriver(OperatorRequestModel):
     name: ShortText
-    phone: Annotated[str, Field(min_length=1, max_length=40, pattern=r"^[0-9+() .-]+$")] | None = None
-    vehicle_type: Annotated[str, Field(min_length=1, max_length=40, pattern=r"^[^\x00-\x1f\x7f]+$")] | None = None
+    phone: (
+        Annotated[str, Field(min_length=1, max_length=40, pattern=r"^[0-9+() .-]+$")]
+        | None
+    ) = None
+    vehicle_type: (
+        Annotated[
+            str, Field(min_length=1, max_length=40, pattern=r"^[^\x00-\x1f\x7f]+$")
+        ]
+        | None
+    ) = None
 
 
 class UpdateDriver(OperatorRequestModel):

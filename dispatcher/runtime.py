@@ -68,7 +68,11 @@ class Runtime:
             self.redis.start()
             self._stack.callback(self.redis.stop)
             updates["redis_url"] = self.redis.url
-        missing = [n for n in ("vendure_webhook_secret", "inbound_secret", "admin_token") if getattr(s, n) is None]
+        missing = [
+            n
+            for n in ("vendure_webhook_secret", "inbound_secret", "admin_token")
+            if getattr(s, n) is None
+        ]
         if missing:
             stored, _ = load_or_create_secrets(s.data_dir)
             for name in missing:

@@ -55,7 +55,9 @@ class Dispatcher:
         self.deliveries = deliveries
         self.router = router
         self.zones = zones
-        self.gate = PingGate(drivers.last_fixes, max_speed_kmh=settings.max_ping_speed_kmh)
+        self.gate = PingGate(
+            drivers.last_fixes, max_speed_kmh=settings.max_ping_speed_kmh
+        )
         self.pings = PingBuffer(
             zones.apply_pings,
             interval_s=settings.ping_flush_interval_ms / 1000.0,
@@ -97,24 +99,33 @@ class Dispatcher:
             async with asyncio.timeout(timeout_s):
                 await self.pings.settle()
         except TimeoutError:
-            log.warning("queued pings not written within %g s; answering without them", timeout_s)
+            log.warning(
+                "queued pings not written within %g s; answering without them",
+                timeout_s,
+            )
 
     # ---- orders -----------------------------------------------------------------------
 
     async def assign(self, req: AssignRequest) -> AssignResult:
         await self.settle_pings()
-        zone = await self.router.zone_for_order(req.pickup_lat, req.pickup_lon, self.settings.search_radius_km)
+        zone = await self.router.zone_for_order(
+            req.pickup_lat, req.pickup_lon, self.settings.search_radius_km
+        )
         if zone is None:
             # No zone within reach means no located driver within reach: answer
             # without waking an actor. A retry may still find one later.
             existing = await self.deliveries.existing(req.seller_order_id)
             if existing is not None:
                 return replay(req, existing)
-            body = UnassignedResponse(seller_order_id=req.seller_order_id).model_dump_json()
+            body = UnassignedResponse(
+                seller_order_id=req.seller_order_id
+            ).model_dump_json()
             return AssignResult("unassigned", body, "none")
         return await self.orders.assign(zone, req)
 
-    async def step(self, seller_order_id: str, step: str, reason: str | None = None) -> None:
+    async def step(
+        self, seller_order_id: str, step: str, reason: str | None = None
+    ) -> None:
         result = await self.deliveries.step(seller_order_id, step, reason=reason)
         if result.changed:
             await self._refresh_driver(result.driver_id)
@@ -137,13 +148,17 @@ class Dispatcher:
         if not self.database_up:
             # PostgreSQL is known to be down: a fix acknowledged now could only wait in
             # the queue, so the caller is told to retry (CONTRACT §3).
-            down = DatabaseUnavailableError("PostgreSQL unavailable: lost the connection")
+            down = DatabaseUnavailableError(
+                "PostgreSQL unavailable: lost the connection"
+            )
             return [PingOutcome(None, down) for _ in pings]
         outcomes: list[PingOutcome | None] = [None] * len(pings)
         routable: list[tuple[int, str]] = []
         for index, ping in enumerate(pings):
             try:
-                zone = await self.router.zone_for_ping(ping.lat, ping.lon, ping.driver_id)
+                zone = await self.router.zone_for_ping(
+                    ping.lat, ping.lon, ping.driver_id
+                )
             except DispatchError as exc:
                 outcomes[index] = PingOutcome(None, exc)
                 continue
@@ -160,7 +175,9 @@ class Dispatcher:
             outcomes[index] = PingOutcome(verdict)
         return [o for o in outcomes if o is not None]
 
-    def _pings_written(self, pings: Sequence[Ping], verdicts: Sequence[PingVerdict]) -> None:
+    def _pings_written(
+        self, pings: Sequence[Ping], verdicts: Sequence[PingVerdict]
+    ) -> None:
         self.gate.applied(pings, verdicts)
         written = sum(v is PingVerdict.ACCEPTED for v in verdicts)
         self.pings_written += written
@@ -175,10 +192,17 @@ class Dispatcher:
         return record
 
     async def update_driver(
-        self, driver_id: str, *, is_active: bool | None, name: str | None, auto_accept: bool | None = None
+        self,
+        driver_id: str,
+        *,
+        is_active: bool | None,
+        name: str | None,
+        auto_accept: bool | None = None,
     ) -> DriverRecord:
         await self.settle_pings()
-        record = await self.drivers.update(driver_id, is_active=is_active, name=name, auto_accept=auto_accept)
+        record = await self.drivers.update(
+            driver_id, is_active=is_active, name=name, auto_accept=auto_accept
+        )
         self.gate.forget(driver_id)
         if is_active is False:
             await self._release_offer(driver_id)
@@ -206,4 +230,6 @@ class Dispatcher:
         except DispatchError as exc:
             # PostgreSQL already holds the change; the zone's sweeper repairs the
             # mirror when it is back, and the lookup double-checks in PostgreSQL.
-            log.warning("refresh of driver %s in zone %s deferred: %s", driver_id, zone_id, exc)
+            log.warning(
+                "refresh of driver %s in zone %s deferred: %s", driver_id, zone_id, exc
+            )

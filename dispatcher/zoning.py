@@ -33,7 +33,10 @@ class Zoning:
         return list(_zones_near(self.resolution, self._edge_km, lat, lon, radius_km))
 
     def is_zone(self, zone_id: str) -> bool:
-        return bool(h3.is_valid_cell(zone_id)) and h3.get_resolution(zone_id) == self.resolution
+        return (
+            bool(h3.is_valid_cell(zone_id))
+            and h3.get_resolution(zone_id) == self.resolution
+        )
 
     def centre_of(self, zone_id: str) -> tuple[float, float]:
         lat, lon = h3.cell_to_latlng(zone_id)

@@ -147,9 +147,15 @@ class World:
             for driver_id in choice.driver_ids:
                 offer_id = f"o{next(self._ids)}"
                 self.offers[offer_id] = WOffer(
-                    offer_id, order, d.attempt, step.round, driver_id, step.expires_at,
-                    step.expires_at + self.rules.grace_s, created_at=self.now,
-                )  # fmt: skip
+                    offer_id,
+                    order,
+                    d.attempt,
+                    step.round,
+                    driver_id,
+                    step.expires_at,
+                    step.expires_at + self.rules.grace_s,
+                    created_at=self.now,
+                )
                 self.drivers[driver_id].open_offer = offer_id
             d.status, d.round = "OFFERED", step.round
         else:

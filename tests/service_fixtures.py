@@ -63,7 +63,10 @@ def kill_zone_actors() -> None:
     for entry in ray.util.list_named_actors(all_namespaces=True):
         if entry["name"].startswith("zone:"):
             with contextlib.suppress(ValueError):
-                ray.kill(ray.get_actor(entry["name"], namespace=entry["namespace"]), no_restart=True)
+                ray.kill(
+                    ray.get_actor(entry["name"], namespace=entry["namespace"]),
+                    no_restart=True,
+                )
 
 
 @pytest.fixture
@@ -111,7 +114,9 @@ async def start_api(
     clients: list[TestClient[Any, Any]] = []
 
     async def start(settings: ResolvedSettings) -> Api:
-        client: TestClient[Any, Any] = await aiohttp_client(create_app(settings, zones=ZoneDirectory(settings)))
+        client: TestClient[Any, Any] = await aiohttp_client(
+            create_app(settings, zones=ZoneDirectory(settings))
+        )
         clients.append(client)
         return Api(client, settings)
 
@@ -124,7 +129,9 @@ async def start_api(
 
 
 @pytest.fixture
-async def api(start_api: Callable[[ResolvedSettings], Any], settings: ResolvedSettings) -> Api:
+async def api(
+    start_api: Callable[[ResolvedSettings], Any], settings: ResolvedSettings
+) -> Api:
     result: Api = await start_api(settings)
     return result
 
@@ -136,7 +143,9 @@ CORE_TTL_S = 600.0
 
 @pytest.fixture
 async def zone_cores(
-    make_settings: Callable[..., ResolvedSettings], pg_pool: asyncpg.Pool, redis_client: Redis
+    make_settings: Callable[..., ResolvedSettings],
+    pg_pool: asyncpg.Pool,
+    redis_client: Redis,
 ) -> AsyncIterator[MakeCore]:
     """Builds ZoneCores of BERLIN's zone, each with its own pool (stateless, as in the
     actor) and Redis client, as separate actor processes would have; `start()` is left
@@ -146,14 +155,20 @@ async def zone_cores(
 
     async def make() -> ZoneCore:
         pool = await create_pool(
-            settings.database_url, max_size=3, command_timeout_s=settings.pg_timeout_s, stateless=True
+            settings.database_url,
+            max_size=3,
+            command_timeout_s=settings.pg_timeout_s,
+            stateless=True,
         )
         core = ZoneCore(
             Zoning(settings.zone_resolution).zone_of(*BERLIN),
             settings,
             drivers=DriverStore(pool),
             deliveries=DeliveryStore(pool),
-            mirror=GeoMirror(connect_redis(settings.redis_url, settings.redis_timeout_s), settings.redis_timeout_s),
+            mirror=GeoMirror(
+                connect_redis(settings.redis_url, settings.redis_timeout_s),
+                settings.redis_timeout_s,
+            ),
             zoning=Zoning(settings.zone_resolution),
         )
         cores.append(core)

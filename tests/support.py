@@ -118,14 +118,22 @@ class WebhookReceiver:
         return [d for d in self.received if d.body["type"] == event_type]
 
     def for_order(self, seller_order_id: str) -> list[Delivery]:
-        return [d for d in self.received if d.body["data"]["sellerOrderId"] == seller_order_id]
+        return [
+            d
+            for d in self.received
+            if d.body["data"]["sellerOrderId"] == seller_order_id
+        ]
 
-    async def wait_until(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:  # noqa: ASYNC109 - a deadline, not a cancellation scope
+    async def wait_until(
+        self, predicate: Callable[[], bool], timeout: float = 10.0
+    ) -> None:  # noqa: ASYNC109 - a deadline, not a cancellation scope
         deadline = time.monotonic() + timeout
         while not predicate():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise AssertionError(f"webhooks not received in {timeout}s: {len(self.received)} so far")
+                raise AssertionError(
+                    f"webhooks not received in {timeout}s: {len(self.received)} so far"
+                )
             self._arrived.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._arrived.wait(), min(remaining, 0.2))
@@ -144,7 +152,9 @@ class Driver:
 class Api:
     """The service under test, spoken to over real HTTP with real signatures and tokens."""
 
-    def __init__(self, client: TestClient[Any, Any], settings: ResolvedSettings) -> None:
+    def __init__(
+        self, client: TestClient[Any, Any], settings: ResolvedSettings
+    ) -> None:
         self.client = client
         self.settings = settings
         # remote_api (tests/faults) passes an aiohttp ClientSession typed as Any.
@@ -154,7 +164,9 @@ class Api:
     def admin(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.settings.admin_token}"}
 
-    def signed_headers(self, raw: bytes, *, secret: str | None = None, timestamp: int | None = None) -> dict[str, str]:
+    def signed_headers(
+        self, raw: bytes, *, secret: str | None = None, timestamp: int | None = None
+    ) -> dict[str, str]:
         msg_id = "evt_" + uuid.uuid4().hex
         ts = int(time.time()) if timestamp is None else timestamp
         signature = sign(secret or self.settings.inbound_secret, msg_id, ts, raw)
@@ -165,28 +177,51 @@ class Api:
             "content-type": "application/json",
         }
 
-    async def signed_post(self, path: str, payload: dict[str, Any] | bytes, **kw: Any) -> Any:
+    async def signed_post(
+        self, path: str, payload: dict[str, Any] | bytes, **kw: Any
+    ) -> Any:
         raw = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-        return await self.client.post(path, data=raw, headers=self.signed_headers(raw, **kw))
+        return await self.client.post(
+            path, data=raw, headers=self.signed_headers(raw, **kw)
+        )
 
-    async def order(self, seller_order_id: str, lat: float, lon: float, **extra: Any) -> Any:
-        body = {"sellerOrderId": seller_order_id, "pickupLat": lat, "pickupLon": lon, **extra}
+    async def order(
+        self, seller_order_id: str, lat: float, lon: float, **extra: Any
+    ) -> Any:
+        body = {
+            "sellerOrderId": seller_order_id,
+            "pickupLat": lat,
+            "pickupLon": lon,
+            **extra,
+        }
         return await self.signed_post("/events/seller-order-ready", body)
 
     async def cancel(self, seller_order_id: str) -> Any:
-        return await self.signed_post("/events/seller-order-cancelled", {"sellerOrderId": seller_order_id})
+        return await self.signed_post(
+            "/events/seller-order-cancelled", {"sellerOrderId": seller_order_id}
+        )
 
     async def create_driver(self, name: str = "Driver") -> Driver:
-        resp = await self.client.post("/drivers", json={"name": name}, headers=self.admin)
+        resp = await self.client.post(
+            "/drivers", json={"name": name}, headers=self.admin
+        )
         assert resp.status == 201, await resp.text()
         body = await resp.json()
         return Driver(body["driverId"], body["token"])
 
-    async def ping(self, driver: Driver, lat: float, lon: float, recorded_at: datetime | None = None) -> Any:
+    async def ping(
+        self,
+        driver: Driver,
+        lat: float,
+        lon: float,
+        recorded_at: datetime | None = None,
+    ) -> Any:
         payload: dict[str, Any] = {"lat": lat, "lon": lon}
         if recorded_at is not None:
             payload["recordedAt"] = recorded_at.isoformat()
-        resp = await self.client.patch(f"/drivers/{driver.driver_id}/location", json=payload, headers=driver.auth)
+        resp = await self.client.patch(
+            f"/drivers/{driver.driver_id}/location", json=payload, headers=driver.auth
+        )
         if self.in_process:
             # In-process only: an out-of-process ingress may be killed mid-test.
             await self.settle()
@@ -199,15 +234,21 @@ class Api:
             await self.client.app[DISPATCHER].settle_pings(timeout_s=None)
             return
         # Out of process: the ingress's read barrier (reads see acknowledged fixes).
-        resp = await self.client.get("/drivers", params={"limit": "1"}, headers=self.admin)
+        resp = await self.client.get(
+            "/drivers", params={"limit": "1"}, headers=self.admin
+        )
         assert resp.status == 200, await resp.text()
 
     async def set_status(self, driver: Driver, status: str) -> Any:
         return await self.client.patch(
-            f"/drivers/{driver.driver_id}/status", json={"status": status}, headers=driver.auth
+            f"/drivers/{driver.driver_id}/status",
+            json={"status": status},
+            headers=driver.auth,
         )
 
-    async def online_driver(self, lat: float, lon: float, name: str = "Driver") -> Driver:
+    async def online_driver(
+        self, lat: float, lon: float, name: str = "Driver"
+    ) -> Driver:
         """A dispatchable driver: registered, AVAILABLE, and pinged at (lat, lon)."""
         driver = await self.create_driver(name)
         resp = await self.set_status(driver, "AVAILABLE")
@@ -216,11 +257,23 @@ class Api:
         assert resp.status == 204, await resp.text()
         return driver
 
-    async def step(self, driver: Driver, seller_order_id: str, step: str, body: dict[str, Any] | None = None) -> Any:
-        return await self.client.post(f"/deliveries/{seller_order_id}/{step}", json=body or {}, headers=driver.auth)
+    async def step(
+        self,
+        driver: Driver,
+        seller_order_id: str,
+        step: str,
+        body: dict[str, Any] | None = None,
+    ) -> Any:
+        return await self.client.post(
+            f"/deliveries/{seller_order_id}/{step}",
+            json=body or {},
+            headers=driver.auth,
+        )
 
 
-def offset(lat: float, lon: float, north_km: float, east_km: float) -> tuple[float, float]:
+def offset(
+    lat: float, lon: float, north_km: float, east_km: float
+) -> tuple[float, float]:
     """A point `north_km` north and `east_km` east of (lat, lon) (small distances)."""
     import math
 
@@ -238,7 +291,9 @@ async def problem(resp: ClientResponse, status: int) -> dict[str, Any]:
     """The RFC 9457 body of an error answer, after checking its shape."""
     text = await resp.text()
     assert resp.status == status, text
-    assert resp.headers["Content-Type"].startswith(PROBLEM_JSON), resp.headers["Content-Type"]
+    assert resp.headers["Content-Type"].startswith(PROBLEM_JSON), resp.headers[
+        "Content-Type"
+    ]
     body: dict[str, Any] = json.loads(text)
     assert body["status"] == status
     for key in ("type", "title", "detail"):
@@ -267,7 +322,9 @@ def point_in(rng: random.Random, zoning: Zoning, cell: str) -> Point:
     clat, clon = zoning.centre_of(cell)
     reach = float(h3.average_hexagon_edge_length(zoning.resolution, "km"))
     while True:
-        point = offset(clat, clon, rng.uniform(-reach, reach), rng.uniform(-reach, reach))
+        point = offset(
+            clat, clon, rng.uniform(-reach, reach), rng.uniform(-reach, reach)
+        )
         if zoning.zone_of(*point) == cell:
             return point
 
@@ -285,7 +342,9 @@ async def located_drivers(core: ZoneCore, spots: list[Point]) -> list[str]:
         await core.drivers.set_status(record.id, "AVAILABLE")
         ids.append(record.id)
     now = datetime.now(UTC)
-    verdicts = await core.apply_pings([Ping(d, *p, now) for d, p in zip(ids, spots, strict=True)])
+    verdicts = await core.apply_pings(
+        [Ping(d, *p, now) for d, p in zip(ids, spots, strict=True)]
+    )
     assert verdicts == [PingVerdict.ACCEPTED] * len(ids)
     return ids
 

@@ -88,7 +88,9 @@ class PingBuffer:
         zone = self._zones.get(zone_id)
         if zone is None:
             zone = self._zones[zone_id] = _Zone()
-            zone.task = asyncio.create_task(self._run(zone_id, zone), name=f"pings:{zone_id}")
+            zone.task = asyncio.create_task(
+                self._run(zone_id, zone), name=f"pings:{zone_id}"
+            )
         queued = zone.pending.get(ping.driver_id)
         if queued is None or queued.recorded_at < ping.recorded_at:
             zone.pending[ping.driver_id] = ping
@@ -101,7 +103,11 @@ class PingBuffer:
 
     async def settle(self, zone_ids: Iterable[str] | None = None) -> None:
         """Flush now; return once every fix offered so far was attempted."""
-        zones = self._zones if zone_ids is None else {z: self._zones[z] for z in zone_ids if z in self._zones}
+        zones = (
+            self._zones
+            if zone_ids is None
+            else {z: self._zones[z] for z in zone_ids if z in self._zones}
+        )
         waits = []
         for zone in zones.values():
             if zone.attempted < zone.offered:
@@ -138,7 +144,9 @@ class PingBuffer:
                 zone.attempted = max(zone.attempted, upto)
                 zone.changed.set()
                 if not ok:
-                    delay = RETRY_DELAYS_S[min(zone.failures_in_row, len(RETRY_DELAYS_S)) - 1]
+                    delay = RETRY_DELAYS_S[
+                        min(zone.failures_in_row, len(RETRY_DELAYS_S)) - 1
+                    ]
                     await asyncio.sleep(delay)
 
     async def _send(self, zone_id: str, zone: _Zone, batch: list[Ping]) -> bool:
@@ -164,10 +172,14 @@ class PingBuffer:
                 except Exception:
                     # The fixes are written; only the bookkeeping failed. The flusher
                     # must live on, or the zone's queue would never be written again.
-                    log.exception("zone %s: handling the verdicts of a flush failed", zone_id)
+                    log.exception(
+                        "zone %s: handling the verdicts of a flush failed", zone_id
+                    )
         return True
 
-    def _keep_for_retry(self, zone_id: str, zone: _Zone, unsent: list[Ping], exc: DispatchError) -> None:
+    def _keep_for_retry(
+        self, zone_id: str, zone: _Zone, unsent: list[Ping], exc: DispatchError
+    ) -> None:
         oldest = self._clock() - self._max_age_s
         kept = 0
         for ping in unsent:
@@ -178,7 +190,9 @@ class PingBuffer:
             if newer is None or newer.recorded_at < ping.recorded_at:
                 zone.pending[ping.driver_id] = ping
             kept += 1
-        log.warning("zone %s: flush failed (%s); %d fixes kept for a retry", zone_id, exc, kept)
+        log.warning(
+            "zone %s: flush failed (%s); %d fixes kept for a retry", zone_id, exc, kept
+        )
 
     async def close(self, *, drain_s: float = 2.0) -> None:
         """Flush what is queued (bounded by `drain_s`), then stop the flushers."""

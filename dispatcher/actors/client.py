@@ -59,7 +59,9 @@ class ZoneDirectory:
 
     def _get_or_create(self, zone_id: str) -> Any:
         options = zone_actor_options(
-            zone_id, self.settings.ray_namespace, resource_units=self.settings.zone_resource_units
+            zone_id,
+            self.settings.ray_namespace,
+            resource_units=self.settings.zone_resource_units,
         )
         return ZoneActorRemote.options(**options).remote(zone_id, self._settings_json)
 
@@ -102,14 +104,20 @@ class ZoneDirectory:
                 last = exc
                 self._handles.pop(zone_id, None)
             except TimeoutError as exc:
-                raise ZoneUnavailableError(f"zone {zone_id} did not answer in time") from exc
+                raise ZoneUnavailableError(
+                    f"zone {zone_id} did not answer in time"
+                ) from exc
         log.warning("zone %s unavailable: %s", zone_id, last)
         raise ZoneUnavailableError(f"zone {zone_id} is restarting; retry shortly")
 
-    async def assign_many(self, zone_id: str, reqs: Sequence[AssignRequest]) -> list[AssignResult]:
+    async def assign_many(
+        self, zone_id: str, reqs: Sequence[AssignRequest]
+    ) -> list[AssignResult]:
         return await self._call(zone_id, lambda h: h.assign_many.remote(list(reqs)))
 
-    async def apply_pings(self, zone_id: str, pings: Sequence[Ping]) -> list[PingVerdict]:
+    async def apply_pings(
+        self, zone_id: str, pings: Sequence[Ping]
+    ) -> list[PingVerdict]:
         batch = PingBatch.of(pings)
         return await self._call(zone_id, lambda h: h.apply_ping_batch.remote(batch))
 

@@ -113,9 +113,18 @@ class ZoneCore:
                 # Timers live in memory: a new incarnation rebuilds them from PostgreSQL.
                 rebuilt = await self.desk.rebuild(self.zone_id)
                 if rebuilt:
-                    log.info("zone %s resumed %d open dispatches", self.zone_id, rebuilt)
-        self._sweeper = asyncio.create_task(self._sweep_forever(), name=f"sweep:{self.zone_id}")
-        log.info("zone %s active at epoch %d with %d drivers", self.zone_id, self.epoch, len(self.shard))
+                    log.info(
+                        "zone %s resumed %d open dispatches", self.zone_id, rebuilt
+                    )
+        self._sweeper = asyncio.create_task(
+            self._sweep_forever(), name=f"sweep:{self.zone_id}"
+        )
+        log.info(
+            "zone %s active at epoch %d with %d drivers",
+            self.zone_id,
+            self.epoch,
+            len(self.shard),
+        )
 
     async def drain(self) -> None:
         """Hand the zone over: let the calls in flight finish, then refuse every new one
@@ -141,12 +150,18 @@ class ZoneCore:
         incarnation for good."""
         async with self._lock.shared() if shared else self._lock.exclusive():
             if self.fenced:
-                raise StaleEpochError(f"zone {self.zone_id}: this incarnation was fenced")
+                raise StaleEpochError(
+                    f"zone {self.zone_id}: this incarnation was fenced"
+                )
             try:
                 yield
             except StaleEpochError:
                 self.fenced = True
-                log.warning("zone %s epoch %d fenced by a newer incarnation", self.zone_id, self.epoch)
+                log.warning(
+                    "zone %s epoch %d fenced by a newer incarnation",
+                    self.zone_id,
+                    self.epoch,
+                )
                 raise
 
     async def apply_pings(self, pings: Sequence[Ping]) -> list[PingVerdict]:
@@ -156,7 +171,10 @@ class ZoneCore:
         async with self._exclusive(shared=True):
             for round_ in _rounds(pings):
                 found, entries = await self.drivers.apply_pings(
-                    self.zone_id, self.epoch, [pings[i] for i in round_], self.settings.max_ping_speed_kmh
+                    self.zone_id,
+                    self.epoch,
+                    [pings[i] for i in round_],
+                    self.settings.max_ping_speed_kmh,
                 )
                 verdicts.update(zip(round_, found, strict=True))
                 for entry in entries:
@@ -169,7 +187,9 @@ class ZoneCore:
 
     async def _mirror_write(self, entries: list[MirrorEntry]) -> None:
         try:
-            await self.mirror.apply(entries, self.clock(), self.settings.heartbeat_ttl_s)
+            await self.mirror.apply(
+                entries, self.clock(), self.settings.heartbeat_ttl_s
+            )
         except MirrorUnavailableError:
             self._mirror_dirty = True
 
@@ -207,7 +227,9 @@ class ZoneCore:
             await self.desk.advance(seller_order_id)
 
     def _wake_dispatch(self, seller_order_id: str) -> None:
-        task = asyncio.get_running_loop().create_task(self._woken(seller_order_id), name=f"offer:{seller_order_id}")
+        task = asyncio.get_running_loop().create_task(
+            self._woken(seller_order_id), name=f"offer:{seller_order_id}"
+        )
         # The loop keeps only weak references to tasks: hold it until it is done.
         self._wakeups.add(task)
         task.add_done_callback(self._wakeups.discard)
@@ -221,7 +243,12 @@ class ZoneCore:
         except Exception as exc:
             # PostgreSQL away, most likely: try again shortly (the backstop ends the
             # dispatch if this zone never manages to).
-            log.warning("zone %s: dispatch %s not advanced: %s", self.zone_id, seller_order_id, exc)
+            log.warning(
+                "zone %s: dispatch %s not advanced: %s",
+                self.zone_id,
+                seller_order_id,
+                exc,
+            )
             if self.desk is not None and not self.fenced:
                 self.desk.retry_later(seller_order_id)
 
@@ -235,7 +262,9 @@ class ZoneCore:
                 self.shard[entry.driver_id] = entry
         await self._mirror_write(entries)
 
-    async def _assign_together(self, reqs: Sequence[AssignRequest]) -> list[AssignResult]:
+    async def _assign_together(
+        self, reqs: Sequence[AssignRequest]
+    ) -> list[AssignResult]:
         candidates = await self._candidates_many(reqs)
         booked = await self.deliveries.book_many(
             list(zip(reqs, candidates, strict=True)),
@@ -249,7 +278,14 @@ class ZoneCore:
             if booking is None:
                 results.append(await self._unassigned(req))
                 continue
-            results.append(AssignResult("assigned", booking.body, "redis" if from_mirror else "postgres", booking.driver_id))
+            results.append(
+                AssignResult(
+                    "assigned",
+                    booking.body,
+                    "redis" if from_mirror else "postgres",
+                    booking.driver_id,
+                )
+            )
         await self._booked(*(b for b, _ in booked if b is not None))
         return results
 
@@ -261,10 +297,16 @@ class ZoneCore:
         queries = []
         for req in reqs:
             zones = self.zoning.zones_near(req.pickup_lat, req.pickup_lon, radius)
-            queries.append(NearestQuery(
-                tuple(zones), req.pickup_lat, req.pickup_lon, tuple(search_steps(radius)), CANDIDATES,
-                tuple(z for z in zones if z in self.known_zones),
-            ))  # fmt: skip
+            queries.append(
+                NearestQuery(
+                    tuple(zones),
+                    req.pickup_lat,
+                    req.pickup_lon,
+                    tuple(search_steps(radius)),
+                    CANDIDATES,
+                    tuple(z for z in zones if z in self.known_zones),
+                )
+            )
         try:
             found = await self.mirror.nearest_widening_many(queries)
         except MirrorUnavailableError:
@@ -307,7 +349,9 @@ class ZoneCore:
             zones = self.zoning.zones_near(req.pickup_lat, req.pickup_lon, radius)
             must_be_built = [z for z in zones if z in self.known_zones]
             with contextlib.suppress(MirrorUnavailableError):
-                candidates = await self._nearest_widening(req.pickup_lat, req.pickup_lon, must_be_built)
+                candidates = await self._nearest_widening(
+                    req.pickup_lat, req.pickup_lon, must_be_built
+                )
         if candidates:
             booking = await self._book_among(req, candidates)
             if booking is not None:
@@ -316,12 +360,21 @@ class ZoneCore:
         # confirmed by the truth and a stale or empty mirror never loses an order.
         return await self._book_among(req, None), "postgres"
 
-    async def _nearest_widening(self, lat: float, lon: float, must_be_built: list[str]) -> list[str]:
+    async def _nearest_widening(
+        self, lat: float, lon: float, must_be_built: list[str]
+    ) -> list[str]:
         return await nearest_widening(
-            self.mirror, self.zoning, lat, lon, self.settings.search_radius_km, must_be_built=must_be_built
+            self.mirror,
+            self.zoning,
+            lat,
+            lon,
+            self.settings.search_radius_km,
+            must_be_built=must_be_built,
         )
 
-    async def _book_among(self, req: AssignRequest, candidates: list[str] | None) -> Booking | None:
+    async def _book_among(
+        self, req: AssignRequest, candidates: list[str] | None
+    ) -> Booking | None:
         taken: list[str] = []
         while True:
             try:
@@ -337,7 +390,10 @@ class ZoneCore:
             except DriverTakenError as exc:
                 # AVAILABLE yet holding an active delivery should not exist; the
                 # index caught it, so skip that driver and say so loudly.
-                log.error("driver %s is AVAILABLE with an active delivery; skipped", exc.driver_id)
+                log.error(
+                    "driver %s is AVAILABLE with an active delivery; skipped",
+                    exc.driver_id,
+                )
                 taken.append(exc.driver_id)
                 if len(taken) > MAX_TAKEN_RETRIES:
                     raise
@@ -349,7 +405,9 @@ class ZoneCore:
             entry = self.shard.get(booking.driver_id)
             if entry is not None:
                 self.shard[booking.driver_id] = _with_status(entry, available=False)
-            by_zone.setdefault(booking.driver_zone_id or self.zone_id, []).append(booking.driver_id)
+            by_zone.setdefault(booking.driver_zone_id or self.zone_id, []).append(
+                booking.driver_id
+            )
         try:
             await self.mirror.forget_many(by_zone)
         except MirrorUnavailableError:
@@ -370,7 +428,9 @@ class ZoneCore:
     def stats(self) -> ZoneStats:
         now = self.clock()
         available = sum(
-            1 for e in self.shard.values() if is_dispatchable(e, now, self.settings.heartbeat_ttl_s)
+            1
+            for e in self.shard.values()
+            if is_dispatchable(e, now, self.settings.heartbeat_ttl_s)
         )
         return ZoneStats(self.zone_id, self.epoch, len(self.shard), available)
 
@@ -414,8 +474,14 @@ class ZoneCore:
         try:
             if full:
                 await self.mirror.rebuild(self.zone_id, entries, self.clock(), ttl)
-            elif repaired := await self.mirror.repair(self.zone_id, entries, self.clock(), ttl):
-                log.info("zone %s: reconcile repaired %d mirror entries", self.zone_id, repaired)
+            elif repaired := await self.mirror.repair(
+                self.zone_id, entries, self.clock(), ttl
+            ):
+                log.info(
+                    "zone %s: reconcile repaired %d mirror entries",
+                    self.zone_id,
+                    repaired,
+                )
         except MirrorUnavailableError:
             self._mirror_dirty = True
             return
@@ -440,7 +506,12 @@ async def nearest_widening(
     """
     zones = zoning.zones_near(lat, lon, radius_km)
     return await mirror.nearest_widening(
-        zones, lat, lon, search_steps(radius_km), CANDIDATES, must_be_built=must_be_built
+        zones,
+        lat,
+        lon,
+        search_steps(radius_km),
+        CANDIDATES,
+        must_be_built=must_be_built,
     )
 
 

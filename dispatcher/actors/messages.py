@@ -46,7 +46,9 @@ class PingBatch:
     def pings(self) -> list[Ping]:
         return [
             Ping(driver_id, lat, lon, EPOCH + timedelta(microseconds=us))
-            for driver_id, lat, lon, us in zip(self.driver_ids, self.lats, self.lons, self.recorded_us, strict=True)
+            for driver_id, lat, lon, us in zip(
+                self.driver_ids, self.lats, self.lons, self.recorded_us, strict=True
+            )
         ]
 
 

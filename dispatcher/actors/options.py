@@ -20,7 +20,11 @@ def zone_actor_name(zone_id: str) -> str:
 
 
 def zone_actor_options(
-    zone_id: str, namespace: str, *, resource_units: float = 0.0, node_id: str | None = None
+    zone_id: str,
+    namespace: str,
+    *,
+    resource_units: float = 0.0,
+    node_id: str | None = None,
 ) -> dict[str, Any]:
     """Options for creating (or finding) a zone's actor; `node_id` pins a new
     incarnation to that node when it still has room (rebalancing)."""
@@ -48,5 +52,7 @@ def zone_actor_options(
         options["resources"] = {ZONE_RESOURCE: resource_units}
     if node_id is not None:
         # Soft: if the node died or filled up meanwhile, any other node will do.
-        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=True)
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(
+            node_id, soft=True
+        )
     return options

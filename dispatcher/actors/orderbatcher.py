@@ -14,7 +14,9 @@ AssignMany = Callable[[str, Sequence[AssignRequest]], Awaitable[list[AssignResul
 
 @dataclass(slots=True)
 class _Zone:
-    waiting: list[tuple[AssignRequest, asyncio.Future[AssignResult]]] = field(default_factory=list)
+    waiting: list[tuple[AssignRequest, asyncio.Future[AssignResult]]] = field(
+        default_factory=list
+    )
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
 
@@ -40,8 +42,12 @@ class OrderBatcher:
         zone = self._zones.get(zone_id)
         if zone is None:
             zone = self._zones[zone_id] = _Zone()
-            zone.task = asyncio.create_task(self._run(zone_id, zone), name=f"orders:{zone_id}")
-        future: asyncio.Future[AssignResult] = asyncio.get_running_loop().create_future()
+            zone.task = asyncio.create_task(
+                self._run(zone_id, zone), name=f"orders:{zone_id}"
+            )
+        future: asyncio.Future[AssignResult] = (
+            asyncio.get_running_loop().create_future()
+        )
         zone.waiting.append((req, future))
         zone.wakeup.set()
         return await future
@@ -51,10 +57,17 @@ class OrderBatcher:
             await zone.wakeup.wait()
             zone.wakeup.clear()
             while zone.waiting:
-                batch, zone.waiting = zone.waiting[: self._max_batch], zone.waiting[self._max_batch :]
+                batch, zone.waiting = (
+                    zone.waiting[: self._max_batch],
+                    zone.waiting[self._max_batch :],
+                )
                 await self._send(zone_id, batch)
 
-    async def _send(self, zone_id: str, batch: list[tuple[AssignRequest, asyncio.Future[AssignResult]]]) -> None:
+    async def _send(
+        self,
+        zone_id: str,
+        batch: list[tuple[AssignRequest, asyncio.Future[AssignResult]]],
+    ) -> None:
         # Orders whose client gave up are not booked.
         batch = [(req, fut) for req, fut in batch if not fut.done()]
         if not batch:
@@ -62,7 +75,9 @@ class OrderBatcher:
         try:
             results = await self._assign_many(zone_id, [req for req, _ in batch])
         except (Exception, asyncio.CancelledError) as exc:
-            failure = exc if isinstance(exc, Exception) else RuntimeError("shutting down")
+            failure = (
+                exc if isinstance(exc, Exception) else RuntimeError("shutting down")
+            )
             for _, fut in batch:
                 if not fut.done():
                     fut.set_exception(failure)

@@ -90,7 +90,8 @@ class PingGate:
         missing = {
             p.driver_id
             for p in pings
-            if (e := self._entries.get(p.driver_id)) is None or now - e.loaded_at > self._ttl_s
+            if (e := self._entries.get(p.driver_id)) is None
+            or now - e.loaded_at > self._ttl_s
         }
         if missing:
             loaded = await self._load(sorted(missing))
@@ -108,7 +109,9 @@ class PingGate:
         verdicts = []
         for ping in pings:
             entry = self._entries.get(ping.driver_id)
-            verdict = judge_fix(None if entry is None else entry.fix, ping, self._max_speed_kmh)
+            verdict = judge_fix(
+                None if entry is None else entry.fix, ping, self._max_speed_kmh
+            )
             if verdict is PingVerdict.ACCEPTED and entry is not None:
                 entry.fix = LastFix(True, ping.lat, ping.lon, ping.recorded_at)
             verdicts.append(verdict)
@@ -128,7 +131,9 @@ class PingGate:
             if verdict is PingVerdict.INACTIVE:
                 entry = self._entries.get(ping.driver_id)
                 if entry is not None:
-                    entry.fix = LastFix(False, entry.fix.lat, entry.fix.lon, entry.fix.recorded_at)
+                    entry.fix = LastFix(
+                        False, entry.fix.lat, entry.fix.lon, entry.fix.recorded_at
+                    )
             elif verdict is not PingVerdict.ACCEPTED:
                 # Unknown, or PostgreSQL holds another fix than ours: read it again.
                 self._entries.pop(ping.driver_id, None)

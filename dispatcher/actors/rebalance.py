@@ -44,14 +44,18 @@ def zone_nodes(resource_units: float) -> list[str]:
     return sorted(
         n["NodeID"]
         for n in nodes
-        if n["Alive"] and (resource_units <= 0 or n["Resources"].get(ZONE_RESOURCE, 0) >= resource_units)
+        if n["Alive"]
+        and (
+            resource_units <= 0
+            or n["Resources"].get(ZONE_RESOURCE, 0) >= resource_units
+        )
     )
 
 
 def zone_ids(namespace: str) -> list[str]:
     """Every zone with a named actor in the namespace."""
     return sorted(
-        entry["name"][len(ZONE_PREFIX):]
+        entry["name"][len(ZONE_PREFIX) :]
         for entry in ray.util.list_named_actors(all_namespaces=True)
         if entry["namespace"] == namespace and entry["name"].startswith(ZONE_PREFIX)
     )
@@ -79,18 +83,30 @@ def placements(namespace: str) -> list[ZonePlacement]:
 
 
 def plan(
-    namespace: str, resource_units: float, *, every_zone: bool = False, draining: Sequence[str] = ()
+    namespace: str,
+    resource_units: float,
+    *,
+    every_zone: bool = False,
+    draining: Sequence[str] = (),
 ) -> list[Move]:
     """The moves that even out zones over the nodes. Nodes whose id starts with one of
     `draining` host no zone afterwards (emptied before they are taken down). With
     `every_zone`, every other zone is handed over too, on its own node (a restart of
     every zone process, e.g. to pick up changed settings)."""
-    where = {p.zone_id: p.node_id for p in placements(namespace) if p.state != "unreachable"}
-    nodes = [n for n in zone_nodes(resource_units) if not any(n.startswith(d) for d in draining)]
+    where = {
+        p.zone_id: p.node_id for p in placements(namespace) if p.state != "unreachable"
+    }
+    nodes = [
+        n
+        for n in zone_nodes(resource_units)
+        if not any(n.startswith(d) for d in draining)
+    ]
     moves = plan_rebalance(where, nodes)
     if every_zone:
         moved = {m.zone_id for m in moves}
-        moves += [Move(z, node, node) for z, node in sorted(where.items()) if z not in moved]
+        moves += [
+            Move(z, node, node) for z, node in sorted(where.items()) if z not in moved
+        ]
     return moves
 
 
@@ -109,15 +125,24 @@ def move_zone(move: Move, namespace: str, *, timeout_s: float = 60.0) -> MoveRes
     settings_json: str = ray.get(old.drain.remote(), timeout=timeout_s)
     ray.kill(old, no_restart=True)
     units = ResolvedSettings.model_validate_json(settings_json).zone_resource_units
-    options = zone_actor_options(move.zone_id, namespace, resource_units=units, node_id=move.target)
+    options = zone_actor_options(
+        move.zone_id, namespace, resource_units=units, node_id=move.target
+    )
     after = _start_successor(move.zone_id, options, settings_json, deadline)
     return MoveResult(
-        move.zone_id, move.source, move.target, after.node_id, epoch_before, after.epoch,
+        move.zone_id,
+        move.source,
+        move.target,
+        after.node_id,
+        epoch_before,
+        after.epoch,
         time.monotonic() - started,
-    )  # fmt: skip
+    )
 
 
-def _start_successor(zone_id: str, options: dict[str, Any], settings_json: str, deadline: float) -> ZonePlacement:
+def _start_successor(
+    zone_id: str, options: dict[str, Any], settings_json: str, deadline: float
+) -> ZonePlacement:
     # Until the GCS has seen the old process die, its name still resolves to it and the
     # "successor" we get is the drained one: ask again until a live one takes the zone.
     # An ingress may also create the successor first (its calls are retried); then it
@@ -125,13 +150,19 @@ def _start_successor(zone_id: str, options: dict[str, Any], settings_json: str, 
     while True:
         handle = ZoneActorRemote.options(**options).remote(zone_id, settings_json)
         try:
-            placement: ZonePlacement = ray.get(handle.warm.remote(), timeout=max(0.1, deadline - time.monotonic()))
+            placement: ZonePlacement = ray.get(
+                handle.warm.remote(), timeout=max(0.1, deadline - time.monotonic())
+            )
             return placement
         except (RayActorError, RayTaskError) as exc:
-            if isinstance(exc, RayTaskError) and not isinstance(exc.cause, StaleEpochError):
+            if isinstance(exc, RayTaskError) and not isinstance(
+                exc.cause, StaleEpochError
+            ):
                 raise
             if time.monotonic() > deadline:
-                raise RuntimeError(f"zone {zone_id}: no successor started in time") from exc
+                raise RuntimeError(
+                    f"zone {zone_id}: no successor started in time"
+                ) from exc
             time.sleep(0.02)
 
 
@@ -157,7 +188,9 @@ def rebalance(
             # Unreachable or gone: left to Ray's restart (or to the next request, which
             # recreates it); the other zones go on.
             log.warning("zone %s not moved: %s", move.zone_id, exc)
-            result = MoveResult(move.zone_id, move.source, move.target, move.source, 0, 0, 0.0, str(exc))
+            result = MoveResult(
+                move.zone_id, move.source, move.target, move.source, 0, 0, 0.0, str(exc)
+            )
         results.append(result)
         progress(index, len(moves), move, result)
     return results

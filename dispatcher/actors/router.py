@@ -46,18 +46,24 @@ class ZoneRouter:
     async def _check_may_open_zone(self, driver_id: str) -> None:
         """Same answers as a rejected ping: unknown 404, deactivated 403."""
         async with connection(self.pool) as conn:
-            active: bool | None = await conn.fetchval("SELECT is_active FROM drivers WHERE id = $1", driver_id)
+            active: bool | None = await conn.fetchval(
+                "SELECT is_active FROM drivers WHERE id = $1", driver_id
+            )
         if active is None:
             raise NotFoundError("unknown driver")
         if not active:
             raise ForbiddenError("driver is deactivated")
 
-    async def zone_for_order(self, lat: float, lon: float, radius_km: float) -> str | None:
+    async def zone_for_order(
+        self, lat: float, lon: float, radius_km: float
+    ) -> str | None:
         near = self.zoning.zones_near(lat, lon, radius_km)
         if not any(z in self.known for z in near):
             # Another replica may have opened a zone here a moment ago: "no zone in
             # reach" is only ever concluded from PostgreSQL, never from this cache.
             async with connection(self.pool) as conn:
-                rows = await conn.fetch("SELECT zone_id FROM zones WHERE zone_id = ANY($1::text[])", near)
+                rows = await conn.fetch(
+                    "SELECT zone_id FROM zones WHERE zone_id = ANY($1::text[])", near
+                )
             self.known.update(r["zone_id"] for r in rows)
         return next((z for z in near if z in self.known), None)

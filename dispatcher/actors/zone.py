@@ -62,20 +62,31 @@ class ZoneActor:
             if self._core is None:
                 s = self.settings
                 pool = await create_pool(
-                    s.database_url, max_size=ZONE_POOL_SIZE, command_timeout_s=s.pg_timeout_s, stateless=True
+                    s.database_url,
+                    max_size=ZONE_POOL_SIZE,
+                    command_timeout_s=s.pg_timeout_s,
+                    stateless=True,
                 )
                 # A location fix is superseded seconds later: its commit need not wait for
                 # the WAL flush. At most the last ~0.6 s of fixes can be lost if PostgreSQL
                 # itself crashes; bookings use the durable pool.
                 ping_pool = await create_pool(
-                    s.database_url, max_size=PING_POOL_SIZE, command_timeout_s=s.pg_timeout_s,
-                    server_settings={"synchronous_commit": "off"}, stateless=True,
+                    s.database_url,
+                    max_size=PING_POOL_SIZE,
+                    command_timeout_s=s.pg_timeout_s,
+                    server_settings={"synchronous_commit": "off"},
+                    stateless=True,
                 )
-                mirror = GeoMirror(connect_redis(s.redis_url, s.redis_timeout_s), s.redis_timeout_s)
+                mirror = GeoMirror(
+                    connect_redis(s.redis_url, s.redis_timeout_s), s.redis_timeout_s
+                )
                 core = ZoneCore(
-                    self.zone_id, s,
-                    drivers=DriverStore(pool, ping_pool=ping_pool), deliveries=DeliveryStore(pool),
-                    mirror=mirror, zoning=Zoning(s.zone_resolution),
+                    self.zone_id,
+                    s,
+                    drivers=DriverStore(pool, ping_pool=ping_pool),
+                    deliveries=DeliveryStore(pool),
+                    mirror=mirror,
+                    zoning=Zoning(s.zone_resolution),
                 )
                 try:
                     await core.start()
@@ -121,11 +132,17 @@ class ZoneActor:
 
     def _placement(self) -> ZonePlacement:
         core = self._core
-        state: ZoneState = "draining" if self._drained else "idle" if core is None else "active"
+        state: ZoneState = (
+            "draining" if self._drained else "idle" if core is None else "active"
+        )
         return ZonePlacement(
-            self.zone_id, ray.get_runtime_context().get_node_id(), os.getpid(), state,
-            core.epoch if core is not None else 0, len(core.shard) if core is not None else 0,
-        )  # fmt: skip
+            self.zone_id,
+            ray.get_runtime_context().get_node_id(),
+            os.getpid(),
+            state,
+            core.epoch if core is not None else 0,
+            len(core.shard) if core is not None else 0,
+        )
 
     @ray.method
     async def warm(self) -> ZonePlacement:

@@ -30,7 +30,9 @@ class ZoneLock:
     @asynccontextmanager
     async def shared(self) -> AsyncIterator[None]:
         async with self._cond:
-            await self._cond.wait_for(lambda: not self._exclusive and self._exclusive_waiting == 0)
+            await self._cond.wait_for(
+                lambda: not self._exclusive and self._exclusive_waiting == 0
+            )
             self._shared += 1
         try:
             yield
@@ -44,7 +46,9 @@ class ZoneLock:
         async with self._cond:
             self._exclusive_waiting += 1
             try:
-                await self._cond.wait_for(lambda: not self._exclusive and self._shared == 0)
+                await self._cond.wait_for(
+                    lambda: not self._exclusive and self._shared == 0
+                )
             finally:
                 self._exclusive_waiting -= 1
             self._exclusive = True

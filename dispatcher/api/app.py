@@ -40,19 +40,28 @@ MAX_BODY_BYTES = 64 * 1024
 SENDER_STOP_TIMEOUT_S = 5.0
 
 ROUTES: list[RouteSpec] = [
-    *events.ROUTES, *drivers.ROUTES, *driver_stream.ROUTES, *deliveries.ROUTES, *offers.ROUTES,
+    *events.ROUTES,
+    *drivers.ROUTES,
+    *driver_stream.ROUTES,
+    *deliveries.ROUTES,
+    *offers.ROUTES,
     *ops.ROUTES,
 ]
 
 
-def create_app(settings: ResolvedSettings, *, zones: ZoneDirectory | None = None) -> web.Application:
+def create_app(
+    settings: ResolvedSettings, *, zones: ZoneDirectory | None = None
+) -> web.Application:
     """The ingress. Ray must already be initialised in this process (see cli.main)."""
     metrics = Metrics()
     app = web.Application(
         client_max_size=MAX_BODY_BYTES,
         # aiohttp answers an over-long request line with its own plain-text 400, outside
         # our middleware; at the body limit, every id reaches a handler and gets a problem.
-        handler_args={"max_line_size": MAX_BODY_BYTES, "max_field_size": MAX_BODY_BYTES},
+        handler_args={
+            "max_line_size": MAX_BODY_BYTES,
+            "max_field_size": MAX_BODY_BYTES,
+        },
         middlewares=[metrics_middleware(metrics), problem_middleware],
     )
     app[SETTINGS] = settings
@@ -64,8 +73,14 @@ def create_app(settings: ResolvedSettings, *, zones: ZoneDirectory | None = None
     directory = zones or ZoneDirectory(settings)
     metrics.count_zone_retries(lambda: directory.retries)
     app.cleanup_ctx.extend(
-        [_postgres, _redis, driver_stream.event_hub_context, _dispatcher(directory), offers.offer_context,
-         _webhooks]
+        [
+            _postgres,
+            _redis,
+            driver_stream.event_hub_context,
+            _dispatcher(directory),
+            offers.offer_context,
+            _webhooks,
+        ]
     )
     # Driver sockets are closed (1001) before aiohttp waits for the handlers to end.
     app.on_shutdown.append(driver_stream.close_sockets)
@@ -74,26 +89,36 @@ def create_app(settings: ResolvedSettings, *, zones: ZoneDirectory | None = None
 
 async def _postgres(app: web.Application) -> AsyncIterator[None]:
     s = app[SETTINGS]
-    app[PG_POOL] = await create_pool(s.database_url, max_size=s.pg_pool_max, command_timeout_s=s.pg_timeout_s)
+    app[PG_POOL] = await create_pool(
+        s.database_url, max_size=s.pg_pool_max, command_timeout_s=s.pg_timeout_s
+    )
     yield
     await app[PG_POOL].close()
 
 
 async def _redis(app: web.Application) -> AsyncIterator[None]:
     s = app[SETTINGS]
-    app[MIRROR] = GeoMirror(connect_redis(s.redis_url, s.redis_timeout_s), s.redis_timeout_s)
+    app[MIRROR] = GeoMirror(
+        connect_redis(s.redis_url, s.redis_timeout_s), s.redis_timeout_s
+    )
     yield
     await app[MIRROR].client.aclose()
 
 
-def _dispatcher(directory: ZoneDirectory) -> Callable[[web.Application], AsyncIterator[None]]:
+def _dispatcher(
+    directory: ZoneDirectory,
+) -> Callable[[web.Application], AsyncIterator[None]]:
     async def context(app: web.Application) -> AsyncIterator[None]:
         s = app[SETTINGS]
         pool = app[PG_POOL]
         router = ZoneRouter(Zoning(s.zone_resolution), pool, max_zones=s.max_zones)
         await router.load()
         dispatcher = Dispatcher(
-            s, drivers=DriverStore(pool), deliveries=DeliveryStore(pool), router=router, zones=directory
+            s,
+            drivers=DriverStore(pool),
+            deliveries=DeliveryStore(pool),
+            router=router,
+            zones=directory,
         )
         app[DISPATCHER] = dispatcher
         app[METRICS].count_ping_writes(

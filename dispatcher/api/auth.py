@@ -43,7 +43,9 @@ def _bearer(request: web.Request) -> str:
 
 
 def _is_admin(request: web.Request, token: str) -> bool:
-    return hmac.compare_digest(token.encode(), request.app[SETTINGS].admin_token.encode())
+    return hmac.compare_digest(
+        token.encode(), request.app[SETTINGS].admin_token.encode()
+    )
 
 
 async def require_operator(request: web.Request) -> Principal:
@@ -71,7 +73,9 @@ async def authenticate(request: web.Request, *, check_active: bool = True) -> Pr
     return Principal(driver_id)
 
 
-async def require_driver(request: web.Request, driver_id: str, *, check_active: bool = True) -> Principal:
+async def require_driver(
+    request: web.Request, driver_id: str, *, check_active: bool = True
+) -> Principal:
     principal = await authenticate(request, check_active=check_active)
     if not principal.may_act_for(driver_id):
         raise ForbiddenError("a driver token may only act for its own driver")

@@ -41,8 +41,12 @@ def parse(raw: bytes, model: type[M], *, empty_ok: bool = False) -> M:
         errors = validation_errors(exc)
         first = errors[0] if errors else {"loc": ["body"], "msg": "invalid body"}
         where = ".".join(str(part) for part in first["loc"])
-        raise RequestValidationError(f"{where}: {first['msg']}", errors=errors) from None
+        raise RequestValidationError(
+            f"{where}: {first['msg']}", errors=errors
+        ) from None
 
 
-async def parse_body(request: web.Request, model: type[M], *, empty_ok: bool = False) -> M:
+async def parse_body(
+    request: web.Request, model: type[M], *, empty_ok: bool = False
+) -> M:
     return parse(await read_body(request), model, empty_ok=empty_ok)

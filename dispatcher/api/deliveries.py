@@ -22,7 +22,9 @@ async def _authorized_delivery(request: web.Request) -> web.Response:
         raise NotFoundError(f"no delivery for sellerOrderId {seller_order_id!r}")
     row, history = found
     if not principal.may_act_for(row["driver_id"]):
-        raise ForbiddenError("only the assigned driver or an operator may see or advance this delivery")
+        raise ForbiddenError(
+            "only the assigned driver or an operator may see or advance this delivery"
+        )
     return json_model(delivery_view(row, history))
 
 
@@ -30,8 +32,12 @@ async def get_delivery(request: web.Request) -> web.StreamResponse:
     return await _authorized_delivery(request)
 
 
-async def _advance(request: web.Request, step: str, reason: str | None) -> web.StreamResponse:
-    await request.app[DISPATCHER].step(path_id(request, "sellerOrderId"), step, reason=reason)
+async def _advance(
+    request: web.Request, step: str, reason: str | None
+) -> web.StreamResponse:
+    await request.app[DISPATCHER].step(
+        path_id(request, "sellerOrderId"), step, reason=reason
+    )
     return await _authorized_delivery(request)
 
 
@@ -55,12 +61,47 @@ async def failed(request: web.Request) -> web.StreamResponse:
 
 _ERRORS = (401, 403, 404, 409, 413, 422, 503)
 ROUTES = [
-    RouteSpec("GET", "/deliveries/{sellerOrderId}", get_delivery, "A delivery with its history",
-              "driver", {200: DeliveryView}, errors=(401, 403, 404, 503), tags=("deliveries",)),
-    RouteSpec("POST", "/deliveries/{sellerOrderId}/picked-up", picked_up, "The driver picked the order up",
-              "driver", {200: DeliveryView}, body=EmptyBody, errors=_ERRORS, tags=("deliveries",)),
-    RouteSpec("POST", "/deliveries/{sellerOrderId}/delivered", delivered, "Delivered; frees the driver",
-              "driver", {200: DeliveryView}, body=EmptyBody, errors=_ERRORS, tags=("deliveries",)),
-    RouteSpec("POST", "/deliveries/{sellerOrderId}/failed", failed, "Failed with a reason; frees the driver",
-              "driver", {200: DeliveryView}, body=FailDelivery, errors=_ERRORS, tags=("deliveries",)),
+    RouteSpec(
+        "GET",
+        "/deliveries/{sellerOrderId}",
+        get_delivery,
+        "A delivery with its history",
+        "driver",
+        {200: DeliveryView},
+        errors=(401, 403, 404, 503),
+        tags=("deliveries",),
+    ),
+    RouteSpec(
+        "POST",
+        "/deliveries/{sellerOrderId}/picked-up",
+        picked_up,
+        "The driver picked the order up",
+        "driver",
+        {200: DeliveryView},
+        body=EmptyBody,
+        errors=_ERRORS,
+        tags=("deliveries",),
+    ),
+    RouteSpec(
+        "POST",
+        "/deliveries/{sellerOrderId}/delivered",
+        delivered,
+        "Delivered; frees the driver",
+        "driver",
+        {200: DeliveryView},
+        body=EmptyBody,
+        errors=_ERRORS,
+        tags=("deliveries",),
+    ),
+    RouteSpec(
+        "POST",
+        "/deliveries/{sellerOrderId}/failed",
+        failed,
+        "Failed with a reason; frees the driver",
+        "driver",
+        {200: DeliveryView},
+        body=FailDelivery,
+        errors=_ERRORS,
+        tags=("deliveries",),
+    ),
 ]

@@ -56,23 +56,34 @@ class DriverQuery(RequestModel):
     # Query strings are text: "limit=10" must coerce.
     model_config = ConfigDict(strict=False)
     status: Literal["AVAILABLE", "BUSY", "OFFLINE"] | None = None
-    zone_id: str | None = Field(default=None, max_length=32, pattern=r"^[^\x00-\x1f\x7f]+$")
+    zone_id: str | None = Field(
+        default=None, max_length=32, pattern=r"^[^\x00-\x1f\x7f]+$"
+    )
     limit: Annotated[int, Field(ge=1, le=5000)] = DEFAULT_LIST_LIMIT
 
 
 def to_ping(driver_id: str, body: LocationPing, now: datetime) -> Ping:
     try:
-        recorded = body.recorded_at.astimezone(UTC) if body.recorded_at is not None else now
+        recorded = (
+            body.recorded_at.astimezone(UTC) if body.recorded_at is not None else now
+        )
     except OverflowError:
         # e.g. 9999-12-31T23:59:59-14:00 is past the last representable UTC instant.
         raise RequestValidationError(
             "recordedAt is out of range",
-            errors=[{"loc": ["body", "recordedAt"], "msg": "outside the representable range"}],
+            errors=[
+                {
+                    "loc": ["body", "recordedAt"],
+                    "msg": "outside the representable range",
+                }
+            ],
         ) from None
     if recorded > now + MAX_CLOCK_SKEW:
         raise RequestValidationError(
             "recordedAt is in the future",
-            errors=[{"loc": ["body", "recordedAt"], "msg": "more than 30 s in the future"}],
+            errors=[
+                {"loc": ["body", "recordedAt"], "msg": "more than 30 s in the future"}
+            ],
         )
     return Ping(driver_id=driver_id, lat=body.lat, lon=body.lon, recorded_at=recorded)
 
@@ -92,9 +103,15 @@ VERDICT_DETAILS = {
 async def create_driver(request: web.Request) -> web.StreamResponse:
     await require_operator(request)
     body = await parse_body(request, CreateDriver)
-    record, token = await request.app[DISPATCHER].drivers.create(body.name, body.phone, body.vehicle_type)
+    record, token = await request.app[DISPATCHER].drivers.create(
+        body.name, body.phone, body.vehicle_type
+    )
     created = DriverCreated(
-        driver_id=record.id, token=token, name=record.name, status="OFFLINE", is_active=record.is_active
+        driver_id=record.id,
+        token=token,
+        name=record.name,
+        status="OFFLINE",
+        is_active=record.is_active,
     )
     return json_model(created, status=201)
 
@@ -104,9 +121,13 @@ async def list_drivers(request: web.Request) -> web.StreamResponse:
     try:
         query = DriverQuery.model_validate(dict(request.query))
     except ValidationError as exc:
-        raise RequestValidationError("invalid query", errors=validation_errors(exc, "query")) from None
+        raise RequestValidationError(
+            "invalid query", errors=validation_errors(exc, "query")
+        ) from None
     await request.app[DISPATCHER].settle_pings()
-    records = await request.app[DISPATCHER].drivers.list_drivers(query.status, query.zone_id, query.limit)
+    records = await request.app[DISPATCHER].drivers.list_drivers(
+        query.status, query.zone_id, query.limit
+    )
     return json_model(DriverList(drivers=[driver_view(r) for r in records]))
 
 
@@ -124,7 +145,10 @@ async def update_driver(request: web.Request) -> web.StreamResponse:
     await require_operator(request)
     body = await parse_body(request, UpdateDriver)
     record = await request.app[DISPATCHER].update_driver(
-        path_id(request, "driverId"), is_active=body.is_active, name=body.name, auto_accept=body.auto_accept
+        path_id(request, "driverId"),
+        is_active=body.is_active,
+        name=body.name,
+        auto_accept=body.auto_accept,
     )
     return json_model(driver_view(record))
 
@@ -138,13 +162,19 @@ async def ping_location(request: web.Request) -> web.StreamResponse:
     except TooManyRequestsError:
         request.app[METRICS].count_pings(RATE_LIMITED)
         raise
-    ping = to_ping(driver_id, await parse_body(request, LocationPing), datetime.now(UTC))
+    ping = to_ping(
+        driver_id, await parse_body(request, LocationPing), datetime.now(UTC)
+    )
     verdict = await request.app[DISPATCHER].ping(ping)
     request.app[METRICS].count_pings(verdict.value)
     error = VERDICT_ERRORS.get(verdict)
     if error is not None:
         detail = VERDICT_DETAILS[verdict]
-        errors = [{"loc": ["body"], "msg": detail}] if error is RequestValidationError else None
+        errors = (
+            [{"loc": ["body"], "msg": detail}]
+            if error is RequestValidationError
+            else None
+        )
         raise error(detail, errors=errors)
     return web.Response(status=204)
 
@@ -174,13 +204,16 @@ async def ping_batch(request: web.Request) -> web.StreamResponse:
             wait = waits[fix.driver_id] = limiter.take(fix.driver_id)
         if wait > 0:
             metrics.count_pings(RATE_LIMITED)
-            rejected.append(PingRejection(index=index, detail=rate_limited_detail(limiter, wait)))
+            rejected.append(
+                PingRejection(index=index, detail=rate_limited_detail(limiter, wait))
+            )
             continue
         pings.append(fix)
         positions.append(index)
     outcomes = await request.app[DISPATCHER].ping_many(pings)
     unavailable = next(
-        (o.error for o in outcomes if isinstance(o.error, ServiceUnavailableError)), None
+        (o.error for o in outcomes if isinstance(o.error, ServiceUnavailableError)),
+        None,
     )
     if unavailable is not None:
         # Retrying the whole batch is safe (fixes are idempotent by recordedAt), so a
@@ -192,7 +225,11 @@ async def ping_batch(request: web.Request) -> web.StreamResponse:
             counts[outcome.verdict] += 1
         if outcome.verdict is not None and outcome.verdict not in VERDICT_ERRORS:
             continue
-        detail = VERDICT_DETAILS[outcome.verdict] if outcome.verdict is not None else str(outcome.error)
+        detail = (
+            VERDICT_DETAILS[outcome.verdict]
+            if outcome.verdict is not None
+            else str(outcome.error)
+        )
         rejected.append(PingRejection(index=index, detail=detail))
     for verdict, count in counts.items():
         metrics.count_pings(verdict.value, count)
@@ -237,19 +274,80 @@ async def change_status(request: web.Request) -> web.StreamResponse:
 
 
 ROUTES = [
-    RouteSpec("POST", "/drivers", create_driver, "Register a driver; returns its token once",
-              "operator", {201: DriverCreated}, body=CreateDriver, errors=(401, 403, 413, 422, 503), tags=("drivers",)),
-    RouteSpec("GET", "/drivers", list_drivers, "List drivers, optionally by status and zone",
-              "operator", {200: DriverList}, query=DriverQuery, errors=(401, 403, 422, 503), tags=("drivers",)),
-    RouteSpec("POST", "/drivers/locations", ping_batch, "Batched location pings (gateways), at most 1000",
-              "operator", {200: BatchPingResult}, body=BatchPings, errors=(401, 403, 413, 422, 503), tags=("drivers",)),
-    RouteSpec("GET", "/drivers/{driverId}", get_driver, "One driver with location and active delivery",
-              "driver", {200: DriverView}, errors=(401, 403, 404, 503), tags=("drivers",)),
-    RouteSpec("PATCH", "/drivers/{driverId}", update_driver, "Activate or deactivate a driver, rename",
-              "operator", {200: DriverView}, body=UpdateDriver, errors=(401, 403, 404, 413, 422, 503), tags=("drivers",)),
-    RouteSpec("PATCH", "/drivers/{driverId}/location", ping_location,
-              "Location ping: refreshes location and heartbeat; never changes status",
-              "driver", {204: None}, body=LocationPing, errors=(401, 403, 404, 413, 422, 429, 503), tags=("drivers",)),
-    RouteSpec("PATCH", "/drivers/{driverId}/status", change_status, "Go AVAILABLE or OFFLINE",
-              "driver", {200: DriverStatusView}, body=StatusChange, errors=(401, 403, 404, 409, 413, 422, 503), tags=("drivers",)),
+    RouteSpec(
+        "POST",
+        "/drivers",
+        create_driver,
+        "Register a driver; returns its token once",
+        "operator",
+        {201: DriverCreated},
+        body=CreateDriver,
+        errors=(401, 403, 413, 422, 503),
+        tags=("drivers",),
+    ),
+    RouteSpec(
+        "GET",
+        "/drivers",
+        list_drivers,
+        "List drivers, optionally by status and zone",
+        "operator",
+        {200: DriverList},
+        query=DriverQuery,
+        errors=(401, 403, 422, 503),
+        tags=("drivers",),
+    ),
+    RouteSpec(
+        "POST",
+        "/drivers/locations",
+        ping_batch,
+        "Batched location pings (gateways), at most 1000",
+        "operator",
+        {200: BatchPingResult},
+        body=BatchPings,
+        errors=(401, 403, 413, 422, 503),
+        tags=("drivers",),
+    ),
+    RouteSpec(
+        "GET",
+        "/drivers/{driverId}",
+        get_driver,
+        "One driver with location and active delivery",
+        "driver",
+        {200: DriverView},
+        errors=(401, 403, 404, 503),
+        tags=("drivers",),
+    ),
+    RouteSpec(
+        "PATCH",
+        "/drivers/{driverId}",
+        update_driver,
+        "Activate or deactivate a driver, rename",
+        "operator",
+        {200: DriverView},
+        body=UpdateDriver,
+        errors=(401, 403, 404, 413, 422, 503),
+        tags=("drivers",),
+    ),
+    RouteSpec(
+        "PATCH",
+        "/drivers/{driverId}/location",
+        ping_location,
+        "Location ping: refreshes location and heartbeat; never changes status",
+        "driver",
+        {204: None},
+        body=LocationPing,
+        errors=(401, 403, 404, 413, 422, 429, 503),
+        tags=("drivers",),
+    ),
+    RouteSpec(
+        "PATCH",
+        "/drivers/{driverId}/status",
+        change_status,
+        "Go AVAILABLE or OFFLINE",
+        "driver",
+        {200: DriverStatusView},
+        body=StatusChange,
+        errors=(401, 403, 404, 409, 413, 422, 503),
+        tags=("drivers",),
+    ),
 ]

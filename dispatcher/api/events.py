@@ -64,15 +64,25 @@ async def seller_order_cancelled(request: web.Request) -> web.StreamResponse:
 
 ROUTES = [
     RouteSpec(
-        "POST", "/events/seller-order-ready", seller_order_ready,
+        "POST",
+        "/events/seller-order-ready",
+        seller_order_ready,
         "Assign the nearest dispatchable driver to a seller order (idempotent on sellerOrderId)",
-        "signature", {200: AssignedResponse | UnassignedResponse}, body=SellerOrderReady,
-        errors=(401, 409, 413, 422, 503), tags=("events",),
+        "signature",
+        {200: AssignedResponse | UnassignedResponse},
+        body=SellerOrderReady,
+        errors=(401, 409, 413, 422, 503),
+        tags=("events",),
     ),
     RouteSpec(
-        "POST", "/events/seller-order-cancelled", seller_order_cancelled,
+        "POST",
+        "/events/seller-order-cancelled",
+        seller_order_cancelled,
         "Cancel the order's delivery and free its driver (idempotent)",
-        "signature", {200: DeliveryView}, body=SellerOrderCancelled,
-        errors=(401, 404, 409, 413, 422, 503), tags=("events",),
+        "signature",
+        {200: DeliveryView},
+        body=SellerOrderCancelled,
+        errors=(401, 404, 409, 413, 422, 503),
+        tags=("events",),
     ),
 ]

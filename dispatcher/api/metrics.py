@@ -18,13 +18,34 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 # Dispatch latencies live between a millisecond and a few seconds.
-LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    10.0,
+)
 
 
-RETRIES_HELP = "zone actor calls retried because the zone restarted, moved or was fenced"
-WRITTEN_HELP = "fixes written to PostgreSQL (a driver's fixes within one flush window count once)"
-REFUSED_HELP = "acknowledged fixes that PostgreSQL then refused (stale, too fast, inactive)"
-DROPPED_HELP = "acknowledged fixes given up on: older than the heartbeat TTL when retried"
+RETRIES_HELP = (
+    "zone actor calls retried because the zone restarted, moved or was fenced"
+)
+WRITTEN_HELP = (
+    "fixes written to PostgreSQL (a driver's fixes within one flush window count once)"
+)
+REFUSED_HELP = (
+    "acknowledged fixes that PostgreSQL then refused (stale, too fast, inactive)"
+)
+DROPPED_HELP = (
+    "acknowledged fixes given up on: older than the heartbeat TTL when retried"
+)
 
 
 class _ReadOnScrape(Collector):
@@ -41,26 +62,40 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
-            "dispatcher_http_requests", "HTTP requests answered", ["method", "route", "status"],
+            "dispatcher_http_requests",
+            "HTTP requests answered",
+            ["method", "route", "status"],
             registry=self.registry,
         )
         self.latency = Histogram(
-            "dispatcher_http_request_seconds", "HTTP request latency", ["route"],
-            buckets=LATENCY_BUCKETS, registry=self.registry,
+            "dispatcher_http_request_seconds",
+            "HTTP request latency",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
         )
         self.assignments = Counter(
-            "dispatcher_assignments", "seller-order-ready outcomes", ["outcome", "path"],
+            "dispatcher_assignments",
+            "seller-order-ready outcomes",
+            ["outcome", "path"],
             registry=self.registry,
         )
         self.pings = Counter(
-            "dispatcher_pings", "location pings by verdict", ["verdict"], registry=self.registry
+            "dispatcher_pings",
+            "location pings by verdict",
+            ["verdict"],
+            registry=self.registry,
         )
         self._ping_children: dict[str, Any] = {}
         self.outbox_pending = Gauge(
-            "dispatcher_outbox_pending", "webhooks not yet delivered", registry=self.registry
+            "dispatcher_outbox_pending",
+            "webhooks not yet delivered",
+            registry=self.registry,
         )
         self.redis_up = Gauge(
-            "dispatcher_redis_up", "1 when the GEO mirror answers", registry=self.registry
+            "dispatcher_redis_up",
+            "1 when the GEO mirror answers",
+            registry=self.registry,
         )
 
     def count_pings(self, verdict: str, n: int = 1) -> None:
@@ -73,15 +108,27 @@ class Metrics:
     def count_zone_retries(self, read: Callable[[], int]) -> None:
         """Expose the ingress's retried zone calls (a zone restarted, moved or was fenced),
         read when scraped."""
-        self.registry.register(_ReadOnScrape("dispatcher_zone_call_retries", RETRIES_HELP, read))
+        self.registry.register(
+            _ReadOnScrape("dispatcher_zone_call_retries", RETRIES_HELP, read)
+        )
 
     def count_ping_writes(
-        self, *, written: Callable[[], int], refused: Callable[[], int], dropped: Callable[[], int]
+        self,
+        *,
+        written: Callable[[], int],
+        refused: Callable[[], int],
+        dropped: Callable[[], int],
     ) -> None:
         """Expose what became of acknowledged fixes (written behind)."""
-        self.registry.register(_ReadOnScrape("dispatcher_ping_fixes_written", WRITTEN_HELP, written))
-        self.registry.register(_ReadOnScrape("dispatcher_pings_refused_on_write", REFUSED_HELP, refused))
-        self.registry.register(_ReadOnScrape("dispatcher_pings_dropped", DROPPED_HELP, dropped))
+        self.registry.register(
+            _ReadOnScrape("dispatcher_ping_fixes_written", WRITTEN_HELP, written)
+        )
+        self.registry.register(
+            _ReadOnScrape("dispatcher_pings_refused_on_write", REFUSED_HELP, refused)
+        )
+        self.registry.register(
+            _ReadOnScrape("dispatcher_pings_dropped", DROPPED_HELP, dropped)
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -103,7 +150,9 @@ def metrics_middleware(metrics: Metrics) -> Any:
         key = (request.method, name, response.status)
         counter = counters.get(key)
         if counter is None:
-            counter = counters[key] = metrics.requests.labels(request.method, name, str(response.status))
+            counter = counters[key] = metrics.requests.labels(
+                request.method, name, str(response.status)
+            )
         counter.inc()
         histogram = histograms.get(name)
         if histogram is None:

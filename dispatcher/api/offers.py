@@ -73,9 +73,11 @@ class OfferOps:
         self.dispatcher = dispatcher
         self.rules = rules
         self.accepted_after = Histogram(
-            "dispatcher_offer_accept_seconds", "time from an offer to its accept",
-            buckets=ACCEPT_TIME_BUCKETS, registry=None,
-        )  # fmt: skip
+            "dispatcher_offer_accept_seconds",
+            "time from an offer to its accept",
+            buckets=ACCEPT_TIME_BUCKETS,
+            registry=None,
+        )
 
     async def follow(self, changes: Changes) -> None:
         for driver_id in sorted(changes.drivers):
@@ -100,7 +102,9 @@ class OfferOps:
             # The first call restarts a dead zone, which then resumes all its open
             # dispatches at start; the rest are woken together after it.
             await self.follow(Changes(wake={orders[0]: zone_id}))
-            await asyncio.gather(*(self.follow(Changes(wake={o: zone_id})) for o in orders[1:]))
+            await asyncio.gather(
+                *(self.follow(Changes(wake={o: zone_id})) for o in orders[1:])
+            )
 
         await asyncio.gather(*(wake_zone(z, orders) for z, orders in by_zone.items()))
         return len(stalled)
@@ -236,11 +240,19 @@ def offer_item(row: Mapping[str, Any]) -> OfferItem:
         else Point(lat=row["drop_lat"], lon=row["drop_lon"])
     )
     return OfferItem(
-        offer_id=row["offer_id"], seller_order_id=row["seller_order_id"], driver_id=row["driver_id"],
-        status=row["status"], round=row["round"], pickup=Point(lat=row["pickup_lat"], lon=row["pickup_lon"]),
-        drop=drop, distance_km=row["distance_km"], created_at=row["created_at"],
-        expires_at=row["expires_at"], answered_at=row["answered_at"], reason=row["reason"],
-    )  # fmt: skip
+        offer_id=row["offer_id"],
+        seller_order_id=row["seller_order_id"],
+        driver_id=row["driver_id"],
+        status=row["status"],
+        round=row["round"],
+        pickup=Point(lat=row["pickup_lat"], lon=row["pickup_lon"]),
+        drop=drop,
+        distance_km=row["distance_km"],
+        created_at=row["created_at"],
+        expires_at=row["expires_at"],
+        answered_at=row["answered_at"],
+        reason=row["reason"],
+    )
 
 
 def dispatch_body(
@@ -250,11 +262,16 @@ def dispatch_body(
         k: dispatch[k] for k in ("pickup_lat", "pickup_lon", "drop_lat", "drop_lon")
     }
     return DispatchViewBody(
-        seller_order_id=dispatch["seller_order_id"], status=dispatch["status"], mode=dispatch["mode"],
-        attempt=dispatch["attempt"], round=dispatch["round"], deadline_at=dispatch["deadline_at"],
-        driver_id=dispatch["driver_id"], reason=dispatch["reason"],
+        seller_order_id=dispatch["seller_order_id"],
+        status=dispatch["status"],
+        mode=dispatch["mode"],
+        attempt=dispatch["attempt"],
+        round=dispatch["round"],
+        deadline_at=dispatch["deadline_at"],
+        driver_id=dispatch["driver_id"],
+        reason=dispatch["reason"],
         offers=[offer_item({**dict(o), **place}) for o in offers],
-    )  # fmt: skip
+    )
 
 
 async def _delivery(request: web.Request, seller_order_id: str) -> web.Response:

@@ -23,7 +23,9 @@ SECURITY: dict[str, list[dict[str, list[str]]]] = {
 }
 PATH_PARAM = re.compile(r"{(\w+)}")
 # A WebSocket route's 101: its schema describes the messages the server sends on it.
-DESCRIPTIONS = {101: "Switching Protocols: a WebSocket; the server sends JSON messages of this schema"}
+DESCRIPTIONS = {
+    101: "Switching Protocols: a WebSocket; the server sends JSON messages of this schema"
+}
 
 
 def _models(annotation: Any) -> list[type[BaseModel]]:
@@ -47,7 +49,10 @@ def build_openapi(routes: Sequence[RouteSpec]) -> dict[str, Any]:
             models.update(_models(annotation))
     ordered = sorted(models, key=lambda m: m.__name__)
     _, schema = models_json_schema(
-        [(m, "validation" if _is_request(m, routes) else "serialization") for m in ordered],
+        [
+            (m, "validation" if _is_request(m, routes) else "serialization")
+            for m in ordered
+        ],
         ref_template=REF,
     )
     paths: dict[str, dict[str, Any]] = {}
@@ -55,15 +60,20 @@ def build_openapi(routes: Sequence[RouteSpec]) -> dict[str, Any]:
         paths.setdefault(route.path, {})[route.method.lower()] = _operation(route)
     return {
         "openapi": "3.1.0",
-        "info": {"title": "dispatcher", "version": __version__,
-                 "description": "Assigns delivery drivers to Vendure seller orders."},
+        "info": {
+            "title": "dispatcher",
+            "version": __version__,
+            "description": "Assigns delivery drivers to Vendure seller orders.",
+        },
         "paths": paths,
         "components": {
             "schemas": schema.get("$defs", {}),
             "securitySchemes": {
                 "bearer": {"type": "http", "scheme": "bearer"},
                 "webhookSignature": {
-                    "type": "apiKey", "in": "header", "name": "webhook-signature",
+                    "type": "apiKey",
+                    "in": "header",
+                    "name": "webhook-signature",
                     "description": "Standard Webhooks: webhook-id, webhook-timestamp, webhook-signature",
                 },
             },
@@ -84,12 +94,21 @@ def _operation(route: RouteSpec) -> dict[str, Any]:
         "responses": {},
     }
     params = [
-        {"name": name, "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}}
+        {
+            "name": name,
+            "in": "path",
+            "required": True,
+            "schema": {"type": "string", "minLength": 1},
+        }
         for name in PATH_PARAM.findall(route.path)
     ]
     if route.query is not None:
-        for name, prop in route.query.model_json_schema(by_alias=True)["properties"].items():
-            params.append({"name": name, "in": "query", "required": False, "schema": prop})
+        for name, prop in route.query.model_json_schema(by_alias=True)[
+            "properties"
+        ].items():
+            params.append(
+                {"name": name, "in": "query", "required": False, "schema": prop}
+            )
     if params:
         op["parameters"] = params
     if route.body is not None:
@@ -98,9 +117,15 @@ def _operation(route: RouteSpec) -> dict[str, Any]:
             "content": {"application/json": {"schema": _schema_of(route.body)}},
         }
     for status, annotation in route.responses.items():
-        response: dict[str, Any] = {"description": DESCRIPTIONS.get(status, "success" if status < 400 else "see body")}
+        response: dict[str, Any] = {
+            "description": DESCRIPTIONS.get(
+                status, "success" if status < 400 else "see body"
+            )
+        }
         if annotation is not None:
-            response["content"] = {route.content_type: {"schema": _schema_of(annotation)}}
+            response["content"] = {
+                route.content_type: {"schema": _schema_of(annotation)}
+            }
         elif status != 204:
             response["content"] = {route.content_type: {}}
         op["responses"][str(status)] = response

@@ -61,7 +61,9 @@ async def ready(request: web.Request) -> web.StreamResponse:
             pg_ok = False
     webhooks = "unconfigured"
     if app[SETTINGS].vendure_webhook_url is not None:
-        webhooks = "disabled" if pg_ok and await app[SENDER].endpoint_disabled() else "ok"
+        webhooks = (
+            "disabled" if pg_ok and await app[SENDER].endpoint_disabled() else "ok"
+        )
     body = Readiness(
         postgres="ok" if pg_ok else "down",
         redis="ok" if redis_ok else "degraded",
@@ -88,14 +90,23 @@ async def zones(request: web.Request) -> web.StreamResponse:
                 stats = await dispatcher.zones.stats(zone_id)
         except (DispatchError, TimeoutError):
             return ZoneView(
-                zone_id=zone_id, drivers=0, available=0, actor="restarting", open_offers=open_offers.get(zone_id, 0)
+                zone_id=zone_id,
+                drivers=0,
+                available=0,
+                actor="restarting",
+                open_offers=open_offers.get(zone_id, 0),
             )
         return ZoneView(
-            zone_id=zone_id, drivers=stats.drivers, available=stats.available, actor="alive",
+            zone_id=zone_id,
+            drivers=stats.drivers,
+            available=stats.available,
+            actor="alive",
             open_offers=open_offers.get(zone_id, 0),
         )
 
-    return json_model(ZoneList(zones=list(await asyncio.gather(*(view(z) for z in zone_ids)))))
+    return json_model(
+        ZoneList(zones=list(await asyncio.gather(*(view(z) for z in zone_ids))))
+    )
 
 
 async def metrics(request: web.Request) -> web.StreamResponse:
@@ -103,7 +114,9 @@ async def metrics(request: web.Request) -> web.StreamResponse:
     with contextlib.suppress(DispatchError):
         app[METRICS].outbox_pending.set(await outbox_pending(app[PG_POOL]))
     await refresh_offer_metrics(app)
-    return web.Response(body=app[METRICS].render(), content_type="text/plain", charset="utf-8")
+    return web.Response(
+        body=app[METRICS].render(), content_type="text/plain", charset="utf-8"
+    )
 
 
 async def openapi(request: web.Request) -> web.StreamResponse:
@@ -111,12 +124,51 @@ async def openapi(request: web.Request) -> web.StreamResponse:
 
 
 ROUTES = [
-    RouteSpec("GET", "/health", health, "Liveness: 200 while the process runs", "none", {200: Health}, tags=("ops",)),
-    RouteSpec("GET", "/ready", ready, "Readiness of each dependency; 503 without PostgreSQL or Ray",
-              "none", {200: Readiness, 503: Readiness}, tags=("ops",)),
-    RouteSpec("GET", "/zones", zones, "Zone actors and their driver counts", "operator", {200: ZoneList},
-              errors=(401, 403, 503), tags=("ops",)),
-    RouteSpec("GET", "/metrics", metrics, "Prometheus metrics", "none", {200: None},
-              content_type="text/plain", tags=("ops",)),
-    RouteSpec("GET", "/openapi.json", openapi, "This document", "none", {200: None}, tags=("ops",)),
+    RouteSpec(
+        "GET",
+        "/health",
+        health,
+        "Liveness: 200 while the process runs",
+        "none",
+        {200: Health},
+        tags=("ops",),
+    ),
+    RouteSpec(
+        "GET",
+        "/ready",
+        ready,
+        "Readiness of each dependency; 503 without PostgreSQL or Ray",
+        "none",
+        {200: Readiness, 503: Readiness},
+        tags=("ops",),
+    ),
+    RouteSpec(
+        "GET",
+        "/zones",
+        zones,
+        "Zone actors and their driver counts",
+        "operator",
+        {200: ZoneList},
+        errors=(401, 403, 503),
+        tags=("ops",),
+    ),
+    RouteSpec(
+        "GET",
+        "/metrics",
+        metrics,
+        "Prometheus metrics",
+        "none",
+        {200: None},
+        content_type="text/plain",
+        tags=("ops",),
+    ),
+    RouteSpec(
+        "GET",
+        "/openapi.json",
+        openapi,
+        "This document",
+        "none",
+        {200: None},
+        tags=("ops",),
+    ),
 ]

@@ -71,7 +71,9 @@ class TokenBuckets:
         if not self.enabled:
             return 0.0
         if len(key) > MAX_KEY_CHARS:
-            key = hashlib.blake2b(key.encode(errors="surrogatepass"), digest_size=16).hexdigest()
+            key = hashlib.blake2b(
+                key.encode(errors="surrogatepass"), digest_size=16
+            ).hexdigest()
         now = self._clock()
         # Evict first: the key's own bucket may go too, if it has refilled to full.
         self._evict(now, adding=key not in self._buckets)
@@ -81,7 +83,9 @@ class TokenBuckets:
             self._buckets[key] = bucket
         else:
             elapsed = max(0.0, now - bucket.updated)
-            bucket.tokens = min(float(self.burst), bucket.tokens + elapsed * self.rate_per_s)
+            bucket.tokens = min(
+                float(self.burst), bucket.tokens + elapsed * self.rate_per_s
+            )
             bucket.updated = now
             self._buckets.move_to_end(key)
         if bucket.tokens >= 1.0:
@@ -106,7 +110,9 @@ def retry_after_s(wait_s: float) -> int:
 
 # One limiter per application, made on first use from its settings; weak keys let an
 # app (tests start many) go away with its buckets.
-_LIMITERS: weakref.WeakKeyDictionary[web.Application, TokenBuckets] = weakref.WeakKeyDictionary()
+_LIMITERS: weakref.WeakKeyDictionary[web.Application, TokenBuckets] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def ping_limiter(app: web.Application) -> TokenBuckets:

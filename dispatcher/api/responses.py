@@ -18,14 +18,23 @@ from dispatcher.models import (
 from dispatcher.store.drivers import DriverRecord
 
 
-def json_model(model: BaseModel, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+def json_model(
+    model: BaseModel, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
     return web.Response(
-        status=status, text=model.model_dump_json(), content_type="application/json", headers=headers
+        status=status,
+        text=model.model_dump_json(),
+        content_type="application/json",
+        headers=headers,
     )
 
 
-def json_text(body: str, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(status=status, text=body, content_type="application/json", headers=headers)
+def json_text(
+    body: str, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        status=status, text=body, content_type="application/json", headers=headers
+    )
 
 
 def driver_view(record: DriverRecord) -> DriverView:

@@ -57,15 +57,26 @@ async def _server_versions(stack: Stack) -> dict[str, str]:
         info = await client.info("server")
     finally:
         await client.aclose()
-    return {"PostgreSQL": f"{pg} (embedded, fsync {fsync})", "Redis": f"{info.get('redis_version')} (embedded)"}
+    return {
+        "PostgreSQL": f"{pg} (embedded, fsync {fsync})",
+        "Redis": f"{info.get('redis_version')} (embedded)",
+    }
 
 
-async def _run(options: Options, stack: Stack, runner: LoadRunner, progress: Progress, report: Report) -> None:
+async def _run(
+    options: Options,
+    stack: Stack,
+    runner: LoadRunner,
+    progress: Progress,
+    report: Report,
+) -> None:
     async with progress.ticking():
         progress.step("starting PostgreSQL and Redis")
         await asyncio.to_thread(stack.start_servers)
         progress.step("starting dispatcher serve (it starts its own Ray)")
-        await asyncio.to_thread(stack.start_service, extra_env=dict(options.service_env))
+        await asyncio.to_thread(
+            stack.start_service, extra_env=dict(options.service_env)
+        )
         progress.step("starting the ceiling and naive references")
         for kind in REFERENCES:
             await asyncio.to_thread(stack.start_reference, kind)
@@ -77,10 +88,17 @@ async def _run(options: Options, stack: Stack, runner: LoadRunner, progress: Pro
                 try:
                     await getattr(bench, name)()
                 except Exception as exc:
-                    report.failed.append(f"scenario {name}: {type(exc).__name__}: {exc}")
+                    report.failed.append(
+                        f"scenario {name}: {type(exc).__name__}: {exc}"
+                    )
                     progress.note(f"scenario {name} failed:\n{traceback.format_exc()}")
-                    if stack.service is not None and stack.service.popen.poll() is not None:
-                        progress.note(f"dispatcher serve exited:\n{stack.service.tail()}")
+                    if (
+                        stack.service is not None
+                        and stack.service.popen.poll() is not None
+                    ):
+                        progress.note(
+                            f"dispatcher serve exited:\n{stack.service.tail()}"
+                        )
                         return
             if options.profile:
                 await bench.profile()
@@ -91,8 +109,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = from_args(args)
     wrk = find_wrk() if options.use_wrk else None
     if options.use_wrk and wrk is None:
-        print(f"wrk is not installed; install it with `{install_hint()}`. "
-              "Using the Python load generator instead.", file=sys.stderr)
+        print(
+            f"wrk is not installed; install it with `{install_hint()}`. "
+            "Using the Python load generator instead.",
+            file=sys.stderr,
+        )
     workdir = Path(tempfile.mkdtemp(prefix="dbench-"))
     report = Report(
         started=datetime.now(UTC).astimezone(),
@@ -101,7 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         machine=machine_info(),
     )
     report.machine["load generator"] = (
-        f"wrk ({wrk}) at saturation, Python open loop at fixed rates" if wrk else "Python (asyncio) only")
+        f"wrk ({wrk}) at saturation, Python open loop at fixed rates"
+        if wrk
+        else "Python (asyncio) only"
+    )
     stack = Stack(workdir, fsync=options.fsync)
     scaling = options.scenarios == ("scale",)
     streaming = options.scenarios == ("stream",)
@@ -112,7 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         runner = LoadRunner(workdir, wrk)
         if scaling:
-            scale_rows = asyncio.run(run_scale(options, stack, runner, progress, report))
+            scale_rows = asyncio.run(
+                run_scale(options, stack, runner, progress, report)
+            )
         else:
             asyncio.run(_run(options, stack, runner, progress, report))
     except KeyboardInterrupt:
@@ -171,7 +197,9 @@ def _stream_main(options: Options, report: Report, stack: Stack, workdir: Path) 
     print(section, end="")
     if options.output is not None:
         existing = options.output.read_text() if options.output.exists() else None
-        options.output.write_text(merge_section(existing, section, begin=STREAM_BEGIN, end=STREAM_END))
+        options.output.write_text(
+            merge_section(existing, section, begin=STREAM_BEGIN, end=STREAM_END)
+        )
         print(f"wrote {options.output}")
     return 0
 

@@ -34,13 +34,20 @@ class LocalRayCluster:
     Raylets must be started from the main thread (Ray installs signal handlers).
     """
 
-    def __init__(self, *, system_config: Mapping[str, Any] | None = None, temp_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        system_config: Mapping[str, Any] | None = None,
+        temp_dir: Path | None = None,
+    ) -> None:
         head: dict[str, Any] = {"num_cpus": 0, "include_dashboard": False}
         if system_config:
             head["_system_config"] = dict(system_config)
         if temp_dir is not None:
             head["temp_dir"] = str(temp_dir)
-        self._cluster = Cluster(initialize_head=True, connect=False, head_node_args=head)
+        self._cluster = Cluster(
+            initialize_head=True, connect=False, head_node_args=head
+        )
         self.workers: dict[str, Any] = {}
 
     @property

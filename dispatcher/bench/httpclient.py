@@ -24,7 +24,11 @@ class HttpError(Exception):
 def encode_request(spec: RequestSpec, host: str) -> bytes:
     """The request's bytes: keep-alive, Content-Length always set."""
     lines = [f"{spec.method} {spec.path} HTTP/1.1", f"Host: {host}"]
-    lines += [f"{k}: {v}" for k, v in spec.headers if k.lower() not in ("host", "content-length")]
+    lines += [
+        f"{k}: {v}"
+        for k, v in spec.headers
+        if k.lower() not in ("host", "content-length")
+    ]
     lines.append(f"Content-Length: {len(spec.body)}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + spec.body
 
@@ -55,7 +59,9 @@ def parse_response(buf: bytearray) -> tuple[int, bytes, bool, int] | None:
     return status, bytes(buf[start : start + length]), keep_alive, start + length
 
 
-def _parse_chunked(buf: bytearray, pos: int, status: int, keep_alive: bool) -> tuple[int, bytes, bool, int] | None:
+def _parse_chunked(
+    buf: bytearray, pos: int, status: int, keep_alive: bool
+) -> tuple[int, bytes, bool, int] | None:
     body = bytearray()
     while True:
         line_end = buf.find(b"\r\n", pos)
@@ -102,7 +108,9 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_exception(HttpError(f"connection lost: {exc or 'closed by server'}"))
+            self.waiter.set_exception(
+                HttpError(f"connection lost: {exc or 'closed by server'}")
+            )
 
     async def send(self, data: bytes) -> tuple[int, bytes, bool]:
         assert self.transport is not None
@@ -127,7 +135,9 @@ class HttpPool:
         self.limit = limit
         self._idle: list[_Connection] = []
         self._open = 0
-        self._waiters: collections.deque[asyncio.Future[_Connection | None]] = collections.deque()
+        self._waiters: collections.deque[asyncio.Future[_Connection | None]] = (
+            collections.deque()
+        )
 
     async def _acquire(self) -> _Connection:
         while self._idle:
@@ -138,7 +148,9 @@ class HttpPool:
         if self._open < self.limit:
             self._open += 1
             try:
-                _, proto = await asyncio.get_running_loop().create_connection(_Connection, self.host, self.port)
+                _, proto = await asyncio.get_running_loop().create_connection(
+                    _Connection, self.host, self.port
+                )
             except BaseException as exc:
                 self._open -= 1
                 self._wake()
@@ -146,7 +158,9 @@ class HttpPool:
                     raise HttpError(f"connect failed: {exc}") from exc
                 raise
             return proto
-        waiter: asyncio.Future[_Connection | None] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[_Connection | None] = (
+            asyncio.get_running_loop().create_future()
+        )
         self._waiters.append(waiter)
         handed = await waiter
         return handed if handed is not None else await self._acquire()

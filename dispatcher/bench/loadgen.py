@@ -83,16 +83,29 @@ class _Recorder:
         if 200 <= status < 300 and self.count != "none":
             self.items += _items(self.count, body)
 
-    def result(self, generator: str, duration_s: float, offered: float | None) -> RunResult:
-        ok = sum(n for s, n in self.statuses.items() if s.isdigit() and 200 <= int(s) < 300)
+    def result(
+        self, generator: str, duration_s: float, offered: float | None
+    ) -> RunResult:
+        ok = sum(
+            n for s, n in self.statuses.items() if s.isdigit() and 200 <= int(s) < 300
+        )
         errors = sum(self.statuses.values()) - ok
         p50, p99, worst = latency_summary(self.latencies)
         lag = percentile([x * 1000.0 for x in self.lags], 99.0) if self.lags else None
         usage = resource.getrusage(resource.RUSAGE_SELF)
         return RunResult(
-            generator=generator, ok=ok, errors=errors, duration_s=duration_s,
-            p50_ms=p50, p99_ms=p99, max_ms=worst, items=self.items, offered_rate=offered,
-            lag_p99_ms=lag, status_counts=dict(self.statuses), cpu_s=usage.ru_utime + usage.ru_stime,
+            generator=generator,
+            ok=ok,
+            errors=errors,
+            duration_s=duration_s,
+            p50_ms=p50,
+            p99_ms=p99,
+            max_ms=worst,
+            items=self.items,
+            offered_rate=offered,
+            lag_p99_ms=lag,
+            status_counts=dict(self.statuses),
+            cpu_s=usage.ru_utime + usage.ru_stime,
         )
 
 
@@ -156,7 +169,9 @@ async def open_loop(plan: LoadPlan, specs: Sequence[RequestSpec]) -> RunResult:
                 task.add_done_callback(lambda t: tasks.pop(t, None))
                 sent += 1
             if sent < total:
-                await asyncio.sleep(max(0.0, begin + sent / plan.rate - time.perf_counter()))
+                await asyncio.sleep(
+                    max(0.0, begin + sent / plan.rate - time.perf_counter())
+                )
         if tasks:
             _, pending = await asyncio.wait(set(tasks), timeout=DRAIN_S)
             now = time.perf_counter()

@@ -58,7 +58,9 @@ def zone_of_worker(ray_tmpdir: Path, pid: int) -> str | None:
     return None
 
 
-def _measure(proc: psutil.Process, role: str, name: str, zone: str | None = None) -> ProcessMemory | None:
+def _measure(
+    proc: psutil.Process, role: str, name: str, zone: str | None = None
+) -> ProcessMemory | None:
     try:
         rss = proc.memory_info().rss / MB
         try:
@@ -86,7 +88,9 @@ def service_memory(ingress_pid: int, ray_tmpdir: Path) -> list[ProcessMemory]:
             continue
         role = classify(proc.pid, cmdline, ingress_pid)
         zone = zone_of_worker(ray_tmpdir, proc.pid) if role == "zone actor" else None
-        name = "dispatcher serve" if role == "ingress" else process_name(cmdline, fallback)
+        name = (
+            "dispatcher serve" if role == "ingress" else process_name(cmdline, fallback)
+        )
         measured = _measure(proc, role, name, zone)
         if measured is not None:
             found.append(measured)
@@ -106,5 +110,10 @@ def server_memory(role: str, pid: int | None) -> ProcessMemory | None:
     if not rows:
         return None
     uss = [m.uss_mb for m in rows if m.uss_mb is not None]
-    return ProcessMemory(pid, role, f"{role} ({len(rows)} processes)", sum(m.rss_mb for m in rows),
-                         sum(uss) if uss else None)
+    return ProcessMemory(
+        pid,
+        role,
+        f"{role} ({len(rows)} processes)",
+        sum(m.rss_mb for m in rows),
+        sum(uss) if uss else None,
+    )

@@ -32,9 +32,16 @@ class Sizes:
 
 # --quick: a smoke run of a few seconds of load per step; proves every path works.
 QUICK = Sizes(
-    drivers=200, lookup_drivers=500, duration_s=2.0, connections=8, repeats=1,
-    ping_rate=200.0, order_rate=20.0, lookup_order_rate=10.0, lookup_samples=200,
-)  # fmt: skip
+    drivers=200,
+    lookup_drivers=500,
+    duration_s=2.0,
+    connections=8,
+    repeats=1,
+    ping_rate=200.0,
+    order_rate=20.0,
+    lookup_order_rate=10.0,
+    lookup_samples=200,
+)
 
 
 @dataclass(frozen=True)
@@ -62,30 +69,95 @@ def parser() -> argparse.ArgumentParser:
         prog="python -m dispatcher.bench",
         description="Benchmark the dispatcher against a bare aiohttp ceiling and a naive Redis baseline (issue 4).",
     )
-    p.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, 2 s runs, Python generator, no file")
-    p.add_argument("--scenario", choices=(*SCENARIOS, "all", "scale", "stream"), default="all",
-                   help="one scenario, all of issue 4's, the scale-out figure of issue 5 "
-                        "(a local multi-node Ray cluster), or the driver event stream's figures "
-                        "(the last two are not part of 'all')")
-    p.add_argument("--sockets", type=int, default=1000, help="driver sockets for --scenario stream (default 1000)")
-    p.add_argument("--workers", default="1,2,3", help="worker-node counts for --scenario scale (default 1,2,3)")
-    p.add_argument("--drivers", type=int, help="drivers for pings and orders (default 20000)")
-    p.add_argument("--lookup-drivers", type=int, help="drivers for lookup and memory (default 50000)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: tiny sizes, 2 s runs, Python generator, no file",
+    )
+    p.add_argument(
+        "--scenario",
+        choices=(*SCENARIOS, "all", "scale", "stream"),
+        default="all",
+        help="one scenario, all of issue 4's, the scale-out figure of issue 5 "
+        "(a local multi-node Ray cluster), or the driver event stream's figures "
+        "(the last two are not part of 'all')",
+    )
+    p.add_argument(
+        "--sockets",
+        type=int,
+        default=1000,
+        help="driver sockets for --scenario stream (default 1000)",
+    )
+    p.add_argument(
+        "--workers",
+        default="1,2,3",
+        help="worker-node counts for --scenario scale (default 1,2,3)",
+    )
+    p.add_argument(
+        "--drivers", type=int, help="drivers for pings and orders (default 20000)"
+    )
+    p.add_argument(
+        "--lookup-drivers",
+        type=int,
+        help="drivers for lookup and memory (default 50000)",
+    )
     p.add_argument("--duration", type=float, help="seconds per load run (default 10)")
-    p.add_argument("--connections", type=int, help="keep-alive connections at saturation (default 32)")
-    p.add_argument("--repeats", type=int, help="runs per figure; the median is reported (default 3)")
-    p.add_argument("--ping-rate", type=float, help="fixed offered rate for single pings (default 3000/s)")
-    p.add_argument("--order-rate", type=float, help="fixed offered rate for orders (default 200/s)")
-    p.add_argument("--output", type=Path, help=f"Markdown report (default {DEFAULT_OUTPUT}; none with --quick)")
-    p.add_argument("--no-wrk", action="store_true", help="use the Python generator even where wrk is installed")
-    p.add_argument("--no-fsync", action="store_true", help="PostgreSQL without fsync (default: durable, like serve)")
-    p.add_argument("--profile", action="store_true", help="one extra single-ping run under py-spy; top frames in the report")
-    p.add_argument("--keep", action="store_true", help="keep the temp dir (logs, request files)")
-    p.add_argument("--seed", type=int, default=4, help="random seed for driver positions")
-    p.add_argument("--note", default="", help="a sentence added to the report (e.g. machine load)")
-    p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", dest="settings",
-                   help="a setting of the measured service, e.g. --set PING_FLUSH_INTERVAL_MS=100 "
-                        "(DISPATCHER_ is added; repeatable; named in the report)")
+    p.add_argument(
+        "--connections",
+        type=int,
+        help="keep-alive connections at saturation (default 32)",
+    )
+    p.add_argument(
+        "--repeats",
+        type=int,
+        help="runs per figure; the median is reported (default 3)",
+    )
+    p.add_argument(
+        "--ping-rate",
+        type=float,
+        help="fixed offered rate for single pings (default 3000/s)",
+    )
+    p.add_argument(
+        "--order-rate", type=float, help="fixed offered rate for orders (default 200/s)"
+    )
+    p.add_argument(
+        "--output",
+        type=Path,
+        help=f"Markdown report (default {DEFAULT_OUTPUT}; none with --quick)",
+    )
+    p.add_argument(
+        "--no-wrk",
+        action="store_true",
+        help="use the Python generator even where wrk is installed",
+    )
+    p.add_argument(
+        "--no-fsync",
+        action="store_true",
+        help="PostgreSQL without fsync (default: durable, like serve)",
+    )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="one extra single-ping run under py-spy; top frames in the report",
+    )
+    p.add_argument(
+        "--keep", action="store_true", help="keep the temp dir (logs, request files)"
+    )
+    p.add_argument(
+        "--seed", type=int, default=4, help="random seed for driver positions"
+    )
+    p.add_argument(
+        "--note", default="", help="a sentence added to the report (e.g. machine load)"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        dest="settings",
+        help="a setting of the measured service, e.g. --set PING_FLUSH_INTERVAL_MS=100 "
+        "(DISPATCHER_ is added; repeatable; named in the report)",
+    )
     return p
 
 
@@ -108,14 +180,23 @@ def from_args(argv: Sequence[str] | None = None) -> Options:
         lookup_order_rate=base.lookup_order_rate,
         lookup_samples=base.lookup_samples,
     )
-    for name, value in (("drivers", sizes.drivers), ("lookup-drivers", sizes.lookup_drivers),
-                        ("duration", sizes.duration_s), ("connections", sizes.connections),
-                        ("repeats", sizes.repeats), ("ping-rate", sizes.ping_rate),
-                        ("order-rate", sizes.order_rate)):
+    for name, value in (
+        ("drivers", sizes.drivers),
+        ("lookup-drivers", sizes.lookup_drivers),
+        ("duration", sizes.duration_s),
+        ("connections", sizes.connections),
+        ("repeats", sizes.repeats),
+        ("ping-rate", sizes.ping_rate),
+        ("order-rate", sizes.order_rate),
+    ):
         _positive(name, value)
     _positive("sockets", args.sockets)
     scenarios = SCENARIOS if args.scenario == "all" else (args.scenario,)
-    output = args.output if args.output is not None else (None if args.quick else DEFAULT_OUTPUT)
+    output = (
+        args.output
+        if args.output is not None
+        else (None if args.quick else DEFAULT_OUTPUT)
+    )
     try:
         workers = tuple(int(w) for w in args.workers.split(","))
     except ValueError:
@@ -127,10 +208,21 @@ def from_args(argv: Sequence[str] | None = None) -> Options:
         name, sep, value = item.partition("=")
         if not sep or not name.strip():
             raise SystemExit(f"--set takes NAME=VALUE, not {item!r}")
-        service_env.append(("DISPATCHER_" + name.strip().upper().removeprefix("DISPATCHER_"), value))
+        service_env.append(
+            ("DISPATCHER_" + name.strip().upper().removeprefix("DISPATCHER_"), value)
+        )
     return Options(
-        quick=args.quick, sizes=sizes, scenarios=scenarios, output=output,
-        use_wrk=not (args.no_wrk or args.quick), fsync=not (args.no_fsync or args.quick),
-        profile=args.profile, keep=args.keep, seed=args.seed, note=args.note, workers=workers,
-        service_env=tuple(service_env), sockets=args.sockets,
+        quick=args.quick,
+        sizes=sizes,
+        scenarios=scenarios,
+        output=output,
+        use_wrk=not (args.no_wrk or args.quick),
+        fsync=not (args.no_fsync or args.quick),
+        profile=args.profile,
+        keep=args.keep,
+        seed=args.seed,
+        note=args.note,
+        workers=workers,
+        service_env=tuple(service_env),
+        sockets=args.sockets,
     )

@@ -62,11 +62,25 @@ def top_frames(raw: str, limit: int = TOP_FRAMES) -> list[tuple[str, float]]:
 async def record(py_spy: str, pid: int, duration_s: float, out: Path) -> str:
     """Sample `pid` for `duration_s` without pausing it; returns the raw output ('' on failure)."""
     cmd = [
-        py_spy, "record", "--format", "raw", "--nonblocking", "--rate", str(SAMPLE_RATE_HZ),
-        "--duration", str(max(1, round(duration_s))), "--pid", str(pid), "--output", str(out),
-    ]  # fmt: skip
+        py_spy,
+        "record",
+        "--format",
+        "raw",
+        "--nonblocking",
+        "--rate",
+        str(SAMPLE_RATE_HZ),
+        "--duration",
+        str(max(1, round(duration_s))),
+        "--pid",
+        str(pid),
+        "--output",
+        str(out),
+    ]
     proc = await asyncio.create_subprocess_exec(
-        *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
+        *cmd,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
     )
     await proc.communicate()
     if proc.returncode != 0:

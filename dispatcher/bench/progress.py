@@ -14,7 +14,14 @@ BAR_WIDTH = 24
 TICK_S = 0.25
 
 
-def render(done: int, total: int, label: str, step_elapsed: float, step_s: float | None, elapsed: float) -> str:
+def render(
+    done: int,
+    total: int,
+    label: str,
+    step_elapsed: float,
+    step_s: float | None,
+    elapsed: float,
+) -> str:
     """One bar line, e.g. `[#####.......] 3/12 pings: wrk 4/10 s | 0:42`."""
     total = max(total, done, 1)
     filled = round(BAR_WIDTH * done / total)
@@ -27,7 +34,9 @@ class Progress:
     """Steps are announced with `step()`; on a terminal one line is redrawn in place,
     elsewhere (CI logs) each step gets one line of its own."""
 
-    def __init__(self, total: int, stream: TextIO | None = None, *, enabled: bool = True) -> None:
+    def __init__(
+        self, total: int, stream: TextIO | None = None, *, enabled: bool = True
+    ) -> None:
         self.total = total
         self.stream = stream or sys.stderr
         self.enabled = enabled
@@ -60,7 +69,14 @@ class Progress:
 
     def _line(self) -> str:
         now = time.monotonic()
-        return render(self.done, self.total, self.label, now - self._step_began, self.step_s, now - self._began)
+        return render(
+            self.done,
+            self.total,
+            self.label,
+            now - self._step_began,
+            self.step_s,
+            now - self._began,
+        )
 
     def finish(self) -> None:
         if self.label != "starting":

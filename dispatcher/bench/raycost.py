@@ -49,7 +49,9 @@ async def _calls(handles: Sequence[Any], per_actor: int) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dispatcher.bench.raycost", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m dispatcher.bench.raycost", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("--actors", type=int, default=8)
     parser.add_argument("--calls", type=int, default=2000)
     args = parser.parse_args(argv)
@@ -65,14 +67,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         idle_pct = (_cpu_s(actors) - before) / IDLE_WINDOW_S / len(actors) * 100
         per_actor = max(1, args.calls // len(handles))
         calls = per_actor * len(handles)
-        actor_before, caller_before, started = _cpu_s(actors), _cpu_s(caller), time.perf_counter()
+        actor_before, caller_before, started = (
+            _cpu_s(actors),
+            _cpu_s(caller),
+            time.perf_counter(),
+        )
         asyncio.run(_calls(handles, per_actor))
         elapsed = time.perf_counter() - started
         actor_ms = (_cpu_s(actors) - actor_before) / calls * 1000
         caller_ms = (_cpu_s(caller) - caller_before) / calls * 1000
     finally:
         ray.shutdown()
-    print(f"{calls} calls over {len(handles)} actors in {elapsed:.2f} s ({calls / elapsed:,.0f} calls/s)")
+    print(
+        f"{calls} calls over {len(handles)} actors in {elapsed:.2f} s ({calls / elapsed:,.0f} calls/s)"
+    )
     print(f"CPU per call: actor side {actor_ms:.2f} ms, caller side {caller_ms:.2f} ms")
     print(f"idle CPU per actor: {idle_pct:.1f} %")
     return 0

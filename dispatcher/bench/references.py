@@ -70,7 +70,9 @@ def create_reference_app(kind: Kind, redis_url: str | None = None) -> web.Applic
 
         async def redis_client(app: web.Application) -> AsyncIterator[None]:
             pool = aioredis.BlockingConnectionPool.from_url(
-                redis_url, max_connections=NAIVE_REDIS_CONNECTIONS, timeout=NAIVE_POOL_WAIT_S
+                redis_url,
+                max_connections=NAIVE_REDIS_CONNECTIONS,
+                timeout=NAIVE_POOL_WAIT_S,
             )
             app[REDIS] = aioredis.Redis(connection_pool=pool)
             yield
@@ -82,7 +84,9 @@ def create_reference_app(kind: Kind, redis_url: str | None = None) -> web.Applic
 
 async def serve(kind: Kind, port: int, redis_url: str | None) -> None:
     # Same server setup as `dispatcher serve`: no access log, loopback only.
-    runner = web.AppRunner(create_reference_app(kind, redis_url), access_log=None, handle_signals=False)
+    runner = web.AppRunner(
+        create_reference_app(kind, redis_url), access_log=None, handle_signals=False
+    )
     await runner.setup()
     await web.TCPSite(runner, "127.0.0.1", port).start()
     print(f"{READY_LINE} http://127.0.0.1:{port} ({kind})", flush=True)

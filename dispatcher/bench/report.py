@@ -23,7 +23,17 @@ from dispatcher.bench.workload import (
 )
 
 THROUGHPUT_UNITS = ("req/s", "pings/s", "orders/s", "assignments/s")
-RESULT_HEADERS = ("scenario", "figure", "median", "unit", "runs", "x ceiling", "x naive", "target", "met")
+RESULT_HEADERS = (
+    "scenario",
+    "figure",
+    "median",
+    "unit",
+    "runs",
+    "x ceiling",
+    "x naive",
+    "target",
+    "met",
+)
 
 
 @dataclass
@@ -70,11 +80,15 @@ def _is_numeric(cell: str) -> bool:
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """Plain-text columns: numbers right-aligned, text left-aligned."""
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+        for i, h in enumerate(headers)
+    ]
 
     def line(cells: Sequence[str]) -> str:
         return "  ".join(
-            c.rjust(w) if _is_numeric(c) else c.ljust(w) for c, w in zip(cells, widths, strict=True)
+            c.rjust(w) if _is_numeric(c) else c.ljust(w)
+            for c, w in zip(cells, widths, strict=True)
         ).rstrip()
 
     rule = "  ".join("-" * w for w in widths)
@@ -85,16 +99,28 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str
     def line(cells: Sequence[str]) -> str:
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
-    return "\n".join([line(headers), "|" + "|".join("---" for _ in headers) + "|", *(line(r) for r in rows)])
+    return "\n".join(
+        [
+            line(headers),
+            "|" + "|".join("---" for _ in headers) + "|",
+            *(line(r) for r in rows),
+        ]
+    )
 
 
 def figure_row(fig: Figure) -> list[str]:
     runs = " / ".join(format_value(v, fig.unit) for v in fig.values)
     return [
-        fig.scenario, fig.name, format_value(fig.value, fig.unit), fig.unit, runs,
-        format_ratio(fig.vs_ceiling), format_ratio(fig.vs_naive),
-        fig.target.text if fig.target else "", format_met(fig.met),
-    ]  # fmt: skip
+        fig.scenario,
+        fig.name,
+        format_value(fig.value, fig.unit),
+        fig.unit,
+        runs,
+        format_ratio(fig.vs_ceiling),
+        format_ratio(fig.vs_naive),
+        fig.target.text if fig.target else "",
+        format_met(fig.met),
+    ]
 
 
 def memory_rows(memory: Sequence[ProcessMemory]) -> list[list[str]]:
@@ -102,7 +128,9 @@ def memory_rows(memory: Sequence[ProcessMemory]) -> list[list[str]]:
     rows = []
     for m in sorted(memory, key=lambda m: (order.get(m.role, 9), -m.rss_mb)):
         uss = "n/a" if m.uss_mb is None else f"{m.uss_mb:,.0f}"
-        rows.append([m.role, m.name, m.zone_id or "", str(m.pid), f"{m.rss_mb:,.0f}", uss])
+        rows.append(
+            [m.role, m.name, m.zone_id or "", str(m.pid), f"{m.rss_mb:,.0f}", uss]
+        )
     return rows
 
 
@@ -164,10 +192,17 @@ def machine_info() -> dict[str, str]:
 
 def _method(o: Options) -> str:
     s = o.sizes
-    generator = "wrk (2 threads) at saturation, the Python open-loop generator at fixed rates" if o.use_wrk else (
-        "the Python generator only (closed loop at saturation, open loop at fixed rates)")
-    generator += (" (the Python generator is asyncio with a minimal keep-alive HTTP/1.1 client: about a third"
-                  " of a core at 3,000 requests/s here)")
+    generator = (
+        "wrk (2 threads) at saturation, the Python open-loop generator at fixed rates"
+        if o.use_wrk
+        else (
+            "the Python generator only (closed loop at saturation, open loop at fixed rates)"
+        )
+    )
+    generator += (
+        " (the Python generator is asyncio with a minimal keep-alive HTTP/1.1 client: about a third"
+        " of a core at 3,000 requests/s here)"
+    )
     return f"""\
 - One run of `python -m dispatcher.bench` starts everything it measures, in a temp dir: an embedded
   PostgreSQL ({"fsync on, as `dispatcher serve` runs it" if o.fsync else "fsync off"}) and Redis,
@@ -233,7 +268,12 @@ def markdown_report(report: Report) -> str:
     ]
     if o.note:
         out += [f"> {o.note}", ""]
-    out += ["## Machine", "", markdown_table(("what", "value"), list(report.machine.items())), ""]
+    out += [
+        "## Machine",
+        "",
+        markdown_table(("what", "value"), list(report.machine.items())),
+        "",
+    ]
     out += ["## How it is measured", "", _method(o)]
     ran = sorted({f.scenario for f in report.figures})
     out += ["## Results", "", f"Scenarios in this run: {', '.join(ran) or 'none'}.", ""]
@@ -241,21 +281,47 @@ def markdown_report(report: Report) -> str:
     judged = [f for f in report.figures if f.target is not None]
     if judged:
         out += ["## Targets (issue 4)", ""]
-        out += [f"- {format_met(f.met)}: {f.scenario} — {f.name}: {format_value(f.value, f.unit)} {f.unit}"
-                f" (target {f.target.text if f.target else ''})" for f in judged]
-        out += ["- by design, not a figure: no per-ping Ray round trip (pings are written behind, one"
-                " `apply_ping_batch` call per zone per flush window, see docs/ARCHITECTURE.md); `last_seen_at` writes"
-                " are coalesced (the newest queued fix per driver): the batched-ping note gives the fixes"
-                " written per second and how long the queues took to drain, i.e. how stale PostgreSQL was.", ""]
+        out += [
+            f"- {format_met(f.met)}: {f.scenario} — {f.name}: {format_value(f.value, f.unit)} {f.unit}"
+            f" (target {f.target.text if f.target else ''})"
+            for f in judged
+        ]
+        out += [
+            "- by design, not a figure: no per-ping Ray round trip (pings are written behind, one"
+            " `apply_ping_batch` call per zone per flush window, see docs/ARCHITECTURE.md); `last_seen_at` writes"
+            " are coalesced (the newest queued fix per driver): the batched-ping note gives the fixes"
+            " written per second and how long the queues took to drain, i.e. how stale PostgreSQL was.",
+            "",
+        ]
     if report.memory:
-        out += ["## Memory", "", markdown_table(MEMORY_HEADERS, memory_rows(report.memory)), ""]
-    notes = [f"{f.scenario} — {f.name}: {n}" for f in report.figures for n in f.notes] + report.notes
+        out += [
+            "## Memory",
+            "",
+            markdown_table(MEMORY_HEADERS, memory_rows(report.memory)),
+            "",
+        ]
+    notes = [
+        f"{f.scenario} — {f.name}: {n}" for f in report.figures for n in f.notes
+    ] + report.notes
     if notes or report.failed:
-        out += ["## Notes", ""] + [f"- {n}" for n in notes] + [f"- FAILED: {x}" for x in report.failed] + [""]
+        out += (
+            ["## Notes", ""]
+            + [f"- {n}" for n in notes]
+            + [f"- FAILED: {x}" for x in report.failed]
+            + [""]
+        )
     out += ["## Profile", "", PROFILE_HOWTO]
     for label, frames in report.profile.items():
-        out += [f"Top frames of the {label} by own samples (share of its samples), single pings at saturation:", ""]
-        out += [markdown_table(("frame", "share"), [[name, f"{share:.1%}"] for name, share in frames]), ""]
+        out += [
+            f"Top frames of the {label} by own samples (share of its samples), single pings at saturation:",
+            "",
+        ]
+        out += [
+            markdown_table(
+                ("frame", "share"), [[name, f"{share:.1%}"] for name, share in frames]
+            ),
+            "",
+        ]
     if not report.profile:
         out += ["_No profile in this run (add `--profile`)._", ""]
     return "\n".join(out)

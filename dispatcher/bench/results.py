@@ -58,4 +58,6 @@ class Figure:
 
     @property
     def met(self) -> bool | None:
-        return None if self.target is None else self.target.met(self.value, self.ceiling)
+        return (
+            None if self.target is None else self.target.met(self.value, self.ceiling)
+        )

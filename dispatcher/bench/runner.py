@@ -38,8 +38,15 @@ class LoadRunner:
         return path
 
     async def saturate(
-        self, base_url: str, requests: Path, *, connections: int, duration_s: float,
-        count: Count = "none", max_requests: int = 0, python_only: bool = False,
+        self,
+        base_url: str,
+        requests: Path,
+        *,
+        connections: int,
+        duration_s: float,
+        count: Count = "none",
+        max_requests: int = 0,
+        python_only: bool = False,
     ) -> RunResult:
         """As fast as `connections` keep-alive connections allow: wrk if present.
 
@@ -47,27 +54,47 @@ class LoadRunner:
         """
         if self.wrk is not None and not max_requests and not python_only:
             return await self._wrk(base_url, requests, connections, duration_s)
-        plan = LoadPlan(base_url, str(requests), "closed", connections, duration_s,
-                        max_requests=max_requests, count=count)
+        plan = LoadPlan(
+            base_url,
+            str(requests),
+            "closed",
+            connections,
+            duration_s,
+            max_requests=max_requests,
+            count=count,
+        )
         return await self._python(plan)
 
     async def fixed_rate(
-        self, base_url: str, requests: Path, *, rate: float, duration_s: float, count: Count = "none"
+        self,
+        base_url: str,
+        requests: Path,
+        *,
+        rate: float,
+        duration_s: float,
+        count: Count = "none",
     ) -> RunResult:
         """Open loop at `rate` requests/s: the Python generator (wrk2 is not packaged)."""
-        plan = LoadPlan(base_url, str(requests), "open", 1, duration_s, rate=rate, count=count)
+        plan = LoadPlan(
+            base_url, str(requests), "open", 1, duration_s, rate=rate, count=count
+        )
         return await self._python(plan)
 
     async def _python(self, plan: LoadPlan) -> RunResult:
         path = self.workdir / f"{next(self._ids):03d}-plan.json"
         path.write_text(json.dumps(plan.to_json()))
-        out = await _run([sys.executable, "-m", "dispatcher.bench.loadgen", str(path)], plan.duration_s)
+        out = await _run(
+            [sys.executable, "-m", "dispatcher.bench.loadgen", str(path)],
+            plan.duration_s,
+        )
         for line in out.splitlines():
             if line.startswith(RESULT_MARKER):
                 return RunResult.from_json(json.loads(line[len(RESULT_MARKER) :]))
         raise LoadError(f"the Python load generator printed no result:\n{out[-2000:]}")
 
-    async def _wrk(self, base_url: str, requests: Path, connections: int, duration_s: float) -> RunResult:
+    async def _wrk(
+        self, base_url: str, requests: Path, connections: int, duration_s: float
+    ) -> RunResult:
         assert self.wrk is not None
         threads = max(1, min(WRK_THREADS, connections))
         script = requests.with_suffix(".lua")
@@ -81,7 +108,10 @@ class LoadRunner:
 
 async def _run(cmd: list[str], duration_s: float) -> str:
     proc = await asyncio.create_subprocess_exec(
-        *cmd, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        *cmd,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     try:
         async with asyncio.timeout(duration_s + CHILD_GRACE_S):
@@ -89,7 +119,9 @@ async def _run(cmd: list[str], duration_s: float) -> str:
     except TimeoutError:
         proc.kill()
         await proc.wait()
-        raise LoadError(f"{cmd[0]} did not finish within {duration_s + CHILD_GRACE_S:.0f} s") from None
+        raise LoadError(
+            f"{cmd[0]} did not finish within {duration_s + CHILD_GRACE_S:.0f} s"
+        ) from None
     except BaseException:
         # Interrupted (Ctrl-C): the generator is ours, it must not outlive the bench.
         if proc.returncode is None:
@@ -97,5 +129,7 @@ async def _run(cmd: list[str], duration_s: float) -> str:
         raise
     text = out.decode(errors="replace")
     if proc.returncode != 0:
-        raise LoadError(f"{' '.join(cmd[:3])} exited with {proc.returncode}:\n{text[-2000:]}")
+        raise LoadError(
+            f"{' '.join(cmd[:3])} exited with {proc.returncode}:\n{text[-2000:]}"
+        )
     return text

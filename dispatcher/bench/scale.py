@@ -54,13 +54,28 @@ def plan_scale_steps(options: Options) -> int:
 
 
 async def zones_per_node(ray_address: str) -> tuple[int, ...]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DISPATCHER_", "RAY_"))}
-    env.update({"DISPATCHER_RAY_ADDRESS": ray_address, "DISPATCHER_RAY_NAMESPACE": RAY_NAMESPACE})
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("DISPATCHER_", "RAY_"))
+    }
+    env.update(
+        {
+            "DISPATCHER_RAY_ADDRESS": ray_address,
+            "DISPATCHER_RAY_NAMESPACE": RAY_NAMESPACE,
+        }
+    )
     env.update(ray_auth_env())
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "dispatcher.cli", "zones", "list", "--json", env=env,
-        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
+        sys.executable,
+        "-m",
+        "dispatcher.cli",
+        "zones",
+        "list",
+        "--json",
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
     out, _ = await proc.communicate()
     if proc.returncode != 0:
         return ()
@@ -69,8 +84,12 @@ async def zones_per_node(ray_address: str) -> tuple[int, ...]:
 
 
 async def run_scale(
-    options: Options, stack: Stack, runner: LoadRunner, progress: Progress, report: Report,
-) -> list[ScaleRow]:  # fmt: skip
+    options: Options,
+    stack: Stack,
+    runner: LoadRunner,
+    progress: Progress,
+    report: Report,
+) -> list[ScaleRow]:
     """For each worker count: a fresh cluster and `dispatcher serve` on it, then orders
     and batched pings at saturation over the eight-zone fleet (seeded once)."""
     s = options.sizes
@@ -89,22 +108,37 @@ async def run_scale(
                     cluster.add_worker()
                 progress.step(f"scale: dispatcher serve on {count} worker node(s)")
                 await asyncio.to_thread(
-                    stack.start_service, ray_address=cluster.address,
-                    extra_env={**dict(options.service_env), "DISPATCHER_ZONE_RESOURCE_UNITS": "1"},
-                )  # fmt: skip
+                    stack.start_service,
+                    ray_address=cluster.address,
+                    extra_env={
+                        **dict(options.service_env),
+                        "DISPATCHER_ZONE_RESOURCE_UNITS": "1",
+                    },
+                )
                 async with aiohttp.ClientSession(timeout=ADMIN_TIMEOUT) as session:
                     bench = Bench(options, stack, runner, progress, session, report)
                     pickups = zoned_points(bench.rng, centres, PICKUPS)
                     if fleet is None:
-                        progress.step(f"scale: seeding {s.drivers:,} drivers over {len(centres)} zones")
-                        fleet = await bench._seed(make_drivers(zoned_points(bench.rng, centres, s.drivers)))
+                        progress.step(
+                            f"scale: seeding {s.drivers:,} drivers over {len(centres)} zones"
+                        )
+                        fleet = await bench._seed(
+                            make_drivers(zoned_points(bench.rng, centres, s.drivers))
+                        )
                     _, per_s, doubled = await bench.orders_saturation(
-                        fleet, pickups, f"scale {count}: orders", id_prefix=f"scale{count}-sat"
+                        fleet,
+                        pickups,
+                        f"scale {count}: orders",
+                        id_prefix=f"scale{count}-sat",
                     )
-                    _, pings_per_s, _ = await bench.batched_pings(fleet, f"scale {count}: pings")
+                    _, pings_per_s, _ = await bench.batched_pings(
+                        fleet, f"scale {count}: pings"
+                    )
                 progress.step(f"scale: where the zones ran on {count} worker node(s)")
                 spread = await zones_per_node(cluster.address)
-                rows.append(ScaleRow(count, tuple(per_s), tuple(pings_per_s), doubled, spread))
+                rows.append(
+                    ScaleRow(count, tuple(per_s), tuple(pings_per_s), doubled, spread)
+                )
             finally:
                 await asyncio.to_thread(stack.stop_service)
                 await asyncio.to_thread(cluster.shutdown)
@@ -123,20 +157,37 @@ def scale_table(rows: list[ScaleRow]) -> list[list[str]]:
 
     out = []
     for r in rows:
-        assigned, pinged = median(list(r.assignments_per_s)), median(list(r.pings_per_s))
-        out.append([
-            str(r.workers),
-            f"{assigned:,.0f}", runs(r.assignments_per_s),
-            ratio(assigned, median(list(base.assignments_per_s))) if base else "—",
-            f"{pinged:,.0f}", runs(r.pings_per_s),
-            ratio(pinged, median(list(base.pings_per_s))) if base else "—",
-            "/".join(map(str, r.zones_per_node)) or "?", str(r.double_bookings),
-        ])  # fmt: skip
+        assigned, pinged = (
+            median(list(r.assignments_per_s)),
+            median(list(r.pings_per_s)),
+        )
+        out.append(
+            [
+                str(r.workers),
+                f"{assigned:,.0f}",
+                runs(r.assignments_per_s),
+                ratio(assigned, median(list(base.assignments_per_s))) if base else "—",
+                f"{pinged:,.0f}",
+                runs(r.pings_per_s),
+                ratio(pinged, median(list(base.pings_per_s))) if base else "—",
+                "/".join(map(str, r.zones_per_node)) or "?",
+                str(r.double_bookings),
+            ]
+        )
     return out
 
 
-SCALE_HEADERS = ("worker nodes", "assignments/s", "runs", "x 1 node", "batched pings/s", "runs",
-                 "x 1 node", "zones per node", "double bookings")  # fmt: skip
+SCALE_HEADERS = (
+    "worker nodes",
+    "assignments/s",
+    "runs",
+    "x 1 node",
+    "batched pings/s",
+    "runs",
+    "x 1 node",
+    "zones per node",
+    "double bookings",
+)
 
 
 def scale_section(rows: list[ScaleRow], report: Report) -> str:
@@ -165,7 +216,9 @@ def scale_section(rows: list[ScaleRow], report: Report) -> str:
     return "\n".join(lines) + "\n"
 
 
-def merge_section(existing: str | None, section: str, *, begin: str = BEGIN, end: str = END) -> str:
+def merge_section(
+    existing: str | None, section: str, *, begin: str = BEGIN, end: str = END
+) -> str:
     """`existing` with its section between `begin` and `end` (by default the scale-out
     one) replaced by `section` (appended if none)."""
     if not existing:
@@ -188,7 +241,15 @@ def kept_section(existing: str | None) -> str | None:
         return None
     kept = [
         match.group(0)
-        for begin, end in ((ANALYSIS_BEGIN, ANALYSIS_END), (BEGIN, END), (STREAM_BEGIN, STREAM_END))
-        if (match := re.search(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", existing, re.DOTALL))
+        for begin, end in (
+            (ANALYSIS_BEGIN, ANALYSIS_END),
+            (BEGIN, END),
+            (STREAM_BEGIN, STREAM_END),
+        )
+        if (
+            match := re.search(
+                re.escape(begin) + r".*?" + re.escape(end) + r"\n?", existing, re.DOTALL
+            )
+        )
     ]
     return "\n".join(kept) if kept else None

@@ -33,7 +33,10 @@ async def _check(resp: aiohttp.ClientResponse, what: str) -> None:
 
 
 async def create_via_api(
-    session: aiohttp.ClientSession, base: str, admin_token: str, points: Sequence[tuple[float, float]]
+    session: aiohttp.ClientSession,
+    base: str,
+    admin_token: str,
+    points: Sequence[tuple[float, float]],
 ) -> list[Driver]:
     """POST /drivers, then PATCH …/status AVAILABLE with each driver's own token."""
     admin = {"Authorization": f"Bearer {admin_token}"}
@@ -42,12 +45,15 @@ async def create_via_api(
     async def one(index: int, point: tuple[float, float]) -> Driver:
         async with sem:
             body = {"name": f"bench driver {index}", "vehicleType": "bike"}
-            async with session.post(f"{base}/drivers", json=body, headers=admin) as resp:
+            async with session.post(
+                f"{base}/drivers", json=body, headers=admin
+            ) as resp:
                 await _check(resp, "POST /drivers")
                 created = await resp.json()
             driver = Driver(created["driverId"], created["token"], point[0], point[1])
             async with session.patch(
-                f"{base}/drivers/{driver.driver_id}/status", json={"status": "AVAILABLE"},
+                f"{base}/drivers/{driver.driver_id}/status",
+                json={"status": "AVAILABLE"},
                 headers={"Authorization": f"Bearer {driver.token}"},
             ) as resp:
                 await _check(resp, "PATCH /drivers/{id}/status")
@@ -62,25 +68,46 @@ async def insert_via_sql(dsn: str, drivers: Sequence[Driver]) -> None:
     try:
         await conn.copy_records_to_table(
             "drivers",
-            records=[(d.driver_id, f"bench driver {i}", "bike", hash_token(d.token), "AVAILABLE")
-                     for i, d in enumerate(drivers)],
+            records=[
+                (
+                    d.driver_id,
+                    f"bench driver {i}",
+                    "bike",
+                    hash_token(d.token),
+                    "AVAILABLE",
+                )
+                for i, d in enumerate(drivers)
+            ],
             columns=["id", "name", "vehicle_type", "token_hash", "status"],
         )
     finally:
         await conn.close()
 
 
-async def locate(session: aiohttp.ClientSession, base: str, admin_token: str, drivers: Sequence[Driver]) -> None:
+async def locate(
+    session: aiohttp.ClientSession,
+    base: str,
+    admin_token: str,
+    drivers: Sequence[Driver],
+) -> None:
     """One fix per driver through POST /drivers/locations; also renews every heartbeat.
 
     Raises SeedError, with the service's reasons, unless every ping was accepted.
     """
-    headers = {"Authorization": f"Bearer {admin_token}", "Content-Type": "application/json"}
+    headers = {
+        "Authorization": f"Bearer {admin_token}",
+        "Content-Type": "application/json",
+    }
     sem = asyncio.Semaphore(LOCATE_CONCURRENCY)
     reasons: Counter[str] = Counter()
 
     async def one(body: bytes) -> int:
-        async with sem, session.post(f"{base}/drivers/locations", data=body, headers=headers) as resp:
+        async with (
+            sem,
+            session.post(
+                f"{base}/drivers/locations", data=body, headers=headers
+            ) as resp,
+        ):
             await _check(resp, "POST /drivers/locations")
             answer = await resp.json()
         reasons.update(str(r["detail"]) for r in answer["rejected"])
@@ -90,7 +117,9 @@ async def locate(session: aiohttp.ClientSession, base: str, admin_token: str, dr
     accepted = sum(await asyncio.gather(*(one(b) for b in batch_bodies(drivers))))
     if accepted != len(drivers):
         detail = "; ".join(f"{n}x {reason}" for reason, n in reasons.most_common(3))
-        raise SeedError(f"only {accepted} of {len(drivers)} pings were accepted: {detail}")
+        raise SeedError(
+            f"only {accepted} of {len(drivers)} pings were accepted: {detail}"
+        )
     await settle(session, base, admin_token)
 
 
@@ -98,16 +127,24 @@ async def settle(session: aiohttp.ClientSession, base: str, admin_token: str) ->
     """Wait until the pings the ingress acknowledged are written: pings are written
     behind, and a read through the ingress waits for them."""
     headers = {"Authorization": f"Bearer {admin_token}"}
-    async with session.get(f"{base}/drivers", params={"limit": "1"}, headers=headers) as resp:
+    async with session.get(
+        f"{base}/drivers", params={"limit": "1"}, headers=headers
+    ) as resp:
         await _check(resp, "GET /drivers")
 
 
 async def seed(
-    session: aiohttp.ClientSession, base: str, admin_token: str, dsn: str, drivers: Sequence[Driver]
+    session: aiohttp.ClientSession,
+    base: str,
+    admin_token: str,
+    dsn: str,
+    drivers: Sequence[Driver],
 ) -> list[Driver]:
     """Create (API or SQL), make AVAILABLE and locate `drivers`; API-made ones get new ids."""
     if len(drivers) <= API_SEED_MAX:
-        made = await create_via_api(session, base, admin_token, [(d.lat, d.lon) for d in drivers])
+        made = await create_via_api(
+            session, base, admin_token, [(d.lat, d.lon) for d in drivers]
+        )
     else:
         await insert_via_sql(dsn, drivers)
         made = list(drivers)
@@ -128,7 +165,9 @@ async def reset_bookings(dsn: str) -> None:
                 "UPDATE deliveries SET status = 'DELIVERED', delivered_at = now() "
                 "WHERE status IN ('ASSIGNED', 'PICKED_UP')"
             )
-            await conn.execute("UPDATE drivers SET status = 'AVAILABLE' WHERE status = 'BUSY'")
+            await conn.execute(
+                "UPDATE drivers SET status = 'AVAILABLE' WHERE status = 'BUSY'"
+            )
     finally:
         await conn.close()
 

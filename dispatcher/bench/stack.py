@@ -34,7 +34,9 @@ RAY_NAMESPACE = "dispatcher-bench"
 class ManagedProcess:
     """A child started by the bench, its output in a log file, stopped by pid only."""
 
-    def __init__(self, name: str, args: list[str], env: dict[str, str], log_path: Path) -> None:
+    def __init__(
+        self, name: str, args: list[str], env: dict[str, str], log_path: Path
+    ) -> None:
         self.name = name
         self.log_path = log_path
         # A restarted service appends to the same log: read only what this process wrote.
@@ -42,9 +44,13 @@ class ManagedProcess:
         with log_path.open("ab") as log:
             # Own session: the bench's Ctrl-C reaches it only through stop().
             self.popen = subprocess.Popen(
-                args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env=env, start_new_session=True,
-            )  # fmt: skip
+                args,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
         self._descendants: dict[int, psutil.Process] = {}
 
     @property
@@ -59,9 +65,13 @@ class ManagedProcess:
                 if marker in line:
                     return line
             if self.popen.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {self.popen.returncode}:\n{self.tail()}")
+                raise RuntimeError(
+                    f"{self.name} exited with {self.popen.returncode}:\n{self.tail()}"
+                )
             time.sleep(POLL_S)
-        raise RuntimeError(f"{self.name} not ready after {timeout_s:.0f} s:\n{self.tail()}")
+        raise RuntimeError(
+            f"{self.name} not ready after {timeout_s:.0f} s:\n{self.tail()}"
+        )
 
     def _own_log(self) -> str:
         with self.log_path.open("rb") as log:
@@ -130,38 +140,48 @@ class Stack:
         self.database_url = self.postgres.create_database(DATABASE)
         self.redis.start()
 
-    def start_service(self, *, ray_address: str | None = None, extra_env: dict[str, str] | None = None) -> str:
+    def start_service(
+        self, *, ray_address: str | None = None, extra_env: dict[str, str] | None = None
+    ) -> str:
         """`dispatcher serve` as a subprocess on a free port; returns its base URL.
 
         With `ray_address` it joins that cluster instead of starting its own Ray.
         """
         port = free_port()
         self.ray_tmpdir.mkdir(exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("DISPATCHER_", "RAY_"))}
-        env.update({
-            "DISPATCHER_DATABASE_URL": self.database_url,
-            "DISPATCHER_REDIS_URL": self.redis_url(SERVICE_REDIS_DB),
-            "DISPATCHER_ADMIN_TOKEN": self.admin_token,
-            "DISPATCHER_INBOUND_SECRET": self.inbound_secret,
-            "DISPATCHER_VENDURE_WEBHOOK_SECRET": self.webhook_secret,
-            "DISPATCHER_DATA_DIR": str(self.workdir / "data"),
-            "DISPATCHER_PORT": str(port),
-            "DISPATCHER_LOG_LEVEL": "WARNING",
-            # The bench measures throughput; the per-driver ping limit (a guard against
-            # one misbehaving app) would cap the small fleets of --quick instead.
-            "DISPATCHER_PING_RATE_PER_S": "0",
-            "DISPATCHER_RAY_NAMESPACE": RAY_NAMESPACE,
-            # Ray's session files, and its "last cluster" lookup, stay in our temp dir:
-            # the service never joins another local Ray, and nobody else joins ours.
-            "RAY_TMPDIR": str(self.ray_tmpdir),
-        })  # fmt: skip
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("DISPATCHER_", "RAY_"))
+        }
+        env.update(
+            {
+                "DISPATCHER_DATABASE_URL": self.database_url,
+                "DISPATCHER_REDIS_URL": self.redis_url(SERVICE_REDIS_DB),
+                "DISPATCHER_ADMIN_TOKEN": self.admin_token,
+                "DISPATCHER_INBOUND_SECRET": self.inbound_secret,
+                "DISPATCHER_VENDURE_WEBHOOK_SECRET": self.webhook_secret,
+                "DISPATCHER_DATA_DIR": str(self.workdir / "data"),
+                "DISPATCHER_PORT": str(port),
+                "DISPATCHER_LOG_LEVEL": "WARNING",
+                # The bench measures throughput; the per-driver ping limit (a guard against
+                # one misbehaving app) would cap the small fleets of --quick instead.
+                "DISPATCHER_PING_RATE_PER_S": "0",
+                "DISPATCHER_RAY_NAMESPACE": RAY_NAMESPACE,
+                # Ray's session files, and its "last cluster" lookup, stay in our temp dir:
+                # the service never joins another local Ray, and nobody else joins ours.
+                "RAY_TMPDIR": str(self.ray_tmpdir),
+            }
+        )
         if ray_address is not None:
             env["DISPATCHER_RAY_ADDRESS"] = ray_address
             del env["RAY_TMPDIR"]  # the cluster's nodes chose their own
             env.update(ray_auth_env())
         env.update(extra_env or {})
         args = [sys.executable, "-m", "dispatcher.cli", "serve"]
-        self.service = ManagedProcess("dispatcher serve", args, env, self.workdir / "serve.log")
+        self.service = ManagedProcess(
+            "dispatcher serve", args, env, self.workdir / "serve.log"
+        )
         self.service.wait_for(SERVICE_READY, SERVICE_START_TIMEOUT_S)
         self.service_url = f"http://127.0.0.1:{port}"
         return self.service_url
@@ -173,10 +193,20 @@ class Stack:
 
     def start_reference(self, kind: str) -> str:
         port = free_port()
-        args = [sys.executable, "-m", "dispatcher.bench.references", "--kind", kind, "--port", str(port)]
+        args = [
+            sys.executable,
+            "-m",
+            "dispatcher.bench.references",
+            "--kind",
+            kind,
+            "--port",
+            str(port),
+        ]
         if kind == "naive":
             args += ["--redis-url", self.redis_url(NAIVE_REDIS_DB)]
-        proc = ManagedProcess(f"{kind} reference", args, dict(os.environ), self.workdir / f"{kind}.log")
+        proc = ManagedProcess(
+            f"{kind} reference", args, dict(os.environ), self.workdir / f"{kind}.log"
+        )
         proc.wait_for(READY_LINE, REFERENCE_START_TIMEOUT_S)
         url = f"http://127.0.0.1:{port}"
         self.references[kind] = (proc, url)

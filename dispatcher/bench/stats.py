@@ -32,7 +32,12 @@ def median(values: Sequence[float]) -> float:
 
 def ratio(value: float, reference: float | None) -> float | None:
     """value / reference, or None when either is missing or the reference is not positive."""
-    if reference is None or math.isnan(value) or math.isnan(reference) or reference <= 0:
+    if (
+        reference is None
+        or math.isnan(value)
+        or math.isnan(reference)
+        or reference <= 0
+    ):
         return None
     return value / reference
 

@@ -64,24 +64,32 @@ class Driver:
 # ---- geometry ------------------------------------------------------------------------
 
 
-def offset(lat: float, lon: float, north_km: float, east_km: float) -> tuple[float, float]:
+def offset(
+    lat: float, lon: float, north_km: float, east_km: float
+) -> tuple[float, float]:
     """The point `north_km`/`east_km` away (flat-earth approximation, fine below 50 km)."""
     dlat = north_km / KM_PER_DEG_LAT
     dlon = east_km / (KM_PER_DEG_LAT * math.cos(math.radians(lat)))
     return round(lat + dlat, COORD_DECIMALS), round(lon + dlon, COORD_DECIMALS)
 
 
-def disc_points(rng: random.Random, centre: tuple[float, float], radius_km: float, n: int) -> list[tuple[float, float]]:
+def disc_points(
+    rng: random.Random, centre: tuple[float, float], radius_km: float, n: int
+) -> list[tuple[float, float]]:
     """n points uniformly spread over a disc."""
     points = []
     for _ in range(n):
         r = radius_km * math.sqrt(rng.random())
         angle = rng.uniform(0.0, 2.0 * math.pi)
-        points.append(offset(centre[0], centre[1], r * math.cos(angle), r * math.sin(angle)))
+        points.append(
+            offset(centre[0], centre[1], r * math.cos(angle), r * math.sin(angle))
+        )
     return points
 
 
-def dense_city_points(rng: random.Random, centre: tuple[float, float], n: int) -> list[tuple[float, float]]:
+def dense_city_points(
+    rng: random.Random, centre: tuple[float, float], n: int
+) -> list[tuple[float, float]]:
     """A city with a dense centre: a Gaussian core plus a uniform disc around it."""
     core = round(n * DENSE_SHARE)
     points = []
@@ -98,9 +106,14 @@ def zone_centres(cities: Sequence[tuple[float, float]]) -> list[tuple[float, flo
     return [zoning.centre_of(zoning.zone_of(lat, lon)) for lat, lon in cities]
 
 
-def zoned_points(rng: random.Random, centres: Sequence[tuple[float, float]], n: int) -> list[tuple[float, float]]:
+def zoned_points(
+    rng: random.Random, centres: Sequence[tuple[float, float]], n: int
+) -> list[tuple[float, float]]:
     """n points shared round-robin over tight clusters, one per zone centre."""
-    return [disc_points(rng, centres[i % len(centres)], ZONE_CLUSTER_RADIUS_KM, 1)[0] for i in range(n)]
+    return [
+        disc_points(rng, centres[i % len(centres)], ZONE_CLUSTER_RADIUS_KM, 1)[0]
+        for i in range(n)
+    ]
 
 
 def make_drivers(points: Sequence[tuple[float, float]]) -> list[Driver]:
@@ -108,7 +121,9 @@ def make_drivers(points: Sequence[tuple[float, float]]) -> list[Driver]:
     drivers = []
     for lat, lon in points:
         driver_id = "drv_" + uuid.uuid4().hex[:20]
-        drivers.append(Driver(driver_id, f"{driver_id}.{secrets.token_urlsafe(32)}", lat, lon))
+        drivers.append(
+            Driver(driver_id, f"{driver_id}.{secrets.token_urlsafe(32)}", lat, lon)
+        )
     return drivers
 
 
@@ -128,7 +143,12 @@ def ping_request(driver: Driver) -> RequestSpec:
     return RequestSpec("PATCH", f"/drivers/{driver.driver_id}/location", headers, body)
 
 
-def batch_bodies(drivers: Sequence[Driver], *, max_items: int = MAX_BATCH_PINGS, max_bytes: int = MAX_BODY_BYTES) -> list[bytes]:
+def batch_bodies(
+    drivers: Sequence[Driver],
+    *,
+    max_items: int = MAX_BATCH_PINGS,
+    max_bytes: int = MAX_BODY_BYTES,
+) -> list[bytes]:
     """POST /drivers/locations bodies: as many pings as fit both limits, every driver once."""
     bodies: list[bytes] = []
     items: list[bytes] = []
@@ -151,9 +171,17 @@ def batch_request(body: bytes, admin_token: str) -> RequestSpec:
     return RequestSpec("POST", "/drivers/locations", headers, body)
 
 
-def order_request(seller_order_id: str, pickup: tuple[float, float], secret: str, now_s: int) -> RequestSpec:
+def order_request(
+    seller_order_id: str, pickup: tuple[float, float], secret: str, now_s: int
+) -> RequestSpec:
     """seller-order-ready signed with the inbound secret (Standard Webhooks)."""
-    body = _json({"sellerOrderId": seller_order_id, "pickupLat": pickup[0], "pickupLon": pickup[1]})
+    body = _json(
+        {
+            "sellerOrderId": seller_order_id,
+            "pickupLat": pickup[0],
+            "pickupLon": pickup[1],
+        }
+    )
     msg_id = f"msg_{uuid.uuid4().hex}"
     headers = (
         JSON_HEADER,
@@ -164,7 +192,12 @@ def order_request(seller_order_id: str, pickup: tuple[float, float], secret: str
     return RequestSpec("POST", "/events/seller-order-ready", headers, body)
 
 
-def order_requests(prefix: str, pickups: Sequence[tuple[float, float]], n: int, secret: str) -> list[RequestSpec]:
+def order_requests(
+    prefix: str, pickups: Sequence[tuple[float, float]], n: int, secret: str
+) -> list[RequestSpec]:
     """n distinct orders (ids `prefix-i`), pickups rotating; signed now, valid for 300 s."""
     now_s = int(time.time())
-    return [order_request(f"{prefix}-{i}", pickups[i % len(pickups)], secret, now_s) for i in range(n)]
+    return [
+        order_request(f"{prefix}-{i}", pickups[i % len(pickups)], secret, now_s)
+        for i in range(n)
+    ]

@@ -100,11 +100,19 @@ end
 """
 
 
-def wrk_command(wrk: str, script: Path, url: str, connections: int, duration_s: float, threads: int) -> list[str]:
+def wrk_command(
+    wrk: str, script: Path, url: str, connections: int, duration_s: float, threads: int
+) -> list[str]:
     return [
-        wrk, f"-t{threads}", f"-c{connections}", f"-d{max(1, round(duration_s))}s",
-        f"--timeout={WRK_TIMEOUT_S}s", "-s", str(script), url,
-    ]  # fmt: skip
+        wrk,
+        f"-t{threads}",
+        f"-c{connections}",
+        f"-d{max(1, round(duration_s))}s",
+        f"--timeout={WRK_TIMEOUT_S}s",
+        "-s",
+        str(script),
+        url,
+    ]
 
 
 def parse_wrk_output(stdout: str) -> RunResult:
@@ -115,7 +123,11 @@ def parse_wrk_output(stdout: str) -> RunResult:
             break
     else:
         raise ValueError(f"wrk printed no result line:\n{stdout[-2000:]}")
-    errors = {k: int(data[k]) for k in ("connect", "read", "write", "status", "timeout") if data[k]}
+    errors = {
+        k: int(data[k])
+        for k in ("connect", "read", "write", "status", "timeout")
+        if data[k]
+    }
     # wrk counts non-2xx/3xx answers among its requests; transport errors and timeouts not.
     ok = max(0, int(data["requests"]) - errors.get("status", 0))
     return RunResult(

@@ -169,9 +169,22 @@ class EmbeddedPostgres(EmbeddedServer):
             "WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = :'db')\\gexec\n"
         )
         cmd = [
-            str(self._bin / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-v", f"db={name}",
-            "-h", "127.0.0.1", "-p", str(self._port), "-U", PG_SUPERUSER, "-d", "postgres",
-        ]  # fmt: skip
+            str(self._bin / "psql"),
+            "-X",
+            "-q",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-v",
+            f"db={name}",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(self._port),
+            "-U",
+            PG_SUPERUSER,
+            "-d",
+            "postgres",
+        ]
         env = {**clean_env(), "PGCONNECT_TIMEOUT": str(int(PROBE_TIMEOUT_S * 10))}
         # Two concurrent creators can both pass NOT EXISTS; the loser's retry sees it.
         for _ in range(2):
@@ -208,16 +221,28 @@ class EmbeddedPostgres(EmbeddedServer):
             return
         logger.info("initialising postgres cluster in %s", self.data_dir)
         cmd = [
-            str(self._bin / "initdb"), "-D", str(self.data_dir), "-U", PG_SUPERUSER,
-            "--auth=trust", "--encoding=UTF8", "--no-locale", "--no-instructions",
-        ]  # fmt: skip
+            str(self._bin / "initdb"),
+            "-D",
+            str(self.data_dir),
+            "-U",
+            PG_SUPERUSER,
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--no-locale",
+            "--no-instructions",
+        ]
         if self.fast:
             cmd.append("--no-sync")
         try:
             subprocess.run(
-                cmd, capture_output=True, text=True, env=clean_env(),
-                timeout=INITDB_TIMEOUT_S, check=True, **run_as,
-            )  # fmt: skip
+                cmd,
+                capture_output=True,
+                text=True,
+                env=clean_env(),
+                timeout=INITDB_TIMEOUT_S,
+                check=True,
+                **run_as,
+            )
         except subprocess.CalledProcessError as exc:
             raise EmbeddedServerError(
                 f"initdb failed:\n{exc.stdout}{exc.stderr}"
@@ -238,12 +263,18 @@ class EmbeddedPostgres(EmbeddedServer):
                 "full_page_writes": "off",
             }
         args = [
-            str(self._bin / "postgres"), "-D", str(self.data_dir),
-            "-h", "127.0.0.1", "-p", str(self._port),
+            str(self._bin / "postgres"),
+            "-D",
+            str(self.data_dir),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(self._port),
             # No unix socket: TCP on loopback is the only door, and nothing collides
             # with the system server's socket directory or path-length limits.
-            "-k", "",
-        ]  # fmt: skip
+            "-k",
+            "",
+        ]
         for key, value in settings.items():
             args += ["-c", f"{key}={value}"]
         return args

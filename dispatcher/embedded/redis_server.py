@@ -66,10 +66,22 @@ class EmbeddedRedis(EmbeddedServer):
             return
         log_from = log_size(self.log_path)
         args = [
-            str(redis_server_bin()), "--bind", "127.0.0.1", "--port", str(self._port),
-            "--save", "", "--appendonly", "no", "--dir", str(self.data_dir),
-            "--daemonize", "no", "--logfile", str(self.log_path),
-        ]  # fmt: skip
+            str(redis_server_bin()),
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self._port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(self.data_dir),
+            "--daemonize",
+            "no",
+            "--logfile",
+            str(self.log_path),
+        ]
         proc = self._proc = spawn(args, self.log_path)
         logger.info("redis pid %d starting on port %d", proc.pid, self._port)
         while self._server_pid() != proc.pid:

@@ -29,6 +29,7 @@ STEPS: dict[str, tuple[tuple[str, ...], str, str, str]] = {
 }
 FREEING_STATUSES = ("DELIVERED", "FAILED", "CANCELLED")
 
+
 # The dispatchability rule of CONTRACT §4, identical on the Redis and fallback paths:
 # active, AVAILABLE, fresh heartbeat, location known, within the radius, and holding
 # no open offer. One statement
@@ -163,7 +164,13 @@ class DeliveryStore:
                 "SELECT response_body, pickup_lat, pickup_lon FROM deliveries WHERE seller_order_id = $1",
                 seller_order_id,
             )
-        return None if row is None else ExistingOrder(row["response_body"], row["pickup_lat"], row["pickup_lon"])
+        return (
+            None
+            if row is None
+            else ExistingOrder(
+                row["response_body"], row["pickup_lat"], row["pickup_lon"]
+            )
+        )
 
     async def book(
         self,
@@ -207,7 +214,11 @@ class DeliveryStore:
         results: list[tuple[Booking | None, bool]] = []
         async with connection(self.pool) as conn, conn.transaction():
             for req, candidates in orders:
-                booking = await self._book_on(conn, req, rule, candidates) if candidates else None
+                booking = (
+                    await self._book_on(conn, req, rule, candidates)
+                    if candidates
+                    else None
+                )
                 if booking is not None:
                     results.append((booking, True))
                     continue
@@ -226,13 +237,22 @@ class DeliveryStore:
         lat, lon = req.pickup_lat, req.pickup_lon
         box = bounding_box(lat, lon, rule.radius_km)
         pick = await conn.fetchrow(
-            PICK_SQL if candidates is None else PICK_AMONG_SQL, lat, lon, rule.heartbeat_ttl_s, *box,
-            None if candidates is None else list(candidates), rule.radius_km, list(exclude),
-            rule.zone_id, rule.epoch,
+            PICK_SQL if candidates is None else PICK_AMONG_SQL,
+            lat,
+            lon,
+            rule.heartbeat_ttl_s,
+            *box,
+            None if candidates is None else list(candidates),
+            rule.radius_km,
+            list(exclude),
+            rule.zone_id,
+            rule.epoch,
         )
         assert pick is not None
         if pick["epoch"] != rule.epoch:
-            raise StaleEpochError(f"zone {rule.zone_id}: epoch {rule.epoch} superseded by {pick['epoch']}")
+            raise StaleEpochError(
+                f"zone {rule.zone_id}: epoch {rule.epoch} superseded by {pick['epoch']}"
+            )
         if pick["id"] is None:
             return None
         driver_id: str = pick["id"]
@@ -259,25 +279,44 @@ class DeliveryStore:
         try:
             await conn.execute(
                 RECORD_SQL,
-                req.seller_order_id, assignment_id, driver_id, rule.zone_id,
-                lat, lon, req.drop_lat, req.drop_lon, distance_km, body,
-                new_event_id(), event, NOTIFY_CHANNEL,
+                req.seller_order_id,
+                assignment_id,
+                driver_id,
+                rule.zone_id,
+                lat,
+                lon,
+                req.drop_lat,
+                req.drop_lon,
+                distance_km,
+                body,
+                new_event_id(),
+                event,
+                NOTIFY_CHANNEL,
             )
         except asyncpg.UniqueViolationError as exc:
             if exc.constraint_name == "deliveries_pkey":
                 raise OrderExistsError(req.seller_order_id) from exc
             raise DriverTakenError(driver_id) from exc
         # The driver's stream hears of it iff this booking commits.
-        await append_driver_event(conn, driver_id, "delivery.assigned", {
-            "sellerOrderId": req.seller_order_id,
-            "assignmentId": assignment_id,
-            "pickup": {"lat": lat, "lon": lon},
-            "drop": None if req.drop_lat is None else {"lat": req.drop_lat, "lon": req.drop_lon},
-            "distanceKm": distance_km,
-        })
+        await append_driver_event(
+            conn,
+            driver_id,
+            "delivery.assigned",
+            {
+                "sellerOrderId": req.seller_order_id,
+                "assignmentId": assignment_id,
+                "pickup": {"lat": lat, "lon": lon},
+                "drop": None
+                if req.drop_lat is None
+                else {"lat": req.drop_lat, "lon": req.drop_lon},
+                "distanceKm": distance_km,
+            },
+        )
         return Booking(driver_id=driver_id, driver_zone_id=pick["zone_id"], body=body)
 
-    async def step(self, seller_order_id: str, step: str, *, reason: str | None = None) -> StepResult:
+    async def step(
+        self, seller_order_id: str, step: str, *, reason: str | None = None
+    ) -> StepResult:
         """Advance the delivery; repeating the current step is a no-op, an illegal one 409.
 
         Terminal steps free the driver (back to AVAILABLE) in the same transaction.
@@ -289,7 +328,9 @@ class DeliveryStore:
                 seller_order_id,
             )
             if row is None:
-                raise NotFoundError(f"no delivery for sellerOrderId {seller_order_id!r}")
+                raise NotFoundError(
+                    f"no delivery for sellerOrderId {seller_order_id!r}"
+                )
             if row["status"] == target:
                 return StepResult(seller_order_id, row["driver_id"], changed=False)
             if row["status"] not in sources:
@@ -300,11 +341,14 @@ class DeliveryStore:
                 f"""UPDATE deliveries SET status = $2, {column} = now(), sequence = sequence + 1,
                         failure_reason = coalesce($3, failure_reason)
                     WHERE seller_order_id = $1 RETURNING sequence""",
-                seller_order_id, target, reason,
+                seller_order_id,
+                target,
+                reason,
             )
             await conn.execute(
                 "INSERT INTO delivery_history (seller_order_id, status) VALUES ($1, $2)",
-                seller_order_id, target,
+                seller_order_id,
+                target,
             )
             if target in FREEING_STATUSES:
                 await conn.execute(
@@ -320,19 +364,27 @@ class DeliveryStore:
             }
             if reason is not None:
                 data["reason"] = reason
-            await enqueue(conn, event_type=event_type, seller_order_id=seller_order_id, data=data)
+            await enqueue(
+                conn, event_type=event_type, seller_order_id=seller_order_id, data=data
+            )
             # The driver hears of every step of its delivery, in the same transaction.
             driver_data: dict[str, Any] = {
-                "sellerOrderId": seller_order_id, "assignmentId": row["assignment_id"], "status": target,
+                "sellerOrderId": seller_order_id,
+                "assignmentId": row["assignment_id"],
+                "status": target,
             }
             if reason is not None or target == "CANCELLED":
                 driver_data["reason"] = reason
             await append_driver_event(conn, row["driver_id"], event_type, driver_data)
         return StepResult(seller_order_id, row["driver_id"], changed=True)
 
-    async def get(self, seller_order_id: str) -> tuple[asyncpg.Record, list[asyncpg.Record]] | None:
+    async def get(
+        self, seller_order_id: str
+    ) -> tuple[asyncpg.Record, list[asyncpg.Record]] | None:
         async with connection(self.pool) as conn:
-            row = await conn.fetchrow("SELECT * FROM deliveries WHERE seller_order_id = $1", seller_order_id)
+            row = await conn.fetchrow(
+                "SELECT * FROM deliveries WHERE seller_order_id = $1", seller_order_id
+            )
             if row is None:
                 return None
             history = await conn.fetch(
@@ -343,4 +395,13 @@ class DeliveryStore:
 
 
 def delivery_times(row: asyncpg.Record) -> dict[str, datetime | None]:
-    return {c: row[c] for c in ("assigned_at", "picked_up_at", "delivered_at", "failed_at", "cancelled_at")}
+    return {
+        c: row[c]
+        for c in (
+            "assigned_at",
+            "picked_up_at",
+            "delivered_at",
+            "failed_at",
+            "cancelled_at",
+        )
+    }

@@ -72,7 +72,9 @@ class MirrorEntry:
     lat: float | None
     lon: float | None
     seen_epoch_s: float | None
-    dispatchable_status: bool  # AVAILABLE, active, no open offer; freshness is checked separately
+    dispatchable_status: (
+        bool  # AVAILABLE, active, no open offer; freshness is checked separately
+    )
     # recordedAt of the stored fix (µs): orders mirror writes, newest fix wins.
     fix_us: int | None = None
 
@@ -80,7 +82,9 @@ class MirrorEntry:
 class DriverStore:
     """Every SQL statement about drivers; PostgreSQL is the truth."""
 
-    def __init__(self, pool: asyncpg.Pool, *, ping_pool: asyncpg.Pool | None = None) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, *, ping_pool: asyncpg.Pool | None = None
+    ) -> None:
         self.pool = pool
         # Pings may use a pool with synchronous_commit off (see actors/zone.py).
         self.ping_pool = ping_pool or pool
@@ -88,7 +92,9 @@ class DriverStore:
         # be cached; whether the driver is active is always read fresh.
         self._token_owner: dict[bytes, str] = {}
 
-    async def create(self, name: str, phone: str | None, vehicle_type: str | None) -> tuple[DriverRecord, str]:
+    async def create(
+        self, name: str, phone: str | None, vehicle_type: str | None
+    ) -> tuple[DriverRecord, str]:
         driver_id = "drv_" + uuid.uuid4().hex[:20]
         # The token names its driver so a mismatch is a clear 403, and carries
         # 256 random bits; only its hash is stored.
@@ -96,7 +102,11 @@ class DriverStore:
         async with connection(self.pool) as conn:
             await conn.execute(
                 "INSERT INTO drivers (id, name, phone, vehicle_type, token_hash) VALUES ($1, $2, $3, $4, $5)",
-                driver_id, name, phone, vehicle_type, hash_token(token),
+                driver_id,
+                name,
+                phone,
+                vehicle_type,
+                hash_token(token),
             )
         record = await self.get(driver_id)
         assert record is not None
@@ -109,13 +119,17 @@ class DriverStore:
             )
         return None if row is None else DriverRecord.from_row(row)
 
-    async def list_drivers(self, status: str | None, zone_id: str | None, limit: int) -> list[DriverRecord]:
+    async def list_drivers(
+        self, status: str | None, zone_id: str | None, limit: int
+    ) -> list[DriverRecord]:
         async with connection(self.pool) as conn:
             rows = await conn.fetch(
                 f"""SELECT {DRIVER_COLUMNS} FROM {DRIVER_FROM}
                 WHERE ($1::text IS NULL OR d.status = $1) AND ($2::text IS NULL OR d.zone_id = $2)
                 ORDER BY d.id LIMIT $3""",
-                status, zone_id, limit,
+                status,
+                zone_id,
+                limit,
             )
         return [DriverRecord.from_row(r) for r in rows]
 
@@ -125,7 +139,9 @@ class DriverStore:
         owner = self._token_owner.get(digest)
         if owner is None:
             async with connection(self.pool) as conn:
-                owner = await conn.fetchval("SELECT id FROM drivers WHERE token_hash = $1", digest)
+                owner = await conn.fetchval(
+                    "SELECT id FROM drivers WHERE token_hash = $1", digest
+                )
             if owner is not None:
                 if len(self._token_owner) >= TOKEN_CACHE_MAX:
                     self._token_owner.clear()
@@ -143,11 +159,18 @@ class DriverStore:
 
     async def is_active(self, driver_id: str) -> bool:
         async with connection(self.pool) as conn:
-            active: bool | None = await conn.fetchval("SELECT is_active FROM drivers WHERE id = $1", driver_id)
+            active: bool | None = await conn.fetchval(
+                "SELECT is_active FROM drivers WHERE id = $1", driver_id
+            )
         return bool(active)
 
     async def update(
-        self, driver_id: str, *, is_active: bool | None, name: str | None, auto_accept: bool | None = None
+        self,
+        driver_id: str,
+        *,
+        is_active: bool | None,
+        name: str | None,
+        auto_accept: bool | None = None,
     ) -> DriverRecord:
         async with connection(self.pool) as conn:
             # The NOTIFY (sent at commit) tells every ingress's ping gate to read the
@@ -158,7 +181,11 @@ class DriverStore:
                            auto_accept = coalesce($5, auto_accept), updated_at = now() WHERE id = $1 RETURNING id
                    )
                    SELECT id FROM changed, pg_notify($4, id) AS notified""",
-                driver_id, is_active, name, DRIVER_CHANGED_CHANNEL, auto_accept,
+                driver_id,
+                is_active,
+                name,
+                DRIVER_CHANGED_CHANNEL,
+                auto_accept,
             )
         if found is None:
             raise NotFoundError(f"driver {driver_id} not found")
@@ -175,9 +202,13 @@ class DriverStore:
             if current is None:
                 raise NotFoundError(f"driver {driver_id} not found")
             if current == "BUSY":
-                raise ConflictError(f"driver {driver_id} has an active delivery; finish it first")
+                raise ConflictError(
+                    f"driver {driver_id} has an active delivery; finish it first"
+                )
             await conn.execute(
-                "UPDATE drivers SET status = $2, updated_at = now() WHERE id = $1", driver_id, status
+                "UPDATE drivers SET status = $2, updated_at = now() WHERE id = $1",
+                driver_id,
+                status,
             )
         record = await self.get(driver_id)
         assert record is not None
@@ -186,7 +217,8 @@ class DriverStore:
     async def mirror_entries(self, driver_ids: Sequence[str]) -> list[MirrorEntry]:
         async with connection(self.pool) as conn:
             rows = await conn.fetch(
-                f"SELECT {mirror_columns()} FROM drivers WHERE id = ANY($1::text[])", list(driver_ids)
+                f"SELECT {mirror_columns()} FROM drivers WHERE id = ANY($1::text[])",
+                list(driver_ids),
             )
         return [_mirror_entry(r) for r in rows]
 
@@ -224,9 +256,13 @@ class DriverStore:
             others = {}
             if missing:
                 # The slow path (some fix refused): say why, and whether the fence did it.
-                current = await conn.fetchval("SELECT epoch FROM zones WHERE zone_id = $1", zone_id)
+                current = await conn.fetchval(
+                    "SELECT epoch FROM zones WHERE zone_id = $1", zone_id
+                )
                 if current != epoch:
-                    raise StaleEpochError(f"zone {zone_id}: epoch {epoch} superseded by {current}")
+                    raise StaleEpochError(
+                        f"zone {zone_id}: epoch {epoch} superseded by {current}"
+                    )
                 others = {
                     r["id"]: r
                     for r in await conn.fetch(
@@ -306,4 +342,6 @@ def _verdict(
 
 
 def _last_fix(row: asyncpg.Record) -> LastFix:
-    return LastFix(row["is_active"], row["lat"], row["lon"], row["location_recorded_at"])
+    return LastFix(
+        row["is_active"], row["lat"], row["lon"], row["location_recorded_at"]
+    )

@@ -150,7 +150,11 @@ class GeoMirror:
         self._open_until = 0.0
 
     async def _run_scripted(
-        self, build: Callable[[aioredis.client.Pipeline], None], *, transaction: bool, script: str = UPSERT_LUA
+        self,
+        build: Callable[[aioredis.client.Pipeline], None],
+        *,
+        transaction: bool,
+        script: str = UPSERT_LUA,
     ) -> list[object]:
         """Run a pipeline that calls `script` by its SHA.
 
@@ -165,7 +169,9 @@ class GeoMirror:
                 return await self._run(pipe)
             except NoScriptError:
                 if attempt == 2:
-                    raise MirrorUnavailableError("cannot load the mirror script") from None
+                    raise MirrorUnavailableError(
+                        "cannot load the mirror script"
+                    ) from None
                 loader = self.client.pipeline(transaction=False)
                 loader.script_load(script)
                 await self._run(loader)
@@ -214,13 +220,17 @@ class GeoMirror:
         Raises MirrorUnavailableError when a zone of `must_be_built` has no built
         marker (Redis lost it and it is not rebuilt yet).
         """
-        query = NearestQuery(tuple(zones), lat, lon, tuple(radii_km), count, tuple(must_be_built))
+        query = NearestQuery(
+            tuple(zones), lat, lon, tuple(radii_km), count, tuple(must_be_built)
+        )
         (found,) = await self.nearest_widening_many([query])
         if found is None:
             raise MirrorUnavailableError("a zone's mirror is not rebuilt yet")
         return found
 
-    async def nearest_widening_many(self, queries: Sequence[NearestQuery]) -> list[list[str] | None]:
+    async def nearest_widening_many(
+        self, queries: Sequence[NearestQuery]
+    ) -> list[list[str] | None]:
         """`nearest_widening` for several points in one round trip; None for a point
         whose zones' mirror is not rebuilt yet."""
 
@@ -229,13 +239,27 @@ class GeoMirror:
                 markers = [keys.zone_built(z) for z in q.must_be_built]
                 geo_keys = [keys.zone_geo(z) for z in q.zones]
                 radii = [r + RADIUS_SLACK_KM for r in q.radii_km]
-                pipe.evalsha(NEAREST_SHA, len(markers) + len(geo_keys), *markers, *geo_keys,
-                             len(markers), q.lon, q.lat, q.count, *radii)  # fmt: skip
+                pipe.evalsha(
+                    NEAREST_SHA,
+                    len(markers) + len(geo_keys),
+                    *markers,
+                    *geo_keys,
+                    len(markers),
+                    q.lon,
+                    q.lat,
+                    q.count,
+                    *radii,
+                )
 
         results = await self._run_scripted(build, transaction=False, script=NEAREST_LUA)
-        return [None if r is None else [_text(m) for m in cast(list[object], r)] for r in results]
+        return [
+            None if r is None else [_text(m) for m in cast(list[object], r)]
+            for r in results
+        ]
 
-    async def apply(self, entries: Iterable[MirrorEntry], now_s: float, ttl_s: float) -> None:
+    async def apply(
+        self, entries: Iterable[MirrorEntry], now_s: float, ttl_s: float
+    ) -> None:
         """Make the mirror agree with freshly written PostgreSQL rows."""
         args = _upsert_args(entries, now_s, ttl_s)
 
@@ -275,7 +299,9 @@ class GeoMirror:
         (exists,) = await self._run(pipe)
         return bool(exists)
 
-    async def rebuild(self, zone_id: str, entries: Iterable[MirrorEntry], now_s: float, ttl_s: float) -> None:
+    async def rebuild(
+        self, zone_id: str, entries: Iterable[MirrorEntry], now_s: float, ttl_s: float
+    ) -> None:
         """Make the zone's keys equal what PostgreSQL holds, then mark the zone built.
 
         In chunks, each its own short call, so a zone of 50,000 drivers neither blocks
@@ -292,7 +318,9 @@ class GeoMirror:
         pipe.set(keys.zone_built(zone_id), str(now_s))
         await self._run(pipe)
 
-    async def repair(self, zone_id: str, entries: Iterable[MirrorEntry], now_s: float, ttl_s: float) -> int:
+    async def repair(
+        self, zone_id: str, entries: Iterable[MirrorEntry], now_s: float, ttl_s: float
+    ) -> int:
         """Rewrite only what differs from PostgreSQL; returns how many drivers it fixed.
 
         A driver is right in Redis when it is in both of the zone's keys and its mirrored
@@ -306,15 +334,18 @@ class GeoMirror:
         held, complete = await self._held(zone_id)
         versions = await self._fix_versions(list(wanted))
         stale = [
-            e for e in wanted.values()
+            e
+            for e in wanted.values()
             if e.driver_id not in complete or versions.get(e.driver_id) != e.fix_us
-        ]  # fmt: skip
+        ]
         extra = held - set(wanted)
         await self._upsert_in_chunks(stale, now_s, ttl_s)
         await self._forget_in_chunks(zone_id, extra)
         return len(stale) + len(extra)
 
-    async def _upsert_in_chunks(self, entries: Sequence[MirrorEntry], now_s: float, ttl_s: float) -> None:
+    async def _upsert_in_chunks(
+        self, entries: Sequence[MirrorEntry], now_s: float, ttl_s: float
+    ) -> None:
         for start in range(0, len(entries), UPSERT_CHUNK):
             await self.apply(entries[start : start + UPSERT_CHUNK], now_s, ttl_s)
 
@@ -342,7 +373,9 @@ class GeoMirror:
             pipe.hmget(keys.DRIVER_FIX, chunk)
             (values,) = await self._run(pipe)
             assert isinstance(values, list)
-            out.update((d, int(v)) for d, v in zip(chunk, values, strict=True) if v is not None)
+            out.update(
+                (d, int(v)) for d, v in zip(chunk, values, strict=True) if v is not None
+            )
         return out
 
 
@@ -361,13 +394,18 @@ UPSERT_SHA = hashlib.sha1(UPSERT_LUA.encode()).hexdigest()
 NEAREST_SHA = hashlib.sha1(NEAREST_LUA.encode()).hexdigest()
 
 
-def _upsert_args(entries: Iterable[MirrorEntry], now_s: float, ttl_s: float) -> list[str]:
+def _upsert_args(
+    entries: Iterable[MirrorEntry], now_s: float, ttl_s: float
+) -> list[str]:
     """UPSERT_LUA's arguments, one per located driver (one never located has nothing to mirror)."""
     return [
         f"{e.fix_us} {1 if is_dispatchable(e, now_s, ttl_s) else 0} {e.lon!r} {e.lat!r} "
         f"{e.seen_epoch_s or 0.0!r} {e.zone_id} {e.driver_id}"
         for e in entries
-        if e.zone_id is not None and e.fix_us is not None and e.lat is not None and e.lon is not None
+        if e.zone_id is not None
+        and e.fix_us is not None
+        and e.lat is not None
+        and e.lon is not None
     ]
 
 

@@ -24,4 +24,3 @@ def zone_seen(zone_id: str) -> str:
 def zone_built(zone_id: str) -> str:
     """Present once the zone's mirror was rebuilt; missing means Redis lost it."""
     return f"{ZONE_KEY_PREFIX}{zone_id}:built"
-

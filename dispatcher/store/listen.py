@@ -63,7 +63,12 @@ class Listener:
                 await self._listen_once()
             except Exception as exc:
                 self._on_lost()
-                log.warning("LISTEN %s lost (%s: %s)", ", ".join(self._channels), type(exc).__name__, exc)
+                log.warning(
+                    "LISTEN %s lost (%s: %s)",
+                    ", ".join(self._channels),
+                    type(exc).__name__,
+                    exc,
+                )
             if time.monotonic() - started > LISTEN_PROBE_S:
                 backoff = BACKOFF_MIN_S  # it worked for a while: a fresh outage
             await asyncio.sleep(min(backoff, self._max_backoff_s))

@@ -333,7 +333,9 @@ class OfferStore:
             )
         return [r["seller_order_id"] for r in rows]
 
-    async def stalled(self, slack_s: float, pending_retry_s: float) -> list[tuple[str, str]]:
+    async def stalled(
+        self, slack_s: float, pending_retry_s: float
+    ) -> list[tuple[str, str]]:
         """Open dispatches their zone should have looked at by now (an open offer past
         accept_by, or nothing open for longer than a retry): (order, zone) pairs. Their
         zone was restarting or gone when its timer or a wake-up was due."""
@@ -348,7 +350,8 @@ class OfferStore:
                        ELSE d.updated_at + make_interval(secs => $1 + $2) < now()
                    END
                    ORDER BY d.deadline_at LIMIT 1000""",
-                slack_s, pending_retry_s,
+                slack_s,
+                pending_retry_s,
             )
         return [(r["seller_order_id"], r["zone_id"]) for r in rows]
 
@@ -512,10 +515,19 @@ class OfferStore:
         )
         for offer_id, driver_id in zip(offer_ids, driver_ids, strict=True):
             changes.drivers.add(driver_id)
-            await tell_driver(conn, driver_id, "offer.created", {
-                "offerId": offer_id, "sellerOrderId": row["seller_order_id"], "pickup": pickup, "drop": drop,
-                "distanceKm": round_km(distances[driver_id]), "expiresAt": _z(expires_at),
-            })  # fmt: skip
+            await tell_driver(
+                conn,
+                driver_id,
+                "offer.created",
+                {
+                    "offerId": offer_id,
+                    "sellerOrderId": row["seller_order_id"],
+                    "pickup": pickup,
+                    "drop": drop,
+                    "distanceKm": round_km(distances[driver_id]),
+                    "expiresAt": _z(expires_at),
+                },
+            )
         changes.offered = tuple(driver_ids)
 
     async def expire(
@@ -612,7 +624,9 @@ class OfferStore:
             if refusal is None and await _delivery_exists(conn, order):
                 # Booked by another path (e.g. while `auto` was on): nobody else may be.
                 await _withdraw_open(conn, order, "SUPERSEDED", changes)
-                refusal = OfferRefusedError("OFFER_SUPERSEDED", "the order is assigned already")
+                refusal = OfferRefusedError(
+                    "OFFER_SUPERSEDED", "the order is assigned already"
+                )
             if refusal is None:
                 changes.wake[order] = dispatch["zone_id"]
                 await _close(conn, [offer_id], "ACCEPTED", None)
@@ -720,8 +734,12 @@ class OfferStore:
                 raise NotFoundError(
                     f"no dispatch for sellerOrderId {seller_order_id!r}"
                 )
-            if dispatch["status"] == "ASSIGNED" or await _delivery_exists(conn, seller_order_id):
-                raise OfferRefusedError("ALREADY_ASSIGNED", "the order is already assigned")
+            if dispatch["status"] == "ASSIGNED" or await _delivery_exists(
+                conn, seller_order_id
+            ):
+                raise OfferRefusedError(
+                    "ALREADY_ASSIGNED", "the order is already assigned"
+                )
             if dispatch["status"] == "CANCELLED":
                 raise OfferRefusedError("ORDER_CANCELLED", "the order was cancelled")
             drivers = await _lock_drivers(
@@ -819,18 +837,25 @@ class OfferStore:
                 return changes
             order = offer["seller_order_id"]
             zone_id = await conn.fetchval(
-                "SELECT zone_id FROM dispatches WHERE seller_order_id = $1 FOR UPDATE", order
+                "SELECT zone_id FROM dispatches WHERE seller_order_id = $1 FOR UPDATE",
+                order,
             )
             driver = (await _lock_drivers(conn, [driver_id])).get(driver_id)
-            if driver is None or (driver["status"] == "AVAILABLE" and driver["is_active"]):
+            if driver is None or (
+                driver["status"] == "AVAILABLE" and driver["is_active"]
+            ):
                 return changes  # back already: the offer stands
-            for closed in await _close(conn, [offer["offer_id"]], "WITHDRAWN", "DRIVER_UNAVAILABLE"):
+            for closed in await _close(
+                conn, [offer["offer_id"]], "WITHDRAWN", "DRIVER_UNAVAILABLE"
+            ):
                 changes.drivers.add(driver_id)
                 changes.wake[order] = zone_id
                 await tell_driver(
-                    conn, driver_id, "offer.withdrawn",
+                    conn,
+                    driver_id,
+                    "offer.withdrawn",
                     {"offerId": closed["offer_id"], "reason": "DRIVER_UNAVAILABLE"},
-                )  # fmt: skip
+                )
         return changes
 
     async def _offer_of(
@@ -847,7 +872,9 @@ class OfferStore:
 
 
 async def _delivery_exists(conn: Conn, seller_order_id: str) -> bool:
-    found = await conn.fetchval("SELECT 1 FROM deliveries WHERE seller_order_id = $1", seller_order_id)
+    found = await conn.fetchval(
+        "SELECT 1 FROM deliveries WHERE seller_order_id = $1", seller_order_id
+    )
     return found is not None
 
 
@@ -958,20 +985,36 @@ async def _book(
         body,
         sequence,
     )
-    await enqueue(conn, event_type="delivery.assigned", seller_order_id=order, data={
-        "sellerOrderId": order, "driverId": driver_id, "assignmentId": assignment_id,
-        "distanceKm": distance_km, "sequence": sequence,
-    })  # fmt: skip
+    await enqueue(
+        conn,
+        event_type="delivery.assigned",
+        seller_order_id=order,
+        data={
+            "sellerOrderId": order,
+            "driverId": driver_id,
+            "assignmentId": assignment_id,
+            "distanceKm": distance_km,
+            "sequence": sequence,
+        },
+    )
     pickup = {"lat": dispatch["pickup_lat"], "lon": dispatch["pickup_lon"]}
     drop = (
         None
         if dispatch["drop_lat"] is None
         else {"lat": dispatch["drop_lat"], "lon": dispatch["drop_lon"]}
     )
-    await tell_driver(conn, driver_id, "delivery.assigned", {
-        "sellerOrderId": order, "assignmentId": assignment_id, "pickup": pickup, "drop": drop,
-        "distanceKm": distance_km,
-    })  # fmt: skip
+    await tell_driver(
+        conn,
+        driver_id,
+        "delivery.assigned",
+        {
+            "sellerOrderId": order,
+            "assignmentId": assignment_id,
+            "pickup": pickup,
+            "drop": drop,
+            "distanceKm": distance_km,
+        },
+    )
     changes.drivers.add(driver_id)
     return body
 

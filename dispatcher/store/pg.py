@@ -17,6 +17,7 @@ log = logging.getLogger(__name__)
 # answering 503 quickly beats holding the request.
 ACQUIRE_TIMEOUT_S = 3.0
 
+
 def haversine_sql(lat_a: str, lon_a: str, lat_b: str, lon_b: str) -> str:
     """SQL for the km between two points: the formula of dispatcher.geo.haversine_km,
     so both lookup paths compute the same numbers."""
@@ -38,7 +39,10 @@ UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-DOWN_ERRORS: tuple[type[BaseException], ...] = (DatabaseUnavailableError, *UNAVAILABLE_ERRORS)
+DOWN_ERRORS: tuple[type[BaseException], ...] = (
+    DatabaseUnavailableError,
+    *UNAVAILABLE_ERRORS,
+)
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
@@ -72,19 +76,25 @@ async def create_pool(
             reset=_keep_session if stateless else None,
         )
     except UNAVAILABLE_ERRORS as exc:
-        raise DatabaseUnavailableError(f"PostgreSQL unreachable: {type(exc).__name__}") from exc
+        raise DatabaseUnavailableError(
+            f"PostgreSQL unreachable: {type(exc).__name__}"
+        ) from exc
     return pool
 
 
 @asynccontextmanager
-async def connection(pool: asyncpg.Pool) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy[Any]]:
+async def connection(
+    pool: asyncpg.Pool,
+) -> AsyncIterator[asyncpg.pool.PoolConnectionProxy[Any]]:
     """Acquire with a bounded wait; connection failures become DatabaseUnavailableError."""
     try:
         async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
             yield conn
     except UNAVAILABLE_ERRORS as exc:
         log.warning("PostgreSQL unavailable: %s", exc)
-        raise DatabaseUnavailableError(f"PostgreSQL unavailable: {type(exc).__name__}") from exc
+        raise DatabaseUnavailableError(
+            f"PostgreSQL unavailable: {type(exc).__name__}"
+        ) from exc
 
 
 async def activate_zone(pool: asyncpg.Pool, zone_id: str) -> int:

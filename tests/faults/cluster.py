@@ -34,16 +34,27 @@ FAST_NODE_LOSS = {
 RETRYABLE_STATUS = (502, 503, 504)
 
 
-async def zones_command(env: Mapping[str, str], *args: str, timeout_s: float = 120.0) -> dict[str, Any]:
+async def zones_command(
+    env: Mapping[str, str], *args: str, timeout_s: float = 120.0
+) -> dict[str, Any]:
     """Run `dispatcher zones <args> --json` as an operator would; its parsed output."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "dispatcher.cli", "zones", *args, "--json",
-        env=dict(env), stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        sys.executable,
+        "-m",
+        "dispatcher.cli",
+        "zones",
+        *args,
+        "--json",
+        env=dict(env),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     async with asyncio.timeout(timeout_s):
         out, err = await proc.communicate()
-    assert proc.returncode == 0, f"dispatcher zones {' '.join(args)}: {proc.returncode}\n{err.decode()[-3000:]}"
+    assert proc.returncode == 0, (
+        f"dispatcher zones {' '.join(args)}: {proc.returncode}\n{err.decode()[-3000:]}"
+    )
     result: dict[str, Any] = json.loads(out)
     result["stderr"] = err.decode()
     return result
@@ -110,7 +121,9 @@ class SteadyLoad:
     async def add_drivers(self, per_zone: int) -> None:
         async def one(cell: str, n: int) -> None:
             home = point_in(self.rng, self.zoning, cell)
-            driver = await self.apis[n % len(self.apis)].online_driver(*home, name=f"{cell}-{n}")
+            driver = await self.apis[n % len(self.apis)].online_driver(
+                *home, name=f"{cell}-{n}"
+            )
             self.drivers[driver.driver_id] = (driver, home, cell)
 
         jobs = [one(cell, n) for cell in self.cells for n in range(per_zone)]
@@ -145,7 +158,15 @@ class SteadyLoad:
             seller_order_id = "SO-" + uuid.uuid4().hex[:12]
             sent = Sent(cell, time.monotonic())
             self.orders[seller_order_id] = sent
-            await self._until_answered(sent, functools.partial(Api.order, seller_order_id=seller_order_id, lat=pickup[0], lon=pickup[1]))
+            await self._until_answered(
+                sent,
+                functools.partial(
+                    Api.order,
+                    seller_order_id=seller_order_id,
+                    lat=pickup[0],
+                    lon=pickup[1],
+                ),
+            )
             await asyncio.sleep(interval_s)
 
     async def ping_worker(self, interval_s: float) -> None:
@@ -157,13 +178,22 @@ class SteadyLoad:
             # A few metres around home, never an implausible jump, and never across the cell's
             # border (that would open an eighth zone).
             while True:
-                lat, lon = offset(*home, self.rng.uniform(-0.005, 0.005), self.rng.uniform(-0.005, 0.005))
+                lat, lon = offset(
+                    *home,
+                    self.rng.uniform(-0.005, 0.005),
+                    self.rng.uniform(-0.005, 0.005),
+                )
                 if self.zoning.zone_of(lat, lon) == cell:
                     break
             at = datetime.now(UTC)
             sent = Sent(cell, time.monotonic())
             self.pings.append(sent)
-            await self._until_answered(sent, functools.partial(Api.ping, driver=driver, lat=lat, lon=lon, recorded_at=at))
+            await self._until_answered(
+                sent,
+                functools.partial(
+                    Api.ping, driver=driver, lat=lat, lon=lon, recorded_at=at
+                ),
+            )
             assert sent.status == 204, sent.body
             newest = self.acked_fix.get(driver.driver_id)
             if newest is None or newest[0] < at:
@@ -171,9 +201,15 @@ class SteadyLoad:
             await asyncio.sleep(interval_s)
 
     @contextlib.asynccontextmanager
-    async def running(self, *, order_workers: int = 3, ping_workers: int = 4) -> AsyncIterator[None]:
-        tasks = [asyncio.create_task(self.order_worker(0.1)) for _ in range(order_workers)]
-        tasks += [asyncio.create_task(self.ping_worker(0.02)) for _ in range(ping_workers)]
+    async def running(
+        self, *, order_workers: int = 3, ping_workers: int = 4
+    ) -> AsyncIterator[None]:
+        tasks = [
+            asyncio.create_task(self.order_worker(0.1)) for _ in range(order_workers)
+        ]
+        tasks += [
+            asyncio.create_task(self.ping_worker(0.02)) for _ in range(ping_workers)
+        ]
         try:
             yield
         finally:
@@ -200,20 +236,33 @@ class SteadyLoad:
         """Every acknowledged order and fix is in PostgreSQL as it was answered."""
         for api in self.apis:
             await api.settle()  # acknowledged fixes are written behind
-        assert all(s.status == 200 for s in self.orders.values()), Counter(s.status for s in self.orders.values())
-        rows = {r["seller_order_id"]: r for r in await pool.fetch("SELECT seller_order_id, driver_id FROM deliveries")}
+        assert all(s.status == 200 for s in self.orders.values()), Counter(
+            s.status for s in self.orders.values()
+        )
+        rows = {
+            r["seller_order_id"]: r
+            for r in await pool.fetch(
+                "SELECT seller_order_id, driver_id FROM deliveries"
+            )
+        }
         for seller_order_id, sent in self.orders.items():
             if sent.body["assigned"]:
-                assert rows[seller_order_id]["driver_id"] == sent.body["driverId"], seller_order_id
+                assert rows[seller_order_id]["driver_id"] == sent.body["driverId"], (
+                    seller_order_id
+                )
             else:
                 assert seller_order_id not in rows, seller_order_id
         assert set(rows) <= set(self.orders), "a delivery nobody asked for"
         stored = {
             r["id"]: r
-            for r in await pool.fetch("SELECT id, lat, lon, location_recorded_at FROM drivers")
+            for r in await pool.fetch(
+                "SELECT id, lat, lon, location_recorded_at FROM drivers"
+            )
         }
         for driver_id, (at, lat, lon) in self.acked_fix.items():
             row = stored[driver_id]
-            assert row["location_recorded_at"] >= at, f"{driver_id}: acknowledged fix at {at} lost"
+            assert row["location_recorded_at"] >= at, (
+                f"{driver_id}: acknowledged fix at {at} lost"
+            )
             if row["location_recorded_at"] == at:
                 assert (row["lat"], row["lon"]) == (lat, lon), driver_id

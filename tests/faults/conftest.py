@@ -184,4 +184,6 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.section("fault recovery times (s)")
         for name, seconds in sorted(RECOVERY.items()):
             terminalreporter.write_line(f"{name:<55} {seconds:8.3f}")
-        terminalreporter.write_line("RECOVERY_TIMES " + json.dumps(RECOVERY, sort_keys=True))
+        terminalreporter.write_line(
+            "RECOVERY_TIMES " + json.dumps(RECOVERY, sort_keys=True)
+        )

@@ -55,7 +55,9 @@ async def wait_until(
 
 
 @contextlib.asynccontextmanager
-async def background(*coros: Coroutine[Any, Any, None]) -> AsyncIterator[list[asyncio.Task[None]]]:
+async def background(
+    *coros: Coroutine[Any, Any, None],
+) -> AsyncIterator[list[asyncio.Task[None]]]:
     """Run load tasks; on leaving, wait for them (they watch a stop flag) or cancel them on error."""
     tasks = [asyncio.create_task(c) for c in coros]
     try:
@@ -160,7 +162,9 @@ class ScriptedReceiver:
     def bodies(self) -> dict[str, dict[str, Any]]:
         """webhook-id -> parsed body of its delivered attempt."""
         return {
-            a.webhook_id: json.loads(a.body) for a in self.attempts if 200 <= a.status < 300
+            a.webhook_id: json.loads(a.body)
+            for a in self.attempts
+            if 200 <= a.status < 300
         }
 
 
@@ -173,7 +177,9 @@ WHERE status = 'AVAILABLE' AND is_active AND lat IS NOT NULL
 """
 
 
-async def dispatchable_by_zone(pool: asyncpg.Pool, ttl_s: float) -> dict[str, dict[str, tuple[float, float]]]:
+async def dispatchable_by_zone(
+    pool: asyncpg.Pool, ttl_s: float
+) -> dict[str, dict[str, tuple[float, float]]]:
     """zone -> {driver id: (lat, lon)} of every dispatchable driver, per PostgreSQL."""
     out: dict[str, dict[str, tuple[float, float]]] = {}
     for row in await pool.fetch(DISPATCHABLE_SQL, ttl_s):
@@ -186,11 +192,13 @@ async def mirror_by_zone(redis: Redis) -> dict[str, dict[str, tuple[float, float
     out: dict[str, dict[str, tuple[float, float]]] = {}
     async for key in redis.scan_iter(match=keys.zone_geo("*")):
         name = key.decode() if isinstance(key, bytes) else str(key)
-        zone = name[len(keys.PREFIX + "zone:"): -len(":geo")]
+        zone = name[len(keys.PREFIX + "zone:") : -len(":geo")]
         members = sorted(as_text(await redis.zrange(name, 0, -1)))
         positions = await redis.geopos(name, *members) if members else []
         out[zone] = {
-            m: (float(p[1]), float(p[0])) for m, p in zip(members, positions, strict=True) if p is not None
+            m: (float(p[1]), float(p[0]))
+            for m, p in zip(members, positions, strict=True)
+            if p is not None
         }
     return {z: m for z, m in out.items() if m}
 
@@ -208,7 +216,9 @@ async def mirror_diff(pool: asyncpg.Pool, redis: Redis, ttl_s: float) -> list[st
             problems.append(f"zone {zone}: stale {stale}")
         for driver in set(want) & set(have):
             if haversine_km(*want[driver], *have[driver]) > GEO_TOLERANCE_KM:
-                problems.append(f"zone {zone}: {driver} at {have[driver]}, PostgreSQL says {want[driver]}")
+                problems.append(
+                    f"zone {zone}: {driver} at {have[driver]}, PostgreSQL says {want[driver]}"
+                )
     return problems
 
 
@@ -230,14 +240,18 @@ async def assert_booking_invariants(pool: asyncpg.Pool) -> None:
            WHERE (d.status = 'BUSY') <> EXISTS (
                SELECT 1 FROM deliveries x WHERE x.driver_id = d.id AND x.status IN ('ASSIGNED', 'PICKED_UP'))"""
     )
-    assert not busy_mismatch, f"BUSY without an active delivery, or the reverse: {busy_mismatch}"
+    assert not busy_mismatch, (
+        f"BUSY without an active delivery, or the reverse: {busy_mismatch}"
+    )
     outbox = await pool.fetch(
         """SELECT d.seller_order_id, count(o.id) AS n FROM deliveries d
            LEFT JOIN webhook_outbox o
              ON o.seller_order_id = d.seller_order_id AND o.event_type = 'delivery.assigned'
            GROUP BY d.seller_order_id HAVING count(o.id) <> 1"""
     )
-    assert not outbox, f"deliveries without exactly one delivery.assigned event: {outbox}"
+    assert not outbox, (
+        f"deliveries without exactly one delivery.assigned event: {outbox}"
+    )
 
 
 # ---- Ray -----------------------------------------------------------------------------------
@@ -307,10 +321,16 @@ class ServeProcess:
         started = time.monotonic()
         with self.log_path.open("ab") as log:
             self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "dispatcher.cli", "serve",
-                env=self.env, stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE, stderr=log, start_new_session=True,
-            )  # fmt: skip
+                sys.executable,
+                "-m",
+                "dispatcher.cli",
+                "serve",
+                env=self.env,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=log,
+                start_new_session=True,
+            )
         assert self.proc.stdout is not None
         async with asyncio.timeout(within_s):
             while True:

@@ -61,16 +61,23 @@ async def cluster_stack(
         for _ in range(workers):
             cluster.add_worker()
         settings = make_settings(
-            ray_address=cluster.address, zone_resource_units=1, heartbeat_ttl_s=600, search_radius_km=8.0
+            ray_address=cluster.address,
+            zone_resource_units=1,
+            heartbeat_ttl_s=600,
+            search_radius_km=8.0,
         )
         env = serve_env(settings, port=0)
         for n in range(REPLICAS):
-            replica = ServeProcess(serve_env(settings, port=free_port()), tmp_path / f"serve-{n}.log")
+            replica = ServeProcess(
+                serve_env(settings, port=free_port()), tmp_path / f"serve-{n}.log"
+            )
             replicas.append(replica)
         await asyncio.gather(*(r.start() for r in replicas))
         async with contextlib.AsyncExitStack() as stack:
             apis = [
-                await stack.enter_async_context(remote_api(f"http://127.0.0.1:{r.env['DISPATCHER_PORT']}", settings))
+                await stack.enter_async_context(
+                    remote_api(f"http://127.0.0.1:{r.env['DISPATCHER_PORT']}", settings)
+                )
                 for r in replicas
             ]
             zoning = Zoning(settings.zone_resolution)
@@ -83,17 +90,26 @@ async def cluster_stack(
         await asyncio.to_thread(cluster.shutdown)
 
 
-async def assert_webhooks_exactly_once(pool: asyncpg.Pool, hooks: ScriptedReceiver, load: SteadyLoad) -> None:
+async def assert_webhooks_exactly_once(
+    pool: asyncpg.Pool, hooks: ScriptedReceiver, load: SteadyLoad
+) -> None:
     """Every delivery's `delivery.assigned` arrived, each webhook-id accepted once."""
+
     async def drained() -> bool:
-        pending = await pool.fetchval("SELECT count(*) FROM webhook_outbox WHERE delivered_at IS NULL")
+        pending = await pool.fetchval(
+            "SELECT count(*) FROM webhook_outbox WHERE delivered_at IS NULL"
+        )
         return bool(pending == 0)
 
     await wait_until(drained, within_s=60, what="outbox drained")
     delivered = hooks.delivered()
-    assert delivered and max(delivered.values()) == 1, [i for i, n in delivered.items() if n > 1]
+    assert delivered and max(delivered.values()) == 1, [
+        i for i, n in delivered.items() if n > 1
+    ]
     bodies = hooks.bodies().values()
-    assigned = Counter(b["data"]["sellerOrderId"] for b in bodies if b["type"] == "delivery.assigned")
+    assigned = Counter(
+        b["data"]["sellerOrderId"] for b in bodies if b["type"] == "delivery.assigned"
+    )
     booked = {s for s, sent in load.orders.items() if sent.body["assigned"]}
     assert set(assigned) == booked
     assert max(assigned.values()) == 1
@@ -111,7 +127,9 @@ async def test_node_lost_under_load_restarts_its_zones_elsewhere_and_loses_nothi
         before = await placements(stack.env)
         assert set(before) == set(load.cells), "every zone has its actor"
         hosts = Counter(p["node_id"] for p in before.values())
-        assert set(hosts) <= set(stack.cluster.workers), "a zone actor landed on the head"
+        assert set(hosts) <= set(stack.cluster.workers), (
+            "a zone actor landed on the head"
+        )
         assert len(hosts) >= 2, f"zones not spread over the workers: {hosts}"
         victim, _ = hosts.most_common(1)[0]
         lost = sorted(z for z, p in before.items() if p["node_id"] == victim)
@@ -124,21 +142,38 @@ async def test_node_lost_under_load_restarts_its_zones_elsewhere_and_loses_nothi
             async def lost_zones_answer() -> bool:
                 return set(load.answered_again(lost, lost_at)) == set(lost)
 
-            await wait_until(lost_zones_answer, within_s=90, interval_s=0.1, what="lost zones answering")
+            await wait_until(
+                lost_zones_answer,
+                within_s=90,
+                interval_s=0.1,
+                what="lost zones answering",
+            )
             await asyncio.sleep(2)
 
         recovered = load.answered_again(lost, lost_at)
-        recovery(f"node lost ({len(lost)} of {len(before)} zones) -> all answer", max(recovered.values()))
+        recovery(
+            f"node lost ({len(lost)} of {len(before)} zones) -> all answer",
+            max(recovered.values()),
+        )
         after = await placements(stack.env)
         for zone_id in lost:
             assert after[zone_id]["node_id"] in stack.cluster.workers, after[zone_id]
             assert after[zone_id]["state"] == "active"
-            assert after[zone_id]["epoch"] > before[zone_id]["epoch"], "the new incarnation took a new epoch"
-        epochs = {r["zone_id"]: r["epoch"] for r in await own_pool.fetch("SELECT zone_id, epoch FROM zones")}
-        assert all(epochs[z] == after[z]["epoch"] for z in after), "PostgreSQL's epoch is the live one's"
+            assert after[zone_id]["epoch"] > before[zone_id]["epoch"], (
+                "the new incarnation took a new epoch"
+            )
+        epochs = {
+            r["zone_id"]: r["epoch"]
+            for r in await own_pool.fetch("SELECT zone_id, epoch FROM zones")
+        }
+        assert all(epochs[z] == after[z]["epoch"] for z in after), (
+            "PostgreSQL's epoch is the live one's"
+        )
         retries = await zone_call_retries(stack.apis)
-        print(f"node loss: {len(load.orders)} orders, {len(load.pings)} pings, "
-              f"ingress retried {retries} zone calls, clients retried {dict(load.retried)}")
+        print(
+            f"node loss: {len(load.orders)} orders, {len(load.pings)} pings, "
+            f"ingress retried {retries} zone calls, clients retried {dict(load.retried)}"
+        )
         assert retries > 0, "the load never reached a lost zone"
         assert len(load.orders) > 20 and len(load.pings) > 100, "the load did not flow"
         await load.assert_nothing_lost(own_pool)
@@ -166,7 +201,9 @@ async def test_rebalance_onto_added_nodes_then_draining_one_hands_zones_over_cle
             await asyncio.sleep(1)
             middle = await placements(stack.env)
             # Then empty the first node, as before taking it down for an upgrade.
-            drained = await zones_command(stack.env, "rebalance", "--drain-node", first_node[:12])
+            drained = await zones_command(
+                stack.env, "rebalance", "--drain-node", first_node[:12]
+            )
             await asyncio.sleep(2)
 
         moves = result["moves"]
@@ -175,10 +212,17 @@ async def test_rebalance_onto_added_nodes_then_draining_one_hands_zones_over_cle
         # 7 zones over 3 nodes: 3/2/2, so 4 handoffs, each onto a new node.
         assert len(moves) == 4 and {m["landed"] for m in moves} == set(added), moves
         spread = Counter(p["node_id"] for p in middle.values())
-        assert max(spread.values()) - min(spread.values()) <= 1 and set(spread) == {first_node, *added}
+        assert max(spread.values()) - min(spread.values()) <= 1 and set(spread) == {
+            first_node,
+            *added,
+        }
         evacuated = drained["moves"]
-        assert {m["zone_id"] for m in evacuated} == {z for z, p in middle.items() if p["node_id"] == first_node}
-        assert all(m["error"] is None and m["landed"] in added for m in evacuated), evacuated
+        assert {m["zone_id"] for m in evacuated} == {
+            z for z, p in middle.items() if p["node_id"] == first_node
+        }
+        assert all(m["error"] is None and m["landed"] in added for m in evacuated), (
+            evacuated
+        )
         moves += evacuated
         recovery("rebalance: slowest zone handoff", max(m["seconds"] for m in moves))
         after = await placements(stack.env)
@@ -191,8 +235,10 @@ async def test_rebalance_onto_added_nodes_then_draining_one_hands_zones_over_cle
             assert after[zone_id]["state"] == "active"
             assert after[zone_id]["epoch"] >= move["epoch_after"]
         retries = await zone_call_retries(stack.apis)
-        print(f"rebalance: {len(load.orders)} orders, {len(load.pings)} pings, "
-              f"ingress retried {retries} zone calls, clients retried {dict(load.retried)}")
+        print(
+            f"rebalance: {len(load.orders)} orders, {len(load.pings)} pings, "
+            f"ingress retried {retries} zone calls, clients retried {dict(load.retried)}"
+        )
         assert retries > 0, "no call met a handoff: the load did not overlap the moves"
         # A clean handoff: the ingress retried the calls it held back, no client saw an error.
         assert not load.retried, load.retried

@@ -37,11 +37,20 @@ async def registered(api: Api, n: int, prefix: str) -> list[Driver]:
     return drivers
 
 
-async def stored(pool: asyncpg.Pool, redis: Redis, driver_id: str) -> tuple[Point, datetime, Point | None]:
-    row = await pool.fetchrow("SELECT lat, lon, location_recorded_at, zone_id FROM drivers WHERE id = $1", driver_id)
+async def stored(
+    pool: asyncpg.Pool, redis: Redis, driver_id: str
+) -> tuple[Point, datetime, Point | None]:
+    row = await pool.fetchrow(
+        "SELECT lat, lon, location_recorded_at, zone_id FROM drivers WHERE id = $1",
+        driver_id,
+    )
     assert row is not None
     pos = (await redis.geopos(keys.zone_geo(row["zone_id"]), driver_id))[0]
-    return (row["lat"], row["lon"]), row["location_recorded_at"], None if pos is None else (float(pos[1]), float(pos[0]))
+    return (
+        (row["lat"], row["lon"]),
+        row["location_recorded_at"],
+        None if pos is None else (float(pos[1]), float(pos[0])),
+    )
 
 
 async def test_out_of_order_pings_never_move_a_driver_back(
@@ -58,22 +67,34 @@ async def test_out_of_order_pings_never_move_a_driver_back(
     sends = []
     for n, d in enumerate(drivers):
         # 30 fixes a second apart along a street at 36 km/h, the newest 1 s ago.
-        track = [(offset(*BERLIN, 0.2 * n, 0.01 * i), now - timedelta(seconds=30 - i)) for i in range(30)]
+        track = [
+            (offset(*BERLIN, 0.2 * n, 0.01 * i), now - timedelta(seconds=30 - i))
+            for i in range(30)
+        ]
         tracks[d.driver_id] = track
         sends += [(d, p, t) for p, t in track]
     random.Random(5).shuffle(sends)
-    answers = await asyncio.gather(*(api.ping(d, *p, recorded_at=t) for d, p, t in sends))
+    answers = await asyncio.gather(
+        *(api.ping(d, *p, recorded_at=t) for d, p, t in sends)
+    )
     assert Counter(r.status for r in answers) == Counter({204: len(sends)})
 
     for d in drivers:
         newest, newest_at = tracks[d.driver_id][-1]
         # One more old fix arrives late, far back along the street: ignored, still 204.
-        late = await api.ping(d, *tracks[d.driver_id][0][0], recorded_at=tracks[d.driver_id][0][1])
+        late = await api.ping(
+            d, *tracks[d.driver_id][0][0], recorded_at=tracks[d.driver_id][0][1]
+        )
         assert late.status == 204
         at, recorded, mirrored = await stored(pg_pool, redis_client, d.driver_id)
         assert haversine_km(*at, *newest) < 1e-9 and recorded == newest_at, d.driver_id
-        assert mirrored is not None and haversine_km(*mirrored, *newest) <= GEO_TOLERANCE_KM
-        view = await (await api.client.get(f"/drivers/{d.driver_id}", headers=api.admin)).json()
+        assert (
+            mirrored is not None
+            and haversine_km(*mirrored, *newest) <= GEO_TOLERANCE_KM
+        )
+        view = await (
+            await api.client.get(f"/drivers/{d.driver_id}", headers=api.admin)
+        ).json()
         assert (view["location"]["lat"], view["location"]["lon"]) == newest
 
 
@@ -85,7 +106,9 @@ def assert_speed_problem(status: int, body: bytes, headers: dict[str, str]) -> N
     assert "implausible" in problem["detail"] and "speed" in problem["detail"]
 
 
-async def homed(api: Api, n: int, prefix: str, t0: datetime) -> tuple[list[Driver], list[Point]]:
+async def homed(
+    api: Api, n: int, prefix: str, t0: datetime
+) -> tuple[list[Driver], list[Point]]:
     drivers = await registered(api, n, prefix)
     homes = [offset(*BERLIN, 0.2 * i, 0) for i in range(n)]
     for d, home in zip(drivers, homes, strict=True):
@@ -104,14 +127,22 @@ async def test_impossible_jump_is_rejected_with_a_problem(
     (d,), (home,) = await homed(api, 1, "j", t0)
 
     # 1 km in 5 s (720 km/h): 422 with a problem body; nothing moves.
-    assert_speed_problem(*await read_answer(await api.ping(d, *offset(*home, 1.0, 0), recorded_at=t0 + timedelta(seconds=5))))
+    assert_speed_problem(
+        *await read_answer(
+            await api.ping(
+                d, *offset(*home, 1.0, 0), recorded_at=t0 + timedelta(seconds=5)
+            )
+        )
+    )
     at, recorded, mirrored = await stored(pg_pool, redis_client, d.driver_id)
     assert haversine_km(*at, *home) < 1e-9 and recorded == t0
     assert mirrored is not None and haversine_km(*mirrored, *home) <= GEO_TOLERANCE_KM
 
     # The limit is 250 km/h: 20 s later, 1.45 km (261 km/h) is refused, 1.33 km (239 km/h) is not.
     t1 = t0 + timedelta(seconds=20)
-    assert_speed_problem(*await read_answer(await api.ping(d, *offset(*home, 1.45, 0), recorded_at=t1)))
+    assert_speed_problem(
+        *await read_answer(await api.ping(d, *offset(*home, 1.45, 0), recorded_at=t1))
+    )
     fine = offset(*home, 1.33, 0)
     assert (await api.ping(d, *fine, recorded_at=t1)).status == 204
     at, recorded, mirrored = await stored(pg_pool, redis_client, d.driver_id)
@@ -135,13 +166,22 @@ async def test_flood_of_impossible_jumps_is_rejected_every_time(
         for d, home in zip(drivers, homes, strict=True)
         for k in range(10)
     ]
-    answers = [await read_answer(r) for r in await asyncio.gather(*(api.ping(d, *p, recorded_at=t) for d, p, t in teleports))]
+    answers = [
+        await read_answer(r)
+        for r in await asyncio.gather(
+            *(api.ping(d, *p, recorded_at=t) for d, p, t in teleports)
+        )
+    ]
     for d, home in zip(drivers, homes, strict=True):
         at, recorded, mirrored = await stored(pg_pool, redis_client, d.driver_id)
         assert haversine_km(*at, *home) < 1e-9 and recorded == t0
-        assert mirrored is not None and haversine_km(*mirrored, *home) <= GEO_TOLERANCE_KM
+        assert (
+            mirrored is not None and haversine_km(*mirrored, *home) <= GEO_TOLERANCE_KM
+        )
     statuses = Counter(status for status, _, _ in answers)
-    print(f"answers to {len(teleports)} impossible fixes sent at once: {dict(statuses)}")
+    print(
+        f"answers to {len(teleports)} impossible fixes sent at once: {dict(statuses)}"
+    )
     for answer in answers:
         assert_speed_problem(*answer)
 
@@ -157,24 +197,39 @@ async def test_valid_fix_sent_with_a_newer_glitch_is_kept(
     api: Api = await start_api(make_settings(heartbeat_ttl_s=600))
     t0 = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=60)
     (d,), (home,) = await homed(api, 1, "g", t0)
-    valid, glitch = offset(*home, 0.3, 0), offset(*home, 1.2, 0)  # 108 km/h, then 390 km/h
+    valid, glitch = (
+        offset(*home, 0.3, 0),
+        offset(*home, 1.2, 0),
+    )  # 108 km/h, then 390 km/h
     zoning = Zoning(api.settings.zone_resolution)
     assert zoning.zone_of(*valid) == zoning.zone_of(*glitch) == zoning.zone_of(*home)
     body = {
         "pings": [
-            {"driverId": d.driver_id, "lat": valid[0], "lon": valid[1], "recordedAt": (t0 + timedelta(seconds=10)).isoformat()},
-            {"driverId": d.driver_id, "lat": glitch[0], "lon": glitch[1], "recordedAt": (t0 + timedelta(seconds=11)).isoformat()},
+            {
+                "driverId": d.driver_id,
+                "lat": valid[0],
+                "lon": valid[1],
+                "recordedAt": (t0 + timedelta(seconds=10)).isoformat(),
+            },
+            {
+                "driverId": d.driver_id,
+                "lat": glitch[0],
+                "lon": glitch[1],
+                "recordedAt": (t0 + timedelta(seconds=11)).isoformat(),
+            },
         ]
     }
     resp = await api.client.post("/drivers/locations", json=body, headers=api.admin)
     assert resp.status == 200
     result = await resp.json()
-    assert result["accepted"] == 1 and [r["index"] for r in result["rejected"]] == [1], result
+    assert result["accepted"] == 1 and [r["index"] for r in result["rejected"]] == [
+        1
+    ], result
     await api.settle()
     at, recorded, _ = await stored(pg_pool, redis_client, d.driver_id)
-    assert haversine_km(*at, *valid) < 1e-9 and recorded == t0 + timedelta(seconds=10), (
-        f"the fix answered 'accepted' was not stored: still at {at} recorded {recorded}"
-    )
+    assert haversine_km(*at, *valid) < 1e-9 and recorded == t0 + timedelta(
+        seconds=10
+    ), f"the fix answered 'accepted' was not stored: still at {at} recorded {recorded}"
 
 
 async def test_silent_driver_leaves_the_mirror_within_ttl_plus_sweep(
@@ -188,7 +243,10 @@ async def test_silent_driver_leaves_the_mirror_within_ttl_plus_sweep(
     api: Api = await start_api(make_settings(heartbeat_ttl_s=ttl_s))
     zone = Zoning(api.settings.zone_resolution).zone_of(*BERLIN)
     silent_at, chatty_at = BERLIN, offset(*BERLIN, 1.0, 0)
-    chatty = [await api.online_driver(*offset(*chatty_at, 0.05 * n, 0), name=f"c{n}") for n in range(4)]
+    chatty = [
+        await api.online_driver(*offset(*chatty_at, 0.05 * n, 0), name=f"c{n}")
+        for n in range(4)
+    ]
     stop = asyncio.Event()
     # Set before the order: booking a pinging driver rightly takes it out of the mirror.
     ordering = asyncio.Event()
@@ -204,14 +262,21 @@ async def test_silent_driver_leaves_the_mirror_within_ttl_plus_sweep(
     async def watch(silent: Driver, last_ping: float) -> None:
         while not stop.is_set() and not ordering.is_set():
             members = as_text(await redis_client.zrange(keys.zone_geo(zone), 0, -1))
-            assert {c.driver_id for c in chatty} <= members, "a pinging driver left the mirror"
+            assert {c.driver_id for c in chatty} <= members, (
+                "a pinging driver left the mirror"
+            )
             if silent.driver_id not in members and not left_after:
                 left_after.append(time.monotonic() - last_ping)
                 left.set()
             await asyncio.sleep(0.02)
 
     bound = ttl_s + api.settings.sweep_interval_s + 0.75
-    async with background(*(keep_pinging(c, offset(*chatty_at, 0.05 * n, 0)) for n, c in enumerate(chatty))):
+    async with background(
+        *(
+            keep_pinging(c, offset(*chatty_at, 0.05 * n, 0))
+            for n, c in enumerate(chatty)
+        )
+    ):
         await asyncio.sleep(0.5)  # every chatty driver has a fresh fix
         silent = await api.online_driver(*silent_at, name="silent")
         last_ping = time.monotonic()
@@ -224,10 +289,21 @@ async def test_silent_driver_leaves_the_mirror_within_ttl_plus_sweep(
             resp = await api.order("SILENT-1", *silent_at)
             order = await resp.json()
             stop.set()
-    assert left_after, f"the silent driver was still mirrored {bound + 1:.1f} s after its last ping"
+    assert left_after, (
+        f"the silent driver was still mirrored {bound + 1:.1f} s after its last ping"
+    )
     recovery("silent_driver_left_mirror_after_last_ping", left_after[0])
     assert left_after[0] <= bound, left_after
-    assert order["assigned"] and order["driverId"] in {c.driver_id for c in chatty}, order
-    view = await (await api.client.get(f"/drivers/{silent.driver_id}", headers=api.admin)).json()
+    assert order["assigned"] and order["driverId"] in {c.driver_id for c in chatty}, (
+        order
+    )
+    view = await (
+        await api.client.get(f"/drivers/{silent.driver_id}", headers=api.admin)
+    ).json()
     assert view["status"] == "AVAILABLE", "silence does not change the status"
-    assert await pg_pool.fetchval("SELECT status FROM drivers WHERE id = $1", silent.driver_id) == "AVAILABLE"
+    assert (
+        await pg_pool.fetchval(
+            "SELECT status FROM drivers WHERE id = $1", silent.driver_id
+        )
+        == "AVAILABLE"
+    )

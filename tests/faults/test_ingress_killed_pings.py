@@ -80,7 +80,9 @@ async def pinger(api: Api, track: Track, stop: asyncio.Event) -> None:
             await asyncio.wait_for(stop.wait(), PING_GAP_S)
 
 
-def audit(tracks: list[Track], stored: dict[str, asyncpg.Record], killed_at: float) -> list[float]:
+def audit(
+    tracks: list[Track], stored: dict[str, asyncpg.Record], killed_at: float
+) -> list[float]:
     """Check every driver's stored fix; return the ages (s before the kill) of the lost acknowledged fixes."""
     cutoff = killed_at - (FLUSH_MS / 1000.0 + MARGIN_S)
     lost: list[float] = []
@@ -96,8 +98,12 @@ def audit(tracks: list[Track], stored: dict[str, asyncpg.Record], killed_at: flo
             f"{killed_at - at:.3f} s before the kill, is lost (PostgreSQL holds {rec.isoformat()})"
         )
         held = track.sent.get(rec)
-        assert held is not None, f"{driver_id}: PostgreSQL holds a fix never sent ({rec.isoformat()})"
-        assert (row["lat"], row["lon"]) == (held.lat, held.lon), f"{driver_id}: {row} is not {held}"
+        assert held is not None, (
+            f"{driver_id}: PostgreSQL holds a fix never sent ({rec.isoformat()})"
+        )
+        assert (row["lat"], row["lon"]) == (held.lat, held.lon), (
+            f"{driver_id}: {row} is not {held}"
+        )
         lost += [killed_at - at for at, fix in track.acked if fix.recorded_at > rec]
     return lost
 
@@ -105,14 +111,18 @@ def audit(tracks: list[Track], stored: dict[str, asyncpg.Record], killed_at: flo
 def report_loss(lost: list[float], acked: int) -> None:
     window_s = FLUSH_MS / 1000.0
     if not lost:
-        print(f"NO acknowledged fix was lost: all {acked} are in PostgreSQL (the kill found the queues empty)")
+        print(
+            f"NO acknowledged fix was lost: all {acked} are in PostgreSQL (the kill found the queues empty)"
+        )
         return
     print(
         f"{len(lost)} of {acked} acknowledged fixes lost, acknowledged {min(lost):.3f} to "
         f"{max(lost):.3f} s before the kill (window {window_s:.1f} s + margin {MARGIN_S:.1f} s)"
     )
     in_window = sum(age <= window_s for age in lost)
-    print(f"{in_window} of them within the flush window itself, {len(lost) - in_window} in the margin")
+    print(
+        f"{in_window} of them within the flush window itself, {len(lost) - in_window} in the margin"
+    )
 
 
 async def test_ingress_sigkilled_mid_ping_stream(
@@ -152,11 +162,18 @@ async def test_ingress_sigkilled_mid_ping_stream(
                 await asyncio.gather(*tasks)
 
         acked = sum(len(t.acked) for t in tracks)
-        early = [(t.driver.driver_id, why) for t in tracks for at, why in t.refused if at < killed_at]
+        early = [
+            (t.driver.driver_id, why)
+            for t in tracks
+            for at, why in t.refused
+            if at < killed_at
+        ]
         assert not early, f"pings refused before the kill: {early[:5]}"
         assert acked > MIN_ACKED, f"only {acked} pings acknowledged"
         last_ack = max(at for t in tracks for at, _ in t.acked)
-        print(f"{acked} pings acknowledged by {DRIVERS} drivers; the last {1000 * (killed_at - last_ack):.1f} ms before the kill")
+        print(
+            f"{acked} pings acknowledged by {DRIVERS} drivers; the last {1000 * (killed_at - last_ack):.1f} ms before the kill"
+        )
 
         # A flush already in the zone actor's hands may still land: wait, then read.
         await asyncio.sleep(0.5)

@@ -43,10 +43,16 @@ async def test_zone_killed_with_50_open_offers_ends_every_dispatch_once(
     receiver: WebhookReceiver,
     recovery: Callable[[str, float], None],
 ) -> None:
-    api: Api = await start_api(make_settings(
-        heartbeat_ttl_s=TTL_S, offer_mode="cascade", offer_timeout_s=TIMEOUT_S, offer_max_rounds=2,
-        dispatch_deadline_s=DEADLINE_S, offer_backstop_interval_s=1.0,
-    ))  # fmt: skip
+    api: Api = await start_api(
+        make_settings(
+            heartbeat_ttl_s=TTL_S,
+            offer_mode="cascade",
+            offer_timeout_s=TIMEOUT_S,
+            offer_max_rounds=2,
+            dispatch_deadline_s=DEADLINE_S,
+            offer_backstop_interval_s=1.0,
+        )
+    )
     zoning = Zoning(api.settings.zone_resolution)
     zone = zoning.zone_of(*BERLIN)
     spots = points_in_zone(zoning, zone, OPEN_OFFERS, seed=11)
@@ -140,9 +146,14 @@ async def test_postgres_stopped_and_restarted_mid_cascade(
 ) -> None:
     """The first offer's timer comes due while PostgreSQL is down: the zone keeps
     trying, and once PostgreSQL is back the cascade moves on and books exactly once."""
-    api: Api = await start_api(fault_settings(
-        heartbeat_ttl_s=TTL_S, offer_mode="cascade", offer_timeout_s=1.0, dispatch_deadline_s=60.0,
-    ))  # fmt: skip
+    api: Api = await start_api(
+        fault_settings(
+            heartbeat_ttl_s=TTL_S,
+            offer_mode="cascade",
+            offer_timeout_s=1.0,
+            dispatch_deadline_s=60.0,
+        )
+    )
     first = await api.online_driver(*BERLIN, name="first")
     second = await api.online_driver(BERLIN[0] + 0.002, BERLIN[1], name="second")
     body = await (await api.order("PG-1", *BERLIN)).json()

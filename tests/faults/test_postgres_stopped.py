@@ -68,7 +68,12 @@ async def timed(kind: str, request: Awaitable[Any]) -> Outcome:
     started = time.monotonic()
     status, body, headers = await read_answer(await request)
     return Outcome(
-        kind, status, time.monotonic() - started, headers.get("Retry-After"), headers.get("Content-Type", ""), body
+        kind,
+        status,
+        time.monotonic() - started,
+        headers.get("Retry-After"),
+        headers.get("Content-Type", ""),
+        body,
     )
 
 
@@ -90,34 +95,57 @@ class Outage:
 
 
 async def load_during_outage(
-    api: Api, drivers: list[Driver], spots: list[tuple[float, float]], spare: Driver, redis: Redis
+    api: Api,
+    drivers: list[Driver],
+    spots: list[tuple[float, float]],
+    spare: Driver,
+    redis: Redis,
 ) -> Outage:
     """Rounds of every kind of write, plus /ready, for OUTAGE_S; Redis sampled each round."""
     outage = Outage([], {}, {}, {}, [])
     stopped = time.monotonic()
     while time.monotonic() - stopped < OUTAGE_S:
         now = datetime.now(UTC)
-        fixes = [PendingPing(d, *offset(lat, lon, 0.1, 0.1), now) for d, (lat, lon) in zip(drivers, spots, strict=True)]
-        pings = [timed("ping", api.ping(p.driver, p.lat, p.lon, recorded_at=p.recorded_at)) for p in fixes]
+        fixes = [
+            PendingPing(d, *offset(lat, lon, 0.1, 0.1), now)
+            for d, (lat, lon) in zip(drivers, spots, strict=True)
+        ]
+        pings = [
+            timed("ping", api.ping(p.driver, p.lat, p.lon, recorded_at=p.recorded_at))
+            for p in fixes
+        ]
         batch: list[Awaitable[Outcome]] = [
-            timed("order", api.order(f"NEW-{n}", *pickup(f"NEW-{n}"))) for n in range(NEW_ORDERS)
+            timed("order", api.order(f"NEW-{n}", *pickup(f"NEW-{n}")))
+            for n in range(NEW_ORDERS)
         ]
         batch += [
             timed("status", api.set_status(spare, "OFFLINE")),
             timed("cancel", api.cancel("PRE-1")),
-            timed("picked-up", api.client.post("/deliveries/PRE-2/picked-up", json={}, headers=api.admin)),
-            timed("create-driver", api.client.post("/drivers", json={"name": "x"}, headers=api.admin)),
+            timed(
+                "picked-up",
+                api.client.post(
+                    "/deliveries/PRE-2/picked-up", json={}, headers=api.admin
+                ),
+            ),
+            timed(
+                "create-driver",
+                api.client.post("/drivers", json={"name": "x"}, headers=api.admin),
+            ),
             timed("ready", api.client.get("/ready")),
         ]
         answers = await asyncio.gather(*pings, *batch)
         for fix, answer in zip(fixes, answers, strict=False):
-            outage.ping_statuses.setdefault(fix.driver.driver_id, []).append(answer.status)
+            outage.ping_statuses.setdefault(fix.driver.driver_id, []).append(
+                answer.status
+            )
             if answer.status == 204:
                 outage.acked_pings[fix.driver.driver_id] = fix
             else:
                 outage.pending_pings[fix.driver.driver_id] = fix
         # Acknowledged pings are checked on their own (check_acknowledged_pings).
-        outage.outcomes += [a for a in answers if not (a.kind == "ping" and a.status == 204)]
+        outage.outcomes += [
+            a for a in answers if not (a.kind == "ping" and a.status == 204)
+        ]
         outage.mirror_seen.append(await mirror_by_zone(redis))
         # Paced like phones (refusals are instant now), under the per-driver rate limit.
         await asyncio.sleep(0.2)
@@ -129,9 +157,15 @@ def check_acknowledged_pings(statuses: dict[str, list[int]]) -> None:
     then answers 503 until PostgreSQL is back, never 204 again in between."""
     for driver_id, answers in statuses.items():
         first_refusal = answers.index(503) if 503 in answers else len(answers)
-        assert first_refusal < len(answers), f"{driver_id}: the outage never showed: {answers}"
-        assert set(answers[first_refusal:]) == {503}, f"{driver_id}: 204 after a 503: {answers}"
-        assert first_refusal <= 1, f"{driver_id}: acknowledged past the first flush: {answers}"
+        assert first_refusal < len(answers), (
+            f"{driver_id}: the outage never showed: {answers}"
+        )
+        assert set(answers[first_refusal:]) == {503}, (
+            f"{driver_id}: 204 after a 503: {answers}"
+        )
+        assert first_refusal <= 1, (
+            f"{driver_id}: acknowledged past the first flush: {answers}"
+        )
 
 
 def check_outage_answers(outcomes: list[Outcome]) -> float:
@@ -139,7 +173,9 @@ def check_outage_answers(outcomes: list[Outcome]) -> float:
     by_kind: dict[str, float] = {}
     for o in outcomes:
         by_kind[o.kind] = max(by_kind.get(o.kind, 0.0), o.seconds)
-    print(f"{len(outcomes)} requests during the outage; slowest answer per kind (s): {by_kind}")
+    print(
+        f"{len(outcomes)} requests during the outage; slowest answer per kind (s): {by_kind}"
+    )
     wrong = [o for o in outcomes if o.status != 503]
     assert not wrong, [(o.kind, o.status, o.body[:200]) for o in wrong]
     for o in outcomes:
@@ -155,23 +191,30 @@ def check_outage_answers(outcomes: list[Outcome]) -> float:
 
 
 def check_mirror_had_nothing_new(
-    before: dict[str, dict[str, tuple[float, float]]], seen: list[dict[str, dict[str, tuple[float, float]]]]
+    before: dict[str, dict[str, tuple[float, float]]],
+    seen: list[dict[str, dict[str, tuple[float, float]]]],
 ) -> None:
     """Nothing in Redis that PostgreSQL lacks: no moved driver, no new member."""
     for sample in seen:
         for zone, members in sample.items():
             for driver_id, at in members.items():
                 assert driver_id in before.get(zone, {}), (zone, driver_id)
-                assert haversine_km(*at, *before[zone][driver_id]) <= GEO_TOLERANCE_KM, (driver_id, at)
+                assert (
+                    haversine_km(*at, *before[zone][driver_id]) <= GEO_TOLERANCE_KM
+                ), (driver_id, at)
 
 
-async def vendure_retries_until_ok(api: Api, back: float) -> tuple[dict[str, bytes], float]:
+async def vendure_retries_until_ok(
+    api: Api, back: float
+) -> tuple[dict[str, bytes], float]:
     """Retry every failed order until 200; returns the answers and when the first came."""
     first: dict[str, bytes] = {}
     first_ok: float | None = None
     for order_id in (f"NEW-{n}" for n in range(NEW_ORDERS)):
         while order_id not in first:
-            status, body, _ = await read_answer(await api.order(order_id, *pickup(order_id)))
+            status, body, _ = await read_answer(
+                await api.order(order_id, *pickup(order_id))
+            )
             if status == 200:
                 first[order_id] = body
                 first_ok = first_ok or time.monotonic() - back
@@ -194,7 +237,11 @@ async def test_postgres_stopped_then_back(
 ) -> None:
     api: Api = await start_api(fault_settings(heartbeat_ttl_s=TTL_S))
     spots = [offset(*BERLIN, 0.3 * (i % 4), 0.3 * (i // 4)) for i in range(DRIVERS)]
-    drivers = list(await asyncio.gather(*(api.online_driver(*p, name=f"p{i}") for i, p in enumerate(spots))))
+    drivers = list(
+        await asyncio.gather(
+            *(api.online_driver(*p, name=f"p{i}") for i, p in enumerate(spots))
+        )
+    )
     spare = await api.online_driver(*offset(*BERLIN, -2, -2), name="spare")
     for order_id in ("PRE-1", "PRE-2"):
         resp = await api.order(order_id, *BERLIN)
@@ -213,7 +260,9 @@ async def test_postgres_stopped_then_back(
     # ---- PostgreSQL is back: no restart of the service -------------------------------
     await asyncio.to_thread(fault_stack.pg.start)
     back = time.monotonic()
-    assert await _counts(own_pool) == counts_before, "a failed write left something behind"
+    assert await _counts(own_pool) == counts_before, (
+        "a failed write left something behind"
+    )
     first, first_ok = await vendure_retries_until_ok(api, back)
     recovery("postgres_back_to_first_order_ok", first_ok)
     ready = await api.client.get("/ready")
@@ -224,7 +273,11 @@ async def test_postgres_stopped_then_back(
     replays = await asyncio.gather(*(api.order(o, *pickup(o)) for o in again))
     for order_id, resp in zip(again, replays, strict=True):
         status, body, headers = await read_answer(resp)
-        assert (status, body, headers.get("Idempotent-Replayed")) == (200, first[order_id], "true")
+        assert (status, body, headers.get("Idempotent-Replayed")) == (
+            200,
+            first[order_id],
+            "true",
+        )
     assert all(json.loads(b)["assigned"] for b in first.values())
 
     # The fixes acknowledged before the outage showed were kept and are written now,
@@ -234,29 +287,54 @@ async def test_postgres_stopped_then_back(
         stored = {r["id"]: r["location_recorded_at"] for r in rows}
         return all(stored[d] >= p.recorded_at for d, p in outage.acked_pings.items())
 
-    await wait_until(acked_stored, within_s=15, what="acknowledged pings written after PostgreSQL came back")
-    print(f"{len(outage.acked_pings)} drivers' fixes acknowledged during the outage, all stored after it")
+    await wait_until(
+        acked_stored,
+        within_s=15,
+        what="acknowledged pings written after PostgreSQL came back",
+    )
+    print(
+        f"{len(outage.acked_pings)} drivers' fixes acknowledged during the outage, all stored after it"
+    )
 
     # The ingress takes pings again once its LISTEN connection is back (it retries
     # every second at most); the driver app retries its refused pings (same fix) and
     # now they are persisted.
     dispatcher = api.client.app[DISPATCHER]
-    await wait_until(_database_up(dispatcher), within_s=15, what="the ingress seeing PostgreSQL back")
+    await wait_until(
+        _database_up(dispatcher), within_s=15, what="the ingress seeing PostgreSQL back"
+    )
     recovery("postgres_back_to_pings_accepted", time.monotonic() - back)
     for p in outage.pending_pings.values():
         resp = await api.ping(p.driver, p.lat, p.lon, recorded_at=p.recorded_at)
         assert resp.status == 204, await resp.text()
-    rows = {r["id"]: r for r in await own_pool.fetch("SELECT id, lat, lon, status FROM drivers")}
+    rows = {
+        r["id"]: r
+        for r in await own_pool.fetch("SELECT id, lat, lon, status FROM drivers")
+    }
     for p in outage.pending_pings.values():
-        assert haversine_km(rows[p.driver.driver_id]["lat"], rows[p.driver.driver_id]["lon"], p.lat, p.lon) < 1e-6
-    assert rows[spare.driver_id]["status"] == "AVAILABLE", "the failed status change must not have applied"
+        assert (
+            haversine_km(
+                rows[p.driver.driver_id]["lat"],
+                rows[p.driver.driver_id]["lon"],
+                p.lat,
+                p.lon,
+            )
+            < 1e-6
+        )
+    assert rows[spare.driver_id]["status"] == "AVAILABLE", (
+        "the failed status change must not have applied"
+    )
     assert (await api.cancel("PRE-1")).status == 200
-    assert (await api.client.post("/deliveries/PRE-2/picked-up", json={}, headers=api.admin)).status == 200
+    assert (
+        await api.client.post("/deliveries/PRE-2/picked-up", json={}, headers=api.admin)
+    ).status == 200
 
     # Every event exactly once: PRE-1 assigned+cancelled, PRE-2 assigned+picked_up, NEW-* assigned.
     expected = 4 + NEW_ORDERS
     await wait_until(
-        lambda: _delivered(scripted_receiver, expected), within_s=40, what="webhooks after PostgreSQL came back"
+        lambda: _delivered(scripted_receiver, expected),
+        within_s=40,
+        what="webhooks after PostgreSQL came back",
     )
     recovery("postgres_back_to_webhooks_drained", time.monotonic() - back)
     await asyncio.sleep(0.3)
@@ -265,13 +343,19 @@ async def test_postgres_stopped_then_back(
     per_order: dict[str, list[str]] = {}
     for event in scripted_receiver.bodies().values():
         per_order.setdefault(event["data"]["sellerOrderId"], []).append(event["type"])
-    assert all(types.count("delivery.assigned") == 1 for types in per_order.values()), per_order
+    assert all(types.count("delivery.assigned") == 1 for types in per_order.values()), (
+        per_order
+    )
     assert sorted(per_order) == sorted(["PRE-1", "PRE-2", *first])
 
     await assert_booking_invariants(own_pool)
     assert await own_pool.fetchval("SELECT count(*) FROM deliveries") == 2 + NEW_ORDERS
     # The mirror followed PostgreSQL again (the sweeper rebuilt the zones it could not write).
-    await wait_until(lambda: _mirror_ok(own_pool, own_redis), within_s=10, what="mirror equals PostgreSQL")
+    await wait_until(
+        lambda: _mirror_ok(own_pool, own_redis),
+        within_s=10,
+        what="mirror equals PostgreSQL",
+    )
 
 
 async def _counts(pool: asyncpg.Pool) -> tuple[int, ...]:
@@ -314,7 +398,12 @@ async def test_postgres_frozen_answers_503_in_bounded_time(
     """A hung server (SIGSTOP: accepts TCP, never answers) is the case timeouts exist for."""
     api: Api = await start_api(fault_settings(heartbeat_ttl_s=TTL_S))
     drivers = list(
-        await asyncio.gather(*(api.online_driver(*offset(*BERLIN, 0.2 * i, 0), name=f"f{i}") for i in range(4)))
+        await asyncio.gather(
+            *(
+                api.online_driver(*offset(*BERLIN, 0.2 * i, 0), name=f"f{i}")
+                for i in range(4)
+            )
+        )
     )
     postmaster = fault_stack.pg.pid
     assert postmaster is not None
@@ -323,21 +412,29 @@ async def test_postgres_frozen_answers_503_in_bounded_time(
         os.kill(pid, signal.SIGSTOP)
     try:
         batch: list[Awaitable[Outcome]] = [
-            timed("order", api.order(f"FZ-{n}", *offset(*BERLIN, 0.05 * n, 0))) for n in range(3)
+            timed("order", api.order(f"FZ-{n}", *offset(*BERLIN, 0.05 * n, 0)))
+            for n in range(3)
         ]
         # Raw pings: Api.ping would wait for the write (settle), which is hung too.
         fixes = [offset(*BERLIN, 0.2 * i, 0.05) for i in range(len(drivers))]
         at = datetime.now(UTC)
         batch += [
-            timed("ping", api.client.patch(
-                f"/drivers/{d.driver_id}/location", json={"lat": p[0], "lon": p[1], "recordedAt": at.isoformat()},
-                headers=d.auth,
-            ))
+            timed(
+                "ping",
+                api.client.patch(
+                    f"/drivers/{d.driver_id}/location",
+                    json={"lat": p[0], "lon": p[1], "recordedAt": at.isoformat()},
+                    headers=d.auth,
+                ),
+            )
             for d, p in zip(drivers, fixes, strict=True)
-        ]  # fmt: skip
+        ]
         batch += [
             timed("status", api.set_status(drivers[0], "OFFLINE")),
-            timed("create-driver", api.client.post("/drivers", json={"name": "x"}, headers=api.admin)),
+            timed(
+                "create-driver",
+                api.client.post("/drivers", json={"name": "x"}, headers=api.admin),
+            ),
             timed("ready", api.client.get("/ready")),
         ]
         outcomes = await asyncio.gather(*batch)
@@ -355,7 +452,9 @@ async def test_postgres_frozen_answers_503_in_bounded_time(
     # (and stored after the thaw, below); every other write is refused.
     acked = [o for o in outcomes if o.kind == "ping" and o.status == 204]
     refused = [o for o in outcomes if o not in acked]
-    assert [o.status for o in refused] == [503] * len(refused), [(o.kind, o.status, o.body[:200]) for o in refused]
+    assert [o.status for o in refused] == [503] * len(refused), [
+        (o.kind, o.status, o.body[:200]) for o in refused
+    ]
     assert all(o.retry_after is not None for o in refused if o.kind != "ready")
     # Writes in the ingress: pool acquire (3 s) + statement timeout (5 s). Orders wait
     # for the pings queued before them (at most SETTLE_TIMEOUT_S), then queue behind
@@ -367,13 +466,20 @@ async def test_postgres_frozen_answers_503_in_bounded_time(
         status, _, _ = await read_answer(await api.order("FZ-0", *BERLIN))
         return status == 200
 
-    recovery("postgres_thawed_to_first_order_ok", await wait_until(order_ok, within_s=30, interval_s=0.1))
+    recovery(
+        "postgres_thawed_to_first_order_ok",
+        await wait_until(order_ok, within_s=30, interval_s=0.1),
+    )
     await assert_booking_invariants(own_pool)
     await api.settle()
     for driver, fix, outcome in zip(drivers, fixes, outcomes[3:], strict=False):
         if outcome in acked:
-            row = await own_pool.fetchrow("SELECT lat, lon FROM drivers WHERE id = $1", driver.driver_id)
-            assert row is not None and haversine_km(row["lat"], row["lon"], *fix) < 1e-6, "acknowledged fix lost"
+            row = await own_pool.fetchrow(
+                "SELECT lat, lon FROM drivers WHERE id = $1", driver.driver_id
+            )
+            assert (
+                row is not None and haversine_km(row["lat"], row["lon"], *fix) < 1e-6
+            ), "acknowledged fix lost"
 
 
 async def test_gateway_batch_pings_during_outage_are_retryable(
@@ -388,11 +494,19 @@ async def test_gateway_batch_pings_during_outage_are_retryable(
     (Fixes acknowledged before an outage showed, as with a hung server, are stored
     afterwards: test_postgres_frozen_answers_503_in_bounded_time.)"""
     api: Api = await start_api(fault_settings(heartbeat_ttl_s=TTL_S))
-    drivers = [await api.online_driver(*offset(*BERLIN, 0.2 * n, 0), name=f"g{n}") for n in range(3)]
+    drivers = [
+        await api.online_driver(*offset(*BERLIN, 0.2 * n, 0), name=f"g{n}")
+        for n in range(3)
+    ]
     now = datetime.now(UTC)
     batch = {
         "pings": [
-            {"driverId": d.driver_id, "lat": lat, "lon": lon, "recordedAt": now.isoformat()}
+            {
+                "driverId": d.driver_id,
+                "lat": lat,
+                "lon": lon,
+                "recordedAt": now.isoformat(),
+            }
             for n, d in enumerate(drivers)
             for lat, lon in [offset(*BERLIN, 0.2 * n, 0.1)]
         ]
@@ -408,7 +522,9 @@ async def test_gateway_batch_pings_during_outage_are_retryable(
         refused_at_once = not dispatcher.database_up
     finally:
         await asyncio.to_thread(fault_stack.pg.start)
-    print(f"batch of {len(drivers)} pings with PostgreSQL down: {status} in {took:.2f} s: {body.decode()}")
+    print(
+        f"batch of {len(drivers)} pings with PostgreSQL down: {status} in {took:.2f} s: {body.decode()}"
+    )
     assert refused_at_once, "the ingress did not notice the stop before the batch"
     assert took < BOUND_S
     assert status == 503 and headers.get("Retry-After"), (
@@ -417,13 +533,25 @@ async def test_gateway_batch_pings_during_outage_are_retryable(
 
     # Back: the ingress listens again by itself and takes pings; the refused batch was
     # never queued, so nothing of it appears, and sent again it is stored.
-    await wait_until(_database_up(dispatcher), within_s=15, what="the ingress seeing PostgreSQL back")
+    await wait_until(
+        _database_up(dispatcher), within_s=15, what="the ingress seeing PostgreSQL back"
+    )
     await api.settle()
-    assert await own_pool.fetchval("SELECT count(*) FROM drivers WHERE location_recorded_at >= $1", now) == 0
+    assert (
+        await own_pool.fetchval(
+            "SELECT count(*) FROM drivers WHERE location_recorded_at >= $1", now
+        )
+        == 0
+    )
     again = await api.client.post("/drivers/locations", json=batch, headers=api.admin)
-    assert again.status == 200 and await again.json() == {"accepted": len(drivers), "rejected": []}
+    assert again.status == 200 and await again.json() == {
+        "accepted": len(drivers),
+        "rejected": [],
+    }
     await api.settle()
-    assert await own_pool.fetchval("SELECT count(*) FROM drivers WHERE location_recorded_at = $1", now) == len(drivers)
+    assert await own_pool.fetchval(
+        "SELECT count(*) FROM drivers WHERE location_recorded_at = $1", now
+    ) == len(drivers)
 
 
 def _database_up(dispatcher: Any) -> Callable[[], Awaitable[bool]]:

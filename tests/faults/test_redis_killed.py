@@ -55,7 +55,9 @@ class Load:
     ready: list[tuple[str, int, str]] = field(default_factory=list)
 
 
-async def pinger(api: Api, drivers: list[tuple[Driver, Point]], load: Load, seed: int) -> None:
+async def pinger(
+    api: Api, drivers: list[tuple[Driver, Point]], load: Load, seed: int
+) -> None:
     rng = random.Random(seed)
     while not load.stop.is_set():
         for driver, at in rng.sample(drivers, len(drivers)):
@@ -89,10 +91,17 @@ async def orderer(api: Api, positions: dict[str, Point], load: Load) -> None:
         load.assigned[order_id] = driver
         if driver != expected:
             load.wrong_at.append(time.monotonic())
-            got, want = haversine_km(*pickup, *positions[driver]), haversine_km(*pickup, *free[expected])
-            load.wrong_driver.append(f"{phase} {order_id}: got {driver} at {got:.3f} km, nearest {expected} at {want:.3f} km")
+            got, want = (
+                haversine_km(*pickup, *positions[driver]),
+                haversine_km(*pickup, *free[expected]),
+            )
+            load.wrong_driver.append(
+                f"{phase} {order_id}: got {driver} at {got:.3f} km, nearest {expected} at {want:.3f} km"
+            )
         elif body["distanceKm"] != round_km(haversine_km(*pickup, *free[expected])):
-            load.wrong_driver.append(f"{phase} {order_id}: distanceKm {body['distanceKm']}")
+            load.wrong_driver.append(
+                f"{phase} {order_id}: distanceKm {body['distanceKm']}"
+            )
         if n % 3 == 0 and len(busy) < KEEP_AT_MOST:
             busy.add(driver)
             continue
@@ -113,7 +122,11 @@ async def ready_watch(api: Api, load: Load) -> None:
 async def fallback_assignments(api: Api) -> float:
     text = await (await api.client.get("/metrics")).text()
     prefix = 'dispatcher_assignments_total{outcome="assigned",path="postgres"} '
-    return sum(float(line[len(prefix):]) for line in text.splitlines() if line.startswith(prefix))
+    return sum(
+        float(line[len(prefix) :])
+        for line in text.splitlines()
+        if line.startswith(prefix)
+    )
 
 
 async def test_redis_killed_under_load_then_restarted_empty(
@@ -125,10 +138,19 @@ async def test_redis_killed_under_load_then_restarted_empty(
     scripted_receiver: ScriptedReceiver,
     recovery: Callable[[str, float], None],
 ) -> None:
-    api: Api = await start_api(fault_settings(heartbeat_ttl_s=TTL_S, sweep_interval_s=SWEEP_S))
+    api: Api = await start_api(
+        fault_settings(heartbeat_ttl_s=TTL_S, sweep_interval_s=SWEEP_S)
+    )
     rng = random.Random(1)
-    spots = [offset(*BERLIN, rng.uniform(-1.5, 1.5), rng.uniform(-1.5, 1.5)) for _ in range(DRIVERS)]
-    drivers = list(await asyncio.gather(*(api.online_driver(*p, name=f"r{i}") for i, p in enumerate(spots))))
+    spots = [
+        offset(*BERLIN, rng.uniform(-1.5, 1.5), rng.uniform(-1.5, 1.5))
+        for _ in range(DRIVERS)
+    ]
+    drivers = list(
+        await asyncio.gather(
+            *(api.online_driver(*p, name=f"r{i}") for i, p in enumerate(spots))
+        )
+    )
     positions = {d.driver_id: p for d, p in zip(drivers, spots, strict=True)}
     assert await mirror_diff(own_pool, own_redis, TTL_S) == []
 
@@ -153,14 +175,22 @@ async def test_redis_killed_under_load_then_restarted_empty(
         load.phase = "back"
 
         async def rebuilt() -> bool:
-            return await zones_built(own_pool, own_redis) and await mirror_diff(own_pool, own_redis, TTL_S) == []
+            return (
+                await zones_built(own_pool, own_redis)
+                and await mirror_diff(own_pool, own_redis, TTL_S) == []
+            )
 
         async def ready_ok() -> bool:
             return any(p == "back" and redis == "ok" for p, _, redis in load.ready)
 
         # Load keeps flowing while the zones rebuild themselves; nothing is restarted.
         ready_s = await wait_until(ready_ok, within_s=5, what="/ready redis ok")
-        await wait_until(rebuilt, within_s=SWEEP_S + 5, interval_s=0.02, what="mirror rebuilt under load")
+        await wait_until(
+            rebuilt,
+            within_s=SWEEP_S + 5,
+            interval_s=0.02,
+            what="mirror rebuilt under load",
+        )
         rebuilt_s = time.monotonic() - restarted
         await asyncio.sleep(max(0.0, 3.0 - (time.monotonic() - restarted)))
         load.stop.set()
@@ -174,24 +204,34 @@ async def test_redis_killed_under_load_then_restarted_empty(
     for phase in ("up", "down", "back"):
         assert load.statuses[(phase, "order", 200)] >= 3, (phase, dict(load.statuses))
         assert load.statuses[(phase, "ping", 204)] >= 5, (phase, dict(load.statuses))
-    assert fallback_during >= 3, "orders during the outage should take the PostgreSQL path"
+    assert fallback_during >= 3, (
+        "orders during the outage should take the PostgreSQL path"
+    )
     # /ready: 200 throughout, degraded while Redis was dead, ok again after.
     assert all(status == 200 for _, status, _ in load.ready), load.ready
     assert any(p == "down" and r == "degraded" for p, _, r in load.ready), load.ready
     assert load.ready[-1][2] == "ok", load.ready[-1]
 
     # The mirror equals the dispatchable set per zone, quiescent, no stale, none missing.
-    await wait_until(lambda: _no_diff(own_pool, own_redis), within_s=3, what="quiescent mirror")
+    await wait_until(
+        lambda: _no_diff(own_pool, own_redis), within_s=3, what="quiescent mirror"
+    )
     assert await mirror_diff(own_pool, own_redis, TTL_S) == []
 
     # No double booking; one webhook per event.
     await assert_booking_invariants(own_pool)
-    rows = await own_pool.fetch("SELECT seller_order_id, driver_id, status FROM deliveries")
+    rows = await own_pool.fetch(
+        "SELECT seller_order_id, driver_id, status FROM deliveries"
+    )
     assert {r["seller_order_id"]: r["driver_id"] for r in rows} == load.assigned
-    assert {r["seller_order_id"] for r in rows if r["status"] == "CANCELLED"} == load.cancelled
+    assert {
+        r["seller_order_id"] for r in rows if r["status"] == "CANCELLED"
+    } == load.cancelled
     expected_events = len(load.assigned) + len(load.cancelled)
     await wait_until(
-        lambda: _delivered_at_least(scripted_receiver, expected_events), within_s=10, what="webhooks"
+        lambda: _delivered_at_least(scripted_receiver, expected_events),
+        within_s=10,
+        what="webhooks",
     )
     await asyncio.sleep(0.3)
     delivered = scripted_receiver.delivered()

@@ -51,8 +51,12 @@ async def test_retry_storm_books_each_order_once(
     api: Api = await start_api(make_settings(heartbeat_ttl_s=600))
     zoning = Zoning(api.settings.zone_resolution)
     spots = points_in_zone(zoning, DRIVERS, seed=8)
-    await asyncio.gather(*(api.online_driver(*p, name=f"s{i}") for i, p in enumerate(spots)))
-    pickups = {f"S-{n}": p for n, p in enumerate(points_in_zone(zoning, ORDERS, seed=9))}
+    await asyncio.gather(
+        *(api.online_driver(*p, name=f"s{i}") for i, p in enumerate(spots))
+    )
+    pickups = {
+        f"S-{n}": p for n, p in enumerate(points_in_zone(zoning, ORDERS, seed=9))
+    }
 
     # Vendure redelivers an event under its original webhook-id, each time freshly signed.
     event_ids = {order_id: "evt_" + uuid.uuid4().hex for order_id in pickups}
@@ -63,22 +67,36 @@ async def test_retry_storm_books_each_order_once(
 
     async def send(order_id: str) -> None:
         lat, lon = pickups[order_id]
-        raw = json.dumps({"sellerOrderId": order_id, "pickupLat": lat, "pickupLon": lon}).encode()
+        raw = json.dumps(
+            {"sellerOrderId": order_id, "pickupLat": lat, "pickupLon": lon}
+        ).encode()
         ts = int(time.time())
         headers = {
             "webhook-id": event_ids[order_id],
             "webhook-timestamp": str(ts),
-            "webhook-signature": sign(api.settings.inbound_secret, event_ids[order_id], ts, raw),
+            "webhook-signature": sign(
+                api.settings.inbound_secret, event_ids[order_id], ts, raw
+            ),
             "content-type": "application/json",
         }
         async with gate:
-            resp = await api.client.post("/events/seller-order-ready", data=raw, headers=headers)
-            answers[order_id].append((resp.status, await resp.read(), resp.headers.get("Idempotent-Replayed")))
+            resp = await api.client.post(
+                "/events/seller-order-ready", data=raw, headers=headers
+            )
+            answers[order_id].append(
+                (
+                    resp.status,
+                    await resp.read(),
+                    resp.headers.get("Idempotent-Replayed"),
+                )
+            )
 
     started = time.monotonic()
     await asyncio.gather(*(send(o) for o in requests))
     storm_s = time.monotonic() - started
-    print(f"{len(requests)} requests in {storm_s:.2f} s ({len(requests) / storm_s:.0f}/s)")
+    print(
+        f"{len(requests)} requests in {storm_s:.2f} s ({len(requests) / storm_s:.0f}/s)"
+    )
     recovery("retry_storm_1000_requests_duration", storm_s)
 
     # Identical answers per order; one first answer, nine replays, for every assigned order.
@@ -92,7 +110,10 @@ async def test_retry_storm_books_each_order_once(
         replayed = Counter(flag for _, _, flag in got)
         if body["assigned"]:
             assigned[order_id] = body["driverId"]
-            assert replayed == Counter({"true": DUPLICATES - 1, None: 1}), (order_id, replayed)
+            assert replayed == Counter({"true": DUPLICATES - 1, None: 1}), (
+                order_id,
+                replayed,
+            )
         else:
             assert replayed == Counter({None: DUPLICATES}), (order_id, replayed)
     assert len(assigned) == min(ORDERS, DRIVERS), len(assigned)
@@ -105,7 +126,9 @@ async def test_retry_storm_books_each_order_once(
     await assert_booking_invariants(pg_pool)
 
     # Exactly one webhook per assigned order.
-    await receiver.wait_until(lambda: len(receiver.received) >= len(assigned), timeout=20)
+    await receiver.wait_until(
+        lambda: len(receiver.received) >= len(assigned), timeout=20
+    )
     await asyncio.sleep(0.5)
     ids = Counter(d.webhook_id for d in receiver.received)
     per_order = Counter(d.body["data"]["sellerOrderId"] for d in receiver.received)

@@ -39,7 +39,9 @@ class Transition:
     lag_s: float
 
 
-async def watch_outbox(pool: asyncpg.Pool, stop: asyncio.Event, log: dict[str, list[Transition]]) -> None:
+async def watch_outbox(
+    pool: asyncpg.Pool, stop: asyncio.Event, log: dict[str, list[Transition]]
+) -> None:
     seen: dict[str, int] = {}
     previous = time.monotonic()
     while not stop.is_set():
@@ -86,7 +88,10 @@ async def test_receiver_down_500_429_410_then_recovered(
             heartbeat_ttl_s=600,
         )
     )
-    drivers = [await api.online_driver(*offset(*BERLIN, 0.3 * n, 0), name=f"w{n}") for n in range(EVENTS)]
+    drivers = [
+        await api.online_driver(*offset(*BERLIN, 0.3 * n, 0), name=f"w{n}")
+        for n in range(EVENTS)
+    ]
     assert len(drivers) == EVENTS
     transitions: dict[str, list[Transition]] = {}
     stop = asyncio.Event()
@@ -97,7 +102,14 @@ async def test_receiver_down_500_429_410_then_recovered(
 
     def receiver_saw(status: int, n: int) -> Callable[[], Any]:
         async def check() -> bool:
-            counts = [sum(1 for a in hooks.attempts if a.webhook_id == i and a.status == status) for i in ids]
+            counts = [
+                sum(
+                    1
+                    for a in hooks.attempts
+                    if a.webhook_id == i and a.status == status
+                )
+                for i in ids
+            ]
             return len(counts) == EVENTS and min(counts) >= n
 
         return check
@@ -108,8 +120,15 @@ async def test_receiver_down_500_429_410_then_recovered(
         for n in range(EVENTS):
             resp = await api.order(f"W-{n}", *offset(*BERLIN, 0.3 * n, 0.01))
             assert resp.status == 200 and (await resp.json())["assigned"]
-        await wait_until(lambda: attempts_at_least(3), within_s=5, what="three refused attempts")
-        ids = [r["webhook_id"] for r in await pg_pool.fetch("SELECT webhook_id FROM webhook_outbox ORDER BY id")]
+        await wait_until(
+            lambda: attempts_at_least(3), within_s=5, what="three refused attempts"
+        )
+        ids = [
+            r["webhook_id"]
+            for r in await pg_pool.fetch(
+                "SELECT webhook_id FROM webhook_outbox ORDER BY id"
+            )
+        ]
         rows = await pg_pool.fetch("SELECT last_status, last_error FROM webhook_outbox")
         assert all(r["last_status"] is None and r["last_error"] for r in rows), rows
 
@@ -128,43 +147,68 @@ async def test_receiver_down_500_429_410_then_recovered(
         late = [a for a in hooks.attempts if a.at > first_gone + 0.3]
         assert not late, f"attempts after 410 disabled the endpoint: {late}"
         ready = await (await api.client.get("/ready")).json()
-        assert ready["webhooks"] == "disabled" and ready["outboxPending"] == EVENTS, ready
-        endpoint = await pg_pool.fetchrow("SELECT disabled_at FROM webhook_endpoints WHERE url = $1", hooks.url)
+        assert ready["webhooks"] == "disabled" and ready["outboxPending"] == EVENTS, (
+            ready
+        )
+        endpoint = await pg_pool.fetchrow(
+            "SELECT disabled_at FROM webhook_endpoints WHERE url = $1", hooks.url
+        )
         assert endpoint is not None and endpoint["disabled_at"] is not None
-        assert await pg_pool.fetchval(
-            "SELECT count(*) FROM webhook_outbox WHERE delivered_at IS NULL AND failed_at IS NULL"
-        ) == EVENTS
+        assert (
+            await pg_pool.fetchval(
+                "SELECT count(*) FROM webhook_outbox WHERE delivered_at IS NULL AND failed_at IS NULL"
+            )
+            == EVENTS
+        )
 
         # ---- recovered: the receiver works and an operator re-enables the endpoint -------
         hooks.answer = (204, {})
-        await pg_pool.execute("UPDATE webhook_endpoints SET disabled_at = NULL WHERE url = $1", hooks.url)
+        await pg_pool.execute(
+            "UPDATE webhook_endpoints SET disabled_at = NULL WHERE url = $1", hooks.url
+        )
         enabled = time.monotonic()
 
         async def all_delivered() -> bool:
             return len(hooks.delivered()) >= EVENTS
 
-        await wait_until(all_delivered, within_s=5, what="every event after re-enabling")
-        recovery("webhook_endpoint_reenabled_to_all_delivered", time.monotonic() - enabled)
+        await wait_until(
+            all_delivered, within_s=5, what="every event after re-enabling"
+        )
+        recovery(
+            "webhook_endpoint_reenabled_to_all_delivered", time.monotonic() - enabled
+        )
         await asyncio.sleep(0.5)
         stop.set()
 
     # Every event arrived exactly once, under the webhook-id it had from the start.
     delivered = hooks.delivered()
     assert set(delivered) == set(ids) and set(delivered.values()) == {1}, delivered
-    final = {r["webhook_id"]: r for r in await pg_pool.fetch("SELECT * FROM webhook_outbox")}
-    assert all(r["delivered_at"] is not None and r["failed_at"] is None for r in final.values())
+    final = {
+        r["webhook_id"]: r for r in await pg_pool.fetch("SELECT * FROM webhook_outbox")
+    }
+    assert all(
+        r["delivered_at"] is not None and r["failed_at"] is None for r in final.values()
+    )
     for i in ids:
         at_receiver = len(hooks.times_of(i))
         refused = sum(1 for t in transitions[i] if t.last_status is None)
-        print(f"{i}: {final[i]['attempts']} attempts ({refused} refused, {at_receiver} at the receiver)")
+        print(
+            f"{i}: {final[i]['attempts']} attempts ({refused} refused, {at_receiver} at the receiver)"
+        )
         assert final[i]["attempts"] == refused + at_receiver
-        assert [t.attempts for t in transitions[i]] == list(range(1, final[i]["attempts"] + 1)), transitions[i]
+        assert [t.attempts for t in transitions[i]] == list(
+            range(1, final[i]["attempts"] + 1)
+        ), transitions[i]
     checked = check_recorded_delays(transitions)
     check_receiver_gaps(hooks, ids)
-    print(f"transitions checked by last status: {checked}; {len(hooks.attempts)} attempts at the receiver")
+    print(
+        f"transitions checked by last status: {checked}; {len(hooks.attempts)} attempts at the receiver"
+    )
 
 
-def check_recorded_delays(transitions: dict[str, list[Transition]]) -> dict[int | None, int]:
+def check_recorded_delays(
+    transitions: dict[str, list[Transition]],
+) -> dict[int | None, int]:
     """Retries followed the schedule (±20 % jitter) and Retry-After, as PostgreSQL recorded them."""
     checked: dict[int | None, int] = {}
     for i, seen in transitions.items():
@@ -173,9 +217,17 @@ def check_recorded_delays(transitions: dict[str, list[Transition]]) -> dict[int 
                 continue  # 410 hands the row back at once; a lease means we polled late
             low, high = expected_delay(t)
             # The true delay lies in [delay_s, delay_s + lag_s]; 10 ms for clock reads.
-            assert t.delay_s + t.lag_s >= low - 0.01 and t.delay_s <= high + 0.01, (i, t, (low, high))
+            assert t.delay_s + t.lag_s >= low - 0.01 and t.delay_s <= high + 0.01, (
+                i,
+                t,
+                (low, high),
+            )
             checked[t.last_status] = checked.get(t.last_status, 0) + 1
-    assert checked.get(None, 0) >= EVENTS and checked.get(500, 0) >= EVENTS and checked.get(429, 0) >= 1, checked
+    assert (
+        checked.get(None, 0) >= EVENTS
+        and checked.get(500, 0) >= EVENTS
+        and checked.get(429, 0) >= 1
+    ), checked
     return checked
 
 

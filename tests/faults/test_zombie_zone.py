@@ -46,7 +46,10 @@ async def test_stale_incarnations_cannot_commit(
     c = await zone_cores()
     await c.start()
     assert (a.epoch, b.epoch, c.epoch) == (1, 2, 3)
-    assert await pg_pool.fetchval("SELECT epoch FROM zones WHERE zone_id = $1", a.zone_id) == 3
+    assert (
+        await pg_pool.fetchval("SELECT epoch FROM zones WHERE zone_id = $1", a.zone_id)
+        == 3
+    )
     before = await written(pg_pool)
     geo_before = await redis_client.geopos(keys.zone_geo(a.zone_id), ids[0])
 
@@ -57,7 +60,9 @@ async def test_stale_incarnations_cannot_commit(
     with pytest.raises(StaleEpochError):
         await b.assign(AssignRequest("Z-1", *BERLIN))
     assert await written(pg_pool) == before, "a stale incarnation committed something"
-    row = await pg_pool.fetchrow("SELECT lat, lon, location_recorded_at FROM drivers WHERE id = $1", ids[0])
+    row = await pg_pool.fetchrow(
+        "SELECT lat, lon, location_recorded_at FROM drivers WHERE id = $1", ids[0]
+    )
     assert row is not None and haversine_km(row["lat"], row["lon"], *spots[0]) < 1e-9
     assert row["location_recorded_at"] < later
     geo_after = await redis_client.geopos(keys.zone_geo(a.zone_id), ids[0])
@@ -113,16 +118,31 @@ async def test_zombie_assigning_in_a_loop_stops_at_the_new_activation(
     await asyncio.wait_for(under_way.wait(), 10)
     successor = await zone_cores()
     await successor.start()
-    at_activation = {r["seller_order_id"] for r in await pg_pool.fetch("SELECT seller_order_id FROM deliveries")}
+    at_activation = {
+        r["seller_order_id"]
+        for r in await pg_pool.fetch("SELECT seller_order_id FROM deliveries")
+    }
     await asyncio.wait_for(booking, 10)
 
     assert refused, "the zombie kept booking after the new activation"
-    assert set(answered) == at_activation, "PostgreSQL and the zombie's answers disagree"
+    assert set(answered) == at_activation, (
+        "PostgreSQL and the zombie's answers disagree"
+    )
     assert refused[0] not in at_activation
     await asyncio.sleep(0.2)
-    rows = {r["seller_order_id"] for r in await pg_pool.fetch("SELECT seller_order_id FROM deliveries")}
+    rows = {
+        r["seller_order_id"]
+        for r in await pg_pool.fetch("SELECT seller_order_id FROM deliveries")
+    }
     assert rows == at_activation, "the zombie wrote after the activation"
     # The successor books the refused order; one delivery and one event, as ever.
-    assert (await successor.assign(AssignRequest(refused[0], *BERLIN))).kind == "assigned"
+    assert (
+        await successor.assign(AssignRequest(refused[0], *BERLIN))
+    ).kind == "assigned"
     await assert_booking_invariants(pg_pool)
-    assert await pg_pool.fetchval("SELECT count(*) FROM deliveries WHERE seller_order_id = $1", refused[0]) == 1
+    assert (
+        await pg_pool.fetchval(
+            "SELECT count(*) FROM deliveries WHERE seller_order_id = $1", refused[0]
+        )
+        == 1
+    )

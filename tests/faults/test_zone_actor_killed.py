@@ -60,7 +60,9 @@ def points_in_zone(zoning: Zoning, zone: str, n: int, seed: int) -> list[Point]:
     return out
 
 
-async def vendure(api: Api, order_id: str, pickup: Point, tries: list[Try], kill_now: asyncio.Event) -> None:
+async def vendure(
+    api: Api, order_id: str, pickup: Point, tries: list[Try], kill_now: asyncio.Event
+) -> None:
     """Vendure's side: retry a retryable answer after Retry-After, then retry once more."""
     deadline = time.monotonic() + 40
     successes = 0
@@ -68,7 +70,15 @@ async def vendure(api: Api, order_id: str, pickup: Point, tries: list[Try], kill
         sent = time.monotonic()
         status, body, headers = await read_answer(await api.order(order_id, *pickup))
         tries.append(
-            Try(order_id, sent, time.monotonic(), status, body, headers.get("Retry-After"), headers.get("Idempotent-Replayed"))
+            Try(
+                order_id,
+                sent,
+                time.monotonic(),
+                status,
+                body,
+                headers.get("Retry-After"),
+                headers.get("Idempotent-Replayed"),
+            )
         )
         if len(tries) >= KILL_AFTER_ORDERS:
             kill_now.set()
@@ -106,9 +116,15 @@ async def test_zone_actor_killed_mid_assignment(
     zoning = Zoning(api.settings.zone_resolution)
     zone = zoning.zone_of(*BERLIN)
     spots = points_in_zone(zoning, zone, DRIVERS, seed=3)
-    drivers = list(await asyncio.gather(*(api.online_driver(*p, name=f"k{i}") for i, p in enumerate(spots))))
+    drivers = list(
+        await asyncio.gather(
+            *(api.online_driver(*p, name=f"k{i}") for i, p in enumerate(spots))
+        )
+    )
     pickups = points_in_zone(zoning, zone, ORDERS, seed=4)
-    epoch_before = await pg_pool.fetchval("SELECT epoch FROM zones WHERE zone_id = $1", zone)
+    epoch_before = await pg_pool.fetchval(
+        "SELECT epoch FROM zones WHERE zone_id = $1", zone
+    )
     namespace = api.settings.ray_namespace
 
     tries: list[Try] = []
@@ -116,7 +132,8 @@ async def test_zone_actor_killed_mid_assignment(
     # Every order at once: the actor works through a queue, so the kill lands while
     # some are mid-assignment and more wait behind them.
     orders = [
-        asyncio.create_task(vendure(api, f"K-{n}", pickup, tries, kill_now)) for n, pickup in enumerate(pickups)
+        asyncio.create_task(vendure(api, f"K-{n}", pickup, tries, kill_now))
+        for n, pickup in enumerate(pickups)
     ]
     await kill_now.wait()
     if how == "ray_kill":
@@ -134,8 +151,13 @@ async def test_zone_actor_killed_mid_assignment(
     # Answers: 200, or 503 + Retry-After (retryable); never anything else.
     statuses = Counter(t.status for t in tries)
     in_flight = sum(1 for t in tries if t.sent <= killed_at <= t.done)
-    first_order_ok = min(t.done for t in tries if t.sent >= killed_at and t.status == 200) - killed_at
-    print(f"{how}: answers {dict(statuses)}, {in_flight} requests in flight at the kill")
+    first_order_ok = (
+        min(t.done for t in tries if t.sent >= killed_at and t.status == 200)
+        - killed_at
+    )
+    print(
+        f"{how}: answers {dict(statuses)}, {in_flight} requests in flight at the kill"
+    )
     recovery(f"zone_actor_{how}_to_first_ping_ok", ping_recovery)
     recovery(f"zone_actor_{how}_to_first_order_ok", first_order_ok)
     assert set(statuses) <= {200, 503}, statuses
@@ -155,14 +177,22 @@ async def test_zone_actor_killed_mid_assignment(
         assigned[order_id] = body["driverId"]
     assert len(set(assigned.values())) == ORDERS, "a driver was assigned twice"
     # A first 200 that is already a replay: booked by the killed incarnation, answer lost.
-    lost = sorted(o for o, a in by_order.items() if next(t for t in a if t.status == 200).replayed == "true")
-    print(f"{how}: {len(lost)} bookings committed before the kill whose answer was lost, replayed later: {lost}")
+    lost = sorted(
+        o
+        for o, a in by_order.items()
+        if next(t for t in a if t.status == 200).replayed == "true"
+    )
+    print(
+        f"{how}: {len(lost)} bookings committed before the kill whose answer was lost, replayed later: {lost}"
+    )
 
     # PostgreSQL: one delivery per order, the answered driver, no double booking.
     rows = await pg_pool.fetch("SELECT seller_order_id, driver_id FROM deliveries")
     assert {r["seller_order_id"]: r["driver_id"] for r in rows} == assigned
     await assert_booking_invariants(pg_pool)
-    epoch_after = await pg_pool.fetchval("SELECT epoch FROM zones WHERE zone_id = $1", zone)
+    epoch_after = await pg_pool.fetchval(
+        "SELECT epoch FROM zones WHERE zone_id = $1", zone
+    )
     assert epoch_after > epoch_before, "the new incarnation took a new epoch"
 
     # Webhooks: exactly one delivery.assigned per order, no duplicate.
@@ -177,4 +207,6 @@ async def test_zone_actor_killed_mid_assignment(
     async def mirror_ok() -> bool:
         return await mirror_diff(pg_pool, redis_client, TTL_S) == []
 
-    await wait_until(mirror_ok, within_s=10, what="mirror rebuilt by the new incarnation")
+    await wait_until(
+        mirror_ok, within_s=10, what="mirror rebuilt by the new incarnation"
+    )

@@ -15,7 +15,14 @@ from redis.asyncio import Redis
 
 from tests.support import WebhookReceiver
 
-TABLES = ("zones", "drivers", "deliveries", "delivery_history", "webhook_outbox", "webhook_endpoints")
+TABLES = (
+    "zones",
+    "drivers",
+    "deliveries",
+    "delivery_history",
+    "webhook_outbox",
+    "webhook_endpoints",
+)
 PROBLEM_JSON = "application/problem+json"
 
 
@@ -29,12 +36,14 @@ class State:
     def diff(self, other: State) -> list[str]:
         changed = [
             f"table {t}: {self.rows[t]!r:.300} -> {other.rows[t]!r:.300}"
-            for t in TABLES if self.rows[t] != other.rows[t]
+            for t in TABLES
+            if self.rows[t] != other.rows[t]
         ]
         keys = set(self.redis) | set(other.redis)
         changed += [
             f"redis {k}: {self.redis.get(k)!r:.200} -> {other.redis.get(k)!r:.200}"
-            for k in sorted(keys) if self.redis.get(k) != other.redis.get(k)
+            for k in sorted(keys)
+            if self.redis.get(k) != other.redis.get(k)
         ]
         return changed
 
@@ -66,27 +75,39 @@ async def snapshot(pool: asyncpg.Pool, redis: Redis) -> State:
     return State(rows, content)
 
 
-async def settled(pool: asyncpg.Pool, receiver: WebhookReceiver, timeout_s: float = 10.0) -> None:
+async def settled(
+    pool: asyncpg.Pool, receiver: WebhookReceiver, timeout_s: float = 10.0
+) -> None:
     """Wait until every outbox row is delivered: the sender then leaves the tables alone."""
     deadline = time.monotonic() + timeout_s
-    while await pool.fetchval("SELECT count(*) FROM webhook_outbox WHERE delivered_at IS NULL"):
-        assert time.monotonic() < deadline, f"webhooks not delivered: {len(receiver.received)} received"
+    while await pool.fetchval(
+        "SELECT count(*) FROM webhook_outbox WHERE delivered_at IS NULL"
+    ):
+        assert time.monotonic() < deadline, (
+            f"webhooks not delivered: {len(receiver.received)} received"
+        )
         await asyncio.sleep(0.05)
 
 
 async def assert_unchanged(before: State, pool: asyncpg.Pool, redis: Redis) -> None:
     after = await snapshot(pool, redis)
     changes = before.diff(after)
-    assert changes == [], "hostile requests changed stored state:\n" + "\n".join(changes)
+    assert changes == [], "hostile requests changed stored state:\n" + "\n".join(
+        changes
+    )
 
 
-async def problem(resp: ClientResponse, statuses: Iterable[int] | None = None) -> dict[str, Any]:
+async def problem(
+    resp: ClientResponse, statuses: Iterable[int] | None = None
+) -> dict[str, Any]:
     """The RFC 9457 body of a 4xx answer (of one of `statuses`, if given)."""
     text = await resp.text()
     allowed = set(statuses) if statuses is not None else set(range(400, 500))
     assert resp.status in allowed, f"{resp.status} {text[:300]}"
     content_type = resp.headers.get("Content-Type", "")
-    assert content_type.startswith(PROBLEM_JSON), f"{resp.status} {content_type}: {text[:300]}"
+    assert content_type.startswith(PROBLEM_JSON), (
+        f"{resp.status} {content_type}: {text[:300]}"
+    )
     body: dict[str, Any] = json.loads(text)
     assert body["status"] == resp.status
     for key in ("type", "title", "detail"):

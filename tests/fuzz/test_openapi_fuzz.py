@@ -57,7 +57,9 @@ AUTH = {(route.method, route.path): route.auth for route in ROUTES}
 # Schemathesis generates no credentials (we add valid ones: auth failures are covered in
 # tests/integration/test_hostile_*.py and test_routes_*.py) and no undeclared query
 # parameters (ignored by design, like unknown body fields on most routes).
-CONFIG = {"generation": {"with-security-parameters": False, "allow-extra-parameters": False}}
+CONFIG = {
+    "generation": {"with-security-parameters": False, "allow-extra-parameters": False}
+}
 
 
 class StandardWebhooksAuth(requests.auth.AuthBase):
@@ -94,10 +96,16 @@ class Tally:
     no_negative: list[str] = field(default_factory=list)
 
 
-def _strategy(operation: Any, mode: GenerationMode, creds: Credentials) -> st.SearchStrategy[Case[Any]]:
+def _strategy(
+    operation: Any, mode: GenerationMode, creds: Credentials
+) -> st.SearchStrategy[Case[Any]]:
     """Generated cases, half of them on the real driver and order so success paths run."""
     generated = operation.as_strategy(generation_mode=mode)
-    known = {"driverId": creds.driver_id, "sellerOrderId": creds.seller_order_id, "offerId": "ofr_unknown"}
+    known = {
+        "driverId": creds.driver_id,
+        "sellerOrderId": creds.seller_order_id,
+        "offerId": "ofr_unknown",
+    }
     params = {p.name for p in operation.path_parameters}
     if not params:
         return generated  # type: ignore[no-any-return]
@@ -107,7 +115,9 @@ def _strategy(operation: Any, mode: GenerationMode, creds: Credentials) -> st.Se
     return st.one_of(generated, fixed)
 
 
-def _credentials_for(operation: Any, creds: Credentials, use_driver: bool) -> dict[str, Any]:
+def _credentials_for(
+    operation: Any, creds: Credentials, use_driver: bool
+) -> dict[str, Any]:
     """Valid credentials of the kind the route takes (its RouteSpec.auth)."""
     auth = AUTH[(operation.method.upper(), operation.path)]
     if auth == "signature":
@@ -119,8 +129,14 @@ def _credentials_for(operation: Any, creds: Credentials, use_driver: bool) -> di
     return {}
 
 
-def _fuzz(operation: Any, mode: GenerationMode, base_url: str, creds: Credentials,
-          session: requests.Session, tally: Tally) -> None:
+def _fuzz(
+    operation: Any,
+    mode: GenerationMode,
+    base_url: str,
+    creds: Credentials,
+    session: requests.Session,
+    tally: Tally,
+) -> None:
     """MAX_EXAMPLES cases of one operation in one mode; failures are collected, not raised."""
     label = f"{operation.method.upper()} {operation.path} [{mode.value}]"
     lenient = (operation.method.upper(), operation.path) in LENIENT_NEGATIVE
@@ -138,10 +154,14 @@ def _fuzz(operation: Any, mode: GenerationMode, base_url: str, creds: Credential
     def exercise(case: Case[Any], use_driver: bool) -> None:
         tally.cases[label] += 1
         kwargs = _credentials_for(operation, creds, use_driver)
-        response = case.call(base_url=base_url, session=session, timeout=REQUEST_TIMEOUT_S, **kwargs)
+        response = case.call(
+            base_url=base_url, session=session, timeout=REQUEST_TIMEOUT_S, **kwargs
+        )
         tally.statuses[response.status_code] += 1
         case.validate_response(
-            response, checks=checks, headers=kwargs.get("headers"),
+            response,
+            checks=checks,
+            headers=kwargs.get("headers"),
             transport_kwargs={"base_url": base_url, **kwargs},
         )
 
@@ -152,13 +172,18 @@ def _fuzz(operation: Any, mode: GenerationMode, base_url: str, creds: Credential
             raise
         # Nothing to make invalid (a GET without parameters): no negative case exists.
         tally.no_negative.append(label)
-    except (Exception, BaseExceptionGroup) as exc:  # schemathesis' FailureGroup is a BaseExceptionGroup
+    except (
+        Exception,
+        BaseExceptionGroup,
+    ) as exc:  # schemathesis' FailureGroup is a BaseExceptionGroup
         tally.failures.append(f"{label}: {exc}")
 
 
 def run_fuzz(doc: dict[str, Any], base_url: str, creds: Credentials) -> Tally:
     """Every operation in both modes; blocking (requests), so it runs off the event loop."""
-    schema = schemathesis.openapi.from_dict(doc, config=schemathesis.Config.from_dict(CONFIG))
+    schema = schemathesis.openapi.from_dict(
+        doc, config=schemathesis.Config.from_dict(CONFIG)
+    )
     tally = Tally()
     with requests.Session() as session:
         for result in schema.get_all_operations():
@@ -175,8 +200,11 @@ async def _seed(api: Api) -> Credentials:
     resp = await api.order(order, *BERLIN)
     assert (await resp.json())["driverId"] == driver.driver_id
     return Credentials(
-        admin=api.settings.admin_token, driver_token=driver.token, driver_id=driver.driver_id,
-        seller_order_id=order, inbound_secret=api.settings.inbound_secret,
+        admin=api.settings.admin_token,
+        driver_token=driver.token,
+        driver_id=driver.driver_id,
+        seller_order_id=order,
+        inbound_secret=api.settings.inbound_secret,
     )
 
 
@@ -196,8 +224,10 @@ async def test_every_route_conforms_to_its_openapi_schema_under_fuzzing(
     tally = await asyncio.to_thread(run_fuzz, doc, base_url, creds)
     elapsed = time.monotonic() - started
     total = sum(tally.cases.values())
-    print(f"\nFUZZ schemathesis: {total} cases over {len(tally.cases)} operation/mode pairs "
-          f"in {elapsed:.1f} s; statuses {dict(sorted(tally.statuses.items()))}")
+    print(
+        f"\nFUZZ schemathesis: {total} cases over {len(tally.cases)} operation/mode pairs "
+        f"in {elapsed:.1f} s; statuses {dict(sorted(tally.statuses.items()))}"
+    )
     for name, n in sorted(tally.cases.items()):
         print(f"FUZZ   {n:3d}  {name}")
     assert tally.failures == [], "\n\n".join(tally.failures)

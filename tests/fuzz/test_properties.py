@@ -32,26 +32,53 @@ from dispatcher.models import (
 from dispatcher.zoning import Zoning
 
 # Deterministic and bounded for CI; `--hypothesis-seed` or a profile can widen it.
-PROPERTY = settings(max_examples=200, derandomize=True, database=None, deadline=None,
-                    suppress_health_check=[HealthCheck.too_slow])
+PROPERTY = settings(
+    max_examples=200,
+    derandomize=True,
+    database=None,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 REQUEST_MODELS: list[type[BaseModel]] = [
-    SellerOrderReady, SellerOrderCancelled, LocationPing, BatchPing, BatchPingsEnvelope, BatchPings,
-    CreateDriver, UpdateDriver, StatusChange, FailDelivery, EmptyBody,
+    SellerOrderReady,
+    SellerOrderCancelled,
+    LocationPing,
+    BatchPing,
+    BatchPingsEnvelope,
+    BatchPings,
+    CreateDriver,
+    UpdateDriver,
+    StatusChange,
+    FailDelivery,
+    EmptyBody,
 ]
-FIELD_NAMES = sorted({
-    alias for model in REQUEST_MODELS for name, f in model.model_fields.items() for alias in (name, f.alias or name)
-} | {"lat", "lon"})
+FIELD_NAMES = sorted(
+    {
+        alias
+        for model in REQUEST_MODELS
+        for name, f in model.model_fields.items()
+        for alias in (name, f.alias or name)
+    }
+    | {"lat", "lon"}
+)
 
 # ---- arbitrary JSON ----------------------------------------------------------------
 
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.integers(min_value=-(10**400), max_value=10**400),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(), st.sampled_from(["", "\x00", "NaN", "52.5"]),
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(min_value=-(10**400), max_value=10**400),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(),
+    st.sampled_from(["", "\x00", "NaN", "52.5"]),
 )
 keys = st.one_of(st.sampled_from(FIELD_NAMES), st.text(max_size=8))
 json_values = st.recursive(
     scalars,
-    lambda children: st.one_of(st.lists(children, max_size=4), st.dictionaries(keys, children, max_size=6)),
+    lambda children: st.one_of(
+        st.lists(children, max_size=4), st.dictionaries(keys, children, max_size=6)
+    ),
     max_leaves=25,
 )
 # Objects that look like the real bodies, so validation gets past the first field.
@@ -65,7 +92,9 @@ def encode(value: Any) -> bytes:
 @pytest.mark.parametrize("model", REQUEST_MODELS, ids=lambda m: m.__name__)
 @PROPERTY
 @given(value=st.one_of(bodyish, json_values))
-def test_request_models_raise_only_validation_errors_on_any_json(model: type[BaseModel], value: Any) -> None:
+def test_request_models_raise_only_validation_errors_on_any_json(
+    model: type[BaseModel], value: Any
+) -> None:
     with contextlib.suppress(ValidationError):
         model.model_validate_json(encode(value))
     with _only(RequestValidationError):
@@ -88,7 +117,11 @@ def test_a_batch_item_is_a_ping_or_a_validation_error(item: Any) -> None:
 
 
 @PROPERTY
-@given(query=st.dictionaries(st.sampled_from(["status", "zoneId", "limit", "x"]), st.text(max_size=40)))
+@given(
+    query=st.dictionaries(
+        st.sampled_from(["status", "zoneId", "limit", "x"]), st.text(max_size=40)
+    )
+)
 def test_query_strings_are_a_query_or_a_validation_error(query: dict[str, str]) -> None:
     with _only(ValidationError):
         DriverQuery.model_validate(query)
@@ -103,7 +136,9 @@ class _only:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> bool:
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> bool:
         if kind is None or issubclass(kind, self.allowed):
             return True
         raise AssertionError(f"{kind.__name__} escaped: {exc!r}") from exc
@@ -114,23 +149,44 @@ class _only:
 lats = st.floats(min_value=-MAX_LATITUDE, max_value=MAX_LATITUDE, allow_nan=False)
 lons = st.floats(min_value=-180.0, max_value=180.0, allow_nan=False)
 order_ids = st.text(
-    alphabet=st.characters(codec="utf-8", exclude_characters="".join(map(chr, [*range(32), 127]))),
-    min_size=1, max_size=128,
+    alphabet=st.characters(
+        codec="utf-8", exclude_characters="".join(map(chr, [*range(32), 127]))
+    ),
+    min_size=1,
+    max_size=128,
 )
 aware = st.datetimes(
-    min_value=datetime(1971, 1, 1), max_value=datetime(2200, 1, 1),
-    timezones=st.sampled_from([UTC, *(timezone(timedelta(hours=h)) for h in (-12, -3, 1, 5, 14))]),
+    min_value=datetime(1971, 1, 1),
+    max_value=datetime(2200, 1, 1),
+    timezones=st.sampled_from(
+        [UTC, *(timezone(timedelta(hours=h)) for h in (-12, -3, 1, 5, 14))]
+    ),
 )
 
 
 @PROPERTY
-@given(seller_order_id=st.one_of(order_ids, st.integers(min_value=0, max_value=10**20).map(str)),
-       lat=lats, lon=lons, nested=st.booleans(), drop=st.none() | st.tuples(lats, lons))
+@given(
+    seller_order_id=st.one_of(
+        order_ids, st.integers(min_value=0, max_value=10**20).map(str)
+    ),
+    lat=lats,
+    lon=lons,
+    nested=st.booleans(),
+    drop=st.none() | st.tuples(lats, lons),
+)
 def test_valid_orders_round_trip_in_both_shapes(
-    seller_order_id: str, lat: float, lon: float, nested: bool, drop: tuple[float, float] | None
+    seller_order_id: str,
+    lat: float,
+    lon: float,
+    nested: bool,
+    drop: tuple[float, float] | None,
 ) -> None:
     body: dict[str, Any] = {"sellerOrderId": seller_order_id}
-    body.update({"pickup": {"lat": lat, "lon": lon}} if nested else {"pickupLat": lat, "pickupLon": lon})
+    body.update(
+        {"pickup": {"lat": lat, "lon": lon}}
+        if nested
+        else {"pickupLat": lat, "pickupLon": lon}
+    )
     if drop is not None:
         body["drop"] = {"lat": drop[0], "lon": drop[1]}
     event = SellerOrderReady.model_validate_json(encode(body))
@@ -138,21 +194,40 @@ def test_valid_orders_round_trip_in_both_shapes(
     assert (None if event.drop is None else (event.drop.lat, event.drop.lon)) == drop
     again = SellerOrderReady.model_validate_json(event.model_dump_json(by_alias=True))
     assert again == event
-    if seller_order_id.isascii() and seller_order_id.isdigit() and len(seller_order_id) <= 18:
-        as_number = SellerOrderReady.model_validate_json(encode({**body, "sellerOrderId": int(seller_order_id)}))
+    if (
+        seller_order_id.isascii()
+        and seller_order_id.isdigit()
+        and len(seller_order_id) <= 18
+    ):
+        as_number = SellerOrderReady.model_validate_json(
+            encode({**body, "sellerOrderId": int(seller_order_id)})
+        )
         assert as_number.seller_order_id == str(int(seller_order_id))
 
 
 @PROPERTY
 # Driver ids are printable: control characters are refused (models.BatchPing).
-@given(driver_id=st.text(st.characters(exclude_categories=["Cc", "Cs"]), min_size=1, max_size=64),
-       lat=lats, lon=lons, recorded=st.none() | aware)
-def test_valid_pings_round_trip(driver_id: str, lat: float, lon: float, recorded: datetime | None) -> None:
+@given(
+    driver_id=st.text(
+        st.characters(exclude_categories=["Cc", "Cs"]), min_size=1, max_size=64
+    ),
+    lat=lats,
+    lon=lons,
+    recorded=st.none() | aware,
+)
+def test_valid_pings_round_trip(
+    driver_id: str, lat: float, lon: float, recorded: datetime | None
+) -> None:
     body: dict[str, Any] = {"driverId": driver_id, "lat": lat, "lon": lon}
     if recorded is not None:
         body["recordedAt"] = recorded.isoformat()
     ping = BatchPing.model_validate_json(encode(body))
-    assert (ping.driver_id, ping.lat, ping.lon, ping.recorded_at) == (driver_id, lat, lon, recorded)
+    assert (ping.driver_id, ping.lat, ping.lon, ping.recorded_at) == (
+        driver_id,
+        lat,
+        lon,
+        recorded,
+    )
     assert BatchPing.model_validate_json(ping.model_dump_json(by_alias=True)) == ping
     assert _batch_item(body) == ping
     now = datetime.now(UTC)
@@ -170,7 +245,9 @@ def test_any_accepted_recorded_at_gives_a_fix_or_a_validation_error(stamp: str) 
     """Bug (open): an offset that moves the time past year 1..9999 in UTC makes
     `astimezone` raise OverflowError, answered 500 (test_hostile_limits has the HTTP form)."""
     try:
-        ping = LocationPing.model_validate_json(encode({"lat": 1.0, "lon": 2.0, "recordedAt": stamp}))
+        ping = LocationPing.model_validate_json(
+            encode({"lat": 1.0, "lon": 2.0, "recordedAt": stamp})
+        )
     except ValidationError:
         return
     with _only(RequestValidationError):
@@ -179,7 +256,9 @@ def test_any_accepted_recorded_at_gives_a_fix_or_a_validation_error(stamp: str) 
 
 @PROPERTY
 @given(name=st.text(min_size=1, max_size=200), active=st.none() | st.booleans())
-def test_operator_bodies_round_trip_or_refuse_control_characters(name: str, active: bool | None) -> None:
+def test_operator_bodies_round_trip_or_refuse_control_characters(
+    name: str, active: bool | None
+) -> None:
     body = {"name": name} if active is None else {"name": name, "isActive": active}
     control = any(ord(c) < 32 or ord(c) == 127 for c in name)
     try:
@@ -194,13 +273,19 @@ def test_operator_bodies_round_trip_or_refuse_control_characters(name: str, acti
 # ---- geo maths ---------------------------------------------------------------------------------
 
 
-def destination(lat: float, lon: float, bearing_deg: float, km: float) -> tuple[float, float]:
+def destination(
+    lat: float, lon: float, bearing_deg: float, km: float
+) -> tuple[float, float]:
     """The point `km` away on a great circle; the longitude is not wrapped."""
     phi1, lmb1, theta = math.radians(lat), math.radians(lon), math.radians(bearing_deg)
     delta = km / EARTH_RADIUS_KM
-    phi2 = math.asin(math.sin(phi1) * math.cos(delta) + math.cos(phi1) * math.sin(delta) * math.cos(theta))
+    phi2 = math.asin(
+        math.sin(phi1) * math.cos(delta)
+        + math.cos(phi1) * math.sin(delta) * math.cos(theta)
+    )
     lmb2 = lmb1 + math.atan2(
-        math.sin(theta) * math.sin(delta) * math.cos(phi1), math.cos(delta) - math.sin(phi1) * math.sin(phi2)
+        math.sin(theta) * math.sin(delta) * math.cos(phi1),
+        math.cos(delta) - math.sin(phi1) * math.sin(phi2),
     )
     return math.degrees(phi2), math.degrees(lmb2)
 
@@ -208,14 +293,25 @@ def destination(lat: float, lon: float, bearing_deg: float, km: float) -> tuple[
 any_lat = st.floats(min_value=-90.0, max_value=90.0)
 any_lon = st.floats(min_value=-180.0, max_value=180.0)
 # Centres biased towards the edges: the antimeridian and Redis' latitude limit.
-edge_lat = st.one_of(lats, st.floats(min_value=MAX_LATITUDE - 1.0, max_value=MAX_LATITUDE),
-                     st.floats(min_value=-MAX_LATITUDE, max_value=-MAX_LATITUDE + 1.0))
-edge_lon = st.one_of(lons, st.floats(min_value=179.0, max_value=180.0), st.floats(min_value=-180.0, max_value=-179.0))
+edge_lat = st.one_of(
+    lats,
+    st.floats(min_value=MAX_LATITUDE - 1.0, max_value=MAX_LATITUDE),
+    st.floats(min_value=-MAX_LATITUDE, max_value=-MAX_LATITUDE + 1.0),
+)
+edge_lon = st.one_of(
+    lons,
+    st.floats(min_value=179.0, max_value=180.0),
+    st.floats(min_value=-180.0, max_value=-179.0),
+)
 HALF_CIRCUMFERENCE_KM = math.pi * EARTH_RADIUS_KM
 
 
 @PROPERTY
-@given(a=st.tuples(any_lat, any_lon), b=st.tuples(any_lat, any_lon), c=st.tuples(any_lat, any_lon))
+@given(
+    a=st.tuples(any_lat, any_lon),
+    b=st.tuples(any_lat, any_lon),
+    c=st.tuples(any_lat, any_lon),
+)
 def test_haversine_is_a_metric_on_the_sphere(
     a: tuple[float, float], b: tuple[float, float], c: tuple[float, float]
 ) -> None:
@@ -229,8 +325,13 @@ def test_haversine_is_a_metric_on_the_sphere(
 
 
 @PROPERTY
-@given(lat=edge_lat, lon=edge_lon, radius=st.floats(min_value=0.001, max_value=100.0),
-       bearing=st.floats(min_value=0.0, max_value=360.0), share=st.floats(min_value=0.0, max_value=1.0))
+@given(
+    lat=edge_lat,
+    lon=edge_lon,
+    radius=st.floats(min_value=0.001, max_value=100.0),
+    bearing=st.floats(min_value=0.0, max_value=360.0),
+    share=st.floats(min_value=0.0, max_value=1.0),
+)
 def test_bounding_box_contains_every_point_within_the_radius(
     lat: float, lon: float, radius: float, bearing: float, share: float
 ) -> None:
@@ -239,13 +340,22 @@ def test_bounding_box_contains_every_point_within_the_radius(
     min_lat, max_lat, min_lon, max_lon = bounding_box(lat, lon, radius)
     assert min_lat <= plat <= max_lat
     # The box is not wrapped at ±180: PICK_SQL also tries the longitude shifted by 360.
-    assert any(min_lon <= plon + shift <= max_lon for shift in (-360.0, 0.0, 360.0)), (plon, min_lon, max_lon)
+    assert any(min_lon <= plon + shift <= max_lon for shift in (-360.0, 0.0, 360.0)), (
+        plon,
+        min_lon,
+        max_lon,
+    )
 
 
 @settings(max_examples=150, derandomize=True, database=None, deadline=None)
-@given(resolution=st.sampled_from([4, 5, 6]), lat=edge_lat, lon=edge_lon,
-       radius=st.floats(min_value=0.01, max_value=15.0), bearing=st.floats(min_value=0.0, max_value=360.0),
-       share=st.floats(min_value=0.0, max_value=1.0))
+@given(
+    resolution=st.sampled_from([4, 5, 6]),
+    lat=edge_lat,
+    lon=edge_lon,
+    radius=st.floats(min_value=0.01, max_value=15.0),
+    bearing=st.floats(min_value=0.0, max_value=360.0),
+    share=st.floats(min_value=0.0, max_value=1.0),
+)
 def test_zones_near_covers_every_point_within_the_radius(
     resolution: int, lat: float, lon: float, radius: float, bearing: float, share: float
 ) -> None:

@@ -19,13 +19,19 @@ class Clock:
 
 
 events = st.lists(
-    st.tuples(st.sampled_from("abcdefgh"), st.floats(min_value=0.0, max_value=3.0)), min_size=1, max_size=120
+    st.tuples(st.sampled_from("abcdefgh"), st.floats(min_value=0.0, max_value=3.0)),
+    min_size=1,
+    max_size=120,
 )
 
 
 @PROPERTY
-@given(rate=st.floats(min_value=0.1, max_value=50.0), burst=st.integers(min_value=1, max_value=30),
-       steps=events, max_buckets=st.integers(min_value=8, max_value=20))
+@given(
+    rate=st.floats(min_value=0.1, max_value=50.0),
+    burst=st.integers(min_value=1, max_value=30),
+    steps=events,
+    max_buckets=st.integers(min_value=8, max_value=20),
+)
 def test_grants_in_any_window_stay_within_burst_plus_rate(
     rate: float, burst: int, steps: list[tuple[str, float]], max_buckets: int
 ) -> None:
@@ -48,7 +54,10 @@ def test_grants_in_any_window_stay_within_burst_plus_rate(
 
 
 @PROPERTY
-@given(rate=st.floats(min_value=0.1, max_value=50.0), burst=st.integers(min_value=1, max_value=30))
+@given(
+    rate=st.floats(min_value=0.1, max_value=50.0),
+    burst=st.integers(min_value=1, max_value=30),
+)
 def test_a_refused_take_succeeds_once_its_wait_is_over(rate: float, burst: int) -> None:
     clock = Clock()
     buckets = TokenBuckets(rate, burst, clock=clock)
@@ -102,8 +111,16 @@ def test_zero_turns_it_off(rate: float, burst: int) -> None:
     assert len(buckets) == 0
 
 
-@pytest.mark.parametrize(("rate", "burst", "cap"), [(-1.0, 1, 10), (float("nan"), 1, 10), (float("inf"), 1, 10),
-                                                    (1.0, -1, 10), (1.0, 1, 0)])
+@pytest.mark.parametrize(
+    ("rate", "burst", "cap"),
+    [
+        (-1.0, 1, 10),
+        (float("nan"), 1, 10),
+        (float("inf"), 1, 10),
+        (1.0, -1, 10),
+        (1.0, 1, 0),
+    ],
+)
 def test_nonsense_settings_are_refused(rate: float, burst: int, cap: int) -> None:
     with pytest.raises(ValueError):
         TokenBuckets(rate, burst, max_buckets=cap)

@@ -25,7 +25,9 @@ STOP_WITHIN_S = 60.0
 
 def clean_env(data_dir: Path, port: int) -> dict[str, str]:
     """Only defaults: no DISPATCHER_* settings except where the data lives."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("DISPATCHER_", "RAY_"))}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("DISPATCHER_", "RAY_"))
+    }
     env.update({"DISPATCHER_DATA_DIR": str(data_dir), "DISPATCHER_PORT": str(port)})
     return env
 
@@ -43,10 +45,16 @@ async def test_serve_with_embedded_defaults_then_ctrl_c(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "dispatcher.cli", "serve",
-        env=clean_env(data_dir, port), stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+        sys.executable,
+        "-m",
+        "dispatcher.cli",
+        "serve",
+        env=clean_env(data_dir, port),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True,
+    )
     assert proc.stdout is not None
     printed: list[str] = []
     try:
@@ -75,10 +83,14 @@ async def test_serve_with_embedded_defaults_then_ctrl_c(tmp_path: Path) -> None:
             assert ready.status == 200
             assert (await ready.json())["postgres"] == "ok"
             created = await http.post(
-                "/drivers", json={"name": "Ada"}, headers={"Authorization": f"Bearer {stored['admin_token']}"}
+                "/drivers",
+                json={"name": "Ada"},
+                headers={"Authorization": f"Bearer {stored['admin_token']}"},
             )
             assert created.status == 201
-        assert processes_using(data_dir), "embedded servers should run under the data dir"
+        assert processes_using(data_dir), (
+            "embedded servers should run under the data dir"
+        )
 
         # Ctrl-C: a clean exit that stops everything serve started.
         os.kill(proc.pid, signal.SIGINT)
@@ -104,10 +116,15 @@ async def test_migrate_is_harmless_twice_and_reuses_secrets(tmp_path: Path) -> N
     outputs = []
     for _ in range(2):
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "dispatcher.cli", "migrate",
-            env=env, stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        )  # fmt: skip
+            sys.executable,
+            "-m",
+            "dispatcher.cli",
+            "migrate",
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
         async with asyncio.timeout(START_WITHIN_S):
             out, _ = await proc.communicate()
         assert proc.returncode == 0, out.decode()
@@ -120,16 +137,23 @@ async def test_migrate_is_harmless_twice_and_reuses_secrets(tmp_path: Path) -> N
 async def run_cli(env: dict[str, str], *args: str) -> tuple[int | None, bytes]:
     """A short `dispatcher` command that must exit on its own: its exit code and stderr."""
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "dispatcher.cli", *args,
-        env=env, stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
+        sys.executable,
+        "-m",
+        "dispatcher.cli",
+        *args,
+        env=env,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     async with asyncio.timeout(30):
         _, err = await proc.communicate()
     return proc.returncode, err
 
 
-async def test_invalid_configuration_exits_2_with_a_clear_message(tmp_path: Path) -> None:
+async def test_invalid_configuration_exits_2_with_a_clear_message(
+    tmp_path: Path,
+) -> None:
     env = clean_env(tmp_path, free_port())
     env["DISPATCHER_SEARCH_RADIUS_KM"] = "-1"
     returncode, err = await run_cli(env, "serve")
@@ -137,8 +161,12 @@ async def test_invalid_configuration_exits_2_with_a_clear_message(tmp_path: Path
     assert b"search_radius_km" in err
 
 
-@pytest.mark.parametrize("command", [["zones", "list"], ["zones", "rebalance", "--dry-run"]])
-async def test_zone_commands_without_a_cluster_exit_2_and_start_nothing(tmp_path: Path, command: list[str]) -> None:
+@pytest.mark.parametrize(
+    "command", [["zones", "list"], ["zones", "rebalance", "--dry-run"]]
+)
+async def test_zone_commands_without_a_cluster_exit_2_and_start_nothing(
+    tmp_path: Path, command: list[str]
+) -> None:
     returncode, err = await run_cli(clean_env(tmp_path, free_port()), *command)
     assert returncode == 2
     assert b"DISPATCHER_RAY_ADDRESS" in err

@@ -57,8 +57,9 @@ class Answer:
 async def send_order(api: Api, seller_order_id: str, pickup: Point) -> Answer:
     resp = await api.order(seller_order_id, *pickup)
     body: bytes = await resp.read()
-    return Answer(seller_order_id, pickup, resp.status, body, resp.headers.get(REPLAYED))
-
+    return Answer(
+        seller_order_id, pickup, resp.status, body, resp.headers.get(REPLAYED)
+    )
 
 
 def near_border(rng: random.Random, cells: Sequence[str], max_km: float = 0.6) -> Point:
@@ -67,9 +68,14 @@ def near_border(rng: random.Random, cells: Sequence[str], max_km: float = 0.6) -
         a, b = rng.sample(list(cells), 2)
         if h3.are_neighbor_cells(a, b):
             break
-    (alat, alon), (blat, blon) = h3.directed_edge_to_boundary(h3.cells_to_directed_edge(a, b))
+    (alat, alon), (blat, blon) = h3.directed_edge_to_boundary(
+        h3.cells_to_directed_edge(a, b)
+    )
     t = rng.uniform(0.1, 0.9)
-    lat, lon = float(alat) + t * (float(blat) - float(alat)), float(alon) + t * (float(blon) - float(alon))
+    lat, lon = (
+        float(alat) + t * (float(blat) - float(alat)),
+        float(alon) + t * (float(blon) - float(alon)),
+    )
     return offset(lat, lon, rng.uniform(-max_km, max_km), rng.uniform(-max_km, max_km))
 
 
@@ -81,20 +87,27 @@ async def test_order_storm_over_seven_zones_keeps_every_invariant(
     receiver: WebhookReceiver,
 ) -> None:
     radius_km = 2.0
-    api: Api = await start_api(make_settings(heartbeat_ttl_s=600, search_radius_km=radius_km))
+    api: Api = await start_api(
+        make_settings(heartbeat_ttl_s=600, search_radius_km=radius_km)
+    )
     zoning = Zoning(api.settings.zone_resolution)
     rng = random.Random(20261121)
     cells = zone_cells(zoning.zone_of(*BERLIN))
 
     # 50 drivers over the seven cells: most inside, some hugging a shared border.
     spots = [
-        near_border(rng, cells) if n % 4 == 0 else point_in(rng, zoning, cells[n % len(cells)])
+        near_border(rng, cells)
+        if n % 4 == 0
+        else point_in(rng, zoning, cells[n % len(cells)])
         for n in range(50)
     ]
-    drivers = await asyncio.gather(*(api.online_driver(*p, name=f"c{n}") for n, p in enumerate(spots)))
+    drivers = await asyncio.gather(
+        *(api.online_driver(*p, name=f"c{n}") for n, p in enumerate(spots))
+    )
     driver_at = {d.driver_id: p for d, p in zip(drivers, spots, strict=True)}
     driver_zone = {
-        r["id"]: r["zone_id"] for r in await pg_pool.fetch("SELECT id, zone_id FROM drivers")
+        r["id"]: r["zone_id"]
+        for r in await pg_pool.fetch("SELECT id, zone_id FROM drivers")
     }
     assert driver_zone == {d: zoning.zone_of(*p) for d, p in driver_at.items()}
     assert len(set(driver_zone.values())) >= 4
@@ -103,13 +116,17 @@ async def test_order_storm_over_seven_zones_keeps_every_invariant(
     # of them within about 1 km of a border between two zones.
     busy_cells = cells[:5]
     pickups = [
-        near_border(rng, busy_cells) if n % 5 < 3 else point_in(rng, zoning, rng.choice(busy_cells))
+        near_border(rng, busy_cells)
+        if n % 5 < 3
+        else point_in(rng, zoning, rng.choice(busy_cells))
         for n in range(220)
     ]
     answers: list[Answer] = await asyncio.gather(
         *(send_order(api, f"SO-storm-{n}", p) for n, p in enumerate(pickups))
     )
-    assert [a.status for a in answers] == [200] * len(answers), [a.body for a in answers if a.status != 200][:3]
+    assert [a.status for a in answers] == [200] * len(answers), [
+        a.body for a in answers if a.status != 200
+    ][:3]
     assert all(a.replayed is None for a in answers)
     assigned = [a for a in answers if a.json["assigned"]]
     unassigned = [a for a in answers if not a.json["assigned"]]
@@ -117,7 +134,9 @@ async def test_order_storm_over_seven_zones_keeps_every_invariant(
     assert all(a.json["reason"] == "NO_DRIVER_AVAILABLE" for a in unassigned)
 
     # PostgreSQL: one delivery per assigned answer, one active delivery per driver.
-    rows = {r["seller_order_id"]: r for r in await pg_pool.fetch("SELECT * FROM deliveries")}
+    rows = {
+        r["seller_order_id"]: r for r in await pg_pool.fetch("SELECT * FROM deliveries")
+    }
     assert len(rows) == len(assigned)
     assert set(rows) == {a.seller_order_id for a in assigned}
     doubles = await pg_pool.fetch(
@@ -125,23 +144,37 @@ async def test_order_storm_over_seven_zones_keeps_every_invariant(
         list(ACTIVE),
     )
     assert doubles == []
-    assert await pg_pool.fetchval(
-        "SELECT count(*) - count(DISTINCT seller_order_id) FROM delivery_history WHERE status = 'ASSIGNED'"
-    ) == 0
-    busy = {r["id"] for r in await pg_pool.fetch("SELECT id FROM drivers WHERE status = 'BUSY'")}
+    assert (
+        await pg_pool.fetchval(
+            "SELECT count(*) - count(DISTINCT seller_order_id) FROM delivery_history WHERE status = 'ASSIGNED'"
+        )
+        == 0
+    )
+    busy = {
+        r["id"]
+        for r in await pg_pool.fetch("SELECT id FROM drivers WHERE status = 'BUSY'")
+    }
     answered_drivers = [a.json["driverId"] for a in assigned]
-    assert len(set(answered_drivers)) == len(answered_drivers), "a driver was answered twice"
+    assert len(set(answered_drivers)) == len(answered_drivers), (
+        "a driver was answered twice"
+    )
     assert busy == set(answered_drivers)
     for a in assigned:
         body, row = a.json, rows[a.seller_order_id]
-        assert (row["driver_id"], row["assignment_id"], row["status"]) == (body["driverId"], body["assignmentId"], "ASSIGNED")
+        assert (row["driver_id"], row["assignment_id"], row["status"]) == (
+            body["driverId"],
+            body["assignmentId"],
+            "ASSIGNED",
+        )
         assert row["response_body"].encode() == a.body
         distance = haversine_km(*a.pickup, *driver_at[body["driverId"]])
         assert body["distanceKm"] == pytest.approx(distance, abs=0.001)
         assert distance <= radius_km + 0.001
 
     # Every unassigned answer was right: no driver still AVAILABLE is in range of it.
-    available = await pg_pool.fetch("SELECT id, lat, lon FROM drivers WHERE status = 'AVAILABLE'")
+    available = await pg_pool.fetch(
+        "SELECT id, lat, lon FROM drivers WHERE status = 'AVAILABLE'"
+    )
     assert len(available) + len(busy) == len(drivers)
     for a in unassigned:
         for d in available:
@@ -151,7 +184,11 @@ async def test_order_storm_over_seven_zones_keeps_every_invariant(
             )
 
     # Border orders really took drivers from the neighbouring zone.
-    cross = [a for a in assigned if driver_zone[a.json["driverId"]] != zoning.zone_of(*a.pickup)]
+    cross = [
+        a
+        for a in assigned
+        if driver_zone[a.json["driverId"]] != zoning.zone_of(*a.pickup)
+    ]
     assert cross, "no order was served by a driver of another zone"
     assert await pg_pool.fetchval("SELECT count(*) FROM zones") >= 4
 
@@ -164,7 +201,9 @@ async def test_order_storm_over_seven_zones_keeps_every_invariant(
     assert mirrored == {r["id"] for r in available}
 
     # Vendure: exactly one delivery.assigned per assigned order, with distinct ids.
-    await receiver.wait_until(lambda: len(receiver.of_type("delivery.assigned")) >= len(assigned), timeout=30)
+    await receiver.wait_until(
+        lambda: len(receiver.of_type("delivery.assigned")) >= len(assigned), timeout=30
+    )
     await asyncio.sleep(0.5)
     hooks = receiver.of_type("delivery.assigned")
     orders = Counter(h.body["data"]["sellerOrderId"] for h in hooks)
@@ -189,7 +228,8 @@ async def test_retry_storm_of_one_order_books_once_and_replays_identical_bytes(
     # once the zone exists; test_second_replica_... covers a zone created later).
     first: Api = await start_api(settings)
     drivers = [
-        await first.online_driver(*offset(*BERLIN, 0.2 * n, 0.1 * n), name=f"r{n}") for n in range(1, 6)
+        await first.online_driver(*offset(*BERLIN, 0.2 * n, 0.1 * n), name=f"r{n}")
+        for n in range(1, 6)
     ]
     second: Api = await start_api(settings)
     answers: list[Answer] = await asyncio.gather(
@@ -203,10 +243,17 @@ async def test_retry_storm_of_one_order_books_once_and_replays_identical_bytes(
     body = answers[0].json
     assert body["assigned"] is True and body["driverId"] == drivers[0].driver_id
 
-    rows = await pg_pool.fetch("SELECT seller_order_id, driver_id, status FROM deliveries")
+    rows = await pg_pool.fetch(
+        "SELECT seller_order_id, driver_id, status FROM deliveries"
+    )
     assert [tuple(r) for r in rows] == [("SO-storm", drivers[0].driver_id, "ASSIGNED")]
-    statuses = {r["id"]: r["status"] for r in await pg_pool.fetch("SELECT id, status FROM drivers")}
-    assert statuses == {d.driver_id: ("BUSY" if d is drivers[0] else "AVAILABLE") for d in drivers}
+    statuses = {
+        r["id"]: r["status"]
+        for r in await pg_pool.fetch("SELECT id, status FROM drivers")
+    }
+    assert statuses == {
+        d.driver_id: ("BUSY" if d is drivers[0] else "AVAILABLE") for d in drivers
+    }
     assert await pg_pool.fetchval("SELECT count(*) FROM delivery_history") == 1
     assert await pg_pool.fetchval("SELECT count(*) FROM webhook_outbox") == 1
 
@@ -235,7 +282,9 @@ async def test_second_replica_assigns_from_a_zone_another_replica_just_created(
     for n, city in enumerate(cities):
         # An order where no zone exists makes b re-read the zone list now.
         await asyncio.sleep(1.05)
-        assert not (await send_order(b, f"SO-nowhere-{n}", (-33.86, 151.21))).json["assigned"]
+        assert not (await send_order(b, f"SO-nowhere-{n}", (-33.86, 151.21))).json[
+            "assigned"
+        ]
         started = time.monotonic()
         driver = await a.online_driver(*offset(*city, 0.3, 0.0))
         answer = await send_order(b, f"SO-replica-{n}", city)
@@ -251,7 +300,9 @@ async def test_second_replica_assigns_from_a_zone_another_replica_just_created(
     await receiver.wait_until(lambda: len(receiver.received) == n + 1)
 
 
-def track(rng: random.Random, start: Point, count: int, speed_kmh: float) -> list[Point]:
+def track(
+    rng: random.Random, start: Point, count: int, speed_kmh: float
+) -> list[Point]:
     """`count` fixes one second apart along a straight line at `speed_kmh`."""
     heading = rng.uniform(0, 2 * math.pi)
     step_km = speed_kmh / 3600.0
@@ -279,46 +330,70 @@ async def test_concurrent_shuffled_pings_keep_each_drivers_newest_fix(
     base = datetime.now(UTC) - timedelta(seconds=30)
     tracks: dict[str, list[Point]] = {}
     for n, d in enumerate(drivers):
-        start = near_border(rng, cells, max_km=0.04) if n % 2 else point_in(rng, zoning, rng.choice(cells))
+        start = (
+            near_border(rng, cells, max_km=0.04)
+            if n % 2
+            else point_in(rng, zoning, rng.choice(cells))
+        )
         tracks[d.driver_id] = track(rng, start, 10, speed_kmh=rng.uniform(20, 60))
     fixes = [
-        (d, i, tracks[d.driver_id][i], base + timedelta(seconds=i)) for d in drivers for i in range(10)
+        (d, i, tracks[d.driver_id][i], base + timedelta(seconds=i))
+        for d in drivers
+        for i in range(10)
     ]
     rng.shuffle(fixes)
     statuses = await asyncio.gather(
         *(api.ping(d, *point, recorded_at=at) for d, _, point, at in fixes)
     )
-    assert [r.status for r in statuses] == [204] * len(fixes), [await r.text() for r in statuses if r.status != 204][:3]
+    assert [r.status for r in statuses] == [204] * len(fixes), [
+        await r.text() for r in statuses if r.status != 204
+    ][:3]
 
     async def check_newest() -> None:
         rows = {
             r["id"]: r
-            for r in await pg_pool.fetch("SELECT id, lat, lon, location_recorded_at, zone_id FROM drivers")
+            for r in await pg_pool.fetch(
+                "SELECT id, lat, lon, location_recorded_at, zone_id FROM drivers"
+            )
         }
         for d in drivers:
             newest = tracks[d.driver_id][-1]
             row = rows[d.driver_id]
-            assert (row["lat"], row["lon"]) == pytest.approx(newest), f"{d.driver_id} moved back"
+            assert (row["lat"], row["lon"]) == pytest.approx(newest), (
+                f"{d.driver_id} moved back"
+            )
             assert row["location_recorded_at"] == base + timedelta(seconds=9)
             assert row["zone_id"] == zoning.zone_of(*newest)
             # The mirror holds it once, in its newest zone, at its newest position.
             zones_holding = [
-                z for z in {*cells, *(r["zone_id"] for r in rows.values())}
+                z
+                for z in {*cells, *(r["zone_id"] for r in rows.values())}
                 if d.driver_id in await geo_members(redis_client, z)
             ]
             assert zones_holding == [row["zone_id"]]
-            [pos] = await redis_client.geopos(keys.zone_geo(row["zone_id"]), d.driver_id)
+            [pos] = await redis_client.geopos(
+                keys.zone_geo(row["zone_id"]), d.driver_id
+            )
             assert pos is not None
-            assert haversine_km(newest[0], newest[1], float(pos[1]), float(pos[0])) < 0.001
+            assert (
+                haversine_km(newest[0], newest[1], float(pos[1]), float(pos[0])) < 0.001
+            )
 
     await check_newest()
-    crossed = [d for d in drivers if zoning.zone_of(*tracks[d.driver_id][0]) != zoning.zone_of(*tracks[d.driver_id][-1])]
+    crossed = [
+        d
+        for d in drivers
+        if zoning.zone_of(*tracks[d.driver_id][0])
+        != zoning.zone_of(*tracks[d.driver_id][-1])
+    ]
     assert crossed, "no driver crossed a zone border"
 
     # Late, older fixes (a phone flushing its queue) are answered 204 and ignored.
     late = [f for f in fixes if f[1] < 9]
     rng.shuffle(late)
-    statuses = await asyncio.gather(*(api.ping(d, *point, recorded_at=at) for d, _, point, at in late))
+    statuses = await asyncio.gather(
+        *(api.ping(d, *point, recorded_at=at) for d, _, point, at in late)
+    )
     assert [r.status for r in statuses] == [204] * len(late)
     await check_newest()
 
@@ -336,22 +411,35 @@ async def test_racing_pings_through_two_zone_actors_never_move_a_driver_back(
     zoning = Zoning(api.settings.zone_resolution)
     home = zoning.zone_of(*BERLIN)
     cells = zone_cells(home)
-    (alat, alon), (blat, blon) = h3.directed_edge_to_boundary(h3.cells_to_directed_edge(cells[0], cells[1]))
+    (alat, alon), (blat, blon) = h3.directed_edge_to_boundary(
+        h3.cells_to_directed_edge(cells[0], cells[1])
+    )
     mid = ((float(alat) + float(blat)) / 2, (float(alon) + float(blon)) / 2)
     # Two points 60 m apart on either side of the shared border.
     a_side = next(
-        p for p in (offset(*mid, n * 0.01, m * 0.01) for n in range(-6, 7) for m in range(-6, 7))
+        p
+        for p in (
+            offset(*mid, n * 0.01, m * 0.01) for n in range(-6, 7) for m in range(-6, 7)
+        )
         if zoning.zone_of(*p) == cells[0]
-        and any(zoning.zone_of(*offset(*p, dn * 0.03, dm * 0.03)) == cells[1] for dn in (-1, 1) for dm in (-1, 1))
+        and any(
+            zoning.zone_of(*offset(*p, dn * 0.03, dm * 0.03)) == cells[1]
+            for dn in (-1, 1)
+            for dm in (-1, 1)
+        )
     )
     b_side = next(
-        offset(*a_side, dn * 0.03, dm * 0.03) for dn in (-1, 1) for dm in (-1, 1)
+        offset(*a_side, dn * 0.03, dm * 0.03)
+        for dn in (-1, 1)
+        for dm in (-1, 1)
         if zoning.zone_of(*offset(*a_side, dn * 0.03, dm * 0.03)) == cells[1]
     )
     # Both zone actors are up before the race, so neither fix waits for an actor start.
     for side in (a_side, b_side):
         warm = await api.online_driver(*side, name="warms the zone")
-        assert await pg_pool.fetchval("SELECT zone_id FROM drivers WHERE id = $1", warm.driver_id) == zoning.zone_of(*side)
+        assert await pg_pool.fetchval(
+            "SELECT zone_id FROM drivers WHERE id = $1", warm.driver_id
+        ) == zoning.zone_of(*side)
     driver = await api.create_driver("racer")
     assert (await api.set_status(driver, "AVAILABLE")).status == 200
     base = datetime.now(UTC) - timedelta(seconds=20)
@@ -365,28 +453,41 @@ async def test_racing_pings_through_two_zone_actors_never_move_a_driver_back(
             if blocked >= count:
                 return
             await asyncio.sleep(0.025)
-        raise AssertionError(f"fewer than {count} ping transactions queued on the driver's row")
+        raise AssertionError(
+            f"fewer than {count} ping transactions queued on the driver's row"
+        )
 
     # Hold the driver's row (as any concurrent transaction on it would) so both zone
     # actors' ping transactions queue behind it: the newer fix (zone b) first, then
     # an older one (zone a) that arrived late.
     async with pg_pool.acquire() as conn, conn.transaction():
-        await conn.execute("SELECT 1 FROM drivers WHERE id = $1 FOR UPDATE", driver.driver_id)
-        newer = asyncio.ensure_future(api.ping(driver, *b_side, recorded_at=base + timedelta(seconds=10)))
+        await conn.execute(
+            "SELECT 1 FROM drivers WHERE id = $1 FOR UPDATE", driver.driver_id
+        )
+        newer = asyncio.ensure_future(
+            api.ping(driver, *b_side, recorded_at=base + timedelta(seconds=10))
+        )
         await wait_for_blocked(1)
-        older = asyncio.ensure_future(other.ping(driver, *a_side, recorded_at=base + timedelta(seconds=5)))
+        older = asyncio.ensure_future(
+            other.ping(driver, *a_side, recorded_at=base + timedelta(seconds=5))
+        )
         await wait_for_blocked(2)
     assert (await newer).status == 204
     assert (await older).status == 204
 
     row = await pg_pool.fetchrow(
-        "SELECT lat, lon, location_recorded_at, zone_id FROM drivers WHERE id = $1", driver.driver_id
+        "SELECT lat, lon, location_recorded_at, zone_id FROM drivers WHERE id = $1",
+        driver.driver_id,
     )
     assert row is not None
-    assert row["location_recorded_at"] == base + timedelta(seconds=10), "an older fix overwrote a newer one"
+    assert row["location_recorded_at"] == base + timedelta(seconds=10), (
+        "an older fix overwrote a newer one"
+    )
     assert (row["lat"], row["lon"]) == pytest.approx(b_side)
     assert row["zone_id"] == cells[1]
-    holding = [z for z in cells[:2] if driver.driver_id in await geo_members(redis_client, z)]
+    holding = [
+        z for z in cells[:2] if driver.driver_id in await geo_members(redis_client, z)
+    ]
     assert holding == [cells[1]]
 
 
@@ -398,45 +499,76 @@ async def test_drivers_parked_on_a_border_keep_their_newest_fix(
     zoning = Zoning(api.settings.zone_resolution)
     cells = zone_cells(zoning.zone_of(*BERLIN))
     a, b = cells[0], cells[1]
-    (alat, alon), (blat, blon) = h3.directed_edge_to_boundary(h3.cells_to_directed_edge(a, b))
+    (alat, alon), (blat, blon) = h3.directed_edge_to_boundary(
+        h3.cells_to_directed_edge(a, b)
+    )
     spots: list[tuple[Point, Point]] = []
     for i in range(150):
         t = 0.05 + 0.9 * i / 150
-        mid = (float(alat) + t * (float(blat) - float(alat)), float(alon) + t * (float(blon) - float(alon)))
-        near = [offset(*mid, dn * 0.04, de * 0.04) for dn in (-1, 0, 1) for de in (-1, 0, 1)]
+        mid = (
+            float(alat) + t * (float(blat) - float(alat)),
+            float(alon) + t * (float(blon) - float(alon)),
+        )
+        near = [
+            offset(*mid, dn * 0.04, de * 0.04) for dn in (-1, 0, 1) for de in (-1, 0, 1)
+        ]
         in_a = [p for p in near if zoning.zone_of(*p) == a]
         in_b = [p for p in near if zoning.zone_of(*p) == b]
         if in_a and in_b:
             spots.append((in_a[0], in_b[0]))
     assert len(spots) >= 100
-    drivers: list[Driver] = list(await asyncio.gather(*(api.create_driver(f"j{n}") for n in range(len(spots)))))
+    drivers: list[Driver] = list(
+        await asyncio.gather(*(api.create_driver(f"j{n}") for n in range(len(spots))))
+    )
     available = await asyncio.gather(*(api.set_status(d, "AVAILABLE") for d in drivers))
     assert {r.status for r in available} == {200}
     base = datetime.now(UTC) - timedelta(seconds=25)
-    first = await asyncio.gather(*(api.ping(d, *s[0], recorded_at=base) for d, s in zip(drivers, spots, strict=True)))
+    first = await asyncio.gather(
+        *(
+            api.ping(d, *s[0], recorded_at=base)
+            for d, s in zip(drivers, spots, strict=True)
+        )
+    )
     assert {r.status for r in first} == {204}
 
     rng = random.Random(11)
     for rnd in range(6):
-        newer_at, older_at = base + timedelta(seconds=2 * rnd + 2), base + timedelta(seconds=2 * rnd + 1)
+        newer_at, older_at = (
+            base + timedelta(seconds=2 * rnd + 2),
+            base + timedelta(seconds=2 * rnd + 1),
+        )
         newest: dict[str, Point] = {}
         sends = []
         for d, (side_a, side_b) in zip(drivers, spots, strict=True):
-            new_point, old_point = (side_a, side_b) if rng.random() < 0.5 else (side_b, side_a)
+            new_point, old_point = (
+                (side_a, side_b) if rng.random() < 0.5 else (side_b, side_a)
+            )
             newest[d.driver_id] = new_point
-            pair = [api.ping(d, *new_point, recorded_at=newer_at), api.ping(d, *old_point, recorded_at=older_at)]
+            pair = [
+                api.ping(d, *new_point, recorded_at=newer_at),
+                api.ping(d, *old_point, recorded_at=older_at),
+            ]
             rng.shuffle(pair)
             sends += pair
         answers = await asyncio.gather(*sends)
         assert {r.status for r in answers} == {204}
-        rows = await pg_pool.fetch("SELECT id, lat, lon, location_recorded_at, zone_id FROM drivers")
-        moved_back = Counter(
-            r["location_recorded_at"] - base for r in rows if r["location_recorded_at"] != newer_at
+        rows = await pg_pool.fetch(
+            "SELECT id, lat, lon, location_recorded_at, zone_id FROM drivers"
         )
-        in_a_mirror, in_b_mirror = await geo_members(redis_client, a), await geo_members(redis_client, b)
+        moved_back = Counter(
+            r["location_recorded_at"] - base
+            for r in rows
+            if r["location_recorded_at"] != newer_at
+        )
+        in_a_mirror, in_b_mirror = (
+            await geo_members(redis_client, a),
+            await geo_members(redis_client, b),
+        )
         misplaced = [
-            r["id"] for r in rows
-            if {z for z, m in ((a, in_a_mirror), (b, in_b_mirror)) if r["id"] in m} != {r["zone_id"]}
+            r["id"]
+            for r in rows
+            if {z for z, m in ((a, in_a_mirror), (b, in_b_mirror)) if r["id"] in m}
+            != {r["zone_id"]}
         ]
         assert not moved_back and not misplaced, (
             f"round {rnd}: drivers hold fixes recorded at base + {dict(moved_back)}, not the newest "

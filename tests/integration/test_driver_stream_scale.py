@@ -226,8 +226,12 @@ async def test_100_reconnects_get_every_missed_event_once_in_order(
     for w in back:
         assert w.seqs == [2, 3, 4, 5, 6], w.seqs
         assert [e["type"] for e in w.events] == [
-            "delivery.cancelled", "delivery.assigned", "offer.expired", "offer.expired", "offer.expired",
-        ]  # fmt: skip
+            "delivery.cancelled",
+            "delivery.assigned",
+            "offer.expired",
+            "offer.expired",
+            "offer.expired",
+        ]
     replays = next(iter(apis[0].client.app[EVENT_HUB].metrics.replay.collect())).samples
     assert any(s.name.endswith("_sum") and s.value > 0 for s in replays)
     await asyncio.gather(*(w.close() for w in back))

@@ -41,8 +41,9 @@ def free_port() -> int:
     return port
 
 
-
-async def keep_pinging(api: Api, driver: Driver, at: tuple[float, float], seconds: float) -> None:
+async def keep_pinging(
+    api: Api, driver: Driver, at: tuple[float, float], seconds: float
+) -> None:
     """Heartbeats every 0.4 s for `seconds` (recordedAt = now, no movement)."""
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -55,7 +56,11 @@ async def assignments_by_path(api: Api, path: str) -> float:
     """The `dispatcher_assignments_total` count of assigned answers found on `path`."""
     text = await (await api.client.get("/metrics")).text()
     prefix = f'dispatcher_assignments_total{{outcome="assigned",path="{path}"}} '
-    return sum(float(line[len(prefix):]) for line in text.splitlines() if line.startswith(prefix))
+    return sum(
+        float(line[len(prefix) :])
+        for line in text.splitlines()
+        if line.startswith(prefix)
+    )
 
 
 async def silent_is_skipped(
@@ -68,19 +73,34 @@ async def silent_is_skipped(
     fresh = await api.online_driver(*fresh_at, name="fresh")
     await keep_pinging(api, fresh, fresh_at, TTL_S + SWEEP_S + 0.3)
     assert (await api.ping(fresh, *fresh_at)).status == 204
-    silent_row = await pg_pool.fetchrow("SELECT status, last_seen_at < now() - make_interval(secs => $2) AS stale "
-                                        "FROM drivers WHERE id = $1", silent.driver_id, TTL_S)
+    silent_row = await pg_pool.fetchrow(
+        "SELECT status, last_seen_at < now() - make_interval(secs => $2) AS stale "
+        "FROM drivers WHERE id = $1",
+        silent.driver_id,
+        TTL_S,
+    )
     assert silent_row is not None and tuple(silent_row) == ("AVAILABLE", True)
 
     body = await (await api.order(f"SO-{tag}-1", *pickup)).json()
     assert body["assigned"] is True
-    assert body["driverId"] == fresh.driver_id, "a driver silent for longer than the TTL was assigned"
+    assert body["driverId"] == fresh.driver_id, (
+        "a driver silent for longer than the TTL was assigned"
+    )
     assert await assignments_by_path(api, path) == 1
 
     # Only the silent driver is left: nobody is assigned and nothing is written.
     alone = await (await api.order(f"SO-{tag}-2", *pickup)).json()
-    assert alone == {"assigned": False, "sellerOrderId": f"SO-{tag}-2", "reason": "NO_DRIVER_AVAILABLE"}
-    assert await pg_pool.fetchval("SELECT status FROM drivers WHERE id = $1", silent.driver_id) == "AVAILABLE"
+    assert alone == {
+        "assigned": False,
+        "sellerOrderId": f"SO-{tag}-2",
+        "reason": "NO_DRIVER_AVAILABLE",
+    }
+    assert (
+        await pg_pool.fetchval(
+            "SELECT status FROM drivers WHERE id = $1", silent.driver_id
+        )
+        == "AVAILABLE"
+    )
     assert await pg_pool.fetchval("SELECT count(*) FROM deliveries") == 1
     assert await pg_pool.fetchval("SELECT driver_id FROM deliveries") == fresh.driver_id
 
@@ -90,7 +110,10 @@ async def silent_is_skipped(
     assert again["assigned"] is True and again["driverId"] == silent.driver_id
 
     await receiver.wait_until(lambda: len(receiver.of_type("delivery.assigned")) == 2)
-    assert {h.body["data"]["driverId"] for h in receiver.received} == {fresh.driver_id, silent.driver_id}
+    assert {h.body["data"]["driverId"] for h in receiver.received} == {
+        fresh.driver_id,
+        silent.driver_id,
+    }
 
 
 async def test_silent_driver_is_not_assigned_on_the_redis_path(
@@ -99,7 +122,9 @@ async def test_silent_driver_is_not_assigned_on_the_redis_path(
     pg_pool: asyncpg.Pool,
     receiver: WebhookReceiver,
 ) -> None:
-    api: Api = await start_api(make_settings(heartbeat_ttl_s=TTL_S, sweep_interval_s=SWEEP_S))
+    api: Api = await start_api(
+        make_settings(heartbeat_ttl_s=TTL_S, sweep_interval_s=SWEEP_S)
+    )
     await silent_is_skipped(api, pg_pool, receiver, "redis", "redis")
 
 
@@ -112,7 +137,9 @@ async def test_silent_driver_still_in_the_mirror_is_not_assigned(
     # No sweep runs during the test: the Redis answer still offers the silent driver,
     # and the final check in PostgreSQL must refuse it.
     api: Api = await start_api(
-        make_settings(heartbeat_ttl_s=TTL_S, sweep_interval_s=300, reconcile_interval_s=300)
+        make_settings(
+            heartbeat_ttl_s=TTL_S, sweep_interval_s=300, reconcile_interval_s=300
+        )
     )
     zone = Zoning(api.settings.zone_resolution).zone_of(*BERLIN)
     silent = await api.online_driver(*offset(*BERLIN, 0.2, 0.0), name="silent")
@@ -136,7 +163,9 @@ async def test_silent_driver_is_not_assigned_on_the_postgres_fallback_path(
 ) -> None:
     dead_redis = f"redis://127.0.0.1:{free_port()}/0"
     api: Api = await start_api(
-        make_settings(redis_url=dead_redis, heartbeat_ttl_s=TTL_S, sweep_interval_s=SWEEP_S)
+        make_settings(
+            redis_url=dead_redis, heartbeat_ttl_s=TTL_S, sweep_interval_s=SWEEP_S
+        )
     )
     ready = await api.client.get("/ready")
     assert ready.status == 200
@@ -153,7 +182,9 @@ async def test_silent_driver_leaves_the_mirror_within_ttl_and_returns_on_ping(
     pg_pool: asyncpg.Pool,
     redis_client: Redis,
 ) -> None:
-    api: Api = await start_api(make_settings(heartbeat_ttl_s=TTL_S, sweep_interval_s=SWEEP_S))
+    api: Api = await start_api(
+        make_settings(heartbeat_ttl_s=TTL_S, sweep_interval_s=SWEEP_S)
+    )
     at = offset(*BERLIN, 0.4, 0.4)
     zone = Zoning(api.settings.zone_resolution).zone_of(*at)
     # The steady driver comes first: its first ping starts the zone's actor, which under
@@ -163,7 +194,8 @@ async def test_silent_driver_leaves_the_mirror_within_ttl_and_returns_on_ping(
     silent = await api.online_driver(*at, name="silent")
     # The heartbeat starts at the ping's own time.
     pinged: float = await pg_pool.fetchval(
-        "SELECT extract(epoch FROM last_seen_at)::float8 FROM drivers WHERE id = $1", silent.driver_id
+        "SELECT extract(epoch FROM last_seen_at)::float8 FROM drivers WHERE id = $1",
+        silent.driver_id,
     )
     assert await geo_members(redis_client, zone) == {silent.driver_id, steady.driver_id}
 
@@ -176,12 +208,23 @@ async def test_silent_driver_leaves_the_mirror_within_ttl_and_returns_on_ping(
             break
         assert (await api.ping(steady, *steady_at)).status == 204
         await asyncio.sleep(0.05)
-    assert gone_after is not None, f"still in the mirror {TTL_S + SWEEP_S + MARGIN_S:.2f}s after its last ping"
-    assert gone_after >= TTL_S, f"dropped after {gone_after:.2f}s, before its heartbeat expired"
+    assert gone_after is not None, (
+        f"still in the mirror {TTL_S + SWEEP_S + MARGIN_S:.2f}s after its last ping"
+    )
+    assert gone_after >= TTL_S, (
+        f"dropped after {gone_after:.2f}s, before its heartbeat expired"
+    )
     assert steady.driver_id in await geo_members(redis_client, zone)
-    assert silent.driver_id not in as_text(await redis_client.zrange(keys.zone_seen(zone), 0, -1))
+    assert silent.driver_id not in as_text(
+        await redis_client.zrange(keys.zone_seen(zone), 0, -1)
+    )
     # PostgreSQL keeps the truth: still AVAILABLE, only the heartbeat is old.
-    assert await pg_pool.fetchval("SELECT status FROM drivers WHERE id = $1", silent.driver_id) == "AVAILABLE"
+    assert (
+        await pg_pool.fetchval(
+            "SELECT status FROM drivers WHERE id = $1", silent.driver_id
+        )
+        == "AVAILABLE"
+    )
 
     # A sweep or a rebuild later, it stays out.
     await asyncio.sleep(api.settings.reconcile_interval_s)

@@ -76,8 +76,14 @@ def route_path(template: str, hostile: str) -> URL:
     return URL(path.replace("{offerId}", quoted), encoded=True)
 
 
-async def send(api: Api, method: str, url: URL | str, body: Any, headers: dict[str, str]) -> ClientResponse:
-    raw = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+async def send(
+    api: Api, method: str, url: URL | str, body: Any, headers: dict[str, str]
+) -> ClientResponse:
+    raw = (
+        None
+        if body is None
+        else (body if isinstance(body, bytes) else json.dumps(body).encode())
+    )
     resp: ClientResponse = await api.client.request(
         method, url, data=raw, headers={**headers, "Content-Type": "application/json"}
     )
@@ -95,7 +101,9 @@ async def test_unknown_path_ids_are_404_problems_and_write_nothing(
     failures: list[str] = []
     for (method, template), body in BODY_FOR.items():
         for hostile in UNKNOWN_IDS:
-            resp = await send(api, method, route_path(template, hostile), body, api.admin)
+            resp = await send(
+                api, method, route_path(template, hostile), body, api.admin
+            )
             try:
                 await problem(resp, {404})
             except AssertionError as exc:
@@ -116,17 +124,35 @@ async def test_nul_in_any_id_or_text_is_a_4xx_not_a_500(
     before = await snapshot(pg_pool, redis_client)
     headers = {**api.admin, "Content-Type": "application/json"}
     cases: list[tuple[str, str, URL | str, Any]] = [
-        (f"{method} {template} with %00 in the id", method, route_path(template, "a\x00b"), body)
+        (
+            f"{method} {template} with %00 in the id",
+            method,
+            route_path(template, "a\x00b"),
+            body,
+        )
         for (method, template), body in BODY_FOR.items()
     ]
     cases += [
-        ("GET /drivers?zoneId=%00", "GET", URL("/drivers?zoneId=a%00b", encoded=True), None),
-        ("POST /deliveries/{id}/failed, reason with NUL", "POST", f"/deliveries/{order}/failed",
-         b'{"reason": "shop\\u0000closed"}'),
+        (
+            "GET /drivers?zoneId=%00",
+            "GET",
+            URL("/drivers?zoneId=a%00b", encoded=True),
+            None,
+        ),
+        (
+            "POST /deliveries/{id}/failed, reason with NUL",
+            "POST",
+            f"/deliveries/{order}/failed",
+            b'{"reason": "shop\\u0000closed"}',
+        ),
     ]
     failures: list[str] = []
     for label, method, url, body in cases:
-        raw = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+        raw = (
+            None
+            if body is None
+            else (body if isinstance(body, bytes) else json.dumps(body).encode())
+        )
         resp = await api.client.request(method, url, data=raw, headers=headers)
         if not 400 <= resp.status < 500:
             failures.append(f"{label}: {resp.status} {(await resp.text())[:120]}")
@@ -137,12 +163,22 @@ async def test_nul_in_any_id_or_text_is_a_4xx_not_a_500(
         headers=headers,
     )
     outcome = await batch.json()
-    if batch.status != 200 or outcome["accepted"] != 0 or [r["index"] for r in outcome["rejected"]] != [0]:
-        failures.append(f"POST /drivers/locations, driverId with NUL: {batch.status} {outcome}")
+    if (
+        batch.status != 200
+        or outcome["accepted"] != 0
+        or [r["index"] for r in outcome["rejected"]] != [0]
+    ):
+        failures.append(
+            f"POST /drivers/locations, driverId with NUL: {batch.status} {outcome}"
+        )
     # The cancel event's reason is signed by Vendure, and reaches PostgreSQL the same way.
-    cancel = await api.signed_post(CANCELLED, b'{"sellerOrderId": "SO-seed", "reason": "gone\\u0000away"}')
+    cancel = await api.signed_post(
+        CANCELLED, b'{"sellerOrderId": "SO-seed", "reason": "gone\\u0000away"}'
+    )
     if not 400 <= cancel.status < 500:
-        failures.append(f"POST {CANCELLED}, reason with NUL: {cancel.status} {(await cancel.text())[:120]}")
+        failures.append(
+            f"POST {CANCELLED}, reason with NUL: {cancel.status} {(await cancel.text())[:120]}"
+        )
     await assert_unchanged(before, pg_pool, redis_client)
     assert failures == [], "\n".join(failures)
 
@@ -156,11 +192,19 @@ async def test_a_path_id_longer_than_the_request_line_limit_is_a_problem_documen
     statuses: set[int] = set()
     bad_bodies: list[str] = []
     for (method, template), body in BODY_FOR.items():
-        resp = await send(api, method, route_path(template, "x" * 10240), body, api.admin)
+        resp = await send(
+            api, method, route_path(template, "x" * 10240), body, api.admin
+        )
         statuses.add(resp.status)
-        if not resp.headers.get("Content-Type", "").startswith("application/problem+json"):
-            bad_bodies.append(f"{method} {template}: {resp.status} {resp.headers.get('Content-Type')}")
-    long_query = await api.client.get(URL("/drivers?zoneId=" + "z" * 10240, encoded=True), headers=api.admin)
+        if not resp.headers.get("Content-Type", "").startswith(
+            "application/problem+json"
+        ):
+            bad_bodies.append(
+                f"{method} {template}: {resp.status} {resp.headers.get('Content-Type')}"
+            )
+    long_query = await api.client.get(
+        URL("/drivers?zoneId=" + "z" * 10240, encoded=True), headers=api.admin
+    )
     statuses.add(long_query.status)
     await assert_unchanged(before, pg_pool, redis_client)
     assert all(400 <= s < 500 for s in statuses), statuses
@@ -177,23 +221,41 @@ async def test_recorded_at_at_the_edges_of_the_calendar_is_a_4xx_not_a_500(
     failures: list[str] = []
     for stamp in ("9999-12-31T23:59:59-14:00", "0001-01-01T00:00:00+00:01"):
         single = await send(
-            api, "PATCH", f"/drivers/{driver.driver_id}/location",
-            {"lat": BERLIN[0], "lon": BERLIN[1], "recordedAt": stamp}, driver.auth,
+            api,
+            "PATCH",
+            f"/drivers/{driver.driver_id}/location",
+            {"lat": BERLIN[0], "lon": BERLIN[1], "recordedAt": stamp},
+            driver.auth,
         )
         if not 400 <= single.status < 500:
             failures.append(f"single ping recordedAt={stamp}: {single.status}")
         batch = await send(
-            api, "POST", "/drivers/locations",
-            {"pings": [{"driverId": driver.driver_id, "lat": BERLIN[0], "lon": BERLIN[1], "recordedAt": stamp}]},
+            api,
+            "POST",
+            "/drivers/locations",
+            {
+                "pings": [
+                    {
+                        "driverId": driver.driver_id,
+                        "lat": BERLIN[0],
+                        "lon": BERLIN[1],
+                        "recordedAt": stamp,
+                    }
+                ]
+            },
             api.admin,
         )
         if batch.status != 200 or (await batch.json())["accepted"] != 0:
-            failures.append(f"batch ping recordedAt={stamp}: {batch.status} (want 200, entry rejected)")
+            failures.append(
+                f"batch ping recordedAt={stamp}: {batch.status} (want 200, entry rejected)"
+            )
     await assert_unchanged(before, pg_pool, redis_client)
     assert failures == [], "\n".join(failures)
 
 
-async def test_sql_metacharacters_and_unicode_order_ids_round_trip(api: Api, pg_pool: asyncpg.Pool) -> None:
+async def test_sql_metacharacters_and_unicode_order_ids_round_trip(
+    api: Api, pg_pool: asyncpg.Pool
+) -> None:
     """CONTRACT §4: sellerOrderId is opaque. These are valid ids, stored and answered verbatim."""
     ids = [
         "x'; DROP TABLE deliveries; --",
@@ -207,25 +269,36 @@ async def test_sql_metacharacters_and_unicode_order_ids_round_trip(api: Api, pg_
         "🚚" * 128,
     ]
     for n, seller_order_id in enumerate(ids):
-        driver = await api.online_driver(*offset(*BERLIN, 0.1 + 0.05 * n, 0.0), name=f"d{n}")
+        driver = await api.online_driver(
+            *offset(*BERLIN, 0.1 + 0.05 * n, 0.0), name=f"d{n}"
+        )
         first = await api.order(seller_order_id, *BERLIN)
         assert first.status == 200, (seller_order_id, await first.text())
         body = await first.json()
-        assert (body["sellerOrderId"], body["driverId"]) == (seller_order_id, driver.driver_id)
+        assert (body["sellerOrderId"], body["driverId"]) == (
+            seller_order_id,
+            driver.driver_id,
+        )
         again = await api.order(seller_order_id, *BERLIN)
         assert await again.read() == await first.read()
         assert again.headers["Idempotent-Replayed"] == "true"
         path = "/deliveries/" + quote(seller_order_id, safe="")
         view = await api.client.get(URL(path, encoded=True), headers=driver.auth)
         assert (await view.json())["sellerOrderId"] == seller_order_id
-    stored = {r["seller_order_id"] for r in await pg_pool.fetch("SELECT seller_order_id FROM deliveries")}
+    stored = {
+        r["seller_order_id"]
+        for r in await pg_pool.fetch("SELECT seller_order_id FROM deliveries")
+    }
     assert stored == set(ids)
     assert await pg_pool.fetchval("SELECT count(*) FROM drivers") == len(ids)
     cancelled = await api.cancel(ids[0])
     assert (await cancelled.json())["status"] == "CANCELLED"
-    assert await pg_pool.fetchval(
-        "SELECT count(*) FROM deliveries WHERE status = 'CANCELLED'"
-    ) == 1
+    assert (
+        await pg_pool.fetchval(
+            "SELECT count(*) FROM deliveries WHERE status = 'CANCELLED'"
+        )
+        == 1
+    )
 
 
 def _coordinate_values() -> list[tuple[str, str]]:
@@ -252,18 +325,36 @@ async def test_hostile_coordinates_on_every_coordinate_route_write_nothing(
     failures: list[str] = []
     for label, value in _coordinate_values():
         ping = f'{{"lat": {value}, "lon": {ok_lon}}}'.encode()
-        resp = await send(api, "PATCH", f"/drivers/{driver.driver_id}/location", ping, driver.auth)
+        resp = await send(
+            api, "PATCH", f"/drivers/{driver.driver_id}/location", ping, driver.auth
+        )
         if resp.status != 422:
             failures.append(f"ping lat {label}: {resp.status}")
         if "latitude limit" not in label:  # ±85.0511288 is a fine longitude
             lon_ping = f'{{"lat": 52.5, "lon": {value}}}'.encode()
-            resp = await send(api, "PATCH", f"/drivers/{driver.driver_id}/location", lon_ping, driver.auth)
+            resp = await send(
+                api,
+                "PATCH",
+                f"/drivers/{driver.driver_id}/location",
+                lon_ping,
+                driver.auth,
+            )
             if resp.status != 422:
                 failures.append(f"ping lon {label}: {resp.status}")
         item = f'{{"driverId": "{driver.driver_id}", "lat": {value}, "lon": {ok_lon}}}'
-        resp = await send(api, "POST", "/drivers/locations", f'{{"pings": [{item}]}}'.encode(), api.admin)
+        resp = await send(
+            api,
+            "POST",
+            "/drivers/locations",
+            f'{{"pings": [{item}]}}'.encode(),
+            api.admin,
+        )
         result = await resp.json()
-        if resp.status != 200 or result["accepted"] != 0 or [r["index"] for r in result["rejected"]] != [0]:
+        if (
+            resp.status != 200
+            or result["accepted"] != 0
+            or [r["index"] for r in result["rejected"]] != [0]
+        ):
             failures.append(f"batch lat {label}: {resp.status} {result}")
         for event in (
             f'{{"sellerOrderId": "SO-c", "pickupLat": {value}, "pickupLon": {ok_lon}}}',
@@ -275,7 +366,12 @@ async def test_hostile_coordinates_on_every_coordinate_route_write_nothing(
                 failures.append(f"event {label} in {event[26:40]}…: {resp.status}")
             else:
                 await problem(resp, {422})
-    for drop in ('{"lat": NaN, "lon": 1}', '{"lat": 1, "lon": Infinity}', '{"lat": null, "lon": 1}', '"home"'):
+    for drop in (
+        '{"lat": NaN, "lon": 1}',
+        '{"lat": 1, "lon": Infinity}',
+        '{"lat": null, "lon": 1}',
+        '"home"',
+    ):
         event = f'{{"sellerOrderId": "SO-d", "pickupLat": 52.52, "pickupLon": 13.405, "drop": {drop}}}'
         resp = await api.signed_post(READY, event.encode())
         if resp.status != 422:
@@ -294,7 +390,9 @@ async def test_deeply_nested_json_is_a_422_on_every_body_route(
     assert len(deep) <= MAX_BODY
     nested_item = b'{"pings": [' + b"[" * 20_000 + b"]" * 20_000 + b"]}"
     for route in (r for r in ROUTES if r.body is not None):
-        path = route.path.replace("{driverId}", driver.driver_id).replace("{sellerOrderId}", order)
+        path = route.path.replace("{driverId}", driver.driver_id).replace(
+            "{sellerOrderId}", order
+        )
         path = path.replace("{offerId}", "ofr_none")
         for raw in (deep, nested_item):
             if route.auth == "signature":
@@ -315,18 +413,30 @@ async def test_bodies_over_64_kib_are_413_on_the_delivery_routes_and_when_chunke
     big = json.dumps({"reason": "x" * MAX_BODY}).encode()
     for step in ("picked-up", "delivered", "failed"):
         for headers in (driver.auth, api.admin):
-            await problem(await send(api, "POST", f"/deliveries/{order}/{step}", big, headers), {413})
+            await problem(
+                await send(api, "POST", f"/deliveries/{order}/{step}", big, headers),
+                {413},
+            )
 
     async def chunks() -> AsyncIterator[bytes]:
         for _ in range(80):
             yield b" " * 1024  # JSON whitespace: valid if it were ever parsed
 
-    for method, path in (("PATCH", f"/drivers/{driver.driver_id}/location"), ("POST", "/drivers"),
-                         ("POST", "/drivers/locations"), ("POST", f"/deliveries/{order}/failed")):
+    for method, path in (
+        ("PATCH", f"/drivers/{driver.driver_id}/location"),
+        ("POST", "/drivers"),
+        ("POST", "/drivers/locations"),
+        ("POST", f"/deliveries/{order}/failed"),
+    ):
         resp = await api.client.request(
-            method, path, data=chunks(), headers={**api.admin, "Content-Type": "application/json"}
+            method,
+            path,
+            data=chunks(),
+            headers={**api.admin, "Content-Type": "application/json"},
         )
         await problem(resp, {413})
-    chunked_event = await api.client.post(READY, data=chunks(), headers=api.signed_headers(b" " * 80 * 1024))
+    chunked_event = await api.client.post(
+        READY, data=chunks(), headers=api.signed_headers(b" " * 80 * 1024)
+    )
     await problem(chunked_event, {413})
     await assert_unchanged(before, pg_pool, redis_client)

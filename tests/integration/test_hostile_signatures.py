@@ -30,7 +30,9 @@ TOLERANCE_S = 300
 def clock_at(monkeypatch: pytest.MonkeyPatch, shift_s: float) -> None:
     """The verifier's clock, `shift_s` seconds ahead of the real one."""
     real = time.time
-    monkeypatch.setattr(signing, "time", types.SimpleNamespace(time=lambda: real() + shift_s))
+    monkeypatch.setattr(
+        signing, "time", types.SimpleNamespace(time=lambda: real() + shift_s)
+    )
 
 
 async def assigned(api: Api, seller_order_id: str) -> Driver:
@@ -41,13 +43,18 @@ async def assigned(api: Api, seller_order_id: str) -> Driver:
 
 
 async def test_an_event_replayed_after_300_s_is_refused_and_writes_nothing(
-    api: Api, pg_pool: asyncpg.Pool, redis_client: Redis, receiver: WebhookReceiver,
+    api: Api,
+    pg_pool: asyncpg.Pool,
+    redis_client: Redis,
+    receiver: WebhookReceiver,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The same bytes and headers that were accepted: within 300 s a replay is answered
     (idempotent), after 300 s it is 401. A cancel captured and held back is refused too."""
     await assigned(api, "SO-keep")
-    raw = json.dumps({"sellerOrderId": "SO-replay", "pickupLat": BERLIN[0], "pickupLon": BERLIN[1]}).encode()
+    raw = json.dumps(
+        {"sellerOrderId": "SO-replay", "pickupLat": BERLIN[0], "pickupLon": BERLIN[1]}
+    ).encode()
     headers = api.signed_headers(raw)
     first = await api.client.post(READY, data=raw, headers=headers)
     assert first.status == 200 and (await first.json())["assigned"] is False
@@ -61,11 +68,21 @@ async def test_an_event_replayed_after_300_s_is_refused_and_writes_nothing(
     assert within.status == 200, await within.text()
 
     clock_at(monkeypatch, TOLERANCE_S + 1)
-    for path, body, sent in ((READY, raw, headers), (CANCELLED, cancel_raw, held_cancel)):
-        body_json = await problem(await api.client.post(path, data=body, headers=sent), {401})
+    for path, body, sent in (
+        (READY, raw, headers),
+        (CANCELLED, cancel_raw, held_cancel),
+    ):
+        body_json = await problem(
+            await api.client.post(path, data=body, headers=sent), {401}
+        )
         assert "tolerance" in body_json["detail"]
     await assert_unchanged(before, pg_pool, redis_client)
-    assert await pg_pool.fetchval("SELECT status FROM deliveries WHERE seller_order_id = 'SO-keep'") == "ASSIGNED"
+    assert (
+        await pg_pool.fetchval(
+            "SELECT status FROM deliveries WHERE seller_order_id = 'SO-keep'"
+        )
+        == "ASSIGNED"
+    )
 
 
 async def test_forged_cancels_of_an_assigned_order_are_401_and_change_nothing(
@@ -88,19 +105,40 @@ async def test_forged_cancels_of_an_assigned_order_are_401_and_change_nothing(
         ("no webhook-signature", raw, variant(webhook_signature=None)),
         ("malformed signature", raw, variant(webhook_signature="v1" + digest)),
         ("wrong key", raw, api.signed_headers(raw, secret=new_secret())),
-        ("signed with the outgoing webhook secret", raw,
-         api.signed_headers(raw, secret=api.settings.vendure_webhook_secret)),
+        (
+            "signed with the outgoing webhook secret",
+            raw,
+            api.signed_headers(raw, secret=api.settings.vendure_webhook_secret),
+        ),
         ("one byte changed", raw.replace(b"forged", b"forgeD"), good),
         ("a trailing newline", raw + b"\n", good),
         ("the same JSON, re-serialized", reserialized, good),
         ("timestamp 301 s old", raw, api.signed_headers(raw, timestamp=ts - 301)),
         ("timestamp with a plus sign", raw, variant(webhook_timestamp=f"+{ts}")),
-        ("timestamp in full-width digits", raw,
-         variant(webhook_timestamp=str(ts).translate({ord(c): ord(c) + 0xFEE0 for c in "0123456789"}))),
+        (
+            "timestamp in full-width digits",
+            raw,
+            variant(
+                webhook_timestamp=str(ts).translate(
+                    {ord(c): ord(c) + 0xFEE0 for c in "0123456789"}
+                )
+            ),
+        ),
         ("timestamp as a float", raw, variant(webhook_timestamp=f"{ts}.0")),
-        ("150 junk v1 entries", raw, variant(webhook_signature=" ".join([f"v1,{digest[:-4]}AAA="] * 150))),
-        ("the digest of another message", raw,
-         variant(webhook_signature=sign(api.settings.inbound_secret, good["webhook-id"], ts, b"{}"))),
+        (
+            "150 junk v1 entries",
+            raw,
+            variant(webhook_signature=" ".join([f"v1,{digest[:-4]}AAA="] * 150)),
+        ),
+        (
+            "the digest of another message",
+            raw,
+            variant(
+                webhook_signature=sign(
+                    api.settings.inbound_secret, good["webhook-id"], ts, b"{}"
+                )
+            ),
+        ),
     ]
     assert reserialized != raw
     await settled(pg_pool, receiver)
@@ -114,11 +152,20 @@ async def test_forged_cancels_of_an_assigned_order_are_401_and_change_nothing(
             await problem(resp, {401})
     assert failures == []
     await assert_unchanged(before, pg_pool, redis_client)
-    assert await pg_pool.fetchval("SELECT status FROM drivers WHERE id = $1", driver.driver_id) == "BUSY"
+    assert (
+        await pg_pool.fetchval(
+            "SELECT status FROM drivers WHERE id = $1", driver.driver_id
+        )
+        == "BUSY"
+    )
     assert receiver.of_type("delivery.cancelled") == []
 
     # The genuine request, sent last, still works: 150 junk entries before it do not hide it.
-    junk_then_valid = variant(webhook_signature=" ".join([f"v1,{digest[:-4]}AAA="] * 150 + [good["webhook-signature"]]))
+    junk_then_valid = variant(
+        webhook_signature=" ".join(
+            [f"v1,{digest[:-4]}AAA="] * 150 + [good["webhook-signature"]]
+        )
+    )
     resp = await api.client.post(CANCELLED, data=raw, headers=junk_then_valid)
     assert resp.status == 200, await resp.text()
     assert (await resp.json())["status"] == "CANCELLED"
@@ -134,21 +181,41 @@ async def test_key_rotation_both_entries_accepted_by_old_and_new_ingress(
     signed only with the retired key is refused."""
     old_key, new_key = new_secret(), new_secret()
     old_api: Api = await start_api(make_settings(inbound_secret=old_key))
-    new_api: Api = await start_api(make_settings(inbound_secret=new_key, admin_token=old_api.settings.admin_token))
+    new_api: Api = await start_api(
+        make_settings(inbound_secret=new_key, admin_token=old_api.settings.admin_token)
+    )
 
     def both(raw: bytes, order: tuple[str, str]) -> dict[str, str]:
         headers = old_api.signed_headers(raw, secret=order[0])
-        extra = sign(order[1], headers["webhook-id"], int(headers["webhook-timestamp"]), raw)
-        return {**headers, "webhook-signature": f"{headers['webhook-signature']} {extra}"}
+        extra = sign(
+            order[1], headers["webhook-id"], int(headers["webhook-timestamp"]), raw
+        )
+        return {
+            **headers,
+            "webhook-signature": f"{headers['webhook-signature']} {extra}",
+        }
 
-    for n, (api, order) in enumerate([(old_api, (old_key, new_key)), (old_api, (new_key, old_key)),
-                                      (new_api, (old_key, new_key)), (new_api, (new_key, old_key))]):
-        raw = json.dumps({"sellerOrderId": f"SO-rot-{n}", "pickupLat": -33.86, "pickupLon": 151.21}).encode()
+    for n, (api, order) in enumerate(
+        [
+            (old_api, (old_key, new_key)),
+            (old_api, (new_key, old_key)),
+            (new_api, (old_key, new_key)),
+            (new_api, (new_key, old_key)),
+        ]
+    ):
+        raw = json.dumps(
+            {"sellerOrderId": f"SO-rot-{n}", "pickupLat": -33.86, "pickupLon": 151.21}
+        ).encode()
         resp = await api.client.post(READY, data=raw, headers=both(raw, order))
         assert resp.status == 200, (n, await resp.text())
 
     raw = b'{"sellerOrderId": "SO-retired", "pickupLat": -33.86, "pickupLon": 151.21}'
-    await problem(await new_api.client.post(READY, data=raw, headers=new_api.signed_headers(raw, secret=old_key)), {401})
+    await problem(
+        await new_api.client.post(
+            READY, data=raw, headers=new_api.signed_headers(raw, secret=old_key)
+        ),
+        {401},
+    )
     assert await pg_pool.fetchval("SELECT count(*) FROM deliveries") == 0
 
 
@@ -166,7 +233,9 @@ async def test_comparisons_of_secrets_are_constant_time(
     monkeypatch.setattr(hmac, "compare_digest", spy)
     admin = api.settings.admin_token.encode()
 
-    resp = await api.client.get("/zones", headers={"Authorization": "Bearer not-the-admin"})
+    resp = await api.client.get(
+        "/zones", headers={"Authorization": "Bearer not-the-admin"}
+    )
     await problem(resp, {401})
     assert (b"not-the-admin", admin) in calls
     assert (await api.client.get("/zones", headers=api.admin)).status == 200
@@ -178,6 +247,8 @@ async def test_comparisons_of_secrets_are_constant_time(
     assert (await api.client.post(READY, data=raw, headers=headers)).status == 200
     expected = signing.decode_secret(api.settings.inbound_secret)
     digest = hmac.new(
-        expected, f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + raw, "sha256"
+        expected,
+        f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + raw,
+        "sha256",
     ).digest()
     assert (digest, digest) in calls

@@ -51,7 +51,11 @@ BODIES: dict[tuple[str, str], Any] = {
     ("GET", "/dispatches/{sellerOrderId}"): None,
     ("POST", "/dispatches/{sellerOrderId}/assign"): {"driverId": "drv_x"},
     ("POST", "/dispatches/{sellerOrderId}/redispatch"): None,
-    ("POST", "/events/seller-order-ready"): {"sellerOrderId": "SO-x", "pickupLat": 52.52, "pickupLon": 13.405},
+    ("POST", "/events/seller-order-ready"): {
+        "sellerOrderId": "SO-x",
+        "pickupLat": 52.52,
+        "pickupLon": 13.405,
+    },
     ("POST", "/events/seller-order-cancelled"): {"sellerOrderId": "SO-owned"},
 }
 
@@ -60,15 +64,26 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-async def call(api: Api, method: str, template: str, driver_id: str, order: str, headers: dict[str, str]) -> ClientResponse:
+async def call(
+    api: Api,
+    method: str,
+    template: str,
+    driver_id: str,
+    order: str,
+    headers: dict[str, str],
+) -> ClientResponse:
     path = template.replace("{driverId}", driver_id).replace("{sellerOrderId}", order)
     path = path.replace("{offerId}", "ofr_none")
     body = BODIES[(method, template)]
-    resp: ClientResponse = await api.client.request(method, path, json=body, headers=headers)
+    resp: ClientResponse = await api.client.request(
+        method, path, json=body, headers=headers
+    )
     return resp
 
 
-async def owned_order(api: Api, pg_pool: asyncpg.Pool, receiver: WebhookReceiver) -> tuple[Driver, Driver]:
+async def owned_order(
+    api: Api, pg_pool: asyncpg.Pool, receiver: WebhookReceiver
+) -> tuple[Driver, Driver]:
     """`owner` holds SO-owned; `other` is an active, located driver of the same zone."""
     owner = await api.online_driver(*offset(*BERLIN, 0.1, 0.0), name="owner")
     resp = await api.order("SO-owned", *BERLIN)
@@ -90,7 +105,9 @@ async def test_every_route_refuses_the_wrong_credentials_and_writes_nothing(
     before = await snapshot(pg_pool, redis_client)
     failures: list[str] = []
 
-    async def expect(status: int, method: str, template: str, headers: dict[str, str], who: str) -> None:
+    async def expect(
+        status: int, method: str, template: str, headers: dict[str, str], who: str
+    ) -> None:
         resp = await call(api, method, template, owner.driver_id, "SO-owned", headers)
         try:
             await problem(resp, {status})
@@ -107,26 +124,43 @@ async def test_every_route_refuses_the_wrong_credentials_and_writes_nothing(
             await expect(401, method, template, api.admin, "the admin token")
             await expect(401, method, template, owner.auth, "a driver token")
         await expect(401, method, template, {}, "no credentials")
-        await expect(401, method, template, bearer(owner.token + "x"), "a lookalike token")
+        await expect(
+            401, method, template, bearer(owner.token + "x"), "a lookalike token"
+        )
     assert failures == [], "\n".join(failures)
     await assert_unchanged(before, pg_pool, redis_client)
 
 
-async def test_token_lookalikes_and_other_carriers_are_refused(api: Api, pg_pool: asyncpg.Pool) -> None:
+async def test_token_lookalikes_and_other_carriers_are_refused(
+    api: Api, pg_pool: asyncpg.Pool
+) -> None:
     driver = await api.create_driver("real")
     admin = api.settings.admin_token
     driver_id, _, secret = driver.token.partition(".")
     other_secret = base64.urlsafe_b64encode(b"\x00" * 32).decode().rstrip("=")
     lookalikes = [
-        admin[:-1], admin + "x", admin.upper(), admin[::-1], f"{admin} {admin}",
+        admin[:-1],
+        admin + "x",
+        admin.upper(),
+        admin[::-1],
+        f"{admin} {admin}",
         f"{driver_id}.{other_secret}",  # the right driver id, a made-up secret
-        f"{driver_id}.", driver_id, secret, driver.token[:-1], driver.token + ".",
+        f"{driver_id}.",
+        driver_id,
+        secret,
+        driver.token[:-1],
+        driver.token + ".",
     ]
     for token in lookalikes:
         await problem(await api.client.get("/drivers", headers=bearer(token)), {401})
-        await problem(await api.client.get(f"/drivers/{driver.driver_id}", headers=bearer(token)), {401})
+        await problem(
+            await api.client.get(f"/drivers/{driver.driver_id}", headers=bearer(token)),
+            {401},
+        )
     for headers in (
-        {"Authorization": f"Basic {base64.b64encode(f'admin:{admin}'.encode()).decode()}"},
+        {
+            "Authorization": f"Basic {base64.b64encode(f'admin:{admin}'.encode()).decode()}"
+        },
         {"Authorization": admin},
         {"Authorization": f"Token {admin}"},
         {"X-Admin-Token": admin},
@@ -134,7 +168,9 @@ async def test_token_lookalikes_and_other_carriers_are_refused(api: Api, pg_pool
         {"X-Forwarded-Authorization": f"Bearer {admin}"},
     ):
         await problem(await api.client.get("/drivers", headers=headers), {401})
-    await problem(await api.client.get(f"/drivers?token={admin}&access_token={admin}"), {401})
+    await problem(
+        await api.client.get(f"/drivers?token={admin}&access_token={admin}"), {401}
+    )
     assert await pg_pool.fetchval("SELECT count(*) FROM drivers") == 1
 
 
@@ -151,15 +187,21 @@ async def test_deactivation_stops_a_cached_token_at_once_on_every_route_and_ingr
     b: Api = await start_api(settings)
     owner, _ = await owned_order(a, pg_pool, receiver)
     # B learns the token: a read and a ping.
-    assert (await b.client.get(f"/drivers/{owner.driver_id}", headers=owner.auth)).status == 200
+    assert (
+        await b.client.get(f"/drivers/{owner.driver_id}", headers=owner.auth)
+    ).status == 200
     assert (await b.ping(owner, *offset(*BERLIN, 0.11, 0.0))).status == 204
     await settled(pg_pool, receiver)
 
-    resp = await a.client.patch(f"/drivers/{owner.driver_id}", json={"isActive": False}, headers=a.admin)
+    resp = await a.client.patch(
+        f"/drivers/{owner.driver_id}", json={"isActive": False}, headers=a.admin
+    )
     assert resp.status == 200, await resp.text()
     before = await snapshot(pg_pool, redis_client)
     failures: list[str] = []
-    for (method, template), auth in {(r.method, r.path): r.auth for r in ROUTES}.items():
+    for (method, template), auth in {
+        (r.method, r.path): r.auth for r in ROUTES
+    }.items():
         if auth != "driver":
             continue
         resp = await call(b, method, template, owner.driver_id, "SO-owned", owner.auth)
@@ -168,17 +210,26 @@ async def test_deactivation_stops_a_cached_token_at_once_on_every_route_and_ingr
     # The gateway batch, through B, refuses the deactivated driver's fix as well.
     batch = await b.client.post(
         "/drivers/locations",
-        json={"pings": [{"driverId": owner.driver_id, "lat": BERLIN[0], "lon": BERLIN[1]}]},
+        json={
+            "pings": [{"driverId": owner.driver_id, "lat": BERLIN[0], "lon": BERLIN[1]}]
+        },
         headers=b.admin,
     )
-    assert await batch.json() == {"accepted": 0, "rejected": [{"index": 0, "detail": "driver is deactivated"}]}
+    assert await batch.json() == {
+        "accepted": 0,
+        "rejected": [{"index": 0, "detail": "driver is deactivated"}],
+    }
     assert failures == [], "\n".join(failures)
     await assert_unchanged(before, pg_pool, redis_client)
 
     # Reactivated through A: B lets the token in again at once.
-    resp = await a.client.patch(f"/drivers/{owner.driver_id}", json={"isActive": True}, headers=a.admin)
+    resp = await a.client.patch(
+        f"/drivers/{owner.driver_id}", json={"isActive": True}, headers=a.admin
+    )
     assert resp.status == 200
-    assert (await b.client.get("/deliveries/SO-owned", headers=owner.auth)).status == 200
+    assert (
+        await b.client.get("/deliveries/SO-owned", headers=owner.auth)
+    ).status == 200
 
 
 def _secret_values(settings: ResolvedSettings, extra: list[str]) -> dict[str, str]:
@@ -197,9 +248,13 @@ def _leaks(text: str, secrets: dict[str, str]) -> list[str]:
     return [name for name, value in secrets.items() if value in text]
 
 
-def _scan_files(folder: Path, secrets: dict[str, str]) -> tuple[int, dict[str, list[str]]]:
+def _scan_files(
+    folder: Path, secrets: dict[str, str]
+) -> tuple[int, dict[str, list[str]]]:
     """How many files under `folder` were read, and which of them hold a secret."""
-    files = [p for p in folder.rglob("*") if p.is_file() and p.stat().st_size < 50_000_000]
+    files = [
+        p for p in folder.rglob("*") if p.is_file() and p.stat().st_size < 50_000_000
+    ]
     found = {str(p): _leaks(p.read_text(errors="replace"), secrets) for p in files}
     return len(files), {k: v for k, v in found.items() if v}
 
@@ -217,36 +272,99 @@ async def _hostile_session(api: Api, drivers: list[Driver]) -> list[tuple[str, s
     json_headers = {"Content-Type": "application/json"}
     for bad in (admin + "x", admin[:-1], token + "x", f"{token} {admin}"):
         await keep(await api.client.get("/drivers", headers=bearer(bad)))
-        await keep(await api.client.get(f"/drivers/{drivers[1].driver_id}", headers=bearer(bad)))
+        await keep(
+            await api.client.get(
+                f"/drivers/{drivers[1].driver_id}", headers=bearer(bad)
+            )
+        )
     await keep(await api.client.get("/zones", headers=drivers[0].auth))
-    await keep(await api.client.get(f"/drivers/{drivers[1].driver_id}", headers=drivers[0].auth))
-    await keep(await api.client.post("/drivers", json={"name": 5, "phone": admin, "vehicleType": s.inbound_secret},
-                                     headers=api.admin))
-    await keep(await api.client.post("/drivers", json={"name": "x", admin: token}, headers=api.admin))
-    await keep(await api.client.patch(f"/drivers/{drivers[0].driver_id}/location",
-                                      json={"lat": admin, "lon": token, "recordedAt": s.inbound_secret},
-                                      headers=drivers[0].auth))
-    await keep(await api.client.post("/drivers/locations",
-                                     json={"pings": [{"driverId": token, "lat": 1, "lon": 2},
-                                                     {"driverId": admin, "lat": admin, "lon": 2}, admin]},
-                                     headers=api.admin))
+    await keep(
+        await api.client.get(
+            f"/drivers/{drivers[1].driver_id}", headers=drivers[0].auth
+        )
+    )
+    await keep(
+        await api.client.post(
+            "/drivers",
+            json={"name": 5, "phone": admin, "vehicleType": s.inbound_secret},
+            headers=api.admin,
+        )
+    )
+    await keep(
+        await api.client.post(
+            "/drivers", json={"name": "x", admin: token}, headers=api.admin
+        )
+    )
+    await keep(
+        await api.client.patch(
+            f"/drivers/{drivers[0].driver_id}/location",
+            json={"lat": admin, "lon": token, "recordedAt": s.inbound_secret},
+            headers=drivers[0].auth,
+        )
+    )
+    await keep(
+        await api.client.post(
+            "/drivers/locations",
+            json={
+                "pings": [
+                    {"driverId": token, "lat": 1, "lon": 2},
+                    {"driverId": admin, "lat": admin, "lon": 2},
+                    admin,
+                ]
+            },
+            headers=api.admin,
+        )
+    )
     # (No secret in a URL: the test server's access log records request lines, and a
     # token in a URL is the client's leak. `dispatcher serve` runs without an access log.)
-    await keep(await api.client.get("/drivers?zoneId=x&status=SLEEPING", headers=bearer(admin)))
-    await keep(await api.client.post("/deliveries/SO-none/failed", json={"reason": 7, "x": admin},
-                                     headers=drivers[0].auth))
-    raw = json.dumps({"sellerOrderId": 5.5, "pickupLat": admin, "pickupLon": token}).encode()
-    await keep(await api.client.post("/events/seller-order-ready", data=raw, headers=api.signed_headers(raw)))
-    for signature in (s.inbound_secret, f"v1,{s.inbound_secret}", f"v1,{admin}", s.vendure_webhook_secret):
-        await keep(await api.client.post("/events/seller-order-ready", data=raw, headers={
-            **json_headers, "webhook-id": admin, "webhook-timestamp": "1", "webhook-signature": signature,
-        }))
+    await keep(
+        await api.client.get("/drivers?zoneId=x&status=SLEEPING", headers=bearer(admin))
+    )
+    await keep(
+        await api.client.post(
+            "/deliveries/SO-none/failed",
+            json={"reason": 7, "x": admin},
+            headers=drivers[0].auth,
+        )
+    )
+    raw = json.dumps(
+        {"sellerOrderId": 5.5, "pickupLat": admin, "pickupLon": token}
+    ).encode()
+    await keep(
+        await api.client.post(
+            "/events/seller-order-ready", data=raw, headers=api.signed_headers(raw)
+        )
+    )
+    for signature in (
+        s.inbound_secret,
+        f"v1,{s.inbound_secret}",
+        f"v1,{admin}",
+        s.vendure_webhook_secret,
+    ):
+        await keep(
+            await api.client.post(
+                "/events/seller-order-ready",
+                data=raw,
+                headers={
+                    **json_headers,
+                    "webhook-id": admin,
+                    "webhook-timestamp": "1",
+                    "webhook-signature": signature,
+                },
+            )
+        )
     wrong_key = api.signed_headers(raw, secret=s.vendure_webhook_secret)
-    await keep(await api.client.post("/events/seller-order-cancelled", data=raw, headers=wrong_key))
+    await keep(
+        await api.client.post(
+            "/events/seller-order-cancelled", data=raw, headers=wrong_key
+        )
+    )
     # Successes too: the order (a webhook is sent) and its lifecycle.
     await keep(await api.order("SO-leak", *BERLIN))
     await keep(await api.step(drivers[0], "SO-leak", "picked-up"))
-    await keep(await api.step(drivers[0], "SO-leak", "failed", {"reason": "no one home"}))
+    await keep(
+        await api.step(drivers[0], "SO-leak", "failed", {"reason": "no one home"})
+    )
     for path in ("/metrics", "/ready", "/openapi.json", "/health"):
         await keep(await api.client.get(path))
     return answers
@@ -260,22 +378,33 @@ async def test_tokens_and_secrets_never_appear_in_logs_errors_or_metrics(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     url_password, url_token = "pw-" + token_hex(12), "qt-" + token_hex(12)
-    webhook_url = receiver.url.replace("http://", f"http://hooks:{url_password}@") + f"?token={url_token}"
+    webhook_url = (
+        receiver.url.replace("http://", f"http://hooks:{url_password}@")
+        + f"?token={url_token}"
+    )
     for name in ("dispatcher", "aiohttp", "asyncio", ""):
         caplog.set_level(logging.DEBUG, logger=name)
     api: Api = await start_api(make_settings(vendure_webhook_url=webhook_url))
     receiver.script = [500, 429, 302]  # the sender logs each failed attempt
-    drivers = [await api.online_driver(*offset(*BERLIN, 0.1 * i, 0.0), name=f"d{i}") for i in (1, 2)]
+    drivers = [
+        await api.online_driver(*offset(*BERLIN, 0.1 * i, 0.0), name=f"d{i}")
+        for i in (1, 2)
+    ]
     answers = await _hostile_session(api, drivers)
     await receiver.wait_until(lambda: len(receiver.received) >= 3)
     await settled(pg_pool, receiver)
     await asyncio.sleep(0.2)
 
-    secrets = _secret_values(api.settings, [d.token for d in drivers] + [url_password, url_token])
-    records = "\n".join(
-        f"{r.name} {r.levelname} {r.getMessage()} {r.exc_text or ''} {r.args!r}" for r in caplog.records
+    secrets = _secret_values(
+        api.settings, [d.token for d in drivers] + [url_password, url_token]
     )
-    assert "attempt 1 failed" in records  # the sender did log, and at DEBUG everything is on
+    records = "\n".join(
+        f"{r.name} {r.levelname} {r.getMessage()} {r.exc_text or ''} {r.args!r}"
+        for r in caplog.records
+    )
+    assert (
+        "attempt 1 failed" in records
+    )  # the sender did log, and at DEBUG everything is on
     assert _leaks(records, secrets) == []
     assert _leaks(caplog.text, secrets) == []
     leaked = {f"{head[:60]}": _leaks(head + body, secrets) for head, body in answers}
@@ -293,9 +422,12 @@ async def test_serve_never_prints_secrets_it_was_given(
     """`dispatcher serve` at DEBUG: stdout and stderr hold none of the configured secrets
     (CONTRACT §1 prints only secrets it generated itself), through failures and successes."""
     port = free_port()
-    resolved = settings.model_copy(update={
-        "ray_address": ray.get_runtime_context().gcs_address, "data_dir": tmp_path / "data",
-    })
+    resolved = settings.model_copy(
+        update={
+            "ray_address": ray.get_runtime_context().gcs_address,
+            "data_dir": tmp_path / "data",
+        }
+    )
     env = serve_env(resolved, port=port)
     env["DISPATCHER_LOG_LEVEL"] = "DEBUG"
     log_path = tmp_path / "serve.log"
@@ -306,15 +438,34 @@ async def test_serve_never_prints_secrets_it_was_given(
         base = f"http://127.0.0.1:{port}"
         admin = bearer(settings.admin_token)
         async with aiohttp.ClientSession(base_url=base) as http:
-            created = await (await http.post("/drivers", json={"name": "cli"}, headers=admin)).json()
-            for headers in (bearer(settings.admin_token + "x"), bearer(created["token"] + "x"), {}):
+            created = await (
+                await http.post("/drivers", json={"name": "cli"}, headers=admin)
+            ).json()
+            for headers in (
+                bearer(settings.admin_token + "x"),
+                bearer(created["token"] + "x"),
+                {},
+            ):
                 assert (await http.get("/drivers", headers=headers)).status == 401
-            assert (await http.get("/zones", headers=bearer(created["token"]))).status == 403
-            assert (await http.post("/events/seller-order-ready", data=b"{}", headers={
-                "webhook-id": "x", "webhook-timestamp": "1", "webhook-signature": settings.inbound_secret,
-            })).status == 401
-            resp = await http.patch(f"/drivers/{created['driverId']}/location",
-                                    json={"lat": 52.52, "lon": 13.405}, headers=bearer(created["token"]))
+            assert (
+                await http.get("/zones", headers=bearer(created["token"]))
+            ).status == 403
+            assert (
+                await http.post(
+                    "/events/seller-order-ready",
+                    data=b"{}",
+                    headers={
+                        "webhook-id": "x",
+                        "webhook-timestamp": "1",
+                        "webhook-signature": settings.inbound_secret,
+                    },
+                )
+            ).status == 401
+            resp = await http.patch(
+                f"/drivers/{created['driverId']}/location",
+                json={"lat": 52.52, "lon": 13.405},
+                headers=bearer(created["token"]),
+            )
             assert resp.status == 204, await resp.text()
     finally:
         await serve.stop()

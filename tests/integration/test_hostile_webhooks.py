@@ -69,36 +69,59 @@ async def test_urls_in_request_data_are_never_called(
         "eventId": f"{trap.url}/event",
     }
     host = trap.url.removeprefix("http://")
-    forwarding = {"X-Forwarded-Host": host, "Forwarded": f"host={host}", "Referer": trap.url,
-                  "Origin": trap.url, "X-Callback-Url": trap.url}
+    forwarding = {
+        "X-Forwarded-Host": host,
+        "Forwarded": f"host={host}",
+        "Referer": trap.url,
+        "Origin": trap.url,
+        "X-Callback-Url": trap.url,
+    }
     raw_ready = (
         b'{"sellerOrderId": "SO-steer", "pickupLat": 52.52, "pickupLon": 13.405, '
         + ", ".join(f'"{k}": {json.dumps(v)}' for k, v in steering.items()).encode()
         + b"}"
     )
-    resp = await api.client.post(READY, data=raw_ready, headers={**api.signed_headers(raw_ready), **forwarding})
+    resp = await api.client.post(
+        READY, data=raw_ready, headers={**api.signed_headers(raw_ready), **forwarding}
+    )
     assert resp.status == 200, await resp.text()
     assert (await resp.json())["driverId"] == driver.driver_id
     # Lifecycle bodies and the cancel event carry URLs too.
     resp = await api.client.post(
-        "/deliveries/SO-steer/picked-up", json={"callbackUrl": trap.url}, headers={**driver.auth, **forwarding}
+        "/deliveries/SO-steer/picked-up",
+        json={"callbackUrl": trap.url},
+        headers={**driver.auth, **forwarding},
     )
     assert resp.status == 200, await resp.text()
-    raw_cancel = (b'{"sellerOrderId": "SO-steer", "reason": "' + trap.url.encode() + b'", "callbackUrl": "'
-                  + trap.url.encode() + b'/cancel"}')
-    resp = await api.client.post(CANCELLED, data=raw_cancel, headers={**api.signed_headers(raw_cancel), **forwarding})
+    raw_cancel = (
+        b'{"sellerOrderId": "SO-steer", "reason": "'
+        + trap.url.encode()
+        + b'", "callbackUrl": "'
+        + trap.url.encode()
+        + b'/cancel"}'
+    )
+    resp = await api.client.post(
+        CANCELLED,
+        data=raw_cancel,
+        headers={**api.signed_headers(raw_cancel), **forwarding},
+    )
     assert resp.status == 200, await resp.text()
 
     await receiver.wait_until(lambda: len(receiver.for_order("SO-steer")) == 3)
     await asyncio.sleep(0.5)  # time for any stray call to land
     assert [d.body["type"] for d in receiver.for_order("SO-steer")] == [
-        "delivery.assigned", "delivery.picked_up", "delivery.cancelled",
+        "delivery.assigned",
+        "delivery.picked_up",
+        "delivery.cancelled",
     ]
     assert trap.hits == []
     # The outbox holds no URL at all: the target is configuration, not data.
-    columns = {r["column_name"] for r in await pg_pool.fetch(
-        "SELECT column_name FROM information_schema.columns WHERE table_name = 'webhook_outbox'"
-    )}
+    columns = {
+        r["column_name"]
+        for r in await pg_pool.fetch(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = 'webhook_outbox'"
+        )
+    }
     assert not any("url" in c for c in columns), columns
 
 
@@ -118,14 +141,22 @@ async def test_redirects_from_the_configured_url_are_not_followed_through_the_se
     ]
     api: Api = await start_api(make_settings())
     driver = await api.online_driver(*offset(*BERLIN, 0.2, 0.0))
-    assert (await (await api.order("SO-redirect", *BERLIN)).json())["driverId"] == driver.driver_id
+    assert (await (await api.order("SO-redirect", *BERLIN)).json())[
+        "driverId"
+    ] == driver.driver_id
 
     await receiver.wait_until(lambda: len(receiver.for_order("SO-redirect")) == 1)
-    await settled(pg_pool, receiver)  # the sender records the 2xx just after the receiver saw it
-    row = await pg_pool.fetchrow("SELECT * FROM webhook_outbox WHERE seller_order_id = 'SO-redirect'")
+    await settled(
+        pg_pool, receiver
+    )  # the sender records the 2xx just after the receiver saw it
+    row = await pg_pool.fetchrow(
+        "SELECT * FROM webhook_outbox WHERE seller_order_id = 'SO-redirect'"
+    )
     assert row is not None
     # Three redirects, each a failed attempt, then the fourth is delivered (204).
-    assert (row["attempts"], row["last_status"]) == (4, 204) and row["delivered_at"] is not None
+    assert (row["attempts"], row["last_status"]) == (4, 204) and row[
+        "delivered_at"
+    ] is not None
     assert receiver.script == []
     assert receiver.for_order("SO-redirect")[0].webhook_id == row["webhook_id"]
     await asyncio.sleep(0.3)

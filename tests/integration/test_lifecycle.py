@@ -28,9 +28,10 @@ def as_text(values: Any) -> set[str]:
     return {v.decode() if isinstance(v, bytes) else str(v) for v in values}
 
 
-
 async def driver_status(pg_pool: asyncpg.Pool, driver: Driver) -> str:
-    status: str = await pg_pool.fetchval("SELECT status FROM drivers WHERE id = $1", driver.driver_id)
+    status: str = await pg_pool.fetchval(
+        "SELECT status FROM drivers WHERE id = $1", driver.driver_id
+    )
     return status
 
 
@@ -47,7 +48,9 @@ async def finish(api: Api, driver: Driver, seller_order_id: str, how: str) -> st
         assert (await api.step(driver, seller_order_id, "picked-up")).status == 200
         resp = await api.step(driver, seller_order_id, "delivered")
     elif how == "failed":
-        resp = await api.step(driver, seller_order_id, "failed", {"reason": "customer not at home"})
+        resp = await api.step(
+            driver, seller_order_id, "failed", {"reason": "customer not at home"}
+        )
     else:
         resp = await api.cancel(seller_order_id)
     assert resp.status == 200, await resp.text()
@@ -58,7 +61,11 @@ async def finish(api: Api, driver: Driver, seller_order_id: str, how: str) -> st
 
 @pytest.mark.parametrize("how", ["delivered", "failed", "cancelled"])
 async def test_freed_driver_is_available_and_assigned_again_after_its_next_ping(
-    api: Api, pg_pool: asyncpg.Pool, redis_client: Redis, receiver: WebhookReceiver, how: str
+    api: Api,
+    pg_pool: asyncpg.Pool,
+    redis_client: Redis,
+    receiver: WebhookReceiver,
+    how: str,
 ) -> None:
     at = offset(*BERLIN, 0.3, 0.2)
     zone = Zoning(api.settings.zone_resolution).zone_of(*at)
@@ -75,16 +82,27 @@ async def test_freed_driver_is_available_and_assigned_again_after_its_next_ping(
 
     event_type = await finish(api, driver, "SO-first", how)
     # Repeating the final step (a retried request) is a silent no-op.
-    repeat = await (api.cancel("SO-first") if how == "cancelled" else api.step(
-        driver, "SO-first", how, {"reason": "customer not at home"} if how == "failed" else None
-    ))
+    repeat = await (
+        api.cancel("SO-first")
+        if how == "cancelled"
+        else api.step(
+            driver,
+            "SO-first",
+            how,
+            {"reason": "customer not at home"} if how == "failed" else None,
+        )
+    )
     assert repeat.status == 200, await repeat.text()
 
     # Freed at once by the step itself; the app never sent AVAILABLE.
     assert await driver_status(pg_pool, driver) == "AVAILABLE"
-    row = await pg_pool.fetchrow("SELECT status FROM deliveries WHERE seller_order_id = 'SO-first'")
+    row = await pg_pool.fetchrow(
+        "SELECT status FROM deliveries WHERE seller_order_id = 'SO-first'"
+    )
     assert row is not None and row["status"] == how.upper()
-    view = await (await api.client.get(f"/drivers/{driver.driver_id}", headers=driver.auth)).json()
+    view = await (
+        await api.client.get(f"/drivers/{driver.driver_id}", headers=driver.auth)
+    ).json()
     assert (view["status"], view["activeDelivery"]) == ("AVAILABLE", None)
     # Its heartbeat is fresh, so it is back in the mirror.
     assert driver.driver_id in await geo_members(redis_client, zone)
@@ -93,16 +111,25 @@ async def test_freed_driver_is_available_and_assigned_again_after_its_next_ping(
     second = await assign(api, "SO-waiting", BERLIN)
     assert second["assigned"] is True and second["driverId"] == driver.driver_id
     assert await driver_status(pg_pool, driver) == "BUSY"
-    assert await pg_pool.fetchval(
-        "SELECT count(*) FROM deliveries WHERE driver_id = $1 AND status IN ('ASSIGNED', 'PICKED_UP')",
-        driver.driver_id,
-    ) == 1
+    assert (
+        await pg_pool.fetchval(
+            "SELECT count(*) FROM deliveries WHERE driver_id = $1 AND status IN ('ASSIGNED', 'PICKED_UP')",
+            driver.driver_id,
+        )
+        == 1
+    )
 
-    expected = ["delivery.assigned"] + (["delivery.picked_up"] if how == "delivered" else []) + [event_type]
+    expected = (
+        ["delivery.assigned"]
+        + (["delivery.picked_up"] if how == "delivered" else [])
+        + [event_type]
+    )
     await receiver.wait_until(lambda: len(receiver.received) >= len(expected) + 1)
     await asyncio.sleep(0.3)
     assert [h.body["type"] for h in receiver.for_order("SO-first")] == expected
-    assert [h.body["type"] for h in receiver.for_order("SO-waiting")] == ["delivery.assigned"]
+    assert [h.body["type"] for h in receiver.for_order("SO-waiting")] == [
+        "delivery.assigned"
+    ]
 
 
 async def test_webhook_sequences_count_up_per_order_independently(
@@ -128,43 +155,61 @@ async def test_webhook_sequences_count_up_per_order_independently(
     # Illegal steps are refused and send nothing either.
     assert (await api.step(a_driver, "SO-A", "picked-up")).status == 409
     assert (await api.cancel("SO-B")).status in (200, 409)
-    assert await pg_pool.fetchval("SELECT status FROM deliveries WHERE seller_order_id = 'SO-B'") == "DELIVERED"
+    assert (
+        await pg_pool.fetchval(
+            "SELECT status FROM deliveries WHERE seller_order_id = 'SO-B'"
+        )
+        == "DELIVERED"
+    )
 
     await receiver.wait_until(lambda: len(receiver.received) >= 6)
     await asyncio.sleep(0.5)
     for order, body in (("SO-A", a), ("SO-B", b)):
         hooks = receiver.for_order(order)
-        assert [h.body["type"] for h in hooks] == ["delivery.assigned", "delivery.picked_up", "delivery.delivered"]
+        assert [h.body["type"] for h in hooks] == [
+            "delivery.assigned",
+            "delivery.picked_up",
+            "delivery.delivered",
+        ]
         assert [h.body["data"]["sequence"] for h in hooks] == [1, 2, 3]
         assert len({h.webhook_id for h in hooks}) == 3
         assert {h.body["data"]["assignmentId"] for h in hooks} == {body["assignmentId"]}
         assert {h.body["data"]["driverId"] for h in hooks} == {body["driverId"]}
         history = await pg_pool.fetch(
-            "SELECT status FROM delivery_history WHERE seller_order_id = $1 ORDER BY id", order
+            "SELECT status FROM delivery_history WHERE seller_order_id = $1 ORDER BY id",
+            order,
         )
         assert [h["status"] for h in history] == ["ASSIGNED", "PICKED_UP", "DELIVERED"]
     assert Counter(h.body["type"] for h in receiver.received) == {
-        "delivery.assigned": 2, "delivery.picked_up": 2, "delivery.delivered": 2,
+        "delivery.assigned": 2,
+        "delivery.picked_up": 2,
+        "delivery.delivered": 2,
     }
     assert await pg_pool.fetchval("SELECT count(*) FROM webhook_outbox") == 6
 
 
 def across_border(zoning: Zoning, a: str, b: str) -> tuple[Point, Point]:
     """Two points about 0.1 km apart, the first in zone `a`, the second in zone `b`."""
-    (alat, alon), (blat, blon) = h3.directed_edge_to_boundary(h3.cells_to_directed_edge(a, b))
+    (alat, alon), (blat, blon) = h3.directed_edge_to_boundary(
+        h3.cells_to_directed_edge(a, b)
+    )
     mid = ((float(alat) + float(blat)) / 2, (float(alon) + float(blon)) / 2)
     ca, cb = zoning.centre_of(a), zoning.centre_of(b)
+
     # Step 50 m from the border midpoint towards each centre.
     def toward(centre: Point) -> Point:
         dn, de = centre[0] - mid[0], centre[1] - mid[1]
         scale = 0.05 / max(1e-9, (dn**2 + de**2) ** 0.5 * 111.195)
         return mid[0] + dn * scale, mid[1] + de * scale
+
     pa, pb = toward(ca), toward(cb)
     assert (zoning.zone_of(*pa), zoning.zone_of(*pb)) == (a, b)
     return pa, pb
 
 
-async def dispatchable_by_zone(pg_pool: asyncpg.Pool, ttl_s: float) -> dict[str, set[str]]:
+async def dispatchable_by_zone(
+    pg_pool: asyncpg.Pool, ttl_s: float
+) -> dict[str, set[str]]:
     rows = await pg_pool.fetch(
         """SELECT zone_id, id FROM drivers
            WHERE status = 'AVAILABLE' AND is_active AND lat IS NOT NULL AND lon IS NOT NULL
@@ -194,7 +239,9 @@ async def test_mirror_equals_dispatchable_drivers_after_a_mixed_workload(
     # No periodic rebuild during the test: the mirror must be right through its
     # incremental writes and the heartbeat sweep alone.
     api: Api = await start_api(
-        make_settings(heartbeat_ttl_s=ttl, sweep_interval_s=sweep, reconcile_interval_s=600)
+        make_settings(
+            heartbeat_ttl_s=ttl, sweep_interval_s=sweep, reconcile_interval_s=600
+        )
     )
     zoning = Zoning(api.settings.zone_resolution)
     home = zoning.zone_of(*BERLIN)
@@ -231,27 +278,41 @@ async def test_mirror_equals_dispatchable_drivers_after_a_mixed_workload(
     assert (await api.set_status(nowhere, "AVAILABLE")).status == 200
     # Deactivated by an operator; its pings are refused.
     banned = await api.online_driver(*w_at[1], name="banned")
-    resp = await api.client.patch(f"/drivers/{banned.driver_id}", json={"isActive": False}, headers=api.admin)
+    resp = await api.client.patch(
+        f"/drivers/{banned.driver_id}", json={"isActive": False}, headers=api.admin
+    )
     assert resp.status == 200, await resp.text()
     assert (await api.ping(banned, *w_at[1])).status == 403
     # Deactivated, then reactivated.
     back = await api.online_driver(*w_at[2], name="reactivated")
     for active in (False, True):
-        resp = await api.client.patch(f"/drivers/{back.driver_id}", json={"isActive": active}, headers=api.admin)
+        resp = await api.client.patch(
+            f"/drivers/{back.driver_id}", json={"isActive": active}, headers=api.admin
+        )
         assert resp.status == 200, await resp.text()
     fresh.append((back, w_at[2]))
     # Goes silent.
-    silent = await api.online_driver(*offset(*zoning.centre_of(north), 0.5, 0.5), name="silent")
+    silent = await api.online_driver(
+        *offset(*zoning.centre_of(north), 0.5, 0.5), name="silent"
+    )
 
     # Orders: a cross-zone assignment that stays busy, then delivered, failed, cancelled.
     busy_at = offset(*border_west, 0.0, -0.3)
     busy = await api.online_driver(*busy_at, name="busy")
     fresh.append((busy, busy_at))
     taken = await assign(api, "SO-x", offset(*border_home, 0.0, 0.05))
-    assert taken["assigned"] is True and taken["driverId"] in {mover.driver_id, busy.driver_id}
+    assert taken["assigned"] is True and taken["driverId"] in {
+        mover.driver_id,
+        busy.driver_id,
+    }
     taken_by = mover if taken["driverId"] == mover.driver_id else busy
     assert zoning.zone_of(*offset(*border_home, 0.0, 0.05)) == home
-    assert await pg_pool.fetchval("SELECT zone_id FROM drivers WHERE id = $1", taken_by.driver_id) == west
+    assert (
+        await pg_pool.fetchval(
+            "SELECT zone_id FROM drivers WHERE id = $1", taken_by.driver_id
+        )
+        == west
+    )
     finishers: list[tuple[Driver, Point]] = []
     for n, how in enumerate(("delivered", "failed", "cancelled")):
         at = offset(*zoning.centre_of(north), -1.0 - n, 0.0)
@@ -281,14 +342,19 @@ async def test_mirror_equals_dispatchable_drivers_after_a_mixed_workload(
     assert {home, west, north} <= set(zones)
     before = await dispatchable_by_zone(pg_pool, ttl)
     mirror = {z: await geo_members(redis_client, z) for z in zones}
-    seen = {z: as_text(await redis_client.zrange(keys.zone_seen(z), 0, -1)) for z in zones}
+    seen = {
+        z: as_text(await redis_client.zrange(keys.zone_seen(z), 0, -1)) for z in zones
+    }
     after = await dispatchable_by_zone(pg_pool, ttl)
     assert before == after
     for zone in zones:
         assert mirror[zone] == before.get(zone, set()), f"zone {zone}"
         assert seen[zone] == mirror[zone], f"zone {zone} heartbeat set"
 
-    expected_in = {d.driver_id for d in (*idle, west_idle, north_idle, back, *(f for f, _ in finishers))}
+    expected_in = {
+        d.driver_id
+        for d in (*idle, west_idle, north_idle, back, *(f for f, _ in finishers))
+    }
     expected_in.add(busy.driver_id if taken_by is mover else mover.driver_id)
     assert set().union(*mirror.values()) == expected_in
     assert mover.driver_id not in mirror[home]

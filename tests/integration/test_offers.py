@@ -407,8 +407,11 @@ async def test_drivers_hear_of_offers_on_their_event_stream(
             lambda w: any(e["type"] == "offer.expired" for e in w.events), within_s=20
         )
         assert [e["type"] for e in watchers[1].events] == [
-            "offer.created", "offer.withdrawn", "offer.created", "offer.expired"
-        ]  # fmt: skip
+            "offer.created",
+            "offer.withdrawn",
+            "offer.created",
+            "offer.expired",
+        ]
         assert watchers[1].seqs == [1, 2, 3, 4]
     finally:
         for w in watchers:

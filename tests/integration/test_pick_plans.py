@@ -20,7 +20,9 @@ pytestmark = pytest.mark.integration
 PARAMS = "float8, float8, float8, float8, float8, float8, float8, text[], float8, text[], text, bigint"
 
 
-async def generic_plan(conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Record], sql: str, candidates: str) -> str:
+async def generic_plan(
+    conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Record], sql: str, candidates: str
+) -> str:
     lat, lon = BERLIN
     b = bounding_box(lat, lon, 5.0)
     await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
@@ -32,7 +34,9 @@ async def generic_plan(conn: asyncpg.pool.PoolConnectionProxy[asyncpg.Record], s
     return "\n".join(r[0] for r in rows)
 
 
-async def test_generic_plans_reach_candidates_by_key_and_others_by_the_box(pg_pool: asyncpg.Pool) -> None:
+async def test_generic_plans_reach_candidates_by_key_and_others_by_the_box(
+    pg_pool: asyncpg.Pool,
+) -> None:
     async with pg_pool.acquire() as conn:
         tx = conn.transaction()
         await tx.start()
@@ -41,7 +45,11 @@ async def test_generic_plans_reach_candidates_by_key_and_others_by_the_box(pg_po
             """INSERT INTO drivers (id, name, token_hash, status, lat, lon, last_seen_at, zone_id)
                VALUES ($1, 'n', $2, 'AVAILABLE', $3, $4, now(), 'z')""",
             [
-                (f"plan{i}", f"h{i}".encode(), *offset(*BERLIN, (i % 100) * 0.05 - 2.5, (i // 100) * 0.05 - 2.5))
+                (
+                    f"plan{i}",
+                    f"h{i}".encode(),
+                    *offset(*BERLIN, (i % 100) * 0.05 - 2.5, (i // 100) * 0.05 - 2.5),
+                )
                 for i in range(5000)
             ],
         )
@@ -49,6 +57,9 @@ async def test_generic_plans_reach_candidates_by_key_and_others_by_the_box(pg_po
         among = await generic_plan(conn, PICK_AMONG_SQL, "'{plan1,plan2,plan3}'")
         nearest = await generic_plan(conn, PICK_SQL, "NULL")
         await tx.rollback()  # the rows go; the statistics stay, which is harmless
-    assert "Function Scan on unnest" in among and "Index Scan using drivers_pkey on drivers d" in among, among
+    assert (
+        "Function Scan on unnest" in among
+        and "Index Scan using drivers_pkey on drivers d" in among
+    ), among
     assert "drivers_dispatchable_idx" not in among, among
     assert "drivers_dispatchable_idx" in nearest, nearest

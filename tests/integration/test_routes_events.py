@@ -36,9 +36,10 @@ MAX_LAT = 85.05112878
 MAX_BODY = 64 * 1024
 
 
-
 async def driver_zone(pg_pool: asyncpg.Pool, driver: Driver) -> str:
-    zone: str = await pg_pool.fetchval("SELECT zone_id FROM drivers WHERE id = $1", driver.driver_id)
+    zone: str = await pg_pool.fetchval(
+        "SELECT zone_id FROM drivers WHERE id = $1", driver.driver_id
+    )
     return zone
 
 
@@ -53,13 +54,19 @@ async def assert_nothing_written(pg_pool: asyncpg.Pool) -> None:
     assert await count(pg_pool, "webhook_outbox") == 0
 
 
-async def post_raw(api: Api, path: str, raw: bytes, headers: dict[str, str]) -> ClientResponse:
+async def post_raw(
+    api: Api, path: str, raw: bytes, headers: dict[str, str]
+) -> ClientResponse:
     resp: ClientResponse = await api.client.post(path, data=raw, headers=headers)
     return resp
 
 
-def order_body(seller_order_id: str, lat: float = BERLIN[0], lon: float = BERLIN[1]) -> bytes:
-    return json.dumps({"sellerOrderId": seller_order_id, "pickupLat": lat, "pickupLon": lon}).encode()
+def order_body(
+    seller_order_id: str, lat: float = BERLIN[0], lon: float = BERLIN[1]
+) -> bytes:
+    return json.dumps(
+        {"sellerOrderId": seller_order_id, "pickupLat": lat, "pickupLon": lon}
+    ).encode()
 
 
 async def test_both_body_shapes_assign_ignore_unknown_fields_and_store_drop(
@@ -68,11 +75,20 @@ async def test_both_body_shapes_assign_ignore_unknown_fields_and_store_drop(
     near = await api.online_driver(*offset(*BERLIN, 0.2, 0.0), name="near")
     other = await api.online_driver(*offset(*BERLIN, 0.0, 0.6), name="other")
 
-    flat = await api.order("SO-flat", *BERLIN, channelId="default", somethingNew={"x": [1, 2]}, priority=3)
+    flat = await api.order(
+        "SO-flat", *BERLIN, channelId="default", somethingNew={"x": [1, 2]}, priority=3
+    )
     assert flat.status == 200, await flat.text()
     flat_body = await flat.json()
     assert flat_body["assigned"] is True and flat_body["driverId"] == near.driver_id
-    assert set(flat_body) == {"assigned", "sellerOrderId", "driverId", "assignmentId", "distanceKm", "zoneId"}
+    assert set(flat_body) == {
+        "assigned",
+        "sellerOrderId",
+        "driverId",
+        "assignmentId",
+        "distanceKm",
+        "zoneId",
+    }
 
     drop = offset(*BERLIN, -1.5, 2.0)
     nested_payload = {
@@ -86,18 +102,27 @@ async def test_both_body_shapes_assign_ignore_unknown_fields_and_store_drop(
     nested = await api.signed_post(READY, nested_payload)
     assert nested.status == 200, await nested.text()
     nested_body = await nested.json()
-    assert nested_body["assigned"] is True and nested_body["driverId"] == other.driver_id
-    assert nested_body["zoneId"] == Zoning(api.settings.zone_resolution).zone_of(*BERLIN)
+    assert (
+        nested_body["assigned"] is True and nested_body["driverId"] == other.driver_id
+    )
+    assert nested_body["zoneId"] == Zoning(api.settings.zone_resolution).zone_of(
+        *BERLIN
+    )
 
     rows = {
         r["seller_order_id"]: r
-        for r in await pg_pool.fetch("SELECT * FROM deliveries ORDER BY seller_order_id")
+        for r in await pg_pool.fetch(
+            "SELECT * FROM deliveries ORDER BY seller_order_id"
+        )
     }
     assert set(rows) == {"SO-flat", "SO-nested"}
     assert (rows["SO-flat"]["drop_lat"], rows["SO-flat"]["drop_lon"]) == (None, None)
     assert (rows["SO-flat"]["pickup_lat"], rows["SO-flat"]["pickup_lon"]) == BERLIN
     assert (rows["SO-nested"]["pickup_lat"], rows["SO-nested"]["pickup_lon"]) == BERLIN
-    assert (rows["SO-nested"]["drop_lat"], rows["SO-nested"]["drop_lon"]) == pytest.approx(drop)
+    assert (
+        rows["SO-nested"]["drop_lat"],
+        rows["SO-nested"]["drop_lon"],
+    ) == pytest.approx(drop)
     assert rows["SO-nested"]["assignment_id"] == nested_body["assignmentId"]
 
     # The drop is part of the delivery as the API shows it, too.
@@ -108,7 +133,9 @@ async def test_both_body_shapes_assign_ignore_unknown_fields_and_store_drop(
     assert (shown["pickup"]["lat"], shown["pickup"]["lon"]) == pytest.approx(BERLIN)
 
 
-async def test_both_shapes_given_and_agreeing_are_one_pickup(api: Api, pg_pool: asyncpg.Pool) -> None:
+async def test_both_shapes_given_and_agreeing_are_one_pickup(
+    api: Api, pg_pool: asyncpg.Pool
+) -> None:
     driver = await api.online_driver(*offset(*BERLIN, 0.3, 0.3))
     payload = {
         "sellerOrderId": "SO-both",
@@ -158,7 +185,9 @@ async def test_every_signature_failure_is_401_and_writes_nothing(
     variant = functools.partial(with_headers, good)
 
     one_byte = bytearray(raw)
-    one_byte[raw.index(b"SO-sig") + 3] = ord("t")  # "SO-sig" -> "SO-tig": still valid JSON
+    one_byte[raw.index(b"SO-sig") + 3] = ord(
+        "t"
+    )  # "SO-sig" -> "SO-tig": still valid JSON
     old_ts, future_ts = now - 301, now + 302
     cases: list[tuple[str, bytes, dict[str, str]]] = [
         ("no webhook-id", raw, variant(webhook_id=None)),
@@ -188,11 +217,21 @@ async def test_every_signature_failure_is_401_and_writes_nothing(
     assert failures == []
 
     # The cancel route is guarded the same way.
-    for headers in (variant(webhook_signature=None), api.signed_headers(raw, secret=new_secret())):
-        await problem(await post_raw(api, CANCELLED, b'{"sellerOrderId": "SO-sig"}', headers), 401)
+    for headers in (
+        variant(webhook_signature=None),
+        api.signed_headers(raw, secret=new_secret()),
+    ):
+        await problem(
+            await post_raw(api, CANCELLED, b'{"sellerOrderId": "SO-sig"}', headers), 401
+        )
 
     await assert_nothing_written(pg_pool)
-    assert await pg_pool.fetchval("SELECT status FROM drivers WHERE id = $1", driver.driver_id) == "AVAILABLE"
+    assert (
+        await pg_pool.fetchval(
+            "SELECT status FROM drivers WHERE id = $1", driver.driver_id
+        )
+        == "AVAILABLE"
+    )
     assert driver.driver_id in await geo_members(redis_client, zone)
     await asyncio.sleep(0.3)
     assert receiver.received == []
@@ -205,10 +244,19 @@ async def test_valid_signature_among_several_entries_and_tolerated_skew_are_acce
     raw = order_body("SO-multi")
     headers = api.signed_headers(raw)
     valid = headers["webhook-signature"]
-    wrong = sign(new_secret(), headers["webhook-id"], int(headers["webhook-timestamp"]), raw)
+    wrong = sign(
+        new_secret(), headers["webhook-id"], int(headers["webhook-timestamp"]), raw
+    )
     junk = "v1," + base64.b64encode(b"\x00" * 32).decode()
-    for signature in (f"{wrong} {valid}", f"{junk} {valid} v2,abc", f"v1,!!! {valid}", f"v1a,xyz {valid}"):
-        resp = await post_raw(api, READY, raw, {**headers, "webhook-signature": signature})
+    for signature in (
+        f"{wrong} {valid}",
+        f"{junk} {valid} v2,abc",
+        f"v1,!!! {valid}",
+        f"v1a,xyz {valid}",
+    ):
+        resp = await post_raw(
+            api, READY, raw, {**headers, "webhook-signature": signature}
+        )
         assert resp.status == 200, (signature, await resp.text())
         assert (await resp.json())["driverId"] == driver.driver_id
     assert await count(pg_pool, "deliveries") == 1
@@ -232,44 +280,141 @@ def _invalid_bodies() -> list[tuple[str, bytes]]:
         ("malformed JSON", b'{"sellerOrderId": "SO-1", "pickupLat": 52.5,'),
         ("not JSON at all", b"sellerOrderId=SO-1"),
         ("empty body", b""),
-        ("JSON array", enc([{"sellerOrderId": "SO-1", "pickupLat": lat, "pickupLon": lon}])),
+        (
+            "JSON array",
+            enc([{"sellerOrderId": "SO-1", "pickupLat": lat, "pickupLon": lon}]),
+        ),
         ("missing sellerOrderId", enc({"pickupLat": lat, "pickupLon": lon})),
-        ("empty sellerOrderId", enc({"sellerOrderId": "", "pickupLat": lat, "pickupLon": lon})),
-        ("129-char sellerOrderId", enc({"sellerOrderId": "x" * 129, "pickupLat": lat, "pickupLon": lon})),
-        ("NUL in sellerOrderId", enc({"sellerOrderId": "SO\x00-1", "pickupLat": lat, "pickupLon": lon})),
-        ("control char in sellerOrderId", enc({"sellerOrderId": "SO\x1b-1", "pickupLat": lat, "pickupLon": lon})),
-        ("newline in sellerOrderId", enc({"sellerOrderId": "SO-1\n", "pickupLat": lat, "pickupLon": lon})),
-        ("boolean sellerOrderId", enc({"sellerOrderId": True, "pickupLat": lat, "pickupLon": lon})),
-        ("lat above max", enc({"sellerOrderId": "SO-1", "pickupLat": 85.0512, "pickupLon": lon})),
-        ("lat below min", enc({"sellerOrderId": "SO-1", "pickupLat": -85.0512, "pickupLon": lon})),
+        (
+            "empty sellerOrderId",
+            enc({"sellerOrderId": "", "pickupLat": lat, "pickupLon": lon}),
+        ),
+        (
+            "129-char sellerOrderId",
+            enc({"sellerOrderId": "x" * 129, "pickupLat": lat, "pickupLon": lon}),
+        ),
+        (
+            "NUL in sellerOrderId",
+            enc({"sellerOrderId": "SO\x00-1", "pickupLat": lat, "pickupLon": lon}),
+        ),
+        (
+            "control char in sellerOrderId",
+            enc({"sellerOrderId": "SO\x1b-1", "pickupLat": lat, "pickupLon": lon}),
+        ),
+        (
+            "newline in sellerOrderId",
+            enc({"sellerOrderId": "SO-1\n", "pickupLat": lat, "pickupLon": lon}),
+        ),
+        (
+            "boolean sellerOrderId",
+            enc({"sellerOrderId": True, "pickupLat": lat, "pickupLon": lon}),
+        ),
+        (
+            "lat above max",
+            enc({"sellerOrderId": "SO-1", "pickupLat": 85.0512, "pickupLon": lon}),
+        ),
+        (
+            "lat below min",
+            enc({"sellerOrderId": "SO-1", "pickupLat": -85.0512, "pickupLon": lon}),
+        ),
         ("lat 90", enc({"sellerOrderId": "SO-1", "pickup": {"lat": 90.0, "lon": lon}})),
-        ("lon above 180", enc({"sellerOrderId": "SO-1", "pickupLat": lat, "pickupLon": 180.000001})),
-        ("lon below -180", enc({"sellerOrderId": "SO-1", "pickup": {"lat": lat, "lon": -180.5}})),
-        ("string coordinates", enc({"sellerOrderId": "SO-1", "pickupLat": "52.52", "pickupLon": "13.405"})),
-        ("string nested lat", enc({"sellerOrderId": "SO-1", "pickup": {"lat": "52.52", "lon": lon}})),
-        ("null coordinates", enc({"sellerOrderId": "SO-1", "pickupLat": None, "pickupLon": None})),
-        ("null nested lat", enc({"sellerOrderId": "SO-1", "pickup": {"lat": None, "lon": lon}})),
+        (
+            "lon above 180",
+            enc({"sellerOrderId": "SO-1", "pickupLat": lat, "pickupLon": 180.000001}),
+        ),
+        (
+            "lon below -180",
+            enc({"sellerOrderId": "SO-1", "pickup": {"lat": lat, "lon": -180.5}}),
+        ),
+        (
+            "string coordinates",
+            enc({"sellerOrderId": "SO-1", "pickupLat": "52.52", "pickupLon": "13.405"}),
+        ),
+        (
+            "string nested lat",
+            enc({"sellerOrderId": "SO-1", "pickup": {"lat": "52.52", "lon": lon}}),
+        ),
+        (
+            "null coordinates",
+            enc({"sellerOrderId": "SO-1", "pickupLat": None, "pickupLon": None}),
+        ),
+        (
+            "null nested lat",
+            enc({"sellerOrderId": "SO-1", "pickup": {"lat": None, "lon": lon}}),
+        ),
         ("null pickup", enc({"sellerOrderId": "SO-1", "pickup": None})),
-        ("boolean lat", enc({"sellerOrderId": "SO-1", "pickupLat": True, "pickupLon": lon})),
-        ("boolean nested lon", enc({"sellerOrderId": "SO-1", "pickup": {"lat": lat, "lon": False}})),
-        ("pickupLat without pickupLon", enc({"sellerOrderId": "SO-1", "pickupLat": lat})),
-        ("pickupLon without pickupLat", enc({"sellerOrderId": "SO-1", "pickupLon": lon})),
-        ("nested pickup without lon", enc({"sellerOrderId": "SO-1", "pickup": {"lat": lat}})),
+        (
+            "boolean lat",
+            enc({"sellerOrderId": "SO-1", "pickupLat": True, "pickupLon": lon}),
+        ),
+        (
+            "boolean nested lon",
+            enc({"sellerOrderId": "SO-1", "pickup": {"lat": lat, "lon": False}}),
+        ),
+        (
+            "pickupLat without pickupLon",
+            enc({"sellerOrderId": "SO-1", "pickupLat": lat}),
+        ),
+        (
+            "pickupLon without pickupLat",
+            enc({"sellerOrderId": "SO-1", "pickupLon": lon}),
+        ),
+        (
+            "nested pickup without lon",
+            enc({"sellerOrderId": "SO-1", "pickup": {"lat": lat}}),
+        ),
         ("no pickup at all", enc({"sellerOrderId": "SO-1"})),
-        ("shapes disagree", enc({
-            "sellerOrderId": "SO-1", "pickupLat": lat, "pickupLon": lon,
-            "pickup": {"lat": lat + 0.01, "lon": lon},
-        })),
-        ("half flat disagrees with nested", enc({
-            "sellerOrderId": "SO-1", "pickupLat": lat, "pickup": {"lat": lat, "lon": lon},
-        })),
+        (
+            "shapes disagree",
+            enc(
+                {
+                    "sellerOrderId": "SO-1",
+                    "pickupLat": lat,
+                    "pickupLon": lon,
+                    "pickup": {"lat": lat + 0.01, "lon": lon},
+                }
+            ),
+        ),
+        (
+            "half flat disagrees with nested",
+            enc(
+                {
+                    "sellerOrderId": "SO-1",
+                    "pickupLat": lat,
+                    "pickup": {"lat": lat, "lon": lon},
+                }
+            ),
+        ),
         ("NaN lat", b'{"sellerOrderId": "SO-1", "pickupLat": NaN, "pickupLon": 13.4}'),
-        ("Infinity lon", b'{"sellerOrderId": "SO-1", "pickupLat": 52.5, "pickupLon": Infinity}'),
-        ("overflowing lat", b'{"sellerOrderId": "SO-1", "pickupLat": 1e400, "pickupLon": 13.4}'),
-        ("drop out of range", enc({
-            "sellerOrderId": "SO-1", "pickup": {"lat": lat, "lon": lon}, "drop": {"lat": 91.0, "lon": lon},
-        })),
-        ("drop as a string", enc({"sellerOrderId": "SO-1", "pickupLat": lat, "pickupLon": lon, "drop": "home"})),
+        (
+            "Infinity lon",
+            b'{"sellerOrderId": "SO-1", "pickupLat": 52.5, "pickupLon": Infinity}',
+        ),
+        (
+            "overflowing lat",
+            b'{"sellerOrderId": "SO-1", "pickupLat": 1e400, "pickupLon": 13.4}',
+        ),
+        (
+            "drop out of range",
+            enc(
+                {
+                    "sellerOrderId": "SO-1",
+                    "pickup": {"lat": lat, "lon": lon},
+                    "drop": {"lat": 91.0, "lon": lon},
+                }
+            ),
+        ),
+        (
+            "drop as a string",
+            enc(
+                {
+                    "sellerOrderId": "SO-1",
+                    "pickupLat": lat,
+                    "pickupLon": lon,
+                    "drop": "home",
+                }
+            ),
+        ),
     ]
 
 
@@ -288,11 +433,21 @@ async def test_invalid_bodies_are_422_problems_and_write_nothing(
         await validation_problem(resp)
     assert failures == []
 
-    for raw in (b"{}", b'{"sellerOrderId": ""}', b"[", b'{"sellerOrderId": "a\\u0000b"}'):
+    for raw in (
+        b"{}",
+        b'{"sellerOrderId": ""}',
+        b"[",
+        b'{"sellerOrderId": "a\\u0000b"}',
+    ):
         await validation_problem(await api.signed_post(CANCELLED, raw))
 
     await assert_nothing_written(pg_pool)
-    assert await pg_pool.fetchval("SELECT status FROM drivers WHERE id = $1", driver.driver_id) == "AVAILABLE"
+    assert (
+        await pg_pool.fetchval(
+            "SELECT status FROM drivers WHERE id = $1", driver.driver_id
+        )
+        == "AVAILABLE"
+    )
     assert driver.driver_id in await geo_members(redis_client, zone)
     await asyncio.sleep(0.3)
     assert receiver.received == []
@@ -300,14 +455,21 @@ async def test_invalid_bodies_are_422_problems_and_write_nothing(
 
 def _padded(seller_order_id: str, size: int) -> bytes:
     """A valid flat body of exactly `size` bytes (the padding is an unknown field)."""
-    base = {"sellerOrderId": seller_order_id, "pickupLat": BERLIN[0], "pickupLon": BERLIN[1], "pad": ""}
+    base = {
+        "sellerOrderId": seller_order_id,
+        "pickupLat": BERLIN[0],
+        "pickupLon": BERLIN[1],
+        "pad": "",
+    }
     empty = len(json.dumps(base).encode())
     raw = json.dumps({**base, "pad": "x" * (size - empty)}).encode()
     assert len(raw) == size
     return raw
 
 
-async def test_bodies_over_64_kib_are_413_and_64_kib_is_accepted(api: Api, pg_pool: asyncpg.Pool) -> None:
+async def test_bodies_over_64_kib_are_413_and_64_kib_is_accepted(
+    api: Api, pg_pool: asyncpg.Pool
+) -> None:
     driver = await api.online_driver(*offset(*BERLIN, 0.2, 0.0))
     for path in (READY, CANCELLED):
         resp = await api.signed_post(path, _padded("SO-big", MAX_BODY + 1))
@@ -328,19 +490,41 @@ async def test_retry_with_a_different_pickup_is_409_and_changes_nothing(
     second = await api.online_driver(*offset(*BERLIN, 0.0, 0.4))
     resp = await api.order("SO-409", *BERLIN)
     assert (await resp.json())["driverId"] == first.driver_id
-    before = await pg_pool.fetchrow("SELECT * FROM deliveries WHERE seller_order_id = 'SO-409'")
+    before = await pg_pool.fetchrow(
+        "SELECT * FROM deliveries WHERE seller_order_id = 'SO-409'"
+    )
 
-    moved = {"sellerOrderId": "SO-409", "pickup": {"lat": BERLIN[0], "lon": BERLIN[1] + 0.002}}
-    for payload in (moved, {"sellerOrderId": "SO-409", "pickupLat": BERLIN[0] - 0.001, "pickupLon": BERLIN[1]}):
+    moved = {
+        "sellerOrderId": "SO-409",
+        "pickup": {"lat": BERLIN[0], "lon": BERLIN[1] + 0.002},
+    }
+    for payload in (
+        moved,
+        {
+            "sellerOrderId": "SO-409",
+            "pickupLat": BERLIN[0] - 0.001,
+            "pickupLon": BERLIN[1],
+        },
+    ):
         conflict = await api.signed_post(READY, payload)
         body = await problem(conflict, 409)
         assert "errors" not in body or body["errors"] is None
         assert "Idempotent-Replayed" not in conflict.headers
 
-    assert await pg_pool.fetchrow("SELECT * FROM deliveries WHERE seller_order_id = 'SO-409'") == before
+    assert (
+        await pg_pool.fetchrow(
+            "SELECT * FROM deliveries WHERE seller_order_id = 'SO-409'"
+        )
+        == before
+    )
     assert await count(pg_pool, "deliveries") == 1
     assert await count(pg_pool, "webhook_outbox") == 1
-    assert await pg_pool.fetchval("SELECT status FROM drivers WHERE id = $1", second.driver_id) == "AVAILABLE"
+    assert (
+        await pg_pool.fetchval(
+            "SELECT status FROM drivers WHERE id = $1", second.driver_id
+        )
+        == "AVAILABLE"
+    )
     await receiver.wait_until(lambda: len(receiver.received) >= 1)
     await asyncio.sleep(0.3)
     assert [d.body["type"] for d in receiver.received] == ["delivery.assigned"]
@@ -365,7 +549,9 @@ async def test_cancel_frees_the_driver_and_sends_one_cancelled_webhook(
     assert [h["status"] for h in view["history"]] == ["ASSIGNED", "CANCELLED"]
 
     # PostgreSQL: delivery cancelled with its history; the driver free again.
-    row = await pg_pool.fetchrow("SELECT * FROM deliveries WHERE seller_order_id = 'SO-cancel'")
+    row = await pg_pool.fetchrow(
+        "SELECT * FROM deliveries WHERE seller_order_id = 'SO-cancel'"
+    )
     assert row is not None
     assert row["status"] == "CANCELLED" and row["cancelled_at"] is not None
     assert row["sequence"] == 2
@@ -374,7 +560,12 @@ async def test_cancel_frees_the_driver_and_sends_one_cancelled_webhook(
     )
     assert [h["status"] for h in history] == ["ASSIGNED", "CANCELLED"]
     assert history[0]["at"] <= history[1]["at"]
-    assert await pg_pool.fetchval("SELECT status FROM drivers WHERE id = $1", driver.driver_id) == "AVAILABLE"
+    assert (
+        await pg_pool.fetchval(
+            "SELECT status FROM drivers WHERE id = $1", driver.driver_id
+        )
+        == "AVAILABLE"
+    )
     # Redis: back in its zone's GEO key.
     assert driver.driver_id in await geo_members(redis_client, zone)
 
@@ -411,12 +602,16 @@ async def test_cancel_of_unknown_order_is_404_and_after_delivered_is_409(
     await assert_nothing_written(pg_pool)
 
     driver = await api.online_driver(*offset(*BERLIN, 0.1, 0.1))
-    assert (await (await api.order("SO-done", *BERLIN)).json())["driverId"] == driver.driver_id
+    assert (await (await api.order("SO-done", *BERLIN)).json())[
+        "driverId"
+    ] == driver.driver_id
     assert (await api.step(driver, "SO-done", "picked-up")).status == 200
     assert (await api.step(driver, "SO-done", "delivered")).status == 200
 
     await problem(await api.cancel("SO-done"), 409)
-    row = await pg_pool.fetchrow("SELECT status, cancelled_at FROM deliveries WHERE seller_order_id = 'SO-done'")
+    row = await pg_pool.fetchrow(
+        "SELECT status, cancelled_at FROM deliveries WHERE seller_order_id = 'SO-done'"
+    )
     assert row is not None and tuple(row) == ("DELIVERED", None)
     await receiver.wait_until(lambda: len(receiver.of_type("delivery.delivered")) == 1)
     await asyncio.sleep(0.3)
@@ -440,17 +635,35 @@ async def test_cancel_after_pickup_frees_the_driver_and_ends_the_lifecycle(
     api: Api, pg_pool: asyncpg.Pool, receiver: WebhookReceiver
 ) -> None:
     driver = await api.online_driver(*offset(*BERLIN, 0.1, 0.1))
-    assert (await (await api.order("SO-picked", *BERLIN)).json())["driverId"] == driver.driver_id
+    assert (await (await api.order("SO-picked", *BERLIN)).json())[
+        "driverId"
+    ] == driver.driver_id
     assert (await api.step(driver, "SO-picked", "picked-up")).status == 200
 
-    resp = await api.signed_post(CANCELLED, {"sellerOrderId": "SO-picked", "reason": "customer cancelled"})
+    resp = await api.signed_post(
+        CANCELLED, {"sellerOrderId": "SO-picked", "reason": "customer cancelled"}
+    )
     assert resp.status == 200, await resp.text()
-    assert [h["status"] for h in (await resp.json())["history"]] == ["ASSIGNED", "PICKED_UP", "CANCELLED"]
-    assert await pg_pool.fetchval("SELECT status FROM drivers WHERE id = $1", driver.driver_id) == "AVAILABLE"
+    assert [h["status"] for h in (await resp.json())["history"]] == [
+        "ASSIGNED",
+        "PICKED_UP",
+        "CANCELLED",
+    ]
+    assert (
+        await pg_pool.fetchval(
+            "SELECT status FROM drivers WHERE id = $1", driver.driver_id
+        )
+        == "AVAILABLE"
+    )
     for step in ("picked-up", "delivered"):
         await problem(await api.step(driver, "SO-picked", step), 409)
     await problem(await api.step(driver, "SO-picked", "failed", {"reason": "x"}), 409)
-    assert await pg_pool.fetchval("SELECT status FROM deliveries WHERE seller_order_id = 'SO-picked'") == "CANCELLED"
+    assert (
+        await pg_pool.fetchval(
+            "SELECT status FROM deliveries WHERE seller_order_id = 'SO-picked'"
+        )
+        == "CANCELLED"
+    )
 
     await receiver.wait_until(lambda: len(receiver.of_type("delivery.cancelled")) == 1)
     assert receiver.of_type("delivery.cancelled")[0].body["data"]["sequence"] == 3

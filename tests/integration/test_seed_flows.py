@@ -43,18 +43,38 @@ async def test_happy_path_assigns_nearest_and_sends_one_signed_webhook(
     assert "Idempotent-Replayed" not in resp.headers
 
     # PostgreSQL holds the assignment, the busy driver, its history and one outbox row.
-    row = await pg_pool.fetchrow("SELECT * FROM deliveries WHERE seller_order_id = 'SO-1001'")
+    row = await pg_pool.fetchrow(
+        "SELECT * FROM deliveries WHERE seller_order_id = 'SO-1001'"
+    )
     assert row is not None
-    assert (row["driver_id"], row["status"], row["assignment_id"]) == (near.driver_id, "ASSIGNED", body["assignmentId"])
-    assert await pg_pool.fetchval("SELECT status FROM drivers WHERE id = $1", near.driver_id) == "BUSY"
-    assert await pg_pool.fetchval("SELECT status FROM drivers WHERE id = $1", mid.driver_id) == "AVAILABLE"
-    history = await pg_pool.fetch("SELECT status FROM delivery_history WHERE seller_order_id = 'SO-1001'")
+    assert (row["driver_id"], row["status"], row["assignment_id"]) == (
+        near.driver_id,
+        "ASSIGNED",
+        body["assignmentId"],
+    )
+    assert (
+        await pg_pool.fetchval(
+            "SELECT status FROM drivers WHERE id = $1", near.driver_id
+        )
+        == "BUSY"
+    )
+    assert (
+        await pg_pool.fetchval(
+            "SELECT status FROM drivers WHERE id = $1", mid.driver_id
+        )
+        == "AVAILABLE"
+    )
+    history = await pg_pool.fetch(
+        "SELECT status FROM delivery_history WHERE seller_order_id = 'SO-1001'"
+    )
     assert [h["status"] for h in history] == ["ASSIGNED"]
     assert await pg_pool.fetchval("SELECT count(*) FROM webhook_outbox") == 1
 
     # The mirror no longer offers the busy driver; the other stays.
     for driver, expected in ((near, False), (mid, True)):
-        zone = await pg_pool.fetchval("SELECT zone_id FROM drivers WHERE id = $1", driver.driver_id)
+        zone = await pg_pool.fetchval(
+            "SELECT zone_id FROM drivers WHERE id = $1", driver.driver_id
+        )
         assert (driver.driver_id in await geo_members(redis_client, zone)) is expected
 
     # Vendure gets exactly one signed delivery.assigned (verified by the reference library).
@@ -84,7 +104,8 @@ async def test_retries_replay_identical_bytes_and_send_no_second_webhook(
         assert await again.read() == first_bytes
     # Vendure's integer ids name the same order as their string form.
     numeric = await api.signed_post(
-        "/events/seller-order-ready", {"sellerOrderId": 42, "pickup": {"lat": BERLIN[0], "lon": BERLIN[1]}}
+        "/events/seller-order-ready",
+        {"sellerOrderId": 42, "pickup": {"lat": BERLIN[0], "lon": BERLIN[1]}},
     )
     assert await numeric.read() == first_bytes
 
@@ -107,22 +128,35 @@ async def test_no_driver_answers_unassigned_and_writes_nothing(
 
     resp = await api.order("SO-none", *BERLIN)
     assert resp.status == 200
-    assert await resp.json() == {"assigned": False, "sellerOrderId": "SO-none", "reason": "NO_DRIVER_AVAILABLE"}
+    assert await resp.json() == {
+        "assigned": False,
+        "sellerOrderId": "SO-none",
+        "reason": "NO_DRIVER_AVAILABLE",
+    }
     assert await pg_pool.fetchval("SELECT count(*) FROM deliveries") == 0
     assert await pg_pool.fetchval("SELECT count(*) FROM webhook_outbox") == 0
-    assert await pg_pool.fetch("SELECT id, status FROM drivers ORDER BY id") == busy_before
+    assert (
+        await pg_pool.fetch("SELECT id, status FROM drivers ORDER BY id") == busy_before
+    )
 
     # A retry of an unassigned order tries again: a driver came online nearby.
     near = await api.online_driver(*offset(*BERLIN, 1.0, 0.0))
     retry = await api.order("SO-none", *BERLIN)
     body = await retry.json()
     assert body["assigned"] is True and body["driverId"] == near.driver_id
-    assert await pg_pool.fetchval("SELECT status FROM drivers WHERE id = $1", far.driver_id) == "AVAILABLE"
+    assert (
+        await pg_pool.fetchval(
+            "SELECT status FROM drivers WHERE id = $1", far.driver_id
+        )
+        == "AVAILABLE"
+    )
     assert "Idempotent-Replayed" not in retry.headers
     await receiver.wait_until(lambda: len(receiver.received) == 1)
 
 
-async def test_order_far_from_every_zone_needs_no_actor(api: Api, pg_pool: asyncpg.Pool) -> None:
+async def test_order_far_from_every_zone_needs_no_actor(
+    api: Api, pg_pool: asyncpg.Pool
+) -> None:
     resp = await api.order("SO-nowhere", -33.86, 151.21)
     assert (await resp.json())["assigned"] is False
     assert await pg_pool.fetchval("SELECT count(*) FROM zones") == 0
@@ -144,7 +178,10 @@ async def test_redis_down_falls_back_to_postgres_with_the_same_answer(
     receiver: WebhookReceiver,
 ) -> None:
     api: Api = await start_api(make_settings(redis_url=own_redis.url))
-    drivers = [await api.online_driver(*offset(*BERLIN, n * 0.4, -n * 0.3), name=f"d{n}") for n in range(1, 5)]
+    drivers = [
+        await api.online_driver(*offset(*BERLIN, n * 0.4, -n * 0.3), name=f"d{n}")
+        for n in range(1, 5)
+    ]
 
     with_redis = await (await api.order("SO-up", *BERLIN)).json()
     assert with_redis["assigned"] is True
@@ -159,14 +196,20 @@ async def test_redis_down_falls_back_to_postgres_with_the_same_answer(
     assert without_redis["assigned"] is True
     assert without_redis["driverId"] == with_redis["driverId"] == drivers[0].driver_id
     assert without_redis["distanceKm"] == with_redis["distanceKm"]
-    row = await pg_pool.fetchrow("SELECT driver_id, status FROM deliveries WHERE seller_order_id = 'SO-down'")
+    row = await pg_pool.fetchrow(
+        "SELECT driver_id, status FROM deliveries WHERE seller_order_id = 'SO-down'"
+    )
     assert row is not None and tuple(row) == (drivers[0].driver_id, "ASSIGNED")
 
     # Pings keep working without Redis (PostgreSQL is the truth).
     moved_to = offset(*BERLIN, 0.7, -0.5)
     assert (await api.ping(drivers[1], *moved_to)).status == 204
-    stored = await pg_pool.fetchrow("SELECT lat, lon FROM drivers WHERE id = $1", drivers[1].driver_id)
-    assert stored is not None and (stored["lat"], stored["lon"]) == pytest.approx(moved_to)
+    stored = await pg_pool.fetchrow(
+        "SELECT lat, lon FROM drivers WHERE id = $1", drivers[1].driver_id
+    )
+    assert stored is not None and (stored["lat"], stored["lon"]) == pytest.approx(
+        moved_to
+    )
     second = await (await api.order("SO-down-2", *BERLIN)).json()
     assert second["driverId"] == drivers[1].driver_id
     assert second["distanceKm"] == round_km(haversine_km(*BERLIN, *moved_to))

@@ -67,19 +67,28 @@ async def test_orders_booked_together_share_a_transaction_and_fall_back_on_a_ret
     await core.start()
     await located_drivers(core, [offset(*BERLIN, 0.1 * n, 0.0) for n in range(5)])
     # Three new orders in one call: each its own nearest free driver, all committed.
-    together = await core.assign_many([AssignRequest(f"SO-T{n}", *BERLIN) for n in range(3)])
+    together = await core.assign_many(
+        [AssignRequest(f"SO-T{n}", *BERLIN) for n in range(3)]
+    )
     assert [r.kind for r in together] == ["assigned"] * 3
     assert len({r.driver_id for r in together}) == 3
     assert await busy_and_bookings(pg_pool) == (3, 3, 3)
     # Orders are booked in turn: the nearest free driver went to the first.
-    stored = {r["seller_order_id"]: r["distance_km"] for r in await pg_pool.fetch("SELECT * FROM deliveries")}
+    stored = {
+        r["seller_order_id"]: r["distance_km"]
+        for r in await pg_pool.fetch("SELECT * FROM deliveries")
+    }
     assert stored["SO-T0"] <= stored["SO-T1"] <= stored["SO-T2"]
 
     # A call holding a retry (SO-T1) while drivers are still free: its second booking
     # hits the primary key, the shared transaction rolls back (SO-T4's booking too),
     # and each order goes alone: SO-T4 and SO-T5 book, the retry replays.
     mixed = await core.assign_many(
-        [AssignRequest("SO-T4", *BERLIN), AssignRequest("SO-T1", *BERLIN), AssignRequest("SO-T5", *BERLIN)]
+        [
+            AssignRequest("SO-T4", *BERLIN),
+            AssignRequest("SO-T1", *BERLIN),
+            AssignRequest("SO-T5", *BERLIN),
+        ]
     )
     assert [r.kind for r in mixed] == ["assigned", "replayed", "assigned"]
     assert mixed[1].body == together[1].body

@@ -15,13 +15,20 @@ from dispatcher.errors import DatabaseUnavailableError
 
 def ping(n: int, *, driver: str | None = None, age_s: float = 0.0) -> Ping:
     at = datetime.now(UTC) - timedelta(seconds=age_s)
-    return Ping(driver_id=driver or f"d{n}", lat=1.0 + n / 1000, lon=2.0, recorded_at=at)
+    return Ping(
+        driver_id=driver or f"d{n}", lat=1.0 + n / 1000, lon=2.0, recorded_at=at
+    )
 
 
 class RecordingFlush:
     """A fake zone: records each batch and how many calls overlap per zone."""
 
-    def __init__(self, delay_s: float = 0.005, failures: int = 0, verdict: PingVerdict = PingVerdict.ACCEPTED) -> None:
+    def __init__(
+        self,
+        delay_s: float = 0.005,
+        failures: int = 0,
+        verdict: PingVerdict = PingVerdict.ACCEPTED,
+    ) -> None:
         self.batches: list[tuple[str, list[Ping]]] = []
         self.in_flight: dict[str, int] = {}
         self.max_in_flight = 0
@@ -89,7 +96,10 @@ async def test_a_failed_flush_keeps_its_fixes_reports_the_failure_and_retries() 
     flush = RecordingFlush(failures=2)
     applied: list[PingVerdict] = []
     buffer = PingBuffer(
-        flush, interval_s=0.0, max_batch=10, max_age_s=60,
+        flush,
+        interval_s=0.0,
+        max_batch=10,
+        max_age_s=60,
         on_applied=lambda pings, verdicts: applied.extend(verdicts),
     )
     buffer.offer("z", ping(1))
@@ -124,8 +134,13 @@ async def test_verdicts_reach_the_callback_and_close_flushes_what_is_queued() ->
     flush = RecordingFlush(verdict=PingVerdict.INACTIVE)
     seen: list[tuple[str, PingVerdict]] = []
     buffer = PingBuffer(
-        flush, interval_s=10.0, max_batch=10, max_age_s=60,
-        on_applied=lambda pings, verdicts: seen.extend((p.driver_id, v) for p, v in zip(pings, verdicts, strict=True)),
+        flush,
+        interval_s=10.0,
+        max_batch=10,
+        max_age_s=60,
+        on_applied=lambda pings, verdicts: seen.extend(
+            (p.driver_id, v) for p, v in zip(pings, verdicts, strict=True)
+        ),
     )
     buffer.offer("z", ping(1))
     await buffer.close()
@@ -140,7 +155,9 @@ async def test_a_failing_verdict_handler_does_not_stop_the_zones_flusher() -> No
     def broken(pings: Sequence[Ping], verdicts: Sequence[PingVerdict]) -> None:
         raise ValueError("bookkeeping bug")
 
-    buffer = PingBuffer(flush, interval_s=0.0, max_batch=10, max_age_s=60, on_applied=broken)
+    buffer = PingBuffer(
+        flush, interval_s=0.0, max_batch=10, max_age_s=60, on_applied=broken
+    )
     buffer.offer("z", ping(1))
     await buffer.settle()
     buffer.offer("z", ping(2))

@@ -18,7 +18,12 @@ from dispatcher.bench.reqfile import RequestSpec
 
 
 def test_encode_request_sets_host_and_length() -> None:
-    spec = RequestSpec("PATCH", "/drivers/d/location", (("Authorization", "Bearer t"), ("Content-Length", "9")), b"{}")
+    spec = RequestSpec(
+        "PATCH",
+        "/drivers/d/location",
+        (("Authorization", "Bearer t"), ("Content-Length", "9")),
+        b"{}",
+    )
     assert encode_request(spec, "127.0.0.1:80") == (
         b"PATCH /drivers/d/location HTTP/1.1\r\nHost: 127.0.0.1:80\r\nAuthorization: Bearer t\r\n"
         b"Content-Length: 2\r\n\r\n{}"
@@ -26,10 +31,18 @@ def test_encode_request_sets_host_and_length() -> None:
 
 
 def test_parse_response_waits_for_the_whole_body() -> None:
-    raw = b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Type: x\r\n\r\nhello" + b"HTTP/1.1 204"
+    raw = (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Type: x\r\n\r\nhello"
+        + b"HTTP/1.1 204"
+    )
     assert parse_response(bytearray(raw[:30])) is None
     assert parse_response(bytearray(raw[:-15])) is None
-    assert parse_response(bytearray(raw)) == (200, b"hello", True, len(raw) - len(b"HTTP/1.1 204"))
+    assert parse_response(bytearray(raw)) == (
+        200,
+        b"hello",
+        True,
+        len(raw) - len(b"HTTP/1.1 204"),
+    )
 
 
 def test_parse_response_without_body_and_with_close() -> None:
@@ -83,11 +96,21 @@ async def base_url() -> AsyncIterator[str]:
 async def test_pool_talks_to_aiohttp(base_url: str) -> None:
     pool = HttpPool(base_url, 2)
     try:
-        post = encode_request(RequestSpec("POST", "/json", (("Content-Type", "application/json"),), b"{}"), pool.authority)
+        post = encode_request(
+            RequestSpec(
+                "POST", "/json", (("Content-Type", "application/json"),), b"{}"
+            ),
+            pool.authority,
+        )
         assert await pool.request(post) == (200, b'{"ok": true}')
-        assert await pool.request(encode_request(RequestSpec("GET", "/chunked", (), b""), pool.authority)) == (
-            201, b"part1-part2")
-        assert (await pool.request(encode_request(RequestSpec("GET", "/nope", (), b""), pool.authority)))[0] == 404
+        assert await pool.request(
+            encode_request(RequestSpec("GET", "/chunked", (), b""), pool.authority)
+        ) == (201, b"part1-part2")
+        assert (
+            await pool.request(
+                encode_request(RequestSpec("GET", "/nope", (), b""), pool.authority)
+            )
+        )[0] == 404
     finally:
         pool.close()
 

@@ -19,7 +19,9 @@ async def _echo(request: web.Request) -> web.StreamResponse:
     body = await request.read()
     if request.headers.get("Authorization") != "Bearer ok":
         return web.Response(status=401)
-    return web.json_response({"accepted": len(json.loads(body)["pings"]), "assigned": True})
+    return web.json_response(
+        {"accepted": len(json.loads(body)["pings"]), "assigned": True}
+    )
 
 
 @pytest.fixture
@@ -36,13 +38,23 @@ async def base_url() -> AsyncIterator[str]:
 
 
 def _specs() -> list[RequestSpec]:
-    good = RequestSpec("POST", "/x", (("Authorization", "Bearer ok"),), b'{"pings":[1,2,3]}')
+    good = RequestSpec(
+        "POST", "/x", (("Authorization", "Bearer ok"),), b'{"pings":[1,2,3]}'
+    )
     bad = RequestSpec("POST", "/x", (("Authorization", "Bearer no"),), b'{"pings":[]}')
     return [good, good, good, bad]
 
 
 async def test_closed_loop_stops_after_max_requests(base_url: str) -> None:
-    plan = LoadPlan(base_url, "unused", "closed", connections=4, duration_s=30.0, max_requests=40, count="accepted")
+    plan = LoadPlan(
+        base_url,
+        "unused",
+        "closed",
+        connections=4,
+        duration_s=30.0,
+        max_requests=40,
+        count="accepted",
+    )
     result = await closed_loop(plan, _specs())
     assert result.ok + result.errors == 40
     assert result.ok == 30
@@ -51,8 +63,18 @@ async def test_closed_loop_stops_after_max_requests(base_url: str) -> None:
     assert result.p50_ms > 0
 
 
-async def test_open_loop_sends_at_the_rate_and_counts_from_the_schedule(base_url: str) -> None:
-    plan = LoadPlan(base_url, "unused", "open", connections=1, duration_s=0.5, rate=100.0, count="assigned")
+async def test_open_loop_sends_at_the_rate_and_counts_from_the_schedule(
+    base_url: str,
+) -> None:
+    plan = LoadPlan(
+        base_url,
+        "unused",
+        "open",
+        connections=1,
+        duration_s=0.5,
+        rate=100.0,
+        count="assigned",
+    )
     result = await open_loop(plan, _specs())
     assert result.ok + result.errors == 50
     assert result.items == result.ok
@@ -64,13 +86,17 @@ async def test_open_loop_sends_at_the_rate_and_counts_from_the_schedule(base_url
 async def test_run_reads_the_request_file(base_url: str, tmp_path: Path) -> None:
     path = tmp_path / "r.requests"
     write_requests(path, _specs()[:1])
-    plan = LoadPlan(base_url, str(path), "closed", connections=2, duration_s=30.0, max_requests=5)
+    plan = LoadPlan(
+        base_url, str(path), "closed", connections=2, duration_s=30.0, max_requests=5
+    )
     result = await run(plan)
     assert result.ok == 5
     assert result.items == 0
 
 
-async def test_open_loop_charges_unfinished_requests(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_open_loop_charges_unfinished_requests(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     async def stuck(request: web.Request) -> web.StreamResponse:
         await asyncio.sleep(1.0)
         return web.Response(status=204)
@@ -83,7 +109,14 @@ async def test_open_loop_charges_unfinished_requests(monkeypatch: pytest.MonkeyP
     port = runner.addresses[0][1]
     monkeypatch.setattr(loadgen, "DRAIN_S", 0.2)
     try:
-        plan = LoadPlan(f"http://127.0.0.1:{port}", "unused", "open", connections=1, duration_s=0.2, rate=50.0)
+        plan = LoadPlan(
+            f"http://127.0.0.1:{port}",
+            "unused",
+            "open",
+            connections=1,
+            duration_s=0.2,
+            rate=50.0,
+        )
         result = await open_loop(plan, _specs())
     finally:
         await runner.shutdown()

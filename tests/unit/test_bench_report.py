@@ -33,14 +33,30 @@ def test_targets_absolute_and_relative_to_the_ceiling() -> None:
 
 
 def test_figure_reports_the_median_and_its_ratios() -> None:
-    fig = Figure("pings", "single", "req/s", [900.0, 1000.0, 5000.0], ceiling=2000.0, naive=500.0,
-                 target=Target("≥ 0.7 x ceiling", ceiling_factor=0.7))
+    fig = Figure(
+        "pings",
+        "single",
+        "req/s",
+        [900.0, 1000.0, 5000.0],
+        ceiling=2000.0,
+        naive=500.0,
+        target=Target("≥ 0.7 x ceiling", ceiling_factor=0.7),
+    )
     assert fig.value == 1000.0
     assert fig.vs_ceiling == 0.5
     assert fig.vs_naive == 2.0
     assert fig.met is False
-    assert figure_row(fig) == ["pings", "single", "1,000", "req/s", "900 / 1,000 / 5,000", "0.50x", "2.00x",
-                               "≥ 0.7 x ceiling", "NOT met"]
+    assert figure_row(fig) == [
+        "pings",
+        "single",
+        "1,000",
+        "req/s",
+        "900 / 1,000 / 5,000",
+        "0.50x",
+        "2.00x",
+        "≥ 0.7 x ceiling",
+        "NOT met",
+    ]
 
 
 def test_value_formats() -> None:
@@ -61,14 +77,32 @@ def test_format_table_aligns_numbers_right() -> None:
 
 
 def test_markdown_table_escapes_pipes() -> None:
-    assert markdown_table(("a", "b"), [["x|y", "1"]]).splitlines() == ["| a | b |", "|---|---|", "| x\\|y | 1 |"]
+    assert markdown_table(("a", "b"), [["x|y", "1"]]).splitlines() == [
+        "| a | b |",
+        "|---|---|",
+        "| x\\|y | 1 |",
+    ]
 
 
 def _report() -> Report:
-    report = Report(datetime(2026, 11, 22, 4, 0, tzinfo=UTC), "python -m dispatcher.bench --quick",
-                    from_args(["--quick"]), {"CPU": "test", "cores": "2"})
-    report.figures.append(Figure("pings", "single at 3000/s: p99", "ms", [30.0], 5.0, 10.0,
-                                 Target("≤ 25 ms", maximum=25), notes=["answered 2,990/s of 3,000/s offered"]))
+    report = Report(
+        datetime(2026, 11, 22, 4, 0, tzinfo=UTC),
+        "python -m dispatcher.bench --quick",
+        from_args(["--quick"]),
+        {"CPU": "test", "cores": "2"},
+    )
+    report.figures.append(
+        Figure(
+            "pings",
+            "single at 3000/s: p99",
+            "ms",
+            [30.0],
+            5.0,
+            10.0,
+            Target("≤ 25 ms", maximum=25),
+            notes=["answered 2,990/s of 3,000/s offered"],
+        )
+    )
     return report
 
 
@@ -83,8 +117,15 @@ def test_text_report_lists_figures_and_failures() -> None:
 
 def test_markdown_report_has_every_section() -> None:
     text = markdown_report(_report())
-    for heading in ("# Performance", "## Machine", "## How it is measured", "## Results",
-                    "## Targets (issue 4)", "## Notes", "## Profile"):
+    for heading in (
+        "# Performance",
+        "## Machine",
+        "## How it is measured",
+        "## Results",
+        "## Targets (issue 4)",
+        "## Notes",
+        "## Profile",
+    ):
         assert heading in text
     assert "python -m dispatcher.bench --quick" in text
     assert "py-spy record -o profile.svg --pid <ingress pid>" in text

@@ -49,8 +49,16 @@ def test_latency_summary_in_milliseconds() -> None:
 
 
 def test_run_result_round_trips_and_derives_throughput() -> None:
-    result = RunResult("wrk", ok=500, errors=2, duration_s=2.0, p50_ms=1.0, p99_ms=3.0, max_ms=9.0,
-                       status_counts={"204": 500})
+    result = RunResult(
+        "wrk",
+        ok=500,
+        errors=2,
+        duration_s=2.0,
+        p50_ms=1.0,
+        p99_ms=3.0,
+        max_ms=9.0,
+        status_counts={"204": 500},
+    )
     again = RunResult.from_json({**result.to_json(), "unknown": 1})
     assert again == result
     assert again.throughput == 250.0

@@ -50,7 +50,10 @@ def test_disc_points_stay_inside_the_disc() -> None:
     points = disc_points(random.Random(1), PINGS_CITY, CITY_RADIUS_KM, 500)
     assert len(points) == 500
     # The flat-earth offset is within a few metres over 12 km.
-    assert max(haversine_km(*PINGS_CITY, lat, lon) for lat, lon in points) <= CITY_RADIUS_KM * 1.01
+    assert (
+        max(haversine_km(*PINGS_CITY, lat, lon) for lat, lon in points)
+        <= CITY_RADIUS_KM * 1.01
+    )
 
 
 def test_dense_city_has_most_drivers_near_the_centre() -> None:
@@ -95,20 +98,33 @@ def test_batch_bodies_fit_the_limits_and_carry_every_driver_once() -> None:
 
 def test_batch_bodies_respect_a_small_item_limit() -> None:
     drivers = make_drivers([(1.0, 1.0)] * 5)
-    assert [len(json.loads(b)["pings"]) for b in batch_bodies(drivers, max_items=2)] == [2, 2, 1]
+    assert [
+        len(json.loads(b)["pings"]) for b in batch_bodies(drivers, max_items=2)
+    ] == [2, 2, 1]
 
 
 def test_order_request_is_signed_with_the_inbound_secret() -> None:
     secret = new_secret()
     spec = order_request("SO-1", (52.5, 13.4), secret, 1_700_000_000)
     headers = dict(spec.headers)
-    assert verify([secret], headers, spec.body, now=1_700_000_000) == headers["webhook-id"]
-    assert json.loads(spec.body) == {"sellerOrderId": "SO-1", "pickupLat": 52.5, "pickupLon": 13.4}
+    assert (
+        verify([secret], headers, spec.body, now=1_700_000_000) == headers["webhook-id"]
+    )
+    assert json.loads(spec.body) == {
+        "sellerOrderId": "SO-1",
+        "pickupLat": 52.5,
+        "pickupLon": 13.4,
+    }
 
 
 def test_request_file_round_trips(tmp_path: Path) -> None:
     specs = [
-        RequestSpec("PATCH", "/a", (("Authorization", "Bearer x.y"), ("webhook-signature", "v1,ab+/=")), b'{"a":1}'),
+        RequestSpec(
+            "PATCH",
+            "/a",
+            (("Authorization", "Bearer x.y"), ("webhook-signature", "v1,ab+/=")),
+            b'{"a":1}',
+        ),
         RequestSpec("GET", "/b", (), b""),
     ]
     path = tmp_path / "r.requests"

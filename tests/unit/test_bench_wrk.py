@@ -19,8 +19,12 @@ def test_lua_script_reads_the_request_file_with_one_stride_per_thread() -> None:
     script = lua_script(Path("/tmp/x/001-pings.requests"), threads=2)
     assert "local DATA = [==[/tmp/x/001-pings.requests]==]" in script
     assert "local THREADS = 2" in script
-    for hook in ("function setup(thread)", "function init(args)", "function request()",
-                 "function done(summary, latency, requests)"):
+    for hook in (
+        "function setup(thread)",
+        "function init(args)",
+        "function request()",
+        "function done(summary, latency, requests)",
+    ):
         assert hook in script
     assert 'thread:set("tid", next_tid)' in script
     assert "index % THREADS == mine" in script
@@ -38,8 +42,19 @@ def test_lua_script_rejects_bad_input() -> None:
 
 
 def test_wrk_command() -> None:
-    cmd = wrk_command("/usr/bin/wrk", Path("/tmp/s.lua"), "http://127.0.0.1:1", 32, 10.0, 2)
-    assert cmd == ["/usr/bin/wrk", "-t2", "-c32", "-d10s", "--timeout=10s", "-s", "/tmp/s.lua", "http://127.0.0.1:1"]
+    cmd = wrk_command(
+        "/usr/bin/wrk", Path("/tmp/s.lua"), "http://127.0.0.1:1", 32, 10.0, 2
+    )
+    assert cmd == [
+        "/usr/bin/wrk",
+        "-t2",
+        "-c32",
+        "-d10s",
+        "--timeout=10s",
+        "-s",
+        "/tmp/s.lua",
+        "http://127.0.0.1:1",
+    ]
 
 
 def test_parse_wrk_output_reads_the_marker_line() -> None:

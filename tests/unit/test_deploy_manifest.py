@@ -67,13 +67,17 @@ def worker_groups() -> list[dict[str, Any]]:
 
 def zone_group() -> dict[str, Any]:
     """The worker group that offers the zone resource."""
-    offering = [g for g in worker_groups() if zone_units_offered(g["rayStartParams"]) > 0]
+    offering = [
+        g for g in worker_groups() if zone_units_offered(g["rayStartParams"]) > 0
+    ]
     assert len(offering) == 1, [g["groupName"] for g in worker_groups()]
     return offering[0]
 
 
 def all_containers() -> list[dict[str, Any]]:
-    containers: list[dict[str, Any]] = list(spec()["headGroupSpec"]["template"]["spec"]["containers"])
+    containers: list[dict[str, Any]] = list(
+        spec()["headGroupSpec"]["template"]["spec"]["containers"]
+    )
     for group in worker_groups():
         containers.extend(group["template"]["spec"]["containers"])
     return containers
@@ -100,7 +104,9 @@ def zone_units_offered(ray_start_params: dict[str, Any]) -> float:
     if raw is None:
         return 0.0
     inner = json.loads(raw)
-    assert isinstance(inner, str), f"resources must be a quoted JSON string, got {raw!r}"
+    assert isinstance(inner, str), (
+        f"resources must be a quoted JSON string, got {raw!r}"
+    )
     offered = json.loads(inner)
     assert isinstance(offered, dict)
     return float(offered.get(ZONE_RESOURCE, 0))
@@ -124,7 +130,9 @@ def test_manifest_is_a_ray_v1_raycluster_with_in_tree_autoscaling() -> None:
 
 def test_ray_version_is_the_installed_ray() -> None:
     assert spec()["rayVersion"] == ray.__version__
-    pins = re.findall(r"^ray==(\S+)$", (ROOT / "constraints.txt").read_text(), flags=re.M)
+    pins = re.findall(
+        r"^ray==(\S+)$", (ROOT / "constraints.txt").read_text(), flags=re.M
+    )
     assert pins == [ray.__version__]
 
 
@@ -188,7 +196,10 @@ def test_secrets_come_from_secret_key_refs_never_literals() -> None:
     for container in all_containers():
         for name, entry in env_of(container).items():
             if name in SECRET_ENV or name == "DISPATCHER_VENDURE_WEBHOOK_URL":
-                assert "secretKeyRef" in entry.get("valueFrom", {}), (container["name"], name)
+                assert "secretKeyRef" in entry.get("valueFrom", {}), (
+                    container["name"],
+                    name,
+                )
 
 
 def test_probes_hit_ready_and_health_on_the_declared_http_port() -> None:
@@ -273,7 +284,9 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
 
 
 def instructions(name: str) -> list[str]:
-    return [rest for instruction, rest in dockerfile_instructions() if instruction == name]
+    return [
+        rest for instruction, rest in dockerfile_instructions() if instruction == name
+    ]
 
 
 def test_dockerfile_builds_from_the_ray_image_of_the_manifest() -> None:
@@ -311,7 +324,9 @@ def test_dockerfile_runs_dispatcher_serve_as_non_root_on_8080() -> None:
     assert instructions("ENTRYPOINT") == []
 
 
-@pytest.mark.parametrize("pattern", [".git", ".venv", "tests", ".mypy_cache", ".pytest_cache"])
+@pytest.mark.parametrize(
+    "pattern", [".git", ".venv", "tests", ".mypy_cache", ".pytest_cache"]
+)
 def test_dockerignore_keeps_local_state_out_of_the_build_context(pattern: str) -> None:
     patterns = {
         line.strip()

@@ -44,9 +44,12 @@ class FakeStore:
 def make_hub() -> tuple[EventHub, FakeStore]:
     store = FakeStore()
     hub = EventHub(
-        cast(DriverEventStore, store), StreamMetrics(CollectorRegistry()),
-        catch_up_interval_s=60, retention_s=3600, prune_interval_s=3600,
-    )  # fmt: skip
+        cast(DriverEventStore, store),
+        StreamMetrics(CollectorRegistry()),
+        catch_up_interval_s=60,
+        retention_s=3600,
+        prune_interval_s=3600,
+    )
     return hub, store
 
 

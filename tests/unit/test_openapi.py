@@ -21,7 +21,9 @@ def refs(node: Any) -> set[str]:
 def test_every_contract_route_is_documented() -> None:
     doc = build_openapi(ROUTES)
     assert doc["openapi"].startswith("3.1")
-    documented = {(method, path) for path, ops in doc["paths"].items() for method in ops}
+    documented = {
+        (method, path) for path, ops in doc["paths"].items() for method in ops
+    }
     assert documented == set(CONTRACT_ROUTES)
 
 

@@ -22,7 +22,9 @@ class FakeZones:
         self.delay_s = delay_s
         self.fail = fail
 
-    async def __call__(self, zone: str, reqs: Sequence[AssignRequest]) -> list[AssignResult]:
+    async def __call__(
+        self, zone: str, reqs: Sequence[AssignRequest]
+    ) -> list[AssignResult]:
         self.in_flight[zone] = self.in_flight.get(zone, 0) + 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight[zone])
         try:
@@ -30,7 +32,10 @@ class FakeZones:
             if self.fail:
                 raise ZoneUnavailableError(f"zone {zone} is restarting")
             self.calls.append((zone, [r.seller_order_id for r in reqs]))
-            return [AssignResult("assigned", f'{{"id":"{r.seller_order_id}"}}', "redis") for r in reqs]
+            return [
+                AssignResult("assigned", f'{{"id":"{r.seller_order_id}"}}', "redis")
+                for r in reqs
+            ]
         finally:
             self.in_flight[zone] -= 1
 
@@ -45,10 +50,14 @@ async def test_a_lone_order_is_sent_at_once_and_concurrent_ones_share_calls() ->
     lone = await batcher.assign("z", order(0))
     assert lone.body == '{"id":"SO-0"}' and zones.calls == [("z", ["SO-0"])]
 
-    results = await asyncio.gather(*(batcher.assign("z1" if n % 2 else "z2", order(n)) for n in range(40)))
+    results = await asyncio.gather(
+        *(batcher.assign("z1" if n % 2 else "z2", order(n)) for n in range(40))
+    )
     assert [r.body for r in results] == [f'{{"id":"SO-{n}"}}' for n in range(40)]
     later = zones.calls[1:]
-    assert sorted(i for _, ids in later for i in ids) == sorted(f"SO-{n}" for n in range(40))
+    assert sorted(i for _, ids in later for i in ids) == sorted(
+        f"SO-{n}" for n in range(40)
+    )
     assert len(later) < 40 and all(len(ids) <= 8 for _, ids in later)
     assert zones.max_in_flight == 1
     await batcher.close()
@@ -56,7 +65,9 @@ async def test_a_lone_order_is_sent_at_once_and_concurrent_ones_share_calls() ->
 
 async def test_a_failed_call_fails_each_of_its_orders() -> None:
     batcher = OrderBatcher(FakeZones(fail=True), max_batch=8)
-    results = await asyncio.gather(*(batcher.assign("z", order(n)) for n in range(5)), return_exceptions=True)
+    results = await asyncio.gather(
+        *(batcher.assign("z", order(n)) for n in range(5)), return_exceptions=True
+    )
     assert all(isinstance(r, ZoneUnavailableError) for r in results)
     await batcher.close()
 

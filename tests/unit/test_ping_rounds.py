@@ -11,7 +11,9 @@ T0 = datetime(2026, 11, 22, 10, 0, tzinfo=UTC)
 
 
 def fix(driver: str, seconds: int) -> Ping:
-    return Ping(driver_id=driver, lat=1.0, lon=2.0, recorded_at=T0 + timedelta(seconds=seconds))
+    return Ping(
+        driver_id=driver, lat=1.0, lon=2.0, recorded_at=T0 + timedelta(seconds=seconds)
+    )
 
 
 def test_one_fix_per_driver_is_one_round() -> None:

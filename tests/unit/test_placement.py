@@ -42,14 +42,22 @@ def test_no_node_to_host_zones_means_no_plan() -> None:
 
 def test_the_plan_is_deterministic() -> None:
     placements = {f"z{i}": "abc"[i % 2] for i in range(9)}
-    assert plan_rebalance(placements, ["c", "b", "a"]) == plan_rebalance(dict(reversed(placements.items())), ["a", "b", "c"])
+    assert plan_rebalance(placements, ["c", "b", "a"]) == plan_rebalance(
+        dict(reversed(placements.items())), ["a", "b", "c"]
+    )
 
 
 @given(
-    st.dictionaries(st.text("xyz0123", min_size=1, max_size=4), st.sampled_from("abcdh"), max_size=40),
+    st.dictionaries(
+        st.text("xyz0123", min_size=1, max_size=4),
+        st.sampled_from("abcdh"),
+        max_size=40,
+    ),
     st.sets(st.sampled_from("abcd"), min_size=1),
 )
-def test_after_the_plan_every_node_is_within_one_zone(placements: dict[str, str], nodes: set[str]) -> None:
+def test_after_the_plan_every_node_is_within_one_zone(
+    placements: dict[str, str], nodes: set[str]
+) -> None:
     moves = plan_rebalance(placements, sorted(nodes))
     after = apply(placements, moves)
     counts = Counter(after.values())
@@ -60,5 +68,9 @@ def test_after_the_plan_every_node_is_within_one_zone(placements: dict[str, str]
     assert len({m.zone_id for m in moves}) == len(moves)
     stranded = sum(1 for n in placements.values() if n not in nodes)
     ideal = max(len(placements) // len(nodes), 0)
-    excess = sum(max(0, c - (ideal + 1)) for n, c in Counter(placements.values()).items() if n in nodes)
+    excess = sum(
+        max(0, c - (ideal + 1))
+        for n, c in Counter(placements.values()).items()
+        if n in nodes
+    )
     assert len(moves) <= stranded + excess + len(nodes)

@@ -30,7 +30,9 @@ async def test_shared_holders_overlap_and_exclusive_ones_are_alone() -> None:
             await asyncio.sleep(0.005)
             inside.remove(f"x{n}")
 
-    await asyncio.gather(*(shared(n) for n in range(10)), *(exclusive(n) for n in range(3)))
+    await asyncio.gather(
+        *(shared(n) for n in range(10)), *(exclusive(n) for n in range(3))
+    )
     assert violations == 0
     assert peak_shared > 1
 

@@ -12,13 +12,19 @@ from dispatcher.geo import EARTH_RADIUS_KM, bounding_box, haversine_km, round_km
 from dispatcher.zoning import Zoning
 
 
-def destination(lat: float, lon: float, bearing_deg: float, km: float) -> tuple[float, float]:
+def destination(
+    lat: float, lon: float, bearing_deg: float, km: float
+) -> tuple[float, float]:
     """The point `km` away from (lat, lon) on a great circle (exact spherical formula)."""
     phi1, lmb1, theta = math.radians(lat), math.radians(lon), math.radians(bearing_deg)
     delta = km / EARTH_RADIUS_KM
-    phi2 = math.asin(math.sin(phi1) * math.cos(delta) + math.cos(phi1) * math.sin(delta) * math.cos(theta))
+    phi2 = math.asin(
+        math.sin(phi1) * math.cos(delta)
+        + math.cos(phi1) * math.sin(delta) * math.cos(theta)
+    )
     lmb2 = lmb1 + math.atan2(
-        math.sin(theta) * math.sin(delta) * math.cos(phi1), math.cos(delta) - math.sin(phi1) * math.sin(phi2)
+        math.sin(theta) * math.sin(delta) * math.cos(phi1),
+        math.cos(delta) - math.sin(phi1) * math.sin(phi2),
     )
     return math.degrees(phi2), math.degrees(lmb2)
 
@@ -42,7 +48,9 @@ def test_round_km_is_metre_precision() -> None:
     assert round_km(1.2345678) == 1.235
 
 
-@pytest.mark.parametrize(("lat", "lon"), [(52.52, 13.405), (-33.86, 151.21), (64.1, -21.9), (0.0, 0.0)])
+@pytest.mark.parametrize(
+    ("lat", "lon"), [(52.52, 13.405), (-33.86, 151.21), (64.1, -21.9), (0.0, 0.0)]
+)
 def test_bounding_box_contains_the_circle(lat: float, lon: float) -> None:
     min_lat, max_lat, min_lon, max_lon = bounding_box(lat, lon, 5.0)
     for bearing in range(0, 360, 5):
@@ -60,7 +68,9 @@ def test_zones_near_covers_every_point_in_the_circle(resolution: int) -> None:
         lat, lon = 52.3 + rng.random() * 0.4, 13.1 + rng.random() * 0.6
         near = set(zoning.zones_near(lat, lon, 5.0))
         for _ in range(40):
-            plat, plon = destination(lat, lon, rng.random() * 360, 5.0 * math.sqrt(rng.random()))
+            plat, plon = destination(
+                lat, lon, rng.random() * 360, 5.0 * math.sqrt(rng.random())
+            )
             assert zoning.zone_of(plat, plon) in near
 
 
