@@ -7,6 +7,13 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from dispatcher.offers.policy import (
+    DEFAULT_DEADLINE_S,
+    DEFAULT_WAVE_SIZE,
+    Mode,
+    OfferRules,
+)
+
 # Vendure's retry window is days, the Standard Webhooks example schedule spans about
 # three of them: immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 14 h, 20 h, 24 h.
 DEFAULT_WEBHOOK_SCHEDULE_S: tuple[float, ...] = (
@@ -90,6 +97,26 @@ class Settings(BaseSettings):
     http_head_timeout_s: float = Field(default=10.0, gt=0, allow_inf_nan=False)
     http_body_timeout_s: float = Field(default=30.0, gt=0, allow_inf_nan=False)
     http_idle_timeout_s: float = Field(default=75.0, gt=0, allow_inf_nan=False)
+
+    # Offers (docs/OFFERS.md). `auto` books the chosen driver at once; `cascade` and
+    # `wave` offer the job and wait for an accept. Unset timeout and rounds take the
+    # mode's defaults (cascade 20 s x 5 offers, wave 25 s x 3 waves).
+    offer_mode: Mode = "auto"
+    offer_timeout_s: float | None = Field(default=None, gt=0, le=3600)
+    offer_wave_size: int = Field(default=DEFAULT_WAVE_SIZE, ge=1, le=50)
+    offer_max_rounds: int | None = Field(default=None, ge=1, le=100)
+    dispatch_deadline_s: float = Field(default=DEFAULT_DEADLINE_S, gt=0, le=86400)
+    # The ingress's backstop: how often it looks for dispatches a wedged zone left open.
+    offer_backstop_interval_s: float = Field(default=5.0, gt=0)
+
+    def offer_rules(self) -> OfferRules:
+        return OfferRules.of(
+            self.offer_mode,
+            timeout_s=self.offer_timeout_s,
+            wave_size=self.offer_wave_size,
+            max_rounds=self.offer_max_rounds,
+            deadline_s=self.dispatch_deadline_s,
+        )
 
 
 class ResolvedSettings(Settings):

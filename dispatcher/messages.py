@@ -70,7 +70,8 @@ class AssignRequest:
     drop_lon: float | None = None
 
 
-AssignKind = Literal["assigned", "unassigned", "replayed", "conflict"]
+# "awaiting": cascade and wave, offers are out (or the dispatch waits between rounds).
+AssignKind = Literal["assigned", "unassigned", "replayed", "conflict", "awaiting"]
 LookupPath = Literal["redis", "postgres", "none"]
 
 

@@ -245,11 +245,13 @@ class UpdateDriver(OperatorRequestModel):
 
     is_active: bool | None = None
     name: ShortText | None = None
+    # Booked at once when chosen, in every offer mode.
+    auto_accept: bool | None = None
 
     @model_validator(mode="after")
     def _something(self) -> UpdateDriver:
-        if self.is_active is None and self.name is None:
-            raise ValueError("nothing to change: give isActive and/or name")
+        if self.is_active is None and self.name is None and self.auto_accept is None:
+            raise ValueError("nothing to change: give isActive, name and/or autoAccept")
         return self
 
 
@@ -313,6 +315,8 @@ class DriverView(ResponseModel):
     last_seen_at: datetime | None
     zone_id: str | None
     active_delivery: ActiveDelivery | None
+    # Booked at once when chosen, in the offer modes too (docs/OFFERS.md).
+    auto_accept: bool = False
 
 
 class DriverList(ResponseModel):
@@ -375,6 +379,8 @@ class ZoneView(ResponseModel):
     drivers: int
     available: int
     actor: Literal["alive", "restarting"]
+    # Offers of this zone's dispatches waiting for an answer (cascade and wave).
+    open_offers: int = 0
 
 
 class ZoneList(ResponseModel):

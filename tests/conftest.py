@@ -24,7 +24,7 @@ REDIS_URL_ENV = "DISPATCHER_TEST_REDIS_URL"
 TEST_DATABASE = "dispatcher_test"
 TABLES = (
     "zones, drivers, deliveries, delivery_history, webhook_outbox, webhook_endpoints, "
-    "driver_events, driver_event_seq, inbound_webhooks"
+    "driver_events, driver_event_seq, inbound_webhooks, dispatches, offers"
 )
 # RESTART IDENTITY keeps bigserial ids independent of which tests ran before.
 TRUNCATE_SQL = f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE"

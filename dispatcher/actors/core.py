@@ -9,6 +9,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
+from dispatcher.actors.offerdesk import OfferDesk
 from dispatcher.actors.zonelock import ZoneLock
 from dispatcher.config import ResolvedSettings
 from dispatcher.errors import DispatchError, StaleEpochError
@@ -34,6 +35,7 @@ from dispatcher.store.geo import (
     MirrorUnavailableError,
     NearestQuery,
 )
+from dispatcher.store.offers import Changes, Fence, OfferStore, PickRule
 from dispatcher.store.pg import activate_zone, known_zones
 from dispatcher.zoning import Zoning
 
@@ -64,6 +66,7 @@ class ZoneCore:
         mirror: GeoMirror,
         zoning: Zoning,
         clock: Callable[[], float] = time.time,
+        offers: OfferStore | None = None,
     ) -> None:
         self.zone_id = zone_id
         self.settings = settings
@@ -82,6 +85,18 @@ class ZoneCore:
         self.fenced = False
         # Zones PostgreSQL knew at the last reconcile: their mirrors must be built.
         self.known_zones: set[str] = set()
+        # Cascade and wave: orders become dispatches whose offers wait for an accept.
+        self._wakeups: set[asyncio.Task[None]] = set()
+        self.desk: OfferDesk | None = None
+        if settings.offer_mode != "auto":
+            self.desk = OfferDesk(
+                settings.offer_rules(),
+                offers or OfferStore(deliveries.pool),
+                PickRule(settings.search_radius_km, settings.heartbeat_ttl_s),
+                fence=lambda: Fence(self.zone_id, self.epoch),
+                follow=self._follow,
+                wake=self._wake_dispatch,
+            )
 
     # ---- lifetime -----------------------------------------------------------------
 
@@ -90,6 +105,13 @@ class ZoneCore:
         async with self._lock.exclusive():
             self.epoch = await activate_zone(self.drivers.pool, self.zone_id)
             await self._reconcile()
+            if self.desk is not None:
+                # Timers live in memory: a new incarnation rebuilds them from PostgreSQL.
+                rebuilt = await self.desk.rebuild(self.zone_id)
+                if rebuilt:
+                    log.info(
+                        "zone %s resumed %d open dispatches", self.zone_id, rebuilt
+                    )
         self._sweeper = asyncio.create_task(
             self._sweep_forever(), name=f"sweep:{self.zone_id}"
         )
@@ -109,6 +131,8 @@ class ZoneCore:
         log.info("zone %s epoch %d drained for a handoff", self.zone_id, self.epoch)
 
     async def stop(self) -> None:
+        if self.desk is not None:
+            self.desk.stop()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -174,6 +198,8 @@ class ZoneCore:
         """Book several orders in turn under one lock, with one mirror round trip for
         their lookups and one transaction (one commit) for their bookings."""
         async with self._exclusive():
+            if self.desk is not None:
+                return [await self._offer_locked(self.desk, req) for req in reqs]
             if len(reqs) > 1:
                 try:
                     return await self._assign_together(reqs)
@@ -182,6 +208,55 @@ class ZoneCore:
                     # goes alone and gets its own answer (replay, conflict, skip).
                     pass
             return [await self._assign_locked(req) for req in reqs]
+
+    async def _offer_locked(self, desk: OfferDesk, req: AssignRequest) -> AssignResult:
+        """Cascade and wave: the order's dispatch starts (or is answered as it stands)."""
+        result = await desk.open(req)
+        # None: nobody could be offered, or a driver holds the order already.
+        return await self._unassigned(req) if result is None else result
+
+    async def advance_dispatch(self, seller_order_id: str) -> None:
+        """Look at one dispatch now (an answer came in, or its timer fired)."""
+        if self.desk is None:
+            return
+        async with self._exclusive():
+            await self.desk.advance(seller_order_id)
+
+    def _wake_dispatch(self, seller_order_id: str) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self._woken(seller_order_id), name=f"offer:{seller_order_id}"
+        )
+        # The loop keeps only weak references to tasks: hold it until it is done.
+        self._wakeups.add(task)
+        task.add_done_callback(self._wakeups.discard)
+
+    async def _woken(self, seller_order_id: str) -> None:
+        try:
+            await self.advance_dispatch(seller_order_id)
+        except StaleEpochError:
+            if self.desk is not None:
+                self.desk.stop()
+        except Exception as exc:
+            # PostgreSQL away, most likely: try again shortly (the backstop ends the
+            # dispatch if this zone never manages to).
+            log.warning(
+                "zone %s: dispatch %s not advanced: %s",
+                self.zone_id,
+                seller_order_id,
+                exc,
+            )
+            if self.desk is not None and not self.fenced:
+                self.desk.retry_later(seller_order_id)
+
+    async def _follow(self, changes: Changes) -> None:
+        """Drivers offered, freed or booked: the shard and the mirror follow PostgreSQL."""
+        if not changes.drivers:
+            return
+        entries = await self.drivers.mirror_entries(sorted(changes.drivers))
+        for entry in entries:
+            if entry.zone_id == self.zone_id:
+                self.shard[entry.driver_id] = entry
+        await self._mirror_write(entries)
 
     async def _assign_together(
         self, reqs: Sequence[AssignRequest]

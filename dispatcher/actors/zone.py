@@ -142,6 +142,11 @@ class ZoneActor:
         await (await self._ready()).refresh(driver_ids)
 
     @ray.method
+    async def advance_dispatch(self, seller_order_id: str) -> None:
+        """An answer to one of this zone's offers came in: decide what comes next now."""
+        await (await self._ready()).advance_dispatch(seller_order_id)
+
+    @ray.method
     async def stats(self) -> ZoneStats:
         return (await self._ready()).stats()
 

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
-from dispatcher.api import driver_stream
+from dispatcher.api import driver_stream, offers
 from dispatcher.api.body import MAX_BATCH_BODY_BYTES, MAX_BODY_BYTES
 from dispatcher.api.keys import (
     DISPATCHER,
@@ -49,6 +49,7 @@ ROUTES: list[RouteSpec] = [
     *drivers.ROUTES,
     *driver_stream.ROUTES,
     *deliveries.ROUTES,
+    *offers.ROUTES,
     *ops.ROUTES,
 ]
 
@@ -84,6 +85,7 @@ def create_app(
             _redis,
             driver_stream.event_hub_context,
             _dispatcher(directory),
+            offers.offer_context,
             _webhooks,
         ]
     )

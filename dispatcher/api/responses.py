@@ -59,6 +59,7 @@ def driver_view(record: DriverRecord) -> DriverView:
         last_seen_at=record.last_seen_at,
         zone_id=record.zone_id,
         active_delivery=active,
+        auto_accept=record.auto_accept,
     )
 
 

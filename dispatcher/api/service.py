@@ -19,6 +19,7 @@ from dispatcher.models import UnassignedResponse
 from dispatcher.rules import replay
 from dispatcher.store.deliveries import DeliveryStore
 from dispatcher.store.drivers import DriverRecord, DriverStore
+from dispatcher.store.offers import OfferStore
 from dispatcher.store.pg import known_zones, outbox_pending, ping_database
 
 log = logging.getLogger(__name__)
@@ -66,6 +67,8 @@ class Dispatcher:
             on_applied=self._pings_written,
         )
         self.orders = OrderBatcher(zones.assign_many, max_batch=ORDER_BATCH_MAX)
+        # A driver going OFFLINE or deactivated gives back his open offer at once.
+        self.offer_store = OfferStore(drivers.pool)
         # Fixes written to PostgreSQL, and those it refused after this ingress had
         # acknowledged them (metrics).
         self.pings_written = 0
@@ -112,6 +115,9 @@ class Dispatcher:
 
     async def outbox_pending(self) -> int:
         return await outbox_pending(self.deliveries.pool)
+
+    async def open_offer_counts(self) -> dict[str, int]:
+        return await self.offer_store.open_offer_counts()
 
     # ---- orders -----------------------------------------------------------------------
 
@@ -195,17 +201,37 @@ class Dispatcher:
     async def set_status(self, driver_id: str, status: str) -> DriverRecord:
         await self.settle_pings()
         record = await self.drivers.set_status(driver_id, status)
+        if status == "OFFLINE":
+            await self._release_offer(driver_id)
         await self._refresh_driver(driver_id, record.zone_id)
         return record
 
     async def update_driver(
-        self, driver_id: str, *, is_active: bool | None, name: str | None
+        self,
+        driver_id: str,
+        *,
+        is_active: bool | None,
+        name: str | None,
+        auto_accept: bool | None = None,
     ) -> DriverRecord:
         await self.settle_pings()
-        record = await self.drivers.update(driver_id, is_active=is_active, name=name)
+        record = await self.drivers.update(
+            driver_id, is_active=is_active, name=name, auto_accept=auto_accept
+        )
         self.gate.forget(driver_id)
+        if is_active is False:
+            await self._release_offer(driver_id)
         await self._refresh_driver(driver_id, record.zone_id)
         return record
+
+    async def _release_offer(self, driver_id: str) -> None:
+        changes = await self.offer_store.release_driver(driver_id)
+        for order, zone_id in changes.wake.items():
+            try:
+                await self.zones.advance_dispatch(zone_id, order)
+            except DispatchError as exc:
+                # The dispatch's timer, its zone's restart or the backstop moves it on.
+                log.info("dispatch %s: zone %s not woken: %s", order, zone_id, exc)
 
     async def _refresh_driver(self, driver_id: str, zone_id: str | None = None) -> None:
         """Let the driver's zone actor bring its shard and mirror up to PostgreSQL."""

@@ -164,6 +164,9 @@ class ZoneDirectory:
     async def refresh(self, zone_id: str, driver_ids: Sequence[str]) -> None:
         await self._call(zone_id, lambda h: h.refresh.remote(list(driver_ids)))
 
+    async def advance_dispatch(self, zone_id: str, seller_order_id: str) -> None:
+        await self._call(zone_id, lambda h: h.advance_dispatch.remote(seller_order_id))
+
     async def stats(self, zone_id: str) -> ZoneStats:
         return await self._call(zone_id, lambda h: h.stats.remote())
 

@@ -32,7 +32,8 @@ FREEING_STATUSES = ("DELIVERED", "FAILED", "CANCELLED")
 
 
 # The dispatchable rule (dispatcher/rules.py is_dispatchable), identical on the Redis and fallback paths:
-# active, AVAILABLE, fresh heartbeat, location known, within the radius. One statement
+# active, AVAILABLE, fresh heartbeat, location known, within the radius, and holding
+# no open offer. One statement
 # fences the zone, picks and locks the nearest such driver, and marks it BUSY.
 # $1/$2 pickup, $3 heartbeat TTL s, $4..$7 bounding box, $8 candidates or NULL, $9 radius,
 # $10 drivers to skip, $11 zone, $12 epoch. A row always comes back: `epoch` tells a
@@ -63,6 +64,9 @@ WITH fence AS (
     SELECT d.id, d.zone_id, {haversine_sql("$1", "$2", "d.lat", "d.lon")} AS distance_km
     FROM {source}
     WHERE d.status = 'AVAILABLE' AND d.is_active AND d.lat IS NOT NULL
+      -- A driver holding an offer is booked for no other order (a column of the
+      -- locked row, so re-checked after the lock).
+      AND d.open_offer_id IS NULL
       AND d.last_seen_at > now() - make_interval(secs => $3)
       {box}
       AND NOT (d.id = ANY($10::text[]))

@@ -25,7 +25,7 @@ DRIVER_CHANGED_CHANNEL = "dispatcher_driver_changed"
 
 DRIVER_COLUMNS = """
     d.id, d.name, d.phone, d.vehicle_type, d.status, d.is_active, d.lat, d.lon,
-    d.last_seen_at, d.zone_id,
+    d.last_seen_at, d.zone_id, d.auto_accept,
     a.seller_order_id AS active_order, a.assignment_id AS active_assignment,
     a.status AS active_status
 """
@@ -53,6 +53,7 @@ class DriverRecord:
     lon: float | None
     last_seen_at: datetime | None
     zone_id: str | None
+    auto_accept: bool
     active_order: str | None
     active_assignment: str | None
     active_status: str | None
@@ -71,7 +72,9 @@ class MirrorEntry:
     lat: float | None
     lon: float | None
     seen_epoch_s: float | None
-    dispatchable_status: bool  # AVAILABLE and active; freshness is checked separately
+    dispatchable_status: (
+        bool  # AVAILABLE, active, no open offer; freshness is checked separately
+    )
     # recordedAt of the stored fix (µs): orders mirror writes, newest fix wins.
     fix_us: int | None = None
 
@@ -162,7 +165,12 @@ class DriverStore:
         return bool(active)
 
     async def update(
-        self, driver_id: str, *, is_active: bool | None, name: str | None
+        self,
+        driver_id: str,
+        *,
+        is_active: bool | None,
+        name: str | None,
+        auto_accept: bool | None = None,
     ) -> DriverRecord:
         async with connection(self.pool) as conn:
             # The NOTIFY (sent at commit) tells every ingress's ping gate to read the
@@ -170,13 +178,14 @@ class DriverStore:
             found = await conn.fetchval(
                 """WITH changed AS (
                        UPDATE drivers SET is_active = coalesce($2, is_active), name = coalesce($3, name),
-                           updated_at = now() WHERE id = $1 RETURNING id
+                           auto_accept = coalesce($5, auto_accept), updated_at = now() WHERE id = $1 RETURNING id
                    )
                    SELECT id FROM changed, pg_notify($4, id) AS notified""",
                 driver_id,
                 is_active,
                 name,
                 DRIVER_CHANGED_CHANNEL,
+                auto_accept,
             )
         if found is None:
             raise NotFoundError(f"driver {driver_id} not found")
@@ -270,7 +279,7 @@ def mirror_columns(t: str = "drivers") -> str:
     return f"""
     {t}.id, {t}.zone_id, {t}.lat, {t}.lon, extract(epoch FROM {t}.last_seen_at)::float8 AS seen,
     floor(extract(epoch FROM {t}.location_recorded_at) * 1000000)::bigint AS fix_us,
-    ({t}.status = 'AVAILABLE' AND {t}.is_active) AS dispatchable_status
+    ({t}.status = 'AVAILABLE' AND {t}.is_active AND {t}.open_offer_id IS NULL) AS dispatchable_status
 """
 
 

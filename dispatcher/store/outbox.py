@@ -20,6 +20,8 @@ EVENT_TYPES: Final[tuple[str, ...]] = (
     "delivery.delivered",
     "delivery.failed",
     "delivery.cancelled",
+    # Offer modes: a dispatch gave up (no driver accepted, or none was available).
+    "delivery.unassigned",
 )
 # Senders LISTEN here; the notification is delivered only when the caller commits.
 NOTIFY_CHANNEL: Final = "dispatcher_outbox"

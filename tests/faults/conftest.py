@@ -32,7 +32,7 @@ T = TypeVar("T")
 DATABASE = "dispatcher_faults"
 TRUNCATE_SQL = (
     "TRUNCATE zones, drivers, deliveries, delivery_history, webhook_outbox, "
-    "webhook_endpoints, driver_events, driver_event_seq RESTART IDENTITY CASCADE"
+    "webhook_endpoints, driver_events, driver_event_seq, dispatches, offers RESTART IDENTITY CASCADE"
 )
 # Measured recovery times of this session, printed at its end (and by each test).
 RECOVERY: dict[str, float] = {}

@@ -114,7 +114,11 @@ def _strategy(
 ) -> st.SearchStrategy[Case[Any]]:
     """Generated cases, half of them on the real driver and order so success paths run."""
     generated = operation.as_strategy(generation_mode=mode)
-    known = {"driverId": creds.driver_id, "sellerOrderId": creds.seller_order_id}
+    known = {
+        "driverId": creds.driver_id,
+        "sellerOrderId": creds.seller_order_id,
+        "offerId": "ofr_unknown",
+    }
     params = {p.name for p in operation.path_parameters}
     if not params:
         return generated  # type: ignore[no-any-return]

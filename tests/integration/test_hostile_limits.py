@@ -33,6 +33,12 @@ BODY_FOR: dict[tuple[str, str], dict[str, Any] | None] = {
     ("POST", "/deliveries/{sellerOrderId}/picked-up"): None,
     ("POST", "/deliveries/{sellerOrderId}/delivered"): None,
     ("POST", "/deliveries/{sellerOrderId}/failed"): {"reason": "shop closed"},
+    ("GET", "/drivers/{driverId}/offers"): None,
+    ("POST", "/drivers/{driverId}/offers/{offerId}/accept"): None,
+    ("POST", "/drivers/{driverId}/offers/{offerId}/decline"): {},
+    ("GET", "/dispatches/{sellerOrderId}"): None,
+    ("POST", "/dispatches/{sellerOrderId}/assign"): {"driverId": "drv_nobody"},
+    ("POST", "/dispatches/{sellerOrderId}/redispatch"): None,
 }
 # Ids that name nothing: each must be a plain 404, whatever it holds.
 UNKNOWN_IDS = [
@@ -67,7 +73,7 @@ async def seeded(
 def route_path(template: str, hostile: str) -> URL:
     quoted = quote(hostile, safe="")
     path = template.replace("{driverId}", quoted).replace("{sellerOrderId}", quoted)
-    return URL(path, encoded=True)
+    return URL(path.replace("{offerId}", quoted), encoded=True)
 
 
 async def send(
@@ -387,6 +393,7 @@ async def test_deeply_nested_json_is_a_422_on_every_body_route(
         path = route.path.replace("{driverId}", driver.driver_id).replace(
             "{sellerOrderId}", order
         )
+        path = path.replace("{offerId}", "ofr_none")
         for raw in (deep, nested_item):
             if route.auth == "signature":
                 resp = await api.signed_post(path, raw)

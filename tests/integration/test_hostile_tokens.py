@@ -45,6 +45,12 @@ BODIES: dict[tuple[str, str], Any] = {
     ("POST", "/deliveries/{sellerOrderId}/delivered"): None,
     ("POST", "/deliveries/{sellerOrderId}/failed"): {"reason": "x"},
     ("GET", "/zones"): None,
+    ("GET", "/drivers/{driverId}/offers"): None,
+    ("POST", "/drivers/{driverId}/offers/{offerId}/accept"): None,
+    ("POST", "/drivers/{driverId}/offers/{offerId}/decline"): {},
+    ("GET", "/dispatches/{sellerOrderId}"): None,
+    ("POST", "/dispatches/{sellerOrderId}/assign"): {"driverId": "drv_x"},
+    ("POST", "/dispatches/{sellerOrderId}/redispatch"): None,
     ("POST", "/events/seller-order-ready"): {
         "sellerOrderId": "SO-x",
         "pickupLat": 52.52,
@@ -67,6 +73,7 @@ async def call(
     headers: dict[str, str],
 ) -> ClientResponse:
     path = template.replace("{driverId}", driver_id).replace("{sellerOrderId}", order)
+    path = path.replace("{offerId}", "ofr_none")
     body = BODIES[(method, template)]
     resp: ClientResponse = await api.client.request(
         method, path, json=body, headers=headers

@@ -359,12 +359,14 @@ async def test_zones_lists_driver_counts_for_operators(
         "drivers": 2,
         "available": 1,
         "actor": "alive",
+        "openOffers": 0,
     }
     assert zones[munich_zone] == {
         "zoneId": munich_zone,
         "drivers": 1,
         "available": 1,
         "actor": "alive",
+        "openOffers": 0,
     }
     assert {
         r["zone_id"] for r in await pg_pool.fetch("SELECT zone_id FROM zones")

@@ -515,7 +515,8 @@ def test_build_body_is_compact_rfc3339_utc() -> None:
         '{"type":"delivery.assigned","timestamp":"2026-11-21T11:00:00Z",'
         '"data":{"sellerOrderId":"SO-1001","sequence":1}}'
     )
-    assert len(EVENT_TYPES) == 5
+    # The five delivery steps, and delivery.unassigned of the offer modes.
+    assert len(EVENT_TYPES) == 6
     with pytest.raises(ValueError):
         build_body("delivery.teleported", {}, now)
     with pytest.raises(ValueError):

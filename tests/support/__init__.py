@@ -51,6 +51,13 @@ API_ROUTES: list[tuple[str, str]] = [
     ("post", "/deliveries/{sellerOrderId}/picked-up"),
     ("post", "/deliveries/{sellerOrderId}/delivered"),
     ("post", "/deliveries/{sellerOrderId}/failed"),
+    # Offers (cascade and wave modes).
+    ("get", "/drivers/{driverId}/offers"),
+    ("post", "/drivers/{driverId}/offers/{offerId}/accept"),
+    ("post", "/drivers/{driverId}/offers/{offerId}/decline"),
+    ("get", "/dispatches/{sellerOrderId}"),
+    ("post", "/dispatches/{sellerOrderId}/assign"),
+    ("post", "/dispatches/{sellerOrderId}/redispatch"),
     ("get", "/health"),
     ("get", "/ready"),
     ("get", "/zones"),

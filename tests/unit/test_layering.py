@@ -18,6 +18,10 @@ PURE = {
     "dispatcher.geo",
     "dispatcher.messages",
     "dispatcher.models",
+    # The offer state machine and its wire models: decisions only, no I/O.
+    "dispatcher.offers",
+    "dispatcher.offers.policy",
+    "dispatcher.offers.wire",
     "dispatcher.rules",
     "dispatcher.zoning",
 }

@@ -150,7 +150,10 @@ async def update_driver(request: web.Request) -> web.StreamResponse:
     await require_operator(request)
     body = await parse_body(request, UpdateDriver)
     record = await request.app[DISPATCHER].update_driver(
-        path_id(request, "driverId"), is_active=body.is_active, name=body.name
+        path_id(request, "driverId"),
+        is_active=body.is_active,
+        name=body.name,
+        auto_accept=body.auto_accept,
     )
     return json_model(driver_view(record))
 

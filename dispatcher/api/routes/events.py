@@ -6,6 +6,7 @@ from aiohttp import web
 
 from dispatcher.api.inbound import CANCELLED, READY, accept_event
 from dispatcher.api.keys import DISPATCHER, METRICS
+from dispatcher.api.offers import cancel_dispatch
 from dispatcher.api.responses import delivery_view, json_model, json_text
 from dispatcher.api.spec import RouteSpec
 from dispatcher.errors import ConflictError, NotFoundError
@@ -44,6 +45,10 @@ async def seller_order_ready(request: web.Request) -> web.StreamResponse:
 
 async def seller_order_cancelled(request: web.Request) -> web.StreamResponse:
     event = await accept_event(request, CANCELLED, SellerOrderCancelled)
+    # An order still waiting for an accept has no delivery: its offers are withdrawn.
+    waiting = await cancel_dispatch(request.app, event.seller_order_id)
+    if waiting is not None:
+        return json_model(waiting)
     dispatcher = request.app[DISPATCHER]
     await dispatcher.step(event.seller_order_id, "cancelled", reason=event.reason)
     found = await dispatcher.deliveries.get(event.seller_order_id)

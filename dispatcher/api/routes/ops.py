@@ -17,6 +17,7 @@ from dispatcher.api.keys import (
     SENDER,
     SETTINGS,
 )
+from dispatcher.api.offers import refresh_offer_metrics
 from dispatcher.api.responses import json_model
 from dispatcher.api.spec import RouteSpec
 from dispatcher.errors import DispatchError
@@ -80,18 +81,26 @@ async def zones(request: web.Request) -> web.StreamResponse:
     dispatcher = request.app[DISPATCHER]
     await dispatcher.settle_pings()
     zone_ids = await dispatcher.zone_ids()
+    open_offers = await dispatcher.open_offer_counts()
 
     async def view(zone_id: str) -> ZoneView:
         try:
             async with asyncio.timeout(ZONE_STATS_TIMEOUT_S):
                 stats = await dispatcher.zones.stats(zone_id)
         except (DispatchError, TimeoutError):
-            return ZoneView(zone_id=zone_id, drivers=0, available=0, actor="restarting")
+            return ZoneView(
+                zone_id=zone_id,
+                drivers=0,
+                available=0,
+                actor="restarting",
+                open_offers=open_offers.get(zone_id, 0),
+            )
         return ZoneView(
             zone_id=zone_id,
             drivers=stats.drivers,
             available=stats.available,
             actor="alive",
+            open_offers=open_offers.get(zone_id, 0),
         )
 
     return json_model(
@@ -103,6 +112,7 @@ async def metrics(request: web.Request) -> web.StreamResponse:
     app = request.app
     with contextlib.suppress(DispatchError):
         app[METRICS].outbox_pending.set(await app[DISPATCHER].outbox_pending())
+    await refresh_offer_metrics(app)
     return web.Response(
         body=app[METRICS].render(), content_type="text/plain", charset="utf-8"
     )
