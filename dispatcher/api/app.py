@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 
 from aiohttp import web
 
-from dispatcher.api import driver_stream, offers
+from dispatcher.api import driver_stream
 from dispatcher.api.body import MAX_BATCH_BODY_BYTES, MAX_BODY_BYTES
 from dispatcher.api.keys import (
     DISPATCHER,
@@ -22,9 +22,10 @@ from dispatcher.api.keys import (
     SETTINGS,
 )
 from dispatcher.api.metrics import Metrics, metrics_middleware
+from dispatcher.api.offers import offer_context
 from dispatcher.api.openapi import build_openapi
 from dispatcher.api.problems import problem_middleware
-from dispatcher.api.routes import deliveries, drivers, events, ops
+from dispatcher.api.routes import deliveries, drivers, events, offers, ops
 from dispatcher.api.service import Dispatcher
 from dispatcher.api.spec import RouteSpec
 from dispatcher.api.zoneclient import ZoneDirectory
@@ -85,7 +86,7 @@ def create_app(
             _redis,
             driver_stream.event_hub_context,
             _dispatcher(directory),
-            offers.offer_context,
+            offer_context,
             _webhooks,
         ]
     )

@@ -1,4 +1,4 @@
-"""Offer routes (drivers answer, operators watch and steer) and the ingress's offer backstop."""
+"""The ingress side of offers: answers and operator actions, metrics, the backstop."""
 
 from __future__ import annotations
 
@@ -14,22 +14,15 @@ from aiohttp import web
 from prometheus_client import Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-from pydantic import ValidationError
 
-from dispatcher.api.auth import require_driver, require_operator
-from dispatcher.api.body import parse_body, path_id
 from dispatcher.api.keys import DISPATCHER, METRICS, PG_POOL, SETTINGS
-from dispatcher.api.problems import PROBLEM_JSON, validation_errors
-from dispatcher.api.responses import delivery_view, json_model
+from dispatcher.api.problems import PROBLEM_JSON
 from dispatcher.api.service import Dispatcher
-from dispatcher.api.spec import RouteSpec
 from dispatcher.errors import (
     PROBLEM_BASE,
     DispatchError,
-    NotFoundError,
-    RequestValidationError,
 )
-from dispatcher.models import DeliveryView, Point
+from dispatcher.models import Point
 from dispatcher.offers.policy import (
     OFFER_GRACE_S,
     PENDING_RETRY_S,
@@ -41,13 +34,9 @@ from dispatcher.offers.policy import (
     next_step,
 )
 from dispatcher.offers.wire import (
-    DeclineOffer,
     DispatchViewBody,
-    ForceAssign,
-    OfferAnswered,
     OfferItem,
     OfferList,
-    OfferQuery,
 )
 from dispatcher.store.offers import Changes, OfferRefusedError, OfferStore
 
@@ -88,6 +77,56 @@ class OfferOps:
             except DispatchError as exc:
                 # The zone's own timer, its restart, or the backstop will get to it.
                 log.info("dispatch %s: zone %s not woken: %s", order, zone_id, exc)
+
+    # ---- answers and operator actions (the offer routes) -------------------------------
+
+    async def driver_offers(self, driver_id: str, status: str | None) -> OfferList:
+        rows = await self.store.driver_offers(driver_id, status)
+        return OfferList(offers=[offer_item(dict(r)) for r in rows])
+
+    async def accept(self, driver_id: str, offer_id: str) -> str:
+        """The accepted order's id; OfferRefused when refused."""
+        try:
+            changes = await self.store.accept(driver_id, offer_id)
+        except OfferRefusedError as exc:
+            await self.follow(exc.changes)
+            raise OfferRefused(exc) from None
+        await self.follow(changes)
+        if changes.accept_age_s is not None:
+            self.accepted_after.observe(changes.accept_age_s)
+        assert changes.order is not None
+        return changes.order
+
+    async def decline(self, driver_id: str, offer_id: str, reason: str | None) -> None:
+        try:
+            changes = await self.store.decline(driver_id, offer_id, reason)
+        except OfferRefusedError as exc:
+            await self.follow(exc.changes)
+            raise OfferRefused(exc) from None
+        await self.follow(changes)
+
+    async def dispatch(self, seller_order_id: str) -> DispatchViewBody | None:
+        found = await self.store.dispatch_with_offers(seller_order_id)
+        return None if found is None else dispatch_body(*found)
+
+    async def force_assign(self, seller_order_id: str, driver_id: str) -> None:
+        try:
+            changes = await self.store.force_assign(seller_order_id, driver_id)
+        except OfferRefusedError as exc:
+            raise OfferRefused(exc) from None
+        await self.follow(changes)
+
+    async def redispatch(
+        self, seller_order_id: str, deadline_s: float
+    ) -> DispatchViewBody:
+        try:
+            changes = await self.store.redispatch(seller_order_id, deadline_s)
+        except OfferRefusedError as exc:
+            raise OfferRefused(exc) from None
+        await self.follow(changes)
+        found = await self.dispatch(seller_order_id)
+        assert found is not None
+        return found
 
     async def wake_stalled(self) -> int:
         """The backstop's first half: a dispatch whose timer should have fired (its zone
@@ -140,6 +179,14 @@ class OfferOps:
 
 
 OFFER_OPS = web.AppKey("offer_ops", OfferOps)
+
+
+class OfferRefused(Exception):
+    """An answer or operator action refused with a named reason: its 409 problem."""
+
+    def __init__(self, exc: OfferRefusedError) -> None:
+        super().__init__(exc.detail)
+        self.response = refused(exc)
 
 
 class OfferCollector(Collector):
@@ -274,100 +321,6 @@ def dispatch_body(
     )
 
 
-async def _delivery(request: web.Request, seller_order_id: str) -> web.Response:
-    found = await request.app[DISPATCHER].deliveries.get(seller_order_id)
-    if found is None:
-        raise NotFoundError(f"no delivery for sellerOrderId {seller_order_id!r}")
-    return json_model(delivery_view(*found))
-
-
-async def list_offers(request: web.Request) -> web.StreamResponse:
-    driver_id = path_id(request, "driverId")
-    await require_driver(request, driver_id)
-    try:
-        query = OfferQuery.model_validate(dict(request.query))
-    except ValidationError as exc:
-        raise RequestValidationError(
-            "invalid query", errors=validation_errors(exc, "query")
-        ) from None
-    if await request.app[DISPATCHER].drivers.get(driver_id) is None:
-        raise NotFoundError(f"driver {driver_id} not found")
-    rows = await request.app[OFFER_OPS].store.driver_offers(driver_id, query.status)
-    return json_model(OfferList(offers=[offer_item(dict(r)) for r in rows]))
-
-
-async def accept_offer(request: web.Request) -> web.StreamResponse:
-    driver_id = path_id(request, "driverId")
-    await require_driver(request, driver_id)
-    offer_id = path_id(request, "offerId")
-    ops = request.app[OFFER_OPS]
-    try:
-        changes = await ops.store.accept(driver_id, offer_id)
-    except OfferRefusedError as exc:
-        await ops.follow(exc.changes)
-        return refused(exc)
-    await ops.follow(changes)
-    if changes.accept_age_s is not None:
-        ops.accepted_after.observe(changes.accept_age_s)
-    assert changes.order is not None
-    return await _delivery(request, changes.order)
-
-
-async def decline_offer(request: web.Request) -> web.StreamResponse:
-    driver_id = path_id(request, "driverId")
-    await require_driver(request, driver_id)
-    offer_id = path_id(request, "offerId")
-    body = await parse_body(request, DeclineOffer, empty_ok=True)
-    ops = request.app[OFFER_OPS]
-    try:
-        changes = await ops.store.decline(driver_id, offer_id, body.reason)
-    except OfferRefusedError as exc:
-        await ops.follow(exc.changes)
-        return refused(exc)
-    await ops.follow(changes)
-    return json_model(OfferAnswered(offer_id=offer_id, status="DECLINED"))
-
-
-async def get_dispatch(request: web.Request) -> web.StreamResponse:
-    await require_operator(request)
-    order = path_id(request, "sellerOrderId")
-    found = await request.app[OFFER_OPS].store.dispatch_with_offers(order)
-    if found is None:
-        raise NotFoundError(f"no dispatch for sellerOrderId {order!r}")
-    return json_model(dispatch_body(*found))
-
-
-async def force_assign(request: web.Request) -> web.StreamResponse:
-    await require_operator(request)
-    order = path_id(request, "sellerOrderId")
-    body = await parse_body(request, ForceAssign)
-    ops = request.app[OFFER_OPS]
-    await request.app[DISPATCHER].settle_pings()
-    try:
-        changes = await ops.store.force_assign(order, body.driver_id)
-    except OfferRefusedError as exc:
-        return refused(exc)
-    await ops.follow(changes)
-    return await _delivery(request, order)
-
-
-async def redispatch(request: web.Request) -> web.StreamResponse:
-    await require_operator(request)
-    order = path_id(request, "sellerOrderId")
-    ops = request.app[OFFER_OPS]
-    await request.app[DISPATCHER].settle_pings()
-    try:
-        changes = await ops.store.redispatch(
-            order, request.app[SETTINGS].dispatch_deadline_s
-        )
-    except OfferRefusedError as exc:
-        return refused(exc)
-    await ops.follow(changes)
-    found = await ops.store.dispatch_with_offers(order)
-    assert found is not None
-    return json_model(dispatch_body(*found))
-
-
 async def cancel_dispatch(
     app: web.Application, seller_order_id: str
 ) -> DispatchViewBody | None:
@@ -381,71 +334,3 @@ async def cancel_dispatch(
     found = await ops.store.dispatch_with_offers(seller_order_id)
     assert found is not None
     return dispatch_body(*found)
-
-
-_DRIVER_ERRORS = (401, 403, 404, 409, 413, 422, 503)
-ROUTES = [
-    RouteSpec(
-        "GET",
-        "/drivers/{driverId}/offers",
-        list_offers,
-        "The driver's offers, newest first",
-        "driver",
-        {200: OfferList},
-        query=OfferQuery,
-        errors=(401, 403, 404, 422, 503),
-        tags=("offers",),
-    ),
-    RouteSpec(
-        "POST",
-        "/drivers/{driverId}/offers/{offerId}/accept",
-        accept_offer,
-        "Accept an offer: the driver is booked (409 with a reason when refused)",
-        "driver",
-        {200: DeliveryView},
-        errors=_DRIVER_ERRORS,
-        tags=("offers",),
-    ),
-    RouteSpec(
-        "POST",
-        "/drivers/{driverId}/offers/{offerId}/decline",
-        decline_offer,
-        "Decline an offer; the next candidate is offered at once",
-        "driver",
-        {200: OfferAnswered},
-        body=DeclineOffer,
-        errors=_DRIVER_ERRORS,
-        tags=("offers",),
-    ),
-    RouteSpec(
-        "GET",
-        "/dispatches/{sellerOrderId}",
-        get_dispatch,
-        "A dispatch with each offer and its outcome",
-        "operator",
-        {200: DispatchViewBody},
-        errors=(401, 403, 404, 503),
-        tags=("offers",),
-    ),
-    RouteSpec(
-        "POST",
-        "/dispatches/{sellerOrderId}/assign",
-        force_assign,
-        "Force-assign an AVAILABLE driver; withdraws the open offers",
-        "operator",
-        {200: DeliveryView},
-        body=ForceAssign,
-        errors=_DRIVER_ERRORS,
-        tags=("offers",),
-    ),
-    RouteSpec(
-        "POST",
-        "/dispatches/{sellerOrderId}/redispatch",
-        redispatch,
-        "Start the dispatch again (new attempt, new deadline)",
-        "operator",
-        {200: DispatchViewBody},
-        errors=(401, 403, 404, 409, 503),
-        tags=("offers",),
-    ),
-]
