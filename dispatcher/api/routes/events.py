@@ -18,6 +18,7 @@ from dispatcher.models import (
     SellerOrderReady,
     UnassignedResponse,
 )
+from dispatcher.offers.wire import AwaitingResponse, DispatchViewBody
 
 REPLAYED_HEADER = "Idempotent-Replayed"
 
@@ -64,7 +65,8 @@ ROUTES = [
         seller_order_ready,
         "Assign the nearest dispatchable driver to a seller order (idempotent on sellerOrderId)",
         "signature",
-        {200: AssignedResponse | UnassignedResponse},
+        # AwaitingResponse: in the offer modes (docs/OFFERS.md).
+        {200: AssignedResponse | UnassignedResponse | AwaitingResponse},
         body=SellerOrderReady,
         errors=(401, 409, 413, 422, 503),
         tags=("events",),
@@ -75,7 +77,8 @@ ROUTES = [
         seller_order_cancelled,
         "Cancel the order's delivery and free its driver (idempotent)",
         "signature",
-        {200: DeliveryView},
+        # DispatchViewBody: an order still waiting for an accept (offer modes).
+        {200: DeliveryView | DispatchViewBody},
         body=SellerOrderCancelled,
         errors=(401, 404, 409, 413, 422, 503),
         tags=("events",),
