@@ -14,7 +14,6 @@ import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from dispatcher.actors.offerdesk import MAX_STEPS, TIMER_SLACK_S
 from dispatcher.geo import round_km
 from dispatcher.offers.policy import (
     MISSED_OFFERS_OFFLINE,
@@ -42,6 +41,11 @@ from dispatcher.simulate.driver import Phase
 if TYPE_CHECKING:
     from dispatcher.simulate.demand import Order
     from dispatcher.simulate.engine import OfflineEngine
+
+# The zone actor's timer slack and step limit (dispatcher/actors/offerdesk.py; the layering
+# keeps the simulator from importing actors, a unit test keeps the values equal).
+TIMER_SLACK_S = 0.05
+MAX_STEPS = 8
 
 
 @dataclass(slots=True)

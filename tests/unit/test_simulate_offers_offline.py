@@ -6,6 +6,7 @@ from collections import Counter
 
 import pytest
 
+import dispatcher.actors.offerdesk as offerdesk
 import dispatcher.offers.policy as policy
 import dispatcher.simulate.offers as simoffers
 import dispatcher.store.offers as storeoffers
@@ -35,8 +36,11 @@ def test_the_simulator_decides_with_the_zone_actors_own_policy() -> None:
     # Not a copy: the very functions the store and the zone actor's desk call.
     for name in ("next_step", "choose", "accept_counts"):
         assert getattr(simoffers, name) is getattr(policy, name)
-    assert simoffers.next_step is storeoffers.next_step
-    assert simoffers.choose is storeoffers.choose
+    for name in ("next_step", "choose"):
+        assert getattr(simoffers, name) is getattr(storeoffers, name)
+    # The actor's timer slack and step limit, repeated (the simulator may not import actors).
+    assert simoffers.TIMER_SLACK_S == offerdesk.TIMER_SLACK_S
+    assert simoffers.MAX_STEPS == offerdesk.MAX_STEPS
 
 
 @pytest.mark.parametrize("mode", ["cascade", "wave"])
@@ -161,7 +165,15 @@ def test_the_command_line_takes_the_offer_mode(
 ) -> None:
     from dispatcher.simulate.cli import main
 
-    argv = ["--offline", "--scenario", "synthetic", "--hours", "2", "--start-hour", "11"]
+    argv = [
+        "--offline",
+        "--scenario",
+        "synthetic",
+        "--hours",
+        "2",
+        "--start-hour",
+        "11",
+    ]
     assert main([*argv, "--offer-mode", "wave"]) == 0
     out = capsys.readouterr().out
     assert "synthetic (offline, wave mode, seed 1)" in out
