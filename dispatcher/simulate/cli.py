@@ -13,12 +13,14 @@ import aiohttp
 
 from dispatcher.config import ResolvedSettings, Settings
 from dispatcher.embedded import free_port
+from dispatcher.offers.policy import OfferRules
 from dispatcher.simulate.city import City
 from dispatcher.simulate.progress import RunProgress
 from dispatcher.simulate.settings import RunSettings
 from dispatcher.simulate.summary import RunResult, format_table
 
 SCENARIOS = ("manhattan", "synthetic")
+OFFER_MODES = ("auto", "cascade", "wave")
 # The service refuses a fix implying more than this (DISPATCHER_MAX_PING_SPEED_KMH's
 # default): compressed live time must keep drivers under it on the wall clock.
 SERVICE_MAX_PING_SPEED_KMH = 250.0
@@ -76,6 +78,12 @@ def parser() -> argparse.ArgumentParser:
         "--start-hour",
         type=_hour,
         help="hour of day the run starts (live 12, offline 0)",
+    )
+    p.add_argument(
+        "--offer-mode",
+        choices=OFFER_MODES,
+        help="auto books the nearest driver at once; cascade and wave offer the job and "
+        "wait for an accept (default: DISPATCHER_OFFER_MODE, else auto)",
     )
     p.add_argument(
         "--report",
@@ -227,8 +235,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         demand_scale=args.demand if args.demand is not None else defaults.demand,
     )
     city = make_city(args.scenario)
+    if args.offer_mode is not None:
+        env = env.model_copy(update={"offer_mode": args.offer_mode})
     if args.offline:
-        result = _offline(city, run)
+        result = _offline(city, run, env.offer_rules())
     else:
         result_or_code = _live(p, args, env, city, run)
         if isinstance(result_or_code, int):
@@ -247,12 +257,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _offline(city: City, run: RunSettings) -> RunResult:
+def _offline(city: City, run: RunSettings, rules: OfferRules) -> RunResult:
     from dispatcher.simulate.engine import run_offline
 
-    progress = RunProgress(f"{city.name} offline {run.hours:g} h")
+    progress = RunProgress(f"{city.name} offline {rules.mode} {run.hours:g} h")
     try:
-        return run_offline(city, run, progress=progress.update)
+        return run_offline(city, run, progress=progress.update, offer_rules=rules)
     finally:
         progress.close()
 

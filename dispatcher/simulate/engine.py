@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from dispatcher.offers.policy import OfferRules
 from dispatcher.simulate.city import SLOT_S, City
 from dispatcher.simulate.demand import Order, OrderStream
 from dispatcher.simulate.driver import (
@@ -26,6 +27,7 @@ from dispatcher.simulate.matching import (
     NearestDispatchable,
     Offer,
 )
+from dispatcher.simulate.offers import OfflineOfferDesk
 from dispatcher.simulate.settings import RunSettings
 from dispatcher.simulate.summary import OrderRecord, RunResult, Utilisation
 from dispatcher.store.drivers import MirrorEntry
@@ -48,7 +50,9 @@ CELL_DEG = 0.01
     CANCEL,
     READY,
     OFFER_END,
-) = range(10)
+    OFFER_WAKE,
+    OFFER_ANSWER,
+) = range(12)
 
 
 class IdleIndex:
@@ -123,6 +127,7 @@ class OfflineEngine:
         settings: RunSettings,
         matcher: Matcher | None = None,
         offer_handler: OfferHandler | None = None,
+        offer_rules: OfferRules | None = None,
     ) -> None:
         self.city = city
         self.s = settings
@@ -153,6 +158,12 @@ class OfflineEngine:
         self.offer_handler = offer_handler or BehaviourOfferHandler(settings.driver)
         # Drivers who declined or let an offer lapse, per order: not asked again.
         self.passed: dict[int, set[str]] = {}
+        # cascade and wave: the zone actor's dispatch loop on the policy's decisions.
+        self.desk = (
+            OfflineOfferDesk(self, offer_rules)
+            if offer_rules is not None and offer_rules.mode != "auto"
+            else None
+        )
 
     def push(self, t: float, kind: int, subject: object, version: int = 0) -> None:
         self._seq += 1
@@ -184,6 +195,8 @@ class OfflineEngine:
             DONE: self._done,
             CANCEL: self._cancel,
             OFFER_END: self._offer_end,
+            OFFER_WAKE: self._offer_wake,
+            OFFER_ANSWER: self._offer_answer,
         }
         next_report = self.start_s
         while self._heap and self._heap[0][0] < self.end_s:
@@ -203,13 +216,14 @@ class OfflineEngine:
         return RunResult(
             "offline",
             self.city.name,
-            self.matcher.mode,
+            self.desk.rules.mode if self.desk is not None else self.matcher.mode,
             self.s.seed,
             self.s.hours,
             self.s.drivers,
             ordered,
             self.util,
             wall_s=time.perf_counter() - began,
+            notes=self.desk.notes() if self.desk is not None else {},
         )
 
     # ---- demand ----------------------------------------------------------------
@@ -231,6 +245,10 @@ class OfflineEngine:
         if record.outcome != "open" or record.assigned_s is not None:
             return  # cancelled meanwhile
         record.attempts += 1
+        if self.desk is not None:
+            if not self.desk.ready(order):
+                self.retry_or_give_up(order)
+            return
         self._dispatch(order, record)
 
     def _dispatch(self, order: Order, record: OrderRecord) -> None:
@@ -241,11 +259,35 @@ class OfflineEngine:
         elif isinstance(decision, Offer):
             self._offer(order, record, decision)
         else:
-            retry = self.now + self.s.vendure.retry_s
-            if retry - order.ready_s <= self.s.vendure.give_up_s:
-                self.push(retry, READY, order)
-            else:
-                record.outcome = "unassigned"
+            self.retry_or_give_up(order)
+
+    def retry_or_give_up(self, order: Order) -> None:
+        """Nobody was booked: the shop sends the order again later, up to its limit."""
+        retry = self.now + self.s.vendure.retry_s
+        if retry - order.ready_s <= self.s.vendure.give_up_s:
+            self.push(retry, READY, order)
+        else:
+            self.records[order.number].outcome = "unassigned"
+
+    # ---- offer modes: OfflineOfferDesk decides with the service's policy --------------
+
+    def _offer_wake(self, event: _Event) -> None:
+        assert self.desk is not None
+        self.desk.wake(event[3], event[4])
+
+    def _offer_answer(self, event: _Event) -> None:
+        assert self.desk is not None
+        offer_id, accept = event[3]
+        self.desk.answer(offer_id, accept)
+
+    def book_offered(self, order: Order, driver_id: str, distance_km: float) -> None:
+        self._book(order, self.records[order.number], Book(driver_id, distance_km))
+
+    def release(self, driver: DriverAgent) -> None:
+        self._release(driver)
+
+    def off_shift(self, driver: DriverAgent) -> None:
+        self._go_off(driver)
 
     # ---- offers (a matcher that returns Offer; auto mode never does) -----------------
 
@@ -352,6 +394,8 @@ class OfflineEngine:
         record = self.records[order.number]
         if record.outcome != "open" or record.picked_up_s is not None:
             return  # only an order not yet picked up can be cancelled
+        if self.desk is not None:
+            self.desk.cancel(order)
         record.outcome = "cancelled"
         record.done_s = self.now
         if record.driver_id is not None:
@@ -416,5 +460,7 @@ def run_offline(
     settings: RunSettings,
     matcher: Matcher | None = None,
     progress: Progress | None = None,
+    offer_rules: OfferRules | None = None,
 ) -> RunResult:
-    return OfflineEngine(city, settings, matcher).run(progress)
+    """One offline run; `offer_rules` in cascade or wave mode dispatches with offers."""
+    return OfflineEngine(city, settings, matcher, offer_rules=offer_rules).run(progress)

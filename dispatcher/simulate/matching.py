@@ -9,11 +9,12 @@ PostgreSQL there) and the tie-break, which repeats PostgreSQL's `ORDER BY distan
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from dispatcher.geo import bounding_box, haversine_km, round_km
+from dispatcher.offers.policy import Candidate
 from dispatcher.rules import is_dispatchable, search_steps
 from dispatcher.simulate.city import Point
 from dispatcher.simulate.settings import DispatchRule
@@ -113,3 +114,39 @@ class NearestDispatchable:
             if best is not None:
                 return Book(best[1], round_km(best[0]))
         return NoDriver()
+
+
+def nearest_candidates(
+    rule: DispatchRule,
+    steps: Sequence[float],
+    pickup: Point,
+    fleet: FleetView,
+    now_s: float,
+    exclude: Iterable[str],
+    count: int,
+) -> list[Candidate]:
+    """Offer modes: the dispatchable drivers a round may choose from, for the policy's
+    `choose` to rank (it keeps the nearest `count`, smaller id on a tie). Searched in the
+    same widening steps: the first step holding `count` drivers holds the `count` nearest;
+    otherwise everyone within the full radius."""
+    lat, lon = pickup
+    excluded = set(exclude)
+    seen: dict[str, float | None] = {}
+    within: list[Candidate] = []
+    for radius in steps:
+        within = []
+        for entry in fleet.entries_in_box(*bounding_box(lat, lon, radius), now_s):
+            if entry.driver_id not in seen:
+                if entry.driver_id in excluded or not is_dispatchable(
+                    entry, now_s, rule.heartbeat_ttl_s
+                ):
+                    seen[entry.driver_id] = None
+                else:
+                    assert entry.lat is not None and entry.lon is not None
+                    seen[entry.driver_id] = haversine_km(lat, lon, entry.lat, entry.lon)
+            distance = seen[entry.driver_id]
+            if distance is not None and distance <= radius:
+                within.append(Candidate(entry.driver_id, distance))
+        if len(within) >= count:
+            return within
+    return within
