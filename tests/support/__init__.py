@@ -59,6 +59,7 @@ API_ROUTES: list[tuple[str, str]] = [
     ("get", "/zones"),
     ("get", "/metrics"),
     ("get", "/openapi.json"),
+    ("get", "/ops/snapshot"),
 ]
 
 
