@@ -5,7 +5,6 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -16,7 +15,7 @@ from dispatcher.messages import AssignRequest
 from dispatcher.models import AssignedResponse
 from dispatcher.rules import ExistingOrder
 from dispatcher.store.driver_events import append_driver_event
-from dispatcher.store.outbox import NOTIFY_CHANNEL, build_body, enqueue, new_event_id
+from dispatcher.store.outbox import NOTIFY_CHANNEL, enqueue, insert_sql, new_row
 from dispatcher.store.pg import connection, haversine_sql
 
 ACTIVE_STATUSES = ("ASSIGNED", "PICKED_UP")
@@ -92,7 +91,7 @@ PICK_AMONG_SQL = _pick_sql(among_candidates=True)
 PICK_SQL = _pick_sql(among_candidates=False)
 
 # The delivery, its first history entry and its outbox row, and the senders' wake-up.
-RECORD_SQL = """
+RECORD_SQL = f"""
 WITH delivery AS (
     INSERT INTO deliveries (seller_order_id, assignment_id, driver_id, zone_id, status,
         pickup_lat, pickup_lon, drop_lat, drop_lon, distance_km, response_body)
@@ -102,11 +101,9 @@ WITH delivery AS (
     INSERT INTO delivery_history (seller_order_id, status)
     SELECT seller_order_id, 'ASSIGNED' FROM delivery
 ), outbox AS (
-    INSERT INTO webhook_outbox (webhook_id, event_type, seller_order_id, body)
-    SELECT $11, 'delivery.assigned', seller_order_id, $12 FROM delivery
-    RETURNING id
+    {insert_sql(11)}
 )
-SELECT pg_notify($13, '') FROM outbox
+SELECT pg_notify($15, '') FROM outbox
 """
 
 
@@ -259,8 +256,9 @@ class DeliveryStore:
             distance_km=distance_km,
             zone_id=rule.zone_id,
         ).model_dump_json()
-        event = build_body(
+        event = new_row(
             "delivery.assigned",
+            req.seller_order_id,
             {
                 "sellerOrderId": req.seller_order_id,
                 "driverId": driver_id,
@@ -268,7 +266,6 @@ class DeliveryStore:
                 "distanceKm": distance_km,
                 "sequence": 1,
             },
-            datetime.now(UTC),
         )
         try:
             await conn.execute(
@@ -283,8 +280,7 @@ class DeliveryStore:
                 req.drop_lon,
                 distance_km,
                 body,
-                new_event_id(),
-                event,
+                *event.params(),
                 NOTIFY_CHANNEL,
             )
         except asyncpg.UniqueViolationError as exc:

@@ -12,13 +12,12 @@ from typing import Any, Final
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from dispatcher.backoff import BACKOFF_MAX_S, Backoff
+
 log = logging.getLogger(__name__)
 
 # A silently dropped TCP connection never fires a close event: probe the idle link.
 LISTEN_PROBE_S: Final = 30.0
-# PostgreSQL outages: retry soon, then back off to a gentle rate while it stays down.
-BACKOFF_MIN_S: Final = 0.5
-BACKOFF_MAX_S: Final = 30.0
 
 OnNotify = Callable[[str], None]
 
@@ -56,7 +55,8 @@ class Listener:
         return callback
 
     async def run_forever(self) -> None:
-        backoff = BACKOFF_MIN_S
+        # PostgreSQL outages: retry soon, then back off to a gentle rate while it stays down.
+        backoff = Backoff(max_s=self._max_backoff_s)
         while True:
             started = time.monotonic()
             try:
@@ -70,9 +70,8 @@ class Listener:
                     exc,
                 )
             if time.monotonic() - started > LISTEN_PROBE_S:
-                backoff = BACKOFF_MIN_S  # it worked for a while: a fresh outage
-            await asyncio.sleep(min(backoff, self._max_backoff_s))
-            backoff = min(backoff * 2, self._max_backoff_s)
+                backoff.reset()  # it worked for a while: a fresh outage
+            await asyncio.sleep(backoff.next_delay())
 
     async def _listen_once(self) -> None:
         """Hold one pooled connection LISTENing until it breaks."""

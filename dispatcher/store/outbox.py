@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Final, TypeAlias
 
@@ -29,13 +30,34 @@ NOTIFY_CHANNEL: Final = "dispatcher_outbox"
 # transaction (and its row locks) forever.
 DEFAULT_PG_TIMEOUT_S: Final = 5.0
 
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """One event as the outbox stores it: the id and the bytes every attempt sends."""
+
+    webhook_id: str
+    event_type: str
+    seller_order_id: str
+    body: str
+
+    def params(self) -> tuple[str, str, str, str]:
+        """The values of `insert_sql`'s parameters, in order."""
+        return (self.webhook_id, self.event_type, self.seller_order_id, self.body)
+
+
+def insert_sql(first: int) -> str:
+    """The one INSERT of an outbox row, its values from parameter `$first` on (in
+    `OutboxRow.params()` order); usable alone or as a CTE of a larger statement."""
+    values = ", ".join(f"${n}" for n in range(first, first + 4))
+    return (
+        "INSERT INTO webhook_outbox (webhook_id, event_type, seller_order_id, body)"
+        f" VALUES ({values}) RETURNING id"
+    )
+
+
 # One round trip: the insert and the wake-up ride the same statement.
-_INSERT_SQL: Final = """
-WITH inserted AS (
-    INSERT INTO webhook_outbox (webhook_id, event_type, seller_order_id, body)
-    VALUES ($1, $2, $3, $4)
-    RETURNING id
-)
+_ENQUEUE_SQL: Final = f"""
+WITH inserted AS ({insert_sql(1)})
 SELECT pg_notify($5, '') FROM inserted
 """
 
@@ -61,6 +83,17 @@ def new_event_id() -> str:
     return "msg_" + uuid.uuid4().hex
 
 
+def new_row(
+    event_type: str, seller_order_id: str, data: Mapping[str, object]
+) -> OutboxRow:
+    """The row of one event, stamped now, with a fresh webhook-id."""
+    if data.get("sellerOrderId", seller_order_id) != seller_order_id:
+        raise ValueError("data.sellerOrderId disagrees with seller_order_id")
+    # Built once and stored: every retry sends these exact bytes.
+    body = build_body(event_type, data, datetime.now(UTC))
+    return OutboxRow(new_event_id(), event_type, seller_order_id, body)
+
+
 async def enqueue(
     conn: Conn,
     *,
@@ -70,18 +103,8 @@ async def enqueue(
     pg_timeout_s: float = DEFAULT_PG_TIMEOUT_S,
 ) -> str:
     """Add one event to the outbox inside the caller's transaction; return its webhook-id."""
-    if data.get("sellerOrderId", seller_order_id) != seller_order_id:
-        raise ValueError("data.sellerOrderId disagrees with seller_order_id")
-    webhook_id = new_event_id()
-    # Built once and stored: every retry sends these exact bytes.
-    body = build_body(event_type, data, datetime.now(UTC))
+    row = new_row(event_type, seller_order_id, data)
     await conn.execute(
-        _INSERT_SQL,
-        webhook_id,
-        event_type,
-        seller_order_id,
-        body,
-        NOTIFY_CHANNEL,
-        timeout=pg_timeout_s,
+        _ENQUEUE_SQL, *row.params(), NOTIFY_CHANNEL, timeout=pg_timeout_s
     )
-    return webhook_id
+    return row.webhook_id

@@ -20,6 +20,7 @@ import asyncpg
 from yarl import URL
 
 from dispatcher import __version__
+from dispatcher.backoff import Backoff
 from dispatcher.store.listen import Listener
 from dispatcher.store.outbox import NOTIFY_CHANNEL
 from dispatcher.webhooks import signing
@@ -33,9 +34,6 @@ DEFAULT_PG_TIMEOUT_S: Final = 5.0
 LEASE_MARGIN_S: Final = 5.0
 # A broken endpoint answering `Retry-After: <a year>` must not park events past the retry window.
 MAX_RETRY_AFTER_S: Final = 86400.0
-# PostgreSQL outages: retry soon, then back off to a gentle rate while it stays down.
-BACKOFF_MIN_S: Final = 0.5
-BACKOFF_MAX_S: Final = 30.0
 # last_error is for operators reading a row: enough for the cause, bounded for the table.
 MAX_ERROR_CHARS: Final = 300
 USER_AGENT: Final = f"dispatcher-webhooks/{__version__}"
@@ -259,28 +257,27 @@ class WebhookSender:
     # -- polling -------------------------------------------------------------------
 
     async def _poll_forever(self, session: aiohttp.ClientSession, url: str) -> None:
-        backoff = BACKOFF_MIN_S
+        # PostgreSQL outages: retry soon, then back off to a gentle rate while it stays down.
+        backoff = Backoff()
         while True:
             # Cleared before claiming, so a wake-up during the claim is not lost.
             self._wake.clear()
             try:
                 claimed = await self._process_batch(session, url)
             except Exception as exc:
+                delay = backoff.next_delay()
                 if isinstance(exc, _OUTAGE_ERRORS):
                     logger.warning(
                         "webhook outbox unavailable (%s); retrying in %.1f s",
                         _describe(exc),
-                        backoff,
+                        delay,
                     )
                 else:
                     # A dead sender would strand every future event: log loudly, go on.
-                    logger.exception(
-                        "webhook batch failed; retrying in %.1f s", backoff
-                    )
-                await asyncio.sleep(backoff)
-                backoff = min(backoff * 2, BACKOFF_MAX_S)
+                    logger.exception("webhook batch failed; retrying in %.1f s", delay)
+                await asyncio.sleep(delay)
                 continue
-            backoff = BACKOFF_MIN_S
+            backoff.reset()
             if claimed < self._batch_size:
                 # asyncio.timeout, not wait_for: on Python 3.11 wait_for can swallow a
                 # cancel that lands in the same loop turn as wake(), hanging shutdown.

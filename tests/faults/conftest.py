@@ -24,8 +24,8 @@ from dispatcher.config import ResolvedSettings
 from dispatcher.embedded import EmbeddedPostgres, EmbeddedRedis, free_port
 from dispatcher.store.migrate import migrate_dsn
 from dispatcher.webhooks.signing import new_secret
-from tests.support.faults import ScriptedReceiver
 from tests.support.fixtures import FAST, kill_zone_actors
+from tests.support.webhooks import WebhookReceiver
 
 T = TypeVar("T")
 
@@ -127,9 +127,9 @@ async def own_redis(fault_stack: OwnServers) -> AsyncIterator[Redis]:
 
 
 @pytest.fixture
-async def scripted_receiver() -> AsyncIterator[ScriptedReceiver]:
+async def scripted_receiver() -> AsyncIterator[WebhookReceiver]:
     """A verifying webhook receiver that can go down and come back on the same port."""
-    hooks = ScriptedReceiver(secret=new_secret(), port=free_port())
+    hooks = WebhookReceiver(secret=new_secret(), port=free_port())
     await hooks.start()
     yield hooks
     await hooks.stop()
@@ -137,7 +137,7 @@ async def scripted_receiver() -> AsyncIterator[ScriptedReceiver]:
 
 @pytest.fixture
 def fault_settings(
-    fault_stack: OwnServers, scripted_receiver: ScriptedReceiver, tmp_path: Path
+    fault_stack: OwnServers, scripted_receiver: WebhookReceiver, tmp_path: Path
 ) -> Callable[..., ResolvedSettings]:
     """Settings over our own servers, FAST knobs, a namespace of the test's own."""
 

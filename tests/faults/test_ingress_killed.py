@@ -14,9 +14,8 @@ import ray
 
 from dispatcher.config import ResolvedSettings
 from dispatcher.embedded import free_port
-from tests.support import BERLIN, WAIT_CEILING_S, offset
+from tests.support import BERLIN, WAIT_CEILING_S, WebhookReceiver, offset
 from tests.support.faults import (
-    ScriptedReceiver,
     ServeProcess,
     assert_booking_invariants,
     read_answer,
@@ -47,7 +46,7 @@ async def test_ingress_sigkilled_with_webhooks_pending(
     zone_actors_cleanup: None,
     fault_settings: Callable[..., ResolvedSettings],
     own_pool: asyncpg.Pool,
-    scripted_receiver: ScriptedReceiver,
+    scripted_receiver: WebhookReceiver,
     tmp_path: Path,
     recovery: Callable[[str, float], None],
 ) -> None:
@@ -152,7 +151,7 @@ async def test_ingress_sigkilled_with_webhooks_pending(
             "webhook-ids changed across the restart"
         )
         assert set(delivered.values()) == {1}, delivered
-        sent = {a.webhook_id: a.body for a in hooks.attempts if a.status == 204}
+        sent = {a.webhook_id: a.raw for a in hooks.attempts if a.status == 204}
         assert all(sent[i] == rows_before[i]["body"].encode() for i in sent), (
             "bodies changed"
         )

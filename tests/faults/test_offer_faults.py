@@ -20,7 +20,7 @@ from tests.faults.conftest import OwnServers
 from tests.faults.test_zone_actor_killed import points_in_zone
 from tests.integration.test_offers import answer, assert_offer_invariants, open_offers
 from tests.support import BERLIN, Api, WebhookReceiver
-from tests.support.faults import ScriptedReceiver, wait_until, zone_actor_pid
+from tests.support.faults import wait_until, zone_actor_pid
 
 pytestmark = pytest.mark.integration
 
@@ -140,7 +140,7 @@ async def test_postgres_stopped_and_restarted_mid_cascade(
     fault_settings: Callable[..., ResolvedSettings],
     fault_stack: OwnServers,
     own_pool: asyncpg.Pool,
-    scripted_receiver: ScriptedReceiver,
+    scripted_receiver: WebhookReceiver,
     zone_actors_cleanup: None,
     recovery: Callable[[str, float], None],
 ) -> None:
@@ -194,6 +194,6 @@ async def test_postgres_stopped_and_restarted_mid_cascade(
     assert await _count(scripted_receiver, "delivery.assigned", 1)
 
 
-async def _count(receiver: ScriptedReceiver, event_type: str, n: int) -> bool:
+async def _count(receiver: WebhookReceiver, event_type: str, n: int) -> bool:
     found: int = sum(body["type"] == event_type for body in receiver.bodies().values())
     return found == n

@@ -23,10 +23,9 @@ from dispatcher.api.service import SETTLE_TIMEOUT_S
 from dispatcher.config import ResolvedSettings
 from dispatcher.geo import haversine_km
 from tests.faults.conftest import OwnServers
-from tests.support import BERLIN, WAIT_CEILING_S, Api, Driver, offset
+from tests.support import BERLIN, WAIT_CEILING_S, Api, Driver, WebhookReceiver, offset
 from tests.support.faults import (
     GEO_TOLERANCE_KM,
-    ScriptedReceiver,
     assert_booking_invariants,
     dispatchable_by_zone,
     mirror_by_zone,
@@ -232,7 +231,7 @@ async def test_postgres_stopped_then_back(
     fault_stack: OwnServers,
     own_pool: asyncpg.Pool,
     own_redis: Redis,
-    scripted_receiver: ScriptedReceiver,
+    scripted_receiver: WebhookReceiver,
     recovery: Callable[[str, float], None],
 ) -> None:
     api: Api = await start_api(fault_settings(heartbeat_ttl_s=TTL_S))
@@ -370,7 +369,7 @@ async def _counts(pool: asyncpg.Pool) -> tuple[int, ...]:
     return tuple(row)
 
 
-async def _delivered(receiver: ScriptedReceiver, n: int) -> bool:
+async def _delivered(receiver: WebhookReceiver, n: int) -> bool:
     return len(receiver.delivered()) >= n
 
 

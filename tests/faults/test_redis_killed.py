@@ -18,9 +18,8 @@ from redis.asyncio import Redis
 from dispatcher.config import ResolvedSettings
 from dispatcher.geo import haversine_km, round_km
 from tests.faults.conftest import OwnServers
-from tests.support import BERLIN, WAIT_CEILING_S, Api, Driver, offset
+from tests.support import BERLIN, WAIT_CEILING_S, Api, Driver, WebhookReceiver, offset
 from tests.support.faults import (
-    ScriptedReceiver,
     assert_booking_invariants,
     background,
     mirror_diff,
@@ -135,7 +134,7 @@ async def test_redis_killed_under_load_then_restarted_empty(
     fault_stack: OwnServers,
     own_pool: asyncpg.Pool,
     own_redis: Redis,
-    scripted_receiver: ScriptedReceiver,
+    scripted_receiver: WebhookReceiver,
     recovery: Callable[[str, float], None],
 ) -> None:
     api: Api = await start_api(
@@ -254,5 +253,5 @@ async def _no_diff(pool: asyncpg.Pool, redis: Redis) -> bool:
     return await mirror_diff(pool, redis, TTL_S) == []
 
 
-async def _delivered_at_least(receiver: ScriptedReceiver, n: int) -> bool:
+async def _delivered_at_least(receiver: WebhookReceiver, n: int) -> bool:
     return len(receiver.delivered()) >= n

@@ -14,7 +14,8 @@ import pytest
 
 from dispatcher.config import ResolvedSettings
 from tests.support import BERLIN, Api, offset
-from tests.support.faults import ScriptedReceiver, background, wait_until
+from tests.support.faults import background, wait_until
+from tests.support.webhooks import WebhookReceiver
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -75,7 +76,7 @@ async def test_receiver_down_500_429_410_then_recovered(
     start_api: Callable[[ResolvedSettings], Any],
     make_settings: Callable[..., ResolvedSettings],
     pg_pool: asyncpg.Pool,
-    scripted_receiver: ScriptedReceiver,
+    scripted_receiver: WebhookReceiver,
     recovery: Callable[[str, float], None],
 ) -> None:
     hooks = scripted_receiver
@@ -231,7 +232,7 @@ def check_recorded_delays(
     return checked
 
 
-def check_receiver_gaps(hooks: ScriptedReceiver, ids: list[str]) -> None:
+def check_receiver_gaps(hooks: WebhookReceiver, ids: list[str]) -> None:
     """As the receiver saw them: the attempt after a 429 waited for Retry-After."""
     for i in ids:
         for prev, nxt in itertools.pairwise(hooks.times_of(i)):
@@ -242,7 +243,7 @@ def check_receiver_gaps(hooks: ScriptedReceiver, ids: list[str]) -> None:
                 assert gap >= SCHEDULE_S[1] * (1 - JITTER) - 0.05, (i, gap)
 
 
-def _any_status(hooks: ScriptedReceiver, status: int) -> Callable[[], Any]:
+def _any_status(hooks: WebhookReceiver, status: int) -> Callable[[], Any]:
     async def check() -> bool:
         return any(a.status == status for a in hooks.attempts)
 

@@ -45,6 +45,7 @@ BODIES: dict[tuple[str, str], Any] = {
     ("POST", "/deliveries/{sellerOrderId}/delivered"): None,
     ("POST", "/deliveries/{sellerOrderId}/failed"): {"reason": "x"},
     ("GET", "/zones"): None,
+    ("GET", "/ops/snapshot"): None,
     ("GET", "/drivers/{driverId}/offers"): None,
     ("POST", "/drivers/{driverId}/offers/{offerId}/accept"): None,
     ("POST", "/drivers/{driverId}/offers/{offerId}/decline"): {},

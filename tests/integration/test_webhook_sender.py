@@ -4,24 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import re
 import socket
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import asyncpg
 import pytest
-from aiohttp import web
-from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
 from dispatcher.store.outbox import EVENT_TYPES, build_body, enqueue
 from dispatcher.webhooks.sender import WebhookSender, parse_retry_after
 from dispatcher.webhooks.signing import new_secret
-from tests.support import WAIT_CEILING_S
+from tests.support.waits import wait_until
+from tests.support.webhooks import WebhookReceiver
 
 pytestmark = pytest.mark.integration
 
@@ -33,63 +29,7 @@ POLL_S = 0.05
 NOTIFY_WITHIN_S = 30.0
 
 
-@dataclass(frozen=True)
-class Hit:
-    """One request the receiver accepted as authentic."""
-
-    path: str
-    webhook_id: str
-    body: bytes
-    content_type: str
-    at: float
-
-
-Answer = Callable[[int], web.StreamResponse]
-
-
-@dataclass
-class Receiver:
-    """A real endpoint: verifies with the reference package, records, answers from a script."""
-
-    secret: str
-    hits: list[Hit] = field(default_factory=list)
-    invalid: int = 0
-    url: str = ""
-    # Given the 1-based number of this authentic request to /hook.
-    answer: Answer = lambda n: web.Response(status=200)
-    # When set, /hook waits for it before answering (to be "mid-send").
-    hold: asyncio.Event | None = None
-    # Think time per request, so concurrent senders overlap.
-    delay_s: float = 0.0
-
-    async def handle(self, request: web.Request) -> web.StreamResponse:
-        body = await request.read()
-        try:
-            Webhook(self.secret).verify(body, dict(request.headers))
-        except WebhookVerificationError:
-            self.invalid += 1
-            return web.Response(status=401)
-        self.hits.append(
-            Hit(
-                path=request.path,
-                webhook_id=request.headers["webhook-id"],
-                body=body,
-                content_type=request.headers.get("content-type", ""),
-                at=time.monotonic(),
-            )
-        )
-        if request.path != "/hook":
-            return web.Response(status=200)
-        if self.hold is not None:
-            await self.hold.wait()
-        await asyncio.sleep(self.delay_s)
-        return self.answer(sum(1 for h in self.hits if h.path == "/hook"))
-
-    def hook_hits(self) -> list[Hit]:
-        return [h for h in self.hits if h.path == "/hook"]
-
-
-StartReceiver = Callable[..., Awaitable[Receiver]]
+StartReceiver = Callable[..., Awaitable[WebhookReceiver]]
 MakePool = Callable[..., Awaitable[asyncpg.Pool]]
 
 
@@ -100,28 +40,21 @@ def secret() -> str:
 
 @pytest.fixture
 async def start_receiver(secret: str) -> AsyncIterator[StartReceiver]:
-    runners: list[web.AppRunner] = []
+    started: list[WebhookReceiver] = []
 
-    async def start(port: int = 0) -> Receiver:
-        receiver = Receiver(secret)
-        app = web.Application()
-        app.router.add_post("/hook", receiver.handle)
-        app.router.add_route("*", "/moved", receiver.handle)
-        runner = web.AppRunner(app, shutdown_timeout=1)
-        await runner.setup()
-        runners.append(runner)
-        await web.TCPSite(runner, "127.0.0.1", port).start()
-        host, bound = runner.addresses[0][:2]
-        receiver.url = f"http://{host}:{bound}/hook"
+    async def start(port: int = 0) -> WebhookReceiver:
+        receiver = WebhookReceiver(secret, port=port)
+        await receiver.start()
+        started.append(receiver)
         return receiver
 
     yield start
-    for runner in runners:
-        await runner.cleanup()
+    for receiver in started:
+        await receiver.stop()
 
 
 @pytest.fixture
-async def receiver(start_receiver: StartReceiver) -> Receiver:
+async def receiver(start_receiver: StartReceiver) -> WebhookReceiver:
     return await start_receiver()
 
 
@@ -175,15 +108,6 @@ async def running(*senders: WebhookSender) -> AsyncIterator[None]:
         assert isinstance(result, asyncio.CancelledError), result
 
 
-async def wait_until(
-    check: Callable[[], Awaitable[bool]], within_s: float = WAIT_CEILING_S
-) -> None:
-    deadline = time.monotonic() + within_s
-    while not await check():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
-
-
 async def add_events(pool: asyncpg.Pool, count: int = 1) -> list[str]:
     ids = []
     for n in range(count):
@@ -229,7 +153,7 @@ def free_port() -> int:
 
 
 async def test_delivered_once_with_valid_signature_and_stored_body(
-    pg_pool: asyncpg.Pool, receiver: Receiver, secret: str
+    pg_pool: asyncpg.Pool, receiver: WebhookReceiver, secret: str
 ) -> None:
     [webhook_id] = await add_events(pg_pool)
     sender = make_sender(pg_pool, receiver.url, secret)
@@ -238,16 +162,16 @@ async def test_delivered_once_with_valid_signature_and_stored_body(
         await asyncio.sleep(0.3)  # several polls: nothing is sent twice
 
     row = await outbox_row(pg_pool, webhook_id)
-    assert receiver.invalid == 0
-    [hit] = receiver.hits
+    assert receiver.rejected == 0
+    [hit] = receiver.attempts
     assert hit.webhook_id == webhook_id
-    assert hit.body == row["body"].encode()
+    assert hit.raw == row["body"].encode()
     assert hit.content_type == "application/json"
     assert row["attempts"] == 1
-    assert row["last_status"] == 200
+    assert row["last_status"] == 204
     assert row["failed_at"] is None
     assert await sender.pending_count() == 0
-    payload = json.loads(hit.body)
+    payload = hit.body
     assert list(payload) == ["type", "timestamp", "data"]
     assert payload["type"] == "delivery.assigned"
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", payload["timestamp"])
@@ -255,34 +179,30 @@ async def test_delivered_once_with_valid_signature_and_stored_body(
 
 
 async def test_retried_after_500s_with_same_id_and_body(
-    pg_pool: asyncpg.Pool, receiver: Receiver, secret: str
+    pg_pool: asyncpg.Pool, receiver: WebhookReceiver, secret: str
 ) -> None:
-    receiver.answer = lambda n: web.Response(status=500 if n <= 2 else 200)
+    receiver.script = [500, 500]
     [webhook_id] = await add_events(pg_pool)
     async with running(make_sender(pg_pool, receiver.url, secret)):
         await wait_until(delivered(pg_pool, webhook_id))
 
-    hits = receiver.hook_hits()
+    hits = receiver.hook_attempts()
     assert len(hits) == 3
     assert {h.webhook_id for h in hits} == {webhook_id}
-    assert len({h.body for h in hits}) == 1
+    assert len({h.raw for h in hits}) == 1
     # Schedule delays 0.2 s then 0.4 s, each at least 80 % after jitter.
     assert hits[1].at - hits[0].at >= 0.2 * 0.8 - 0.02
     assert hits[2].at - hits[1].at >= 0.4 * 0.8 - 0.02
     row = await outbox_row(pg_pool, webhook_id)
     assert row["attempts"] == 3
-    assert row["last_status"] == 200
+    assert row["last_status"] == 204
     assert row["last_error"] is None
 
 
 async def test_retry_after_is_honoured(
-    pg_pool: asyncpg.Pool, receiver: Receiver, secret: str
+    pg_pool: asyncpg.Pool, receiver: WebhookReceiver, secret: str
 ) -> None:
-    receiver.answer = lambda n: (
-        web.Response(status=429, headers={"Retry-After": "1"})
-        if n == 1
-        else web.Response(status=204)
-    )
+    receiver.script = [(429, {"Retry-After": "1"})]
     [webhook_id] = await add_events(pg_pool)
     async with running(make_sender(pg_pool, receiver.url, secret)):
         await wait_until(lambda: _has_attempts(pg_pool, webhook_id, 1))
@@ -291,7 +211,7 @@ async def test_retry_after_is_honoured(
         assert row["next_attempt_at"] - datetime.now(UTC) > timedelta(seconds=0.7)
         await wait_until(delivered(pg_pool, webhook_id))
 
-    first, second = receiver.hook_hits()
+    first, second = receiver.hook_attempts()
     assert second.at - first.at >= 0.95
     assert (await outbox_row(pg_pool, webhook_id))["last_status"] == 204
 
@@ -304,7 +224,7 @@ async def test_410_disables_endpoint_and_keeps_events(
     pg_pool: asyncpg.Pool, start_receiver: StartReceiver, secret: str
 ) -> None:
     gone = await start_receiver()
-    gone.answer = lambda n: web.Response(status=410)
+    gone.answer = 410
     [first] = await add_events(pg_pool)
     sender = make_sender(pg_pool, gone.url, secret)
     async with running(sender):
@@ -312,7 +232,7 @@ async def test_410_disables_endpoint_and_keeps_events(
         [second] = await add_events(pg_pool)
         await asyncio.sleep(0.5)  # ten polls: nothing more goes to the gone endpoint
 
-    assert len(gone.hook_hits()) == 1
+    assert len(gone.hook_attempts()) == 1
     assert await sender.pending_count() == 2
     for webhook_id in (first, second):
         row = await outbox_row(pg_pool, webhook_id)
@@ -332,15 +252,15 @@ async def test_410_disables_endpoint_and_keeps_events(
     async with running(other):
         await wait_until(delivered(pg_pool, first))
         await wait_until(delivered(pg_pool, second))
-    assert {h.webhook_id for h in new.hook_hits()} == {first, second}
-    assert len(gone.hook_hits()) == 1
+    assert {h.webhook_id for h in new.hook_attempts()} == {first, second}
+    assert len(gone.hook_attempts()) == 1
 
 
 async def test_receiver_down_then_up(
     pg_pool: asyncpg.Pool, start_receiver: StartReceiver, secret: str
 ) -> None:
     port = free_port()
-    url = f"http://127.0.0.1:{port}/hook"
+    url = f"http://127.0.0.1:{port}/hooks"
     [webhook_id] = await add_events(pg_pool)
     sender = make_sender(pg_pool, url, secret, schedule_s=(0,) + (0.2,) * 20)
     async with running(sender):
@@ -351,13 +271,13 @@ async def test_receiver_down_then_up(
         receiver = await start_receiver(port)
         await wait_until(delivered(pg_pool, webhook_id))
 
-    [hit] = receiver.hits
+    [hit] = receiver.attempts
     assert hit.webhook_id == webhook_id
-    assert receiver.invalid == 0
+    assert receiver.rejected == 0
 
 
 async def test_two_senders_deliver_each_event_exactly_once(
-    make_pool: MakePool, receiver: Receiver, secret: str
+    make_pool: MakePool, receiver: WebhookReceiver, secret: str
 ) -> None:
     pool_a, pool_b = await make_pool(), await make_pool()
     ids = await add_events(pool_a, 50)
@@ -371,8 +291,8 @@ async def test_two_senders_deliver_each_event_exactly_once(
         await wait_until(lambda: _none_pending(senders[0]))
         await asyncio.sleep(0.3)
 
-    hits = receiver.hook_hits()
-    assert receiver.invalid == 0
+    hits = receiver.hook_attempts()
+    assert receiver.rejected == 0
     assert sorted(h.webhook_id for h in hits) == sorted(ids)
     assert len(hits) == 50
     total = await pool_a.fetchval("SELECT sum(attempts) FROM webhook_outbox")
@@ -384,10 +304,10 @@ async def _none_pending(sender: WebhookSender) -> bool:
 
 
 async def test_redirect_is_not_followed(
-    pg_pool: asyncpg.Pool, receiver: Receiver, secret: str
+    pg_pool: asyncpg.Pool, receiver: WebhookReceiver, secret: str
 ) -> None:
-    moved = receiver.url.replace("/hook", "/moved")
-    receiver.answer = lambda n: web.Response(status=302, headers={"Location": moved})
+    moved = receiver.url.replace("/hooks", "/moved")
+    receiver.answer = (302, {"Location": moved})
     [webhook_id] = await add_events(pg_pool)
     async with running(
         make_sender(pg_pool, receiver.url, secret, schedule_s=(0, 0.1, 0.1))
@@ -395,7 +315,7 @@ async def test_redirect_is_not_followed(
         await wait_until(lambda: _failed(pg_pool, webhook_id))
         await asyncio.sleep(0.2)
 
-    assert [h.path for h in receiver.hits] == ["/hook"] * 3
+    assert [h.path for h in receiver.attempts] == ["/hooks"] * 3
     row = await outbox_row(pg_pool, webhook_id)
     assert row["last_status"] == 302
     assert row["attempts"] == 3
@@ -407,16 +327,16 @@ async def _failed(pool: asyncpg.Pool, webhook_id: str) -> bool:
 
 
 async def test_exhausted_schedule_marks_failed_and_keeps_row(
-    pg_pool: asyncpg.Pool, receiver: Receiver, secret: str
+    pg_pool: asyncpg.Pool, receiver: WebhookReceiver, secret: str
 ) -> None:
-    receiver.answer = lambda n: web.Response(status=503)
+    receiver.answer = 503
     [webhook_id] = await add_events(pg_pool)
     sender = make_sender(pg_pool, receiver.url, secret)
     async with running(sender):
         await wait_until(lambda: _failed(pg_pool, webhook_id))
         await asyncio.sleep(0.3)
 
-    assert len(receiver.hits) == len(FAST_SCHEDULE)
+    assert len(receiver.attempts) == len(FAST_SCHEDULE)
     row = await outbox_row(pg_pool, webhook_id)
     assert row["attempts"] == len(FAST_SCHEDULE)
     assert row["last_status"] == 503
@@ -436,7 +356,7 @@ async def test_no_url_sends_nothing(pg_pool: asyncpg.Pool, secret: str) -> None:
 
 
 async def test_notify_wakes_sender_before_the_poll(
-    pg_pool: asyncpg.Pool, receiver: Receiver, secret: str
+    pg_pool: asyncpg.Pool, receiver: WebhookReceiver, secret: str
 ) -> None:
     sender = make_sender(pg_pool, receiver.url, secret, poll_interval_s=60)
     async with running(sender):
@@ -447,9 +367,9 @@ async def test_notify_wakes_sender_before_the_poll(
 
 
 async def test_crash_mid_send_is_retried_after_the_lease(
-    pg_pool: asyncpg.Pool, receiver: Receiver, secret: str
+    pg_pool: asyncpg.Pool, receiver: WebhookReceiver, secret: str
 ) -> None:
-    hold = receiver.hold = asyncio.Event()
+    receiver.hold()
     [webhook_id] = await add_events(pg_pool)
     options = {"timeout_s": 0.5, "batch_size": 1, "concurrency": 1}
     async with running(make_sender(pg_pool, receiver.url, secret, **options)):
@@ -459,20 +379,19 @@ async def test_crash_mid_send_is_retried_after_the_lease(
     assert row["delivered_at"] is None
     assert row["attempts"] == 0
     assert row["next_attempt_at"] > datetime.now(UTC)
-    receiver.hold = None
-    hold.set()
+    receiver.release()
 
     async with running(make_sender(pg_pool, receiver.url, secret, **options)):
         await wait_until(delivered(pg_pool, webhook_id))
-    assert [h.webhook_id for h in receiver.hook_hits()] == [webhook_id] * 2
+    assert [h.webhook_id for h in receiver.hook_attempts()] == [webhook_id] * 2
 
 
-async def _hook_hit_count(receiver: Receiver, count: int) -> bool:
-    return len(receiver.hook_hits()) >= count
+async def _hook_hit_count(receiver: WebhookReceiver, count: int) -> bool:
+    return len(receiver.hook_attempts()) >= count
 
 
 async def test_listen_comes_back_after_connections_are_killed(
-    make_pool: MakePool, pg_pool: asyncpg.Pool, receiver: Receiver, secret: str
+    make_pool: MakePool, pg_pool: asyncpg.Pool, receiver: WebhookReceiver, secret: str
 ) -> None:
     # A 60 s poll: only NOTIFY on a re-established LISTEN can deliver within seconds.
     sender_pool = await make_pool("webhook-test-killed")

@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import random
 import time
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, cast
 
 import h3
-from aiohttp import ClientResponse, web
+from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient
 from redis.asyncio import Redis
-from standardwebhooks.webhooks import Webhook
 
 from dispatcher.actors.core import ZoneCore
 from dispatcher.api.keys import DISPATCHER
@@ -27,11 +23,11 @@ from dispatcher.store import keys
 from dispatcher.webhooks.signing import sign
 from dispatcher.zoning import Zoning
 
+# Re-exported: the names most tests import from here.
+from tests.support.waits import WAIT_CEILING_S as WAIT_CEILING_S
+from tests.support.webhooks import WebhookReceiver as WebhookReceiver
+
 BERLIN = (52.52, 13.405)
-# How long a test waits for a condition before failing: a ceiling, not a budget. Waits
-# end as soon as the condition holds; the ceiling only has to be far above what a
-# machine three times slower with both cores busy needs (scripts/cpu_hog.sh).
-WAIT_CEILING_S = 120.0
 Point = tuple[float, float]
 PROBLEM_JSON = "application/problem+json"
 
@@ -63,86 +59,8 @@ API_ROUTES: list[tuple[str, str]] = [
     ("get", "/zones"),
     ("get", "/metrics"),
     ("get", "/openapi.json"),
+    ("get", "/ops/snapshot"),
 ]
-
-
-@dataclass
-class Delivery:
-    webhook_id: str
-    body: dict[str, Any]
-
-
-@dataclass
-class WebhookReceiver:
-    """A real HTTP endpoint that verifies every webhook with the reference library.
-
-    `script` holds statuses to answer in turn (then 200); `received` keeps every
-    verified attempt, including retries, so tests can count ids and attempts.
-    """
-
-    secret: str
-    url: str = ""
-    received: list[Delivery] = field(default_factory=list)
-    rejected: int = 0
-    script: list[int | tuple[int, dict[str, str]]] = field(default_factory=list)
-    _runner: web.AppRunner | None = None
-    _arrived: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/hooks", self._handle)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        port = self._runner.addresses[0][1]
-        self.url = f"http://127.0.0.1:{port}/hooks"
-
-    async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
-
-    async def _handle(self, request: web.Request) -> web.Response:
-        raw = await request.read()
-        try:
-            Webhook(self.secret).verify(raw, dict(request.headers))
-        except Exception:
-            self.rejected += 1
-            return web.Response(status=400)
-        if self.script:
-            step = self.script.pop(0)
-            status, headers = step if isinstance(step, tuple) else (step, {})
-            if status >= 300:
-                return web.Response(status=status, headers=headers)
-        self.received.append(Delivery(request.headers["webhook-id"], json.loads(raw)))
-        self._arrived.set()
-        return web.Response(status=204)
-
-    def of_type(self, event_type: str) -> list[Delivery]:
-        return [d for d in self.received if d.body["type"] == event_type]
-
-    def for_order(self, seller_order_id: str) -> list[Delivery]:
-        return [
-            d
-            for d in self.received
-            if d.body["data"]["sellerOrderId"] == seller_order_id
-        ]
-
-    async def wait_until(
-        self,
-        predicate: Callable[[], bool],
-        timeout: float = WAIT_CEILING_S,  # noqa: ASYNC109 - a deadline, not a cancellation scope
-    ) -> None:
-        deadline = time.monotonic() + timeout
-        while not predicate():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise AssertionError(
-                    f"webhooks not received in {timeout}s: {len(self.received)} so far"
-                )
-            self._arrived.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._arrived.wait(), min(remaining, 0.2))
 
 
 @dataclass

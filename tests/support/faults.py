@@ -9,24 +9,25 @@ import os
 import signal
 import sys
 import time
-from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from pathlib import Path
 from typing import Any, cast
 
 import aiohttp
 import asyncpg
 import ray
-from aiohttp import web
 from redis.asyncio import Redis
-from standardwebhooks.webhooks import Webhook
 
 from dispatcher.actors.options import zone_actor_name
 from dispatcher.config import ResolvedSettings
 from dispatcher.geo import haversine_km
 from dispatcher.store import keys
 from tests.support import Api, as_text
+from tests.support.waits import wait_until as wait_until
+from tests.support.webhooks import WebhookReceiver
+
+# The fault suites' name for the one receiver (it can go down and come back on its port).
+ScriptedReceiver = WebhookReceiver
 
 # Retryable answers a careful client (Vendure, a driver app) retries on.
 RETRYABLE = (503,)
@@ -34,24 +35,7 @@ RETRYABLE = (503,)
 GEO_TOLERANCE_KM = 0.002
 
 
-# ---- waiting ---------------------------------------------------------------------------
-
-
-async def wait_until(
-    predicate: Callable[[], Awaitable[bool]],
-    *,
-    within_s: float,
-    interval_s: float = 0.05,
-    what: str = "condition",
-) -> float:
-    """Poll `predicate` until true; returns the seconds it took, fails past `within_s`."""
-    started = time.monotonic()
-    while True:
-        if await predicate():
-            return time.monotonic() - started
-        if time.monotonic() - started > within_s:
-            raise AssertionError(f"{what} not reached within {within_s} s")
-        await asyncio.sleep(interval_s)
+# ---- load tasks ------------------------------------------------------------------------
 
 
 @contextlib.asynccontextmanager
@@ -68,104 +52,6 @@ async def background(
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
     await asyncio.gather(*tasks)
-
-
-# ---- the webhook receiver ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Attempt:
-    """One verified request: what came and what we answered (0 = held, never answered)."""
-
-    webhook_id: str
-    at: float
-    status: int
-    body: bytes
-
-
-@dataclass
-class ScriptedReceiver:
-    """A real webhook endpoint on a fixed port, so it can go down and come back.
-
-    Every request is verified with the reference `standardwebhooks` library. `answer`
-    says what to reply (status, headers); `holding` makes requests hang until
-    released, as a stuck endpoint would. Every verified attempt is logged.
-    """
-
-    secret: str
-    port: int
-    answer: tuple[int, dict[str, str]] = (204, {})
-    attempts: list[Attempt] = field(default_factory=list)
-    rejected: int = 0
-    holding: bool = False
-    _release: asyncio.Event = field(default_factory=asyncio.Event)
-    _runner: web.AppRunner | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/hooks"
-
-    @property
-    def up(self) -> bool:
-        return self._runner is not None
-
-    async def start(self) -> None:
-        app = web.Application()
-        app.router.add_post("/hooks", self._handle)
-        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        await runner.setup()
-        await web.TCPSite(runner, "127.0.0.1", self.port).start()
-        self._runner = runner
-
-    async def stop(self) -> None:
-        self.release()
-        if self._runner is not None:
-            runner, self._runner = self._runner, None
-            await runner.cleanup()
-
-    def hold(self) -> None:
-        self._release.clear()
-        self.holding = True
-
-    def release(self) -> None:
-        self.holding = False
-        self._release.set()
-
-    async def _handle(self, request: web.Request) -> web.Response:
-        raw = await request.read()
-        try:
-            Webhook(self.secret).verify(raw, dict(request.headers))
-        except Exception:
-            self.rejected += 1
-            return web.Response(status=400)
-        webhook_id = request.headers["webhook-id"]
-        if self.holding:
-            self.attempts.append(Attempt(webhook_id, time.monotonic(), 0, raw))
-            await self._release.wait()
-            return web.Response(status=503)
-        status, headers = self.answer
-        self.attempts.append(Attempt(webhook_id, time.monotonic(), status, raw))
-        return web.Response(status=status, headers=headers)
-
-    # -- what arrived --------------------------------------------------------------------
-
-    def delivered(self) -> Counter[str]:
-        """webhook-id -> number of 2xx answers we gave it."""
-        return Counter(a.webhook_id for a in self.attempts if 200 <= a.status < 300)
-
-    def attempted_ids(self) -> set[str]:
-        return {a.webhook_id for a in self.attempts}
-
-    def times_of(self, webhook_id: str) -> list[Attempt]:
-        return [a for a in self.attempts if a.webhook_id == webhook_id]
-
-    def bodies(self) -> dict[str, dict[str, Any]]:
-        """webhook-id -> parsed body of its delivered attempt."""
-        return {
-            a.webhook_id: json.loads(a.body)
-            for a in self.attempts
-            if 200 <= a.status < 300
-        }
 
 
 # ---- PostgreSQL truth vs the Redis mirror --------------------------------------------------

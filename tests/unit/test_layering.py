@@ -13,6 +13,7 @@ PACKAGE = ROOT / "dispatcher"
 # Pure modules: no I/O, importable from every process, importing only each other.
 PURE = {
     "dispatcher",
+    "dispatcher.backoff",
     "dispatcher.config",
     "dispatcher.errors",
     "dispatcher.geo",
