@@ -142,6 +142,13 @@ async def _run_ingress(settings: ResolvedSettings, owns_ray: bool) -> int:
     site = web.TCPSite(runner, settings.host, settings.port)
     await site.start()
     port = runner.addresses[0][1] if runner.addresses else settings.port
+    # Before the listening line, which scripts wait for as the last one.
+    page_host = "127.0.0.1" if settings.host in ("0.0.0.0", "") else settings.host
+    print(
+        f"operator page: http://{page_host}:{port}/ops"
+        "  (log in with DISPATCHER_ADMIN_TOKEN; docs/OPS.md)",
+        flush=True,
+    )
     print(f"dispatcher listening on http://{settings.host}:{port}", flush=True)
 
     stop = asyncio.Event()

@@ -112,6 +112,13 @@ class Settings(BaseSettings):
     # The ingress's backstop: how often it looks for dispatches a wedged zone left open.
     offer_backstop_interval_s: float = Field(default=5.0, gt=0)
 
+    # The operator page (docs/OPS.md): base-map tiles only when given, so the page needs
+    # no internet by default. An http(s) template with {z}, {x}, {y} (and maybe {s}).
+    map_tile_url: str | None = Field(
+        default=None, pattern=r"^https?://[^\s\"'<>]+$", max_length=500
+    )
+    map_tile_attribution: str | None = Field(default=None, max_length=500)
+
     def offer_rules(self) -> OfferRules:
         return OfferRules.of(
             self.offer_mode,

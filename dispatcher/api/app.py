@@ -25,7 +25,7 @@ from dispatcher.api.metrics import Metrics, metrics_middleware
 from dispatcher.api.offers import offer_context
 from dispatcher.api.openapi import build_openapi
 from dispatcher.api.problems import problem_middleware
-from dispatcher.api.routes import deliveries, drivers, events, offers, ops
+from dispatcher.api.routes import deliveries, drivers, events, offers, ops, opspage
 from dispatcher.api.service import Dispatcher
 from dispatcher.api.spec import RouteSpec
 from dispatcher.api.zoneclient import ZoneDirectory
@@ -52,6 +52,7 @@ ROUTES: list[RouteSpec] = [
     *deliveries.ROUTES,
     *offers.ROUTES,
     *ops.ROUTES,
+    *opspage.ROUTES,
 ]
 
 
@@ -77,12 +78,14 @@ def create_app(
     app[OPENAPI] = build_openapi(ROUTES)
     for route in ROUTES:
         app.router.add_route(route.method, route.path, route.handler)
+    opspage.add_page_routes(app)
 
     directory = zones or ZoneDirectory(settings)
     metrics.count_zone_retries(lambda: directory.retries)
     app.cleanup_ctx.extend(
         [
             _postgres,
+            opspage.ops_view_context,
             _redis,
             driver_stream.event_hub_context,
             _dispatcher(directory),

@@ -9,6 +9,7 @@ from aiohttp import web
 
 from dispatcher.api.event_hub import EventHub
 from dispatcher.api.metrics import Metrics
+from dispatcher.api.opsview import OpsView
 from dispatcher.api.service import Dispatcher
 from dispatcher.config import ResolvedSettings
 from dispatcher.store.geo import GeoMirror
@@ -24,3 +25,4 @@ METRICS = web.AppKey("metrics", Metrics)
 OPENAPI = web.AppKey("openapi", dict[str, Any])
 EVENT_HUB = web.AppKey("event_hub", EventHub)
 INBOUND_IDS = web.AppKey("inbound_ids", InboundIdStore)
+OPS_VIEW = web.AppKey("ops_view", OpsView)

@@ -64,6 +64,7 @@ async def test_serve_with_embedded_defaults_then_ctrl_c(tmp_path: Path) -> None:
                 assert line, "serve exited early:\n" + "".join(printed)
                 printed.append(line.decode())
         assert printed[-1].strip() == f"dispatcher listening on http://127.0.0.1:{port}"
+        assert printed[-2].startswith(f"operator page: http://127.0.0.1:{port}/ops ")
 
         # Secrets were generated, stored privately, and printed once each.
         stored = json.loads((data_dir / "secrets.json").read_text())

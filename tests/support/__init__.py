@@ -79,6 +79,7 @@ API_ROUTES: list[tuple[str, str]] = [
     ("get", "/zones"),
     ("get", "/metrics"),
     ("get", "/openapi.json"),
+    ("get", "/ops/snapshot"),
 ]
 
 
@@ -99,6 +100,7 @@ VALID_BODIES: dict[tuple[str, str], dict[str, Any] | None] = {
     ("POST", "/deliveries/{sellerOrderId}/delivered"): None,
     ("POST", "/deliveries/{sellerOrderId}/failed"): {"reason": "shop closed"},
     ("GET", "/zones"): None,
+    ("GET", "/ops/snapshot"): None,
     ("GET", "/drivers/{driverId}/offers"): None,
     ("POST", "/drivers/{driverId}/offers/{offerId}/accept"): None,
     ("POST", "/drivers/{driverId}/offers/{offerId}/decline"): {},

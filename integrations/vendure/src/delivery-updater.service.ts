@@ -109,7 +109,12 @@ export class DeliveryUpdater {
     }
 
     /** Apply the synchronous answer to `seller-order-ready`. */
-    applyAnswer(orderId: ID, kind: 'assigned' | 'awaiting' | 'no-driver', fact: DeliveryFact): Promise<void> {
+    applyAnswer(
+        orderId: ID,
+        kind: 'assigned' | 'awaiting' | 'no-driver',
+        fact: DeliveryFact,
+        retry?: { round: number; dueAt: Date },
+    ): Promise<void> {
         return this.serialize(async () => {
             const ctx = await this.adminContext();
             await this.connection.withTransaction(ctx, async tx => {
@@ -126,7 +131,15 @@ export class DeliveryUpdater {
                     await this.note(tx, order.id, `Offered to drivers; waiting for one to accept${fact.expiresAt ? ` (offer expires ${fact.expiresAt})` : ''}.`);
                 } else {
                     await this.setFields(tx, order.id, { dispatcherDeliveryStatus: 'NO_DRIVER' });
-                    await this.note(tx, order.id, `No driver available (${fact.reason ?? 'no reason given'}).`);
+                    const next = retry ? ` Dispatch round ${retry.round} is due at ${retry.dueAt.toISOString()}.` : '';
+                    await this.note(tx, order.id, `No driver available (${fact.reason ?? 'no reason given'}).${next}`);
+                    if (retry) {
+                        // In the same transaction as the answer: a restart after it cannot lose the retry.
+                        // Step 1 of the retry's life (see NoDriverRetries): due at dueAt, taken by nobody yet.
+                        await this.connection
+                            .getRepository(tx, DispatcherDeliveryState)
+                            .update({ sellerOrderId: order.code }, { retryRound: retry.round, retryAt: retry.dueAt, retryJob: null });
+                    }
                 }
             });
         });

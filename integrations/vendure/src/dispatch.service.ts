@@ -1,5 +1,5 @@
 /** Sends seller-order-ready / -cancelled through Vendure's job queue and applies the answers. */
-import { Inject, Injectable, OnApplicationBootstrap } from '@nestjs/common';
+import { Inject, Injectable, OnApplicationBootstrap, OnApplicationShutdown } from '@nestjs/common';
 import { OrderType } from '@vendure/common/lib/generated-types';
 import {
     EventBus,
@@ -17,6 +17,7 @@ import { DISPATCH_QUEUE_NAME, DISPATCHER_PLUGIN_OPTIONS, LOGGER_CTX } from './co
 import { DeliveryUpdater } from './delivery-updater.service';
 import { DispatcherClient, RejectedError, UnreachableError } from './dispatcher-client';
 import { routeOf } from './locations';
+import { NoDriverRetries } from './no-driver-retries.service';
 import { ResolvedOptions } from './options';
 import { newWebhookId } from './signing';
 
@@ -26,8 +27,9 @@ export type DispatchJobData =
     | { kind: 'cancelled'; orderId: string; sellerOrderId: string; webhookId: string; reason: string };
 
 @Injectable()
-export class DispatchService implements OnApplicationBootstrap {
+export class DispatchService implements OnApplicationBootstrap, OnApplicationShutdown {
     private queue!: JobQueue<DispatchJobData>;
+    private poller?: NodeJS.Timeout;
     private readonly client: DispatcherClient;
 
     constructor(
@@ -36,6 +38,7 @@ export class DispatchService implements OnApplicationBootstrap {
         private readonly eventBus: EventBus,
         private readonly connection: TransactionalConnection,
         private readonly updater: DeliveryUpdater,
+        private readonly retries: NoDriverRetries,
     ) {
         this.client = new DispatcherClient(options);
     }
@@ -48,6 +51,41 @@ export class DispatchService implements OnApplicationBootstrap {
         this.eventBus.ofType(OrderStateTransitionEvent).subscribe(event => {
             this.onTransition(event).catch(e => Logger.error(`dispatch enqueue failed: ${String(e)}`, LOGGER_CTX));
         });
+        if (this.options.noDriverRetry.rounds > 0) {
+            this.poller = setInterval(() => void this.pollRetries(), this.options.noDriverRetry.pollMs);
+            this.poller.unref();
+        }
+    }
+
+    /** Stops this process's poller (on shutdown; tests use it to run pollers by hand). */
+    onApplicationShutdown(): void {
+        if (this.poller) clearInterval(this.poller);
+        this.poller = undefined;
+    }
+
+    /**
+     * Queue a job for every no-driver retry that is due (stored by the answer that found no driver).
+     * Any number of pollers, in this process or others, may run at once (overlapping ticks too):
+     * `take` lets one win each retry. Returns the orders this call queued a job for.
+     */
+    async pollRetries(now: Date = new Date()): Promise<string[]> {
+        const queued: string[] = [];
+        try {
+            for (const sellerOrderId of await this.retries.due(now)) {
+                const taken = await this.retries.take(sellerOrderId, now);
+                if (!taken) continue;
+                // Taken first, queued second: a crash in between leaves the retry due again once
+                // the lease runs out, never lost; a job queued twice is stopped by `consume`.
+                await this.queue.add(
+                    { kind: 'ready', orderId: String(taken.orderId), sellerOrderId, webhookId: taken.webhookId, round: taken.round },
+                    { retries: 1 },
+                );
+                queued.push(sellerOrderId);
+            }
+        } catch (e) {
+            Logger.error(`no-driver retry poll failed: ${String(e)}`, LOGGER_CTX);
+        }
+        return queued;
     }
 
     private async onTransition(event: OrderStateTransitionEvent): Promise<void> {
@@ -83,8 +121,17 @@ export class DispatchService implements OnApplicationBootstrap {
         }
         const ctx = await this.updater.adminContext();
         const order = await this.connection.getRepository(ctx, Order).findOne({ where: { id: data.orderId } });
+        // A retry round is consumed first, even for an order that has moved on: otherwise its
+        // lease would run out and pollers would take it again, forever.
+        if (data.round > 0 && !(await this.retries.consume(data.sellerOrderId, data.round, data.webhookId))) {
+            return { skipped: `retry round ${data.round} is held by another job or was cancelled` };
+        }
         if (!order || order.state !== this.options.dispatchState) {
             return { skipped: `order is ${order?.state ?? 'gone'}` };
+        }
+        if (data.round === 0) {
+            // A fresh dispatch (the order was readied again): a retry left by the last one is void.
+            await this.retries.cancel(order.code);
         }
         const route = await routeOf(ctx, this.connection, order);
         if (typeof route === 'string') {
@@ -120,15 +167,9 @@ export class DispatchService implements OnApplicationBootstrap {
         } else if (answer.reason === 'AWAITING_ACCEPTANCE') {
             await this.updater.applyAnswer(order.id, 'awaiting', answer);
         } else {
-            await this.updater.applyAnswer(order.id, 'no-driver', answer);
             const { rounds, delayMs } = this.options.noDriverRetry;
-            if (data.round < rounds) {
-                setTimeout(() => {
-                    this.enqueueReady(order.id, order.code, data.round + 1).catch(e =>
-                        Logger.error(`re-dispatch of ${order.code} failed: ${String(e)}`, LOGGER_CTX),
-                    );
-                }, delayMs).unref();
-            }
+            const retry = data.round < rounds ? { round: data.round + 1, dueAt: new Date(Date.now() + delayMs) } : undefined;
+            await this.updater.applyAnswer(order.id, 'no-driver', answer, retry);
         }
         return { answer, attempts: sent.attempts, webhookId: data.webhookId };
     }

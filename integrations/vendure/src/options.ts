@@ -8,6 +8,12 @@ export interface TransportRetryOptions {
     maxDelayMs: number;
 }
 
+export interface NoDriverRetryOptions {
+    rounds: number;
+    delayMs: number;
+    pollMs?: number;
+}
+
 export interface DispatcherPluginOptions {
     /** Base URL of the dispatcher, e.g. `https://dispatcher.internal:8080`. */
     dispatcherUrl: string;
@@ -23,17 +29,20 @@ export interface DispatcherPluginOptions {
     retry?: Partial<TransportRetryOptions>;
     /**
      * When no driver is free (`assigned: false`): how many more dispatch rounds to try, and how long
-     * to wait between them. Default 0 rounds: the order stays ready and the admin decides.
+     * to wait between them. Default 0 rounds: the order stays ready and the admin decides. The next
+     * round's due time is stored with the order, and every Vendure process polls for due rounds every
+     * `pollMs` (default: the smaller of `delayMs` and 5 s), so a restart does not lose a round.
      */
-    noDriverRetry?: { rounds: number; delayMs: number };
+    noDriverRetry?: NoDriverRetryOptions;
     /** Seconds a webhook's timestamp may differ from now. Default 300 (Standard Webhooks). */
     webhookToleranceS?: number;
     /** Per-request timeout towards the dispatcher. Default 10 000 ms. */
     requestTimeoutMs?: number;
 }
 
-export type ResolvedOptions = Required<Omit<DispatcherPluginOptions, 'retry'>> & {
+export type ResolvedOptions = Required<Omit<DispatcherPluginOptions, 'retry' | 'noDriverRetry'>> & {
     retry: TransportRetryOptions;
+    noDriverRetry: Required<NoDriverRetryOptions>;
 };
 
 export const DEFAULT_DISPATCH_STATE = 'ReadyForDispatch';
@@ -61,8 +70,18 @@ export function resolveOptions(options: DispatcherPluginOptions): ResolvedOption
             initialDelayMs: options.retry?.initialDelayMs ?? 1000,
             maxDelayMs: options.retry?.maxDelayMs ?? 60_000,
         },
-        noDriverRetry: options.noDriverRetry ?? { rounds: 0, delayMs: 30_000 },
+        noDriverRetry: resolveNoDriverRetry(options.noDriverRetry),
         webhookToleranceS: options.webhookToleranceS ?? 300,
         requestTimeoutMs: options.requestTimeoutMs ?? 10_000,
     };
+}
+
+function resolveNoDriverRetry(given: NoDriverRetryOptions | undefined): Required<NoDriverRetryOptions> {
+    const rounds = given?.rounds ?? 0;
+    const delayMs = given?.delayMs ?? 30_000;
+    if (!Number.isInteger(rounds) || rounds < 0) throw new Error('DispatcherPlugin: noDriverRetry.rounds must be a whole number ≥ 0');
+    if (!(delayMs >= 0)) throw new Error('DispatcherPlugin: noDriverRetry.delayMs must be ≥ 0');
+    const pollMs = given?.pollMs ?? Math.max(250, Math.min(delayMs, 5_000));
+    if (!(pollMs > 0)) throw new Error('DispatcherPlugin: noDriverRetry.pollMs must be > 0');
+    return { rounds, delayMs, pollMs };
 }
