@@ -67,6 +67,7 @@ STORE_HOLDERS = {
     "dispatcher.api.service",  # the Dispatcher: every handler's way to the stores
     "dispatcher.api.zonerouter",  # the zones table: which zones exist
     "dispatcher.api.event_hub",  # the driver event log it streams
+    "dispatcher.api.opsview",  # the operator page's snapshot: one read of its own
     "dispatcher.api.driver_stream",  # builds the hub over that log; its outage errors
     "dispatcher.api.responses",  # renders the DriverRecord the Dispatcher returns
 }
