@@ -16,11 +16,19 @@ import aiohttp
 import asyncpg
 import redis.asyncio as aioredis
 
+from benchmarks.offers import (
+    ModeRun,
+    offers_section,
+    plan_offers_steps,
+    run_offers,
+)
 from benchmarks.options import SCENARIOS, Options, from_args
 from benchmarks.progress import Progress
 from benchmarks.report import Report, machine_info, markdown_report, text_report
 from benchmarks.runner import LoadRunner
 from benchmarks.scale import (
+    OFFERS_BEGIN,
+    OFFERS_END,
     STREAM_BEGIN,
     STREAM_END,
     ScaleRow,
@@ -131,6 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     streaming = options.scenarios == ("stream",)
     if streaming:
         return _stream_main(options, report, stack, workdir)
+    if options.scenarios == ("offers",):
+        return _offers_main(options, report, stack, workdir)
     progress = Progress(plan_scale_steps(options) if scaling else plan_steps(options))
     scale_rows: list[ScaleRow] = []
     try:
@@ -199,6 +209,35 @@ def _stream_main(options: Options, report: Report, stack: Stack, workdir: Path) 
         existing = options.output.read_text() if options.output.exists() else None
         options.output.write_text(
             merge_section(existing, section, begin=STREAM_BEGIN, end=STREAM_END)
+        )
+        print(f"wrote {options.output}")
+    return 0
+
+
+def _offers_main(options: Options, report: Report, stack: Stack, workdir: Path) -> int:
+    """`--scenario offers`: auto, cascade and wave in one run; its own section."""
+    progress = Progress(plan_offers_steps())
+    runs: list[ModeRun] = []
+    try:
+        runs = asyncio.run(run_offers(options, stack, progress))
+    except Exception as exc:
+        report.failed.append(f"{type(exc).__name__}: {exc}")
+        progress.note(traceback.format_exc())
+    finally:
+        progress.step("stopping the service and servers")
+        stack.close()
+        progress.finish()
+        if not options.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
+    if len(runs) < 3:
+        print("".join(f"FAILED: {x}\n" for x in report.failed), end="")
+        return 1
+    section = offers_section(runs, report)
+    print(section, end="")
+    if options.output is not None:
+        existing = options.output.read_text() if options.output.exists() else None
+        options.output.write_text(
+            merge_section(existing, section, begin=OFFERS_BEGIN, end=OFFERS_END)
         )
         print(f"wrote {options.output}")
     return 0

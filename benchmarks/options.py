@@ -76,10 +76,11 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--scenario",
-        choices=(*SCENARIOS, "all", "scale", "stream"),
+        choices=(*SCENARIOS, "all", "scale", "stream", "offers"),
         default="all",
         help="one scenario, all four, the scale-out figure (a local multi-node Ray "
-        "cluster), or the driver event stream's figures (the last two are not part of 'all')",
+        "cluster), the driver event stream's figures, or the offer modes' figures "
+        "(the last three are not part of 'all')",
     )
     p.add_argument(
         "--sockets",

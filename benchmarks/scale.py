@@ -33,6 +33,8 @@ from tests.support.raycluster import LocalRayCluster, ray_auth_env
 # The driver event stream's section (bench/stream.py) is kept the same way.
 STREAM_BEGIN = "<!-- stream: begin -->"
 STREAM_END = "<!-- stream: end -->"
+OFFERS_BEGIN = "<!-- offers: begin -->"
+OFFERS_END = "<!-- offers: end -->"
 BEGIN = "<!-- scale-out: begin -->"
 END = "<!-- scale-out: end -->"
 
@@ -245,6 +247,7 @@ def kept_section(existing: str | None) -> str | None:
             (ANALYSIS_BEGIN, ANALYSIS_END),
             (BEGIN, END),
             (STREAM_BEGIN, STREAM_END),
+            (OFFERS_BEGIN, OFFERS_END),
         )
         if (
             match := re.search(

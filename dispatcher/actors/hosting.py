@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
+from typing import Any
 
 import ray
 from ray._private.state import state as ray_state
 from ray.experimental import internal_kv
 
-# Ray's own label on every node; a label selector on it keeps zones off given nodes
-# (Ray 2.60 `label_selector` with "!in(...)"; it combines with SPREAD and with a soft
-# node affinity, and Ray reuses it when it restarts the actor).
-NODE_ID_LABEL = "ray.io/node-id"
+from dispatcher.actors.options import zone_actor_options
+
 # Ray's internal KV lives in the GCS (and in its Redis with GCS fault tolerance), so a
 # closure outlives every ingress and CLI process but not the cluster, whose node ids it
 # names. Keys are scoped by the dispatcher's Ray namespace.
@@ -40,10 +40,16 @@ def _target_key(namespace: str, zone_id: str) -> bytes:
 
 def close_node(namespace: str, node_id: str, reason: str) -> None:
     """No zone may start on `node_id` until `reopen_node`."""
-    value = json.dumps({"reason": reason, "closed_at": time.time()}).encode()
-    internal_kv._internal_kv_put(
-        _closed_key(namespace, node_id), value, overwrite=True, namespace=KV_NAMESPACE
-    )
+    # Written twice: `closed_at` is stamped once the closure is in the KV, so a zone
+    # whose constructor began after `closed_at` is sure to have seen it (and refused).
+    for _ in range(2):
+        value = json.dumps({"reason": reason, "closed_at": time.time()}).encode()
+        internal_kv._internal_kv_put(
+            _closed_key(namespace, node_id),
+            value,
+            overwrite=True,
+            namespace=KV_NAMESPACE,
+        )
 
 
 def reopen_node(namespace: str, node_id: str) -> bool:
@@ -79,7 +85,7 @@ def dying_nodes() -> set[str]:
 
 def excluded_nodes(namespace: str) -> frozenset[str]:
     """Nodes no new or restarted zone may land on."""
-    return frozenset(closed_nodes(namespace)) | dying_nodes()
+    return placement_rule(closed=closed_nodes(namespace), dying=dying_nodes()).excluded
 
 
 def is_excluded(namespace: str, node_id: str) -> bool:
@@ -89,6 +95,54 @@ def is_excluded(namespace: str, node_id: str) -> bool:
     ):
         return True
     return node_id in dying_nodes()
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where a zone's new incarnation may start: never on `excluded`, and on `target`
+    (softly) when one was chosen for it."""
+
+    target: str | None
+    excluded: frozenset[str]
+
+
+def placement_rule(
+    *,
+    closed: Collection[str],
+    dying: Collection[str],
+    target: str | None = None,
+) -> Placement:
+    """The placement rule, pure: a node closed by an operator or dying by Ray's word
+    hosts no zone, even as a handoff's target (a target that closed since it was
+    chosen is dropped, the zone goes to any open node)."""
+    excluded = frozenset(closed) | frozenset(dying)
+    return Placement(target if target not in excluded else None, excluded)
+
+
+def zone_placement(
+    zone_id: str,
+    namespace: str,
+    *,
+    resource_units: float,
+    target: str | None = None,
+) -> dict[str, Any]:
+    """Ray options for creating (or finding) a zone's actor: the ONE way every zone is
+    placed, by an ingress (first call, or a retry that re-creates it by name), by a
+    handoff or by a rebalance. Read from Ray's KV at each creation, so it sees a node
+    closed a moment ago by any process. `target`: the handoff's chosen node; without
+    one, a target published for the zone by a handoff in progress is used."""
+    if target is None:
+        target = zone_target(namespace, zone_id)
+    rule = placement_rule(
+        closed=closed_nodes(namespace), dying=dying_nodes(), target=target
+    )
+    return zone_actor_options(
+        zone_id,
+        namespace,
+        resource_units=resource_units,
+        node_id=rule.target,
+        excluded=rule.excluded,
+    )
 
 
 def set_zone_target(namespace: str, zone_id: str, node_id: str) -> None:

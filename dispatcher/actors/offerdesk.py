@@ -112,8 +112,10 @@ class OfferDesk:
                     )
                 )
             elif isinstance(step, GiveUp):
+                # Decided again on the locked row: an answer or a redispatch since
+                # this read wins, and the next pass sees it.
                 await self.store.give_up(
-                    seller_order_id, step.reason, fence=self._fence()
+                    seller_order_id, rules=self.rules, fence=self._fence()
                 )
             elif isinstance(step, MakeRound):
                 try:

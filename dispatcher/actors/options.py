@@ -7,11 +7,13 @@ from typing import Any
 
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from dispatcher.actors.hosting import NODE_ID_LABEL
-
 # Each zone is its own process; asking for no CPU lets a laptop host dozens of zones,
 # while the custom resource lets a cluster's autoscaler see and place them.
 ZONE_RESOURCE = "dispatcher_zone"
+# Ray's own label on every node; a label selector on it keeps zones off given nodes
+# (Ray 2.60 `label_selector` with "!in(...)"; it combines with SPREAD and with a soft
+# node affinity, and Ray reuses it when it restarts the actor).
+NODE_ID_LABEL = "ray.io/node-id"
 
 
 # Calls a zone actor runs at once: a few ping batches plus one assignment.

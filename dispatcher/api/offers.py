@@ -165,9 +165,10 @@ class OfferOps:
                         await self.store.expire(order, step.offer_ids, fence=None)
                     )
                 elif isinstance(step, GiveUp):
-                    if await self.store.give_up(order, step.reason, fence=None):
+                    if await self.store.give_up(order, rules=self.rules, fence=None):
                         finished += 1
-                    break
+                        break
+                    # Not ended: the locked row said otherwise (a redispatch); read again.
                 else:
                     # Past the deadline a new round is impossible; a zone still has it.
                     break

@@ -13,8 +13,8 @@ import ray
 from ray.actor import ActorProxy
 from ray.exceptions import RayActorError, RayTaskError
 
-from dispatcher.actors.hosting import excluded_nodes, zone_target
-from dispatcher.actors.options import zone_actor_name, zone_actor_options
+from dispatcher.actors.hosting import zone_placement, zone_target
+from dispatcher.actors.options import zone_actor_name
 from dispatcher.actors.zone import ZoneActor, ZoneActorRemote
 from dispatcher.config import ResolvedSettings
 from dispatcher.errors import DispatchError, StaleEpochError, ZoneUnavailableError
@@ -71,13 +71,10 @@ class ZoneDirectory:
         # Read at every creation (rare: the handle is cached until a call fails), so a
         # zone re-created while its node is drained neither lands there nor on any node
         # closed before, and one re-created during a handoff starts where it is handed to.
-        namespace = self.settings.ray_namespace
-        options = zone_actor_options(
+        options = zone_placement(
             zone_id,
-            namespace,
+            self.settings.ray_namespace,
             resource_units=self.settings.zone_resource_units,
-            node_id=zone_target(namespace, zone_id),
-            excluded=excluded_nodes(namespace),
         )
         return ZoneActorRemote.options(**options).remote(zone_id, self._settings_json)
 

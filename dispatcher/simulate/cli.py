@@ -306,6 +306,7 @@ def _live(
             speed=speed,
             receiver_port=args.receiver_port,
             progress=progress.update,
+            offer_mode=env.offer_mode,
         )
         try:
             return asyncio.run(runner.run())
@@ -318,6 +319,18 @@ def _live(
         finally:
             progress.close()
     return _live_embedded(args, env, city, run, minutes, speed, wall_kmh, progress)
+
+
+def _offer_clock(rules: OfferRules, speed: float) -> dict[str, object]:
+    """The service the simulator starts judges offers in simulated time: its answer
+    timeout and dispatch deadline shrink by --speed, as the drivers' response times do."""
+    if rules.mode == "auto":
+        return {}
+    return {
+        "offer_mode": rules.mode,
+        "offer_timeout_s": rules.timeout_s / speed,
+        "dispatch_deadline_s": rules.deadline_s / speed,
+    }
 
 
 def _live_embedded(
@@ -347,6 +360,7 @@ def _live_embedded(
         # Compressed time: drivers cross the city faster on the wall clock than anyone drives.
         max_ping_speed_kmh=max(env.max_ping_speed_kmh, 2 * wall_kmh),
         log_level="WARNING",
+        **_offer_clock(env.offer_rules(), speed),
     )
     print(
         f"starting the service (data in {settings.data_dir}) ...",
@@ -373,6 +387,7 @@ def _live_embedded(
                 speed=speed,
                 receiver_port=receiver_port,
                 progress=progress.update,
+                offer_mode=resolved.offer_mode,
             )
             try:
                 return await runner.run()

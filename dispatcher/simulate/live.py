@@ -15,7 +15,14 @@ import aiohttp
 
 from dispatcher.simulate.city import City
 from dispatcher.simulate.demand import Order, OrderStream
-from dispatcher.simulate.driver import DriverAgent, Phase, make_fleet
+from dispatcher.simulate.driver import (
+    BehaviourOfferHandler,
+    DriverAgent,
+    OfferHandler,
+    Phase,
+    make_fleet,
+)
+from dispatcher.simulate.offerplay import OfferPlayer
 from dispatcher.simulate.settings import RunSettings
 from dispatcher.simulate.summary import OrderRecord, RunResult, Utilisation
 from dispatcher.simulate.vendure import VendureStandIn
@@ -93,15 +100,19 @@ class _Tally:
     pings_refused: int = 0
     retried: int = 0  # 503 answers to lifecycle calls and cancels, tried again
     cancelled_at_end: int = 0
+    # Offer modes: the service's answers to the drivers' accepts and declines.
+    offer_answers: _Counts = field(default_factory=_Counts)
+    withdrawn_at_end: int = 0
 
 
 class LiveRunner:
     """Plays one seeded scenario against `target` for `minutes` of wall time.
 
     The same seed gives the same drivers (start points) and the same orders as in any
-    other live run; which driver gets which order is the service's decision. Drivers are
-    booked at once (auto mode); an offer handler (driver.OfferHandler) can answer the
-    event stream's offers once the service sends them.
+    other live run; which driver gets which order is the service's decision. In auto
+    mode drivers are booked at once; with `offer_mode` cascade or wave (the service's
+    DISPATCHER_OFFER_MODE) every driver listens on its event stream and answers offers
+    with `offer_handler` (offerplay.OfferPlayer).
     """
 
     def __init__(
@@ -115,8 +126,18 @@ class LiveRunner:
         receiver_port: int | None = None,
         receiver_host: str = "127.0.0.1",
         progress: Callable[[float, int, int], None] | None = None,
+        offer_mode: str = "auto",
+        offer_handler: OfferHandler | None = None,
     ) -> None:
         self.city = city
+        self.offer_mode = offer_mode
+        self.offer_handler = offer_handler or BehaviourOfferHandler(settings.driver)
+        self.player: OfferPlayer | None = None
+        # Offer modes: orders sent to the service, whose dispatch may be open (offers
+        # out, or between rounds), so a cancel must reach the service even unbooked.
+        self.awaiting: set[int] = set()
+        self.withdrawn: set[int] = set()
+        self.number_of: dict[str, int] = {}
         self.s = settings
         self.target = target
         self.minutes = minutes
@@ -150,8 +171,12 @@ class LiveRunner:
     async def run(self) -> RunResult:
         began = time.perf_counter()
         timeout = aiohttp.ClientTimeout(total=HTTP_TIMEOUT_S)
+        # No connection cap: every driver's event stream holds one connection for the
+        # whole run, and aiohttp's default of 100 would leave the rest (and every request)
+        # waiting for a free one. PARALLEL_REQUESTS bounds the requests instead.
+        connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(
-            base_url=self.target.url, timeout=timeout
+            base_url=self.target.url, timeout=timeout, connector=connector
         ) as session:
             self.session = session
             self.vendure = VendureStandIn(
@@ -168,6 +193,23 @@ class LiveRunner:
         return self._result(began)
 
     async def _play(self) -> None:
+        if self.offer_mode != "auto":
+            self.player = OfferPlayer(
+                self.session,
+                self.offer_handler,
+                self.s.seed,
+                sleep_until=lambda t: self.clock.sleep_until(t),
+                now=lambda: self.clock.now(),
+                answer=self._answer_offer,
+                offered=self._offered,
+            )
+        try:
+            await self._play_fleet()
+        finally:
+            if self.player is not None:
+                await self.player.stop()
+
+    async def _play_fleet(self) -> None:
         await self._register_fleet()
         self.clock = LiveClock(self.start_s, self.speed)
         pinger = asyncio.create_task(self._ping_loop())
@@ -217,6 +259,21 @@ class LiveRunner:
             notes["503 answers, tried again"] = self.tally.retried
         if self.tally.cancelled_at_end:
             notes["cancelled at the end of the run"] = self.tally.cancelled_at_end
+        if self.player is not None:
+            notes["driver events received"] = (
+                ", ".join(f"{k} {v}" for k, v in sorted(self.player.received.items()))
+                or "none"
+            )
+            notes["offer answers"] = (
+                ", ".join(
+                    f"{k} {v}" for k, v in sorted(self.tally.offer_answers.items())
+                )
+                + f", never answered {self.player.unanswered}"
+            )
+            if self.tally.withdrawn_at_end:
+                notes["dispatches withdrawn at the end"] = self.tally.withdrawn_at_end
+            if self.player.stream_errors:
+                notes["event streams reopened"] = self.player.stream_errors
         notes["order ids"] = f"sim-{self.run_tag}-o…"
         notes["deliveries under way finished by"] = (
             f"{(end_s - self.start_s) / 3600.0:.2f} h simulated (x{DRAIN_SPEED:g} after the orders stop)"
@@ -224,7 +281,7 @@ class LiveRunner:
         return RunResult(
             "live",
             self.city.name,
-            "auto",
+            self.offer_mode,
             self.s.seed,
             self.window_s / 3600.0,
             self.s.drivers,
@@ -262,6 +319,8 @@ class LiveRunner:
             )
             self.accounts[agent.driver_id] = account
             self.by_service_id[account.service_id] = account
+            if self.player is not None:
+                self.player.listen(account)
             await self._ping(account)
 
         await asyncio.gather(*(register(agent) for agent in fleet))
@@ -358,6 +417,7 @@ class LiveRunner:
             await self.clock.sleep_until(order.ready_s)
             self.records[order.number] = OrderRecord(order.number, order.ready_s)
             self.orders[order.number] = order
+            self.number_of[self.seller_order_id(order)] = order.number
             self.locks[order.number] = asyncio.Lock()
             task = asyncio.create_task(self._order(order))
             self.order_tasks.add(task)
@@ -390,6 +450,8 @@ class LiveRunner:
             if account is not None:
                 await self._deliver(order, record, account)
                 return
+            if record.assigned_s is not None:
+                return  # a driver accepted an offer: the accept delivers it
             retry = self.clock.now() + self.s.vendure.retry_s
             if self._over():
                 return  # the run is over: still open
@@ -397,7 +459,7 @@ class LiveRunner:
                 record.outcome = "unassigned"
                 return
             while self.clock.now() < retry:
-                if self._over():
+                if self._over() or record.assigned_s is not None:
                     return
                 await asyncio.sleep(CLOCK_POLL_S)
 
@@ -409,9 +471,14 @@ class LiveRunner:
         """seller-order-ready until the service gives a definite answer; the booked
         driver's account, or None. A 503 or a lost answer may hide a booking, so the
         shop sends the same event again (a replay answers what was decided)."""
-        if record.outcome != "open":
+        if record.outcome != "open" or record.assigned_s is not None:
             return None
+        if self._over() and order.number in self.awaiting:
+            return None  # withdrawn at the end of the run: not sent again
         seller_order_id = self.seller_order_id(order)
+        if self.player is not None:
+            # From the moment it is sent, a dispatch with offers out may exist.
+            self.awaiting.add(order.number)
         for _ in range(RETRY_ATTEMPTS):
             # Measured on the clock's pace at sending: the drain must not stretch it.
             sent_s, pace, sent_wall = (
@@ -441,6 +508,12 @@ class LiveRunner:
             self.tally.http_errors.add(f"seller-order-ready {status}")
             return None
         if body.get("assigned") is not True:
+            if body.get("reason") == "AWAITING_ACCEPTANCE" and self.player is None:
+                # Offers are out, but nobody here listens: the service runs in an
+                # offer mode the simulator was not told about.
+                self.tally.http_errors.add(
+                    "AWAITING_ACCEPTANCE without --offer-mode (nobody answers offers)"
+                )
             return None
         account = self.by_service_id.get(str(body["driverId"]))
         if account is None:
@@ -451,14 +524,96 @@ class LiveRunner:
             )
             record.outcome = "cancelled"
             return None
-        record.assigned_s = sent_s + (time.monotonic() - sent_wall) * pace
+        self._booked(
+            order, record, account, body, sent_s + (time.monotonic() - sent_wall) * pace
+        )
+        return account
+
+    def _booked(
+        self,
+        order: Order,
+        record: OrderRecord,
+        account: _Account,
+        body: dict[str, Any],
+        at_s: float,
+    ) -> None:
+        record.assigned_s = at_s
         record.driver_id = account.agent.driver_id
         record.distance_km = float(body["distanceKm"])
         agent = account.agent
         agent.phase = Phase.TO_PICKUP
-        agent.busy_since = record.assigned_s
+        agent.busy_since = at_s
         agent.order_number = order.number
-        return account
+
+    def _offered(self, offer: dict[str, Any]) -> None:
+        number = self.number_of.get(str(offer["sellerOrderId"]))
+        if number is not None:
+            self.records[number].offers += 1
+
+    async def _answer_offer(
+        self, account: _Account, offer: dict[str, Any], accept: bool
+    ) -> None:
+        """A driver taps accept or decline; an accepted offer is delivered like a booking."""
+        number = self.number_of.get(str(offer["sellerOrderId"]))
+        path = f"/drivers/{account.service_id}/offers/{offer['offerId']}"
+        if number is None or not accept:
+            async with (
+                self._limit,
+                self.session.post(
+                    f"{path}/decline",
+                    json={"reason": "not for me"},
+                    headers=account.auth,
+                ) as resp,
+            ):
+                answer = await resp.json(content_type=None)
+                self._offer_answer("decline", resp.status, answer)
+            return
+        order, record = self.orders[number], self.records[number]
+        async with self.locks[number]:
+            if (
+                record.outcome != "open"
+                or record.assigned_s is not None
+                or number in self.withdrawn
+            ):
+                return  # the shop cancelled it meanwhile: the service withdrew the offer
+            sent_s, pace, sent_wall = (
+                self.clock.now(),
+                self.clock.speed,
+                time.monotonic(),
+            )
+            async with (
+                self._limit,
+                self.session.post(
+                    f"{path}/accept", json={}, headers=account.auth
+                ) as resp,
+            ):
+                answer = await resp.json(content_type=None)
+                status = resp.status
+            self._offer_answer("accept", status, answer)
+            if status != 200:
+                return
+            self._booked(
+                order,
+                record,
+                account,
+                answer,
+                sent_s + (time.monotonic() - sent_wall) * pace,
+            )
+        task = asyncio.create_task(self._deliver(order, record, account))
+        self.order_tasks.add(task)
+        task.add_done_callback(self.order_tasks.discard)
+
+    def _offer_answer(self, what: str, status: int, body: Any) -> None:
+        """Refusals with a named reason (expired, superseded, ...) are the offer modes'
+        ordinary outcomes; anything else is unexpected."""
+        if status == 200:
+            self.tally.offer_answers.add(
+                f"{what}ed" if what == "accept" else "declined"
+            )
+        elif status == 409 and isinstance(body, dict) and body.get("reason"):
+            self.tally.offer_answers.add(f"{what} refused {body['reason']}")
+        else:
+            self.tally.http_errors.add(f"offer {what} {status}")
 
     async def _deliver(
         self, order: Order, record: OrderRecord, account: _Account
@@ -569,6 +724,8 @@ class LiveRunner:
             ):
                 return False
             if record.assigned_s is None:
+                if order.number in self.awaiting and not await self._withdraw(order):
+                    return False
                 record.outcome = (
                     "cancelled"  # never booked: the shop just stops retrying
                 )
@@ -587,10 +744,42 @@ class LiveRunner:
             self._release(self.accounts[record.driver_id].agent, order)
             return True
 
+    async def _withdraw(self, order: Order) -> bool:
+        """Cancel an order whose dispatch may still have offers out (or was given up)."""
+
+        for _ in range(RETRY_ATTEMPTS):
+            try:
+                status, _ = await self.vendure.order_cancelled(
+                    self.seller_order_id(order), "customer cancelled"
+                )
+            except (aiohttp.ClientError, TimeoutError):
+                status = None
+            if status in (200, 404):
+                return True  # withdrawn, or the service never opened a dispatch
+            if status not in (None, 503):
+                self.tally.http_errors.add(f"seller-order-cancelled {status}")
+                return False
+            await asyncio.sleep(RETRY_WAIT_S)
+        return False
+
+    async def _withdraw_waiting(self) -> None:
+        """The run is over: dispatches still waiting for an accept are withdrawn (the
+        shop cancels them), so nothing is left open in the service. The orders stay
+        'still open at the end' in the summary."""
+        for number in sorted(self.awaiting - self.withdrawn):
+            record = self.records[number]
+            async with self.locks[number]:
+                if record.outcome != "open" or record.assigned_s is not None:
+                    continue
+                if await self._withdraw(self.orders[number]):
+                    self.withdrawn.add(number)
+                    self.tally.withdrawn_at_end += 1
+
     async def _drain(self) -> None:
         """No new orders: unassigned ones stop retrying, deliveries under way finish fast;
         whatever is still under way after DRAIN_LIMIT_S is cancelled by the shop."""
         self._stop_retrying = True
+        await self._withdraw_waiting()
         self.clock.set_speed(self.clock.speed * DRAIN_SPEED)
         pending = [t for t in self.order_tasks if not t.done()]
         if pending:
@@ -598,6 +787,8 @@ class LiveRunner:
         for task in list(self.order_tasks):
             task.cancel()
         await asyncio.gather(*self.order_tasks, return_exceptions=True)
+        # An answer in flight at the drain's start may have opened a dispatch since.
+        await self._withdraw_waiting()
         for number in sorted(self.records):
             record = self.records[number]
             booked = record.outcome == "open" and record.assigned_s is not None

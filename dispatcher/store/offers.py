@@ -28,7 +28,7 @@ from dispatcher.offers.policy import (
     Candidate,
     Choice,
     DispatchView,
-    GiveUpReason,
+    GiveUp,
     MakeRound,
     Nobody,
     OfferRules,
@@ -554,18 +554,22 @@ class OfferStore:
         return changes
 
     async def give_up(
-        self, seller_order_id: str, reason: GiveUpReason, *, fence: Fence | None
+        self, seller_order_id: str, *, rules: OfferRules, fence: Fence | None
     ) -> bool:
-        """End an open dispatch without a driver and tell Vendure (delivery.unassigned)."""
+        """End an open dispatch without a driver and tell Vendure (delivery.unassigned),
+        if the policy still says so on the locked row. The caller decided on a read
+        taken without the lock: a decline or a redispatch may have started a new round
+        or a new attempt since, and that one must not be ended. False: nothing ended."""
         changes = Changes()
         async with connection(self.pool) as conn, conn.transaction():
             await _fence(conn, fence)
-            row = await conn.fetchrow(
-                "SELECT status, sequence FROM dispatches WHERE seller_order_id = $1 FOR UPDATE",
-                seller_order_id,
-            )
-            if row is None or row["status"] not in ("PENDING", "OFFERED"):
+            loaded = await self.load(seller_order_id, conn, lock=True)
+            if loaded is None:
                 return False
+            step = next_step(rules, loaded.view, loaded.now)
+            if not isinstance(step, GiveUp):
+                return False
+            reason = step.reason
             await _lock_drivers(conn, await _open_offer_drivers(conn, seller_order_id))
             await _withdraw_open(conn, seller_order_id, "DISPATCH_ENDED", changes)
             sequence: int = await conn.fetchval(

@@ -1,12 +1,14 @@
-"""`dispatcher zones list|rebalance|reopen-node`: operator commands against a running Ray cluster."""
+"""`dispatcher zones list|rebalance|drain|reopen`: operator commands against a running Ray cluster."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import sys
+from typing import TextIO
 
 from dispatcher.actors.hosting import closed_nodes, reopen_node
 from dispatcher.config import Settings
@@ -59,8 +61,25 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     moving.add_argument(
         "--json", action="store_true", help="print the results as JSON at the end"
     )
+    drain = actions.add_parser(
+        "drain",
+        help="close a node to zones and move every zone off it (same as "
+        "`rebalance --drain-node`); it takes no zone until `zones reopen`",
+    )
+    drain.add_argument(
+        "nodes",
+        nargs="+",
+        metavar="NODE_ID",
+        help="a node id or its prefix, as `zones list` shows it",
+    )
+    drain.add_argument(
+        "--json", action="store_true", help="print the results as JSON at the end"
+    )
+    drain.set_defaults(every_zone=False, dry_run=False)
     reopen = actions.add_parser(
-        "reopen-node", help="let zones start again on a node closed by a drain"
+        "reopen",
+        aliases=["reopen-node"],
+        help="let zones start again on a node closed by a drain",
     )
     reopen.add_argument(
         "node",
@@ -80,70 +99,88 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
         return 2
     import ray
 
-    ray.init(
-        address=settings.ray_address,
-        namespace=settings.ray_namespace,
-        logging_level=logging.WARNING,
-        log_to_driver=False,
-    )
-    try:
-        if args.zones_command == "list":
-            return _list(
-                settings.ray_namespace, settings.zone_resource_units, as_json=args.json
-            )
-        if args.zones_command == "reopen-node":
-            return _reopen(settings.ray_namespace, args.node, as_json=args.json)
-        return _rebalance(args, settings)
-    finally:
-        ray.shutdown()
+    out = sys.stdout
+    # Ray prints its own notices ("a worker died ...") to stdout from a background
+    # thread, even with log_to_driver off: they go to stderr, so that stdout carries only
+    # this command's answer (one JSON document with --json).
+    with contextlib.redirect_stdout(sys.stderr):
+        ray.init(
+            address=settings.ray_address,
+            namespace=settings.ray_namespace,
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+        )
+        try:
+            if args.zones_command == "list":
+                return _list(
+                    settings.ray_namespace,
+                    settings.zone_resource_units,
+                    as_json=args.json,
+                    out=out,
+                )
+            if args.zones_command in ("reopen", "reopen-node"):
+                return _reopen(
+                    settings.ray_namespace, args.node, as_json=args.json, out=out
+                )
+            return _rebalance(args, settings, out=out)
+        finally:
+            ray.shutdown()
 
 
-def _list(namespace: str, resource_units: float, *, as_json: bool) -> int:
+def _list(namespace: str, resource_units: float, *, as_json: bool, out: TextIO) -> int:
     found = placements(namespace)
     nodes = node_states(namespace, resource_units)
     if as_json:
-        print(
+        _print(
+            out,
             json.dumps(
                 {
                     "zones": [dataclasses.asdict(p) for p in found],
                     "nodes": [dataclasses.asdict(n) for n in nodes],
                 },
                 indent=2,
-            )
+            ),
         )
         return 0
-    print(
-        f"{'zone':<17} {'node':<10} {'pid':>7} {'state':<11} {'epoch':>5} {'drivers':>7}"
+    _print(
+        out,
+        f"{'zone':<17} {'node':<10} {'pid':>7} {'state':<11} {'epoch':>5} {'drivers':>7}",
     )
     for p in found:
-        print(
-            f"{p.zone_id:<17} {_short(p.node_id):<10} {p.pid:>7} {p.state:<11} {p.epoch:>5} {p.drivers:>7}"
+        _print(
+            out,
+            f"{p.zone_id:<17} {_short(p.node_id):<10} {p.pid:>7} {p.state:<11} {p.epoch:>5} {p.drivers:>7}",
         )
-    print(f"{len(found)} zones on {len({p.node_id for p in found if p.node_id})} nodes")
+    _print(
+        out,
+        f"{len(found)} zones on {len({p.node_id for p in found if p.node_id})} nodes",
+    )
     hosted = {n.node_id: sum(p.node_id == n.node_id for p in found) for n in nodes}
-    print(f"\n{'node':<10} {'state':<8} {'zones':>5} {'slots':>5}")
+    _print(out, f"\n{'node':<10} {'state':<8} {'zones':>5} {'slots':>5}")
     for n in nodes:
-        print(
-            f"{_short(n.node_id):<10} {n.state:<8} {hosted[n.node_id]:>5} {n.zone_slots:>5g}"
+        _print(
+            out,
+            f"{_short(n.node_id):<10} {n.state:<8} {hosted[n.node_id]:>5} {n.zone_slots:>5g}",
         )
     return 0
 
 
-def _reopen(namespace: str, prefix: str, *, as_json: bool) -> int:
+def _reopen(namespace: str, prefix: str, *, as_json: bool, out: TextIO) -> int:
     # A closed node may have died since; match the closed list, not only alive nodes.
     matches = [n for n in closed_nodes(namespace) if n.startswith(prefix)]
     node_id = matches[0] if len(matches) == 1 else resolve_node(prefix)
     was_closed = reopen_node(namespace, node_id)
     if as_json:
-        print(json.dumps({"node_id": node_id, "was_closed": was_closed}))
+        _print(out, json.dumps({"node_id": node_id, "was_closed": was_closed}))
     else:
-        print(
-            f"node {_short(node_id)} {'reopened to zones' if was_closed else 'was not closed'}"
+        _print(
+            out,
+            f"node {_short(node_id)} {'reopened to zones' if was_closed else 'was not closed'}",
         )
     return 0
 
 
-def _rebalance(args: argparse.Namespace, settings: Settings) -> int:
+def _rebalance(args: argparse.Namespace, settings: Settings, *, out: TextIO) -> int:
     def report(index: int, total: int, move: Move, result: MoveResult | None) -> None:
         head = f"[{index}/{total}] zone {move.zone_id}: {_short(move.source)} -> {_short(move.target)}"
         if result is None:
@@ -155,21 +192,31 @@ def _rebalance(args: argparse.Namespace, settings: Settings) -> int:
                 f"{head} landed on {_short(result.landed)}, epoch {result.epoch_before} -> "
                 f"{result.epoch_after}, {result.seconds:.2f} s"
             )
-        print(line, file=sys.stderr if args.json else sys.stdout, flush=True)
+        print(line, file=sys.stderr if args.json else out, flush=True)
 
     results = rebalance(
         settings.ray_namespace,
         settings.zone_resource_units,
         every_zone=args.every_zone,
-        draining=args.draining,
+        draining=args.nodes if args.zones_command == "drain" else args.draining,
         dry_run=args.dry_run,
         progress=report,
     )
     if args.json:
-        print(json.dumps({"moves": [dataclasses.asdict(r) for r in results]}, indent=2))
+        _print(
+            out,
+            json.dumps({"moves": [dataclasses.asdict(r) for r in results]}, indent=2),
+        )
     elif not args.dry_run:
-        print(f"{sum(r.error is None for r in results)} of {len(results)} zones moved")
+        _print(
+            out,
+            f"{sum(r.error is None for r in results)} of {len(results)} zones moved",
+        )
     return 1 if any(r.error is not None for r in results) else 0
+
+
+def _print(out: TextIO, text: str) -> None:
+    print(text, file=out, flush=True)
 
 
 def _short(node_id: str) -> str:

@@ -18,8 +18,9 @@ from dispatcher.actors.hosting import (
     dying_nodes,
     excluded_nodes,
     set_zone_target,
+    zone_placement,
 )
-from dispatcher.actors.options import ZONE_RESOURCE, zone_actor_name, zone_actor_options
+from dispatcher.actors.options import ZONE_RESOURCE, zone_actor_name
 from dispatcher.actors.zone import ZoneActorRemote
 from dispatcher.config import ResolvedSettings
 from dispatcher.errors import StaleEpochError
@@ -81,6 +82,8 @@ class NodeState:
     # dying: Ray is draining it; no-room: offers no zone resource (e.g. the head)
     state: str
     zone_slots: float
+    # Unix time an operator closed it (a drain), None if it is not closed.
+    closed_at: float | None = None
 
 
 def node_states(namespace: str, resource_units: float) -> list[NodeState]:
@@ -97,7 +100,8 @@ def node_states(namespace: str, resource_units: float) -> list[NodeState]:
             state = "no-room"
         else:
             state = "open"
-        out.append(NodeState(node_id, state, slots))
+        since = closed[node_id].closed_at if node_id in closed else None
+        out.append(NodeState(node_id, state, slots, since))
     return out
 
 
@@ -191,12 +195,8 @@ def move_zone(
         settings_json: str = ray.get(old.drain.remote(), timeout=timeout_s)
         ray.kill(old, no_restart=True)
         units = ResolvedSettings.model_validate_json(settings_json).zone_resource_units
-        options = zone_actor_options(
-            move.zone_id,
-            namespace,
-            resource_units=units,
-            node_id=move.target,
-            excluded=excluded_nodes(namespace),
+        options = zone_placement(
+            move.zone_id, namespace, resource_units=units, target=move.target
         )
         after = _start_successor(move.zone_id, options, settings_json, deadline)
     finally:

@@ -163,7 +163,13 @@ async def test_invalid_configuration_exits_2_with_a_clear_message(
 
 
 @pytest.mark.parametrize(
-    "command", [["zones", "list"], ["zones", "rebalance", "--dry-run"]]
+    "command",
+    [
+        ["zones", "list"],
+        ["zones", "rebalance", "--dry-run"],
+        ["zones", "drain", "abc123"],
+        ["zones", "reopen", "abc123"],
+    ],
 )
 async def test_zone_commands_without_a_cluster_exit_2_and_start_nothing(
     tmp_path: Path, command: list[str]

@@ -181,3 +181,14 @@ def test_the_command_line_takes_the_offer_mode(
     with pytest.raises(SystemExit) as exc:
         main([*argv, "--offer-mode", "bogus"])
     assert exc.value.code == 2
+
+
+def test_the_service_the_simulator_starts_judges_offers_in_simulated_time() -> None:
+    from dispatcher.simulate.cli import _offer_clock
+
+    assert _offer_clock(OfferRules.of("auto"), 5.0) == {}
+    assert _offer_clock(OfferRules.of("cascade"), 5.0) == {
+        "offer_mode": "cascade",
+        "offer_timeout_s": 4.0,
+        "dispatch_deadline_s": 24.0,
+    }

@@ -1,12 +1,14 @@
-"""Zone actor options: closed nodes become a label selector Ray accepts."""
+"""Zone placement: closed and dying nodes never host a zone; a label selector Ray accepts."""
 
 from __future__ import annotations
 
+import pytest
 from ray._private.label_utils import validate_label_selector
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from dispatcher.actors.hosting import NODE_ID_LABEL
-from dispatcher.actors.options import zone_actor_options
+from dispatcher.actors import hosting
+from dispatcher.actors.hosting import placement_rule
+from dispatcher.actors.options import NODE_ID_LABEL, zone_actor_options
 
 NODE_A = "a" * 56
 NODE_B = "b" * 56
@@ -31,3 +33,67 @@ def test_a_handoff_target_keeps_the_exclusion_beside_its_soft_affinity() -> None
     assert isinstance(strategy, NodeAffinitySchedulingStrategy)
     assert strategy.node_id == NODE_B and strategy.soft
     assert options["label_selector"] == {NODE_ID_LABEL: f"!in({NODE_A})"}
+
+
+NODE_C = "c" * 56
+
+
+def test_the_rule_excludes_closed_and_dying_nodes_alike() -> None:
+    rule = placement_rule(closed=[NODE_A], dying={NODE_B})
+    assert rule.excluded == {NODE_A, NODE_B}
+    assert rule.target is None
+
+
+def test_the_rule_keeps_an_open_target_and_drops_a_closed_or_dying_one() -> None:
+    assert placement_rule(closed=[NODE_A], dying=(), target=NODE_C).target == NODE_C
+    assert placement_rule(closed=[NODE_A], dying=(), target=NODE_A).target is None
+    assert placement_rule(closed=(), dying=[NODE_B], target=NODE_B).target is None
+
+
+def fake_cluster(
+    monkeypatch: pytest.MonkeyPatch,
+    *,
+    closed: set[str],
+    dying: set[str],
+    published: str | None,
+) -> None:
+    """What Ray's KV and GCS would say; zone_placement only reads them."""
+    monkeypatch.setattr(
+        hosting,
+        "closed_nodes",
+        lambda _ns: {n: hosting.ClosedNode(n, "drained", 0.0) for n in closed},
+    )
+    monkeypatch.setattr(hosting, "dying_nodes", lambda: set(dying))
+    monkeypatch.setattr(hosting, "zone_target", lambda _ns, _zone: published)
+
+
+def test_a_recreation_by_name_never_lands_on_a_closed_or_dying_node(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # An ingress's retry: default placement (SPREAD), but never on A (closed) or B (dying).
+    fake_cluster(monkeypatch, closed={NODE_A}, dying={NODE_B}, published=None)
+    options = hosting.zone_placement("z", "ns", resource_units=1)
+    assert options["scheduling_strategy"] == "SPREAD"
+    assert options["label_selector"] == {NODE_ID_LABEL: f"!in({NODE_A},{NODE_B})"}
+    assert options["get_if_exists"] and options["max_restarts"] == -1
+
+
+def test_a_recreation_during_a_handoff_follows_the_published_target(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake_cluster(monkeypatch, closed={NODE_A}, dying=set(), published=NODE_C)
+    strategy = hosting.zone_placement("z", "ns", resource_units=1)[
+        "scheduling_strategy"
+    ]
+    assert isinstance(strategy, NodeAffinitySchedulingStrategy)
+    assert strategy.node_id == NODE_C
+
+
+def test_a_handoff_onto_a_node_closed_meanwhile_goes_to_any_open_node(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The target was chosen, then an operator closed it: the exclusion wins.
+    fake_cluster(monkeypatch, closed={NODE_C}, dying=set(), published=None)
+    options = hosting.zone_placement("z", "ns", resource_units=1, target=NODE_C)
+    assert options["scheduling_strategy"] == "SPREAD"
+    assert options["label_selector"] == {NODE_ID_LABEL: f"!in({NODE_C})"}
