@@ -59,12 +59,15 @@ class Runtime:
         s.data_dir.mkdir(parents=True, exist_ok=True)
         updates: dict[str, Any] = {}
         if s.database_url is None:
-            self.postgres = EmbeddedPostgres(s.data_dir / "postgres")
+            # die_with_parent: a `serve` killed with SIGKILL takes its servers along.
+            self.postgres = EmbeddedPostgres(
+                s.data_dir / "postgres", die_with_parent=True
+            )
             self.postgres.start()
             self._stack.callback(self.postgres.stop)
             updates["database_url"] = self.postgres.create_database(DATABASE_NAME)
         if s.redis_url is None:
-            self.redis = EmbeddedRedis(s.data_dir / "redis")
+            self.redis = EmbeddedRedis(s.data_dir / "redis", die_with_parent=True)
             self.redis.start()
             self._stack.callback(self.redis.stop)
             updates["redis_url"] = self.redis.url

@@ -21,13 +21,16 @@ from dispatcher.embedded.process import (
     EmbeddedServerError,
     allow_traverse,
     clean_env,
+    clear_owner,
     ensure_system_user,
     log_size,
     log_tail,
+    owner_alive,
     pid_alive,
     port_open,
     postgres_bin_dir,
-    spawn,
+    runs_on,
+    write_owner,
 )
 
 logger = logging.getLogger(__name__)
@@ -77,11 +80,18 @@ class EmbeddedPostgres(EmbeddedServer):
 
     name = "postgres"
     abort_signal = signal.SIGQUIT
+    # A fast shutdown: clients are cut off, the cluster is left clean for the next start.
+    death_signal = signal.SIGINT
 
     def __init__(
-        self, data_dir: Path, port: int | None = None, *, fast: bool = False
+        self,
+        data_dir: Path,
+        port: int | None = None,
+        *,
+        fast: bool = False,
+        die_with_parent: bool = False,
     ) -> None:
-        super().__init__(data_dir, port)
+        super().__init__(data_dir, port, die_with_parent=die_with_parent)
         self.fast = fast
         self._bin = postgres_bin_dir()
 
@@ -107,17 +117,23 @@ class EmbeddedPostgres(EmbeddedServer):
         deadline = time.monotonic() + START_TIMEOUT_S
         self._prepare_data_dir()
         running = PostmasterPid.read(self.data_dir)
-        if running is not None and pid_alive(running.pid) and port_open(running.port):
-            self._adopt(running.pid, running.port)
-            self._wait_ready(deadline, log_size(self.log_path))
-            return
+        if running is not None and pid_alive(running.pid):
+            if owner_alive(self.data_dir):
+                if port_open(running.port):
+                    self._adopt(running.pid, running.port)
+                    self._wait_ready(deadline, log_size(self.log_path))
+                    return
+            elif runs_on(running.pid, self.data_dir):
+                # Its owner died without taking it along (or predates owner files).
+                self._reclaim_orphan(running.pid, running.port, signal.SIGINT)
         while True:
             log_from = log_size(self.log_path)
-            self._proc = spawn(self._server_args(), self.log_path, **self._run_as())
+            self._proc = self._spawn(self._server_args(), **self._run_as())
             logger.info(
                 "postgres pid %d starting on port %d", self._proc.pid, self._port
             )
             if self._wait_ready(deadline, log_from):
+                write_owner(self.data_dir, self._proc.pid)
                 logger.info("postgres ready at %s", self.dsn)
                 return
             time.sleep(POLL_INTERVAL_S * 4)
@@ -154,6 +170,7 @@ class EmbeddedPostgres(EmbeddedServer):
             logger.info("stopping postgres pid %d (%s)", self._proc.pid, mode)
             self._proc.terminate(sig, STOP_TIMEOUT_S)
         self._proc = None
+        clear_owner(self.data_dir)
 
     def create_database(self, name: str) -> str:
         """Create database `name` unless it exists; return its DSN.

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import importlib.util
+import json
 import logging
 import os
 import pwd
 import signal
 import socket
 import subprocess
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -27,6 +32,9 @@ KILL_TIMEOUT_S = 10.0
 PROBE_TIMEOUT_S = 1.0
 POLL_INTERVAL_S = 0.05
 LOG_TAIL_BYTES = 4000
+# <linux/prctl.h>: deliver a signal to this process when its parent thread dies.
+PR_SET_PDEATHSIG = 1
+OWNER_FILE = "owner.json"
 
 
 class EmbeddedServerError(RuntimeError):
@@ -74,6 +82,14 @@ def pid_alive(pid: int) -> bool:
         stat = Path(f"/proc/{pid}/stat").read_text()
         return stat.rpartition(")")[2].split()[0] != "Z"
     return True
+
+
+def runs_on(pid: int, path: Path) -> bool:
+    """True if `pid`'s command line names `path`: a stale pid file's pid may now be anyone."""
+    try:
+        return str(path).encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def port_open(port: int) -> bool:
@@ -131,6 +147,65 @@ def ensure_system_user(name: str) -> pwd.struct_passwd:
         ) from None
 
 
+def process_start_ticks(pid: int) -> int | None:
+    """The start time of `pid` in clock ticks since boot: a pid plus this names one process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat.rpartition(")")[2].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def write_owner(data_dir: Path, server_pid: int) -> None:
+    """Record which process started the server in `data_dir`, so a later run can tell an orphan."""
+    owner = {
+        "pid": os.getpid(),
+        "started": process_start_ticks(os.getpid()),
+        "server_pid": server_pid,
+    }
+    tmp = data_dir / (OWNER_FILE + ".tmp")
+    tmp.write_text(json.dumps(owner))
+    os.replace(tmp, data_dir / OWNER_FILE)
+
+
+def clear_owner(data_dir: Path) -> None:
+    (data_dir / OWNER_FILE).unlink(missing_ok=True)
+
+
+def owner_alive(data_dir: Path) -> bool:
+    """True while the process that started the server in `data_dir` still runs.
+
+    False when it is gone (killed, crashed) or unknown: the server is then an orphan.
+    The start time guards against the owner's pid having been reused.
+    """
+    try:
+        owner = json.loads((data_dir / OWNER_FILE).read_text())
+        pid, started = int(owner["pid"]), owner["started"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return pid_alive(pid) and process_start_ticks(pid) == started
+
+
+def die_with_parent(sig: signal.Signals) -> Callable[[], None]:
+    """A `preexec_fn` that has the kernel send `sig` to the child when its parent dies.
+
+    Runs in the forked child after any user switch (a later switch would clear the
+    setting). The kernel watches the *thread* that forked, so servers that must
+    live as long as the process have to be spawned from its main thread.
+    """
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    parent = os.getpid()
+
+    def preexec() -> None:
+        if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+            os._exit(127)
+        # The parent may have died between fork and prctl: then nobody would signal us.
+        if os.getppid() != parent:
+            os._exit(1)
+
+    return preexec
+
+
 class ServerProcess:
     """A server process we spawned (Popen) or found running (bare pid)."""
 
@@ -172,7 +247,15 @@ class ServerProcess:
             self.wait(KILL_TIMEOUT_S)
 
 
-def spawn(args: list[str], log_path: Path, **kwargs: Any) -> ServerProcess:
+def spawn(
+    args: list[str],
+    log_path: Path,
+    death_signal: signal.Signals | None = None,
+    **kwargs: Any,
+) -> ServerProcess:
+    """Start a server process; with `death_signal`, it gets that signal when we die."""
+    if death_signal is not None:
+        kwargs["preexec_fn"] = die_with_parent(death_signal)
     with log_path.open("ab") as log:
         popen = subprocess.Popen(
             args,
@@ -195,12 +278,17 @@ class EmbeddedServer:
     # How to discard a server whose start failed; postgres overrides it so the
     # postmaster takes its children down with it.
     abort_signal = signal.SIGKILL
+    # What the kernel sends the server when its owner dies (see `die_with_parent`).
+    death_signal = signal.SIGTERM
 
-    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, port: int | None = None, *, die_with_parent: bool = False
+    ) -> None:
         self.data_dir = data_dir.expanduser().absolute()
         self._explicit_port = port is not None
         self._port = port if port is not None else free_port()
         self._proc: ServerProcess | None = None
+        self.die_with_parent = die_with_parent
 
     @property
     def port(self) -> int:
@@ -232,6 +320,31 @@ class EmbeddedServer:
             self._proc = None
         tail = log_tail(self.log_path, log_from)
         return EmbeddedServerError(f"{message}\n--- {self.log_path} (tail) ---\n{tail}")
+
+    def _spawn(self, args: list[str], **kwargs: Any) -> ServerProcess:
+        """Spawn the server; with `die_with_parent`, it dies when this process does."""
+        death_signal = None
+        if self.die_with_parent:
+            if threading.current_thread() is not threading.main_thread():
+                # The kernel would signal the server as soon as this thread ends.
+                raise EmbeddedServerError(
+                    f"{self.name}: die_with_parent needs a start from the main thread"
+                )
+            death_signal = self.death_signal
+        return spawn(args, self.log_path, death_signal, **kwargs)
+
+    def _reclaim_orphan(self, pid: int, port: int, stop_signal: signal.Signals) -> None:
+        """Stop a server whose owner is gone, and keep its port so DSNs stay the same."""
+        logger.warning(
+            "%s pid %d on port %d outlived its owner; stopping it to start our own",
+            self.name,
+            pid,
+            port,
+        )
+        ServerProcess(pid).terminate(stop_signal, STOP_TIMEOUT_S)
+        clear_owner(self.data_dir)
+        if not self._explicit_port:
+            self._port = port
 
     def _adopt(self, pid: int, port: int) -> None:
         if self._explicit_port and port != self._port:

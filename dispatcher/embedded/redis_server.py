@@ -19,10 +19,12 @@ from dispatcher.embedded.process import (
     START_TIMEOUT_S,
     STOP_TIMEOUT_S,
     EmbeddedServer,
+    clear_owner,
     log_size,
+    owner_alive,
     pid_alive,
     redis_server_bin,
-    spawn,
+    write_owner,
 )
 
 logger = logging.getLogger(__name__)
@@ -82,7 +84,7 @@ class EmbeddedRedis(EmbeddedServer):
             "--logfile",
             str(self.log_path),
         ]
-        proc = self._proc = spawn(args, self.log_path)
+        proc = self._proc = self._spawn(args)
         logger.info("redis pid %d starting on port %d", proc.pid, self._port)
         while self._server_pid() != proc.pid:
             if not proc.alive():
@@ -93,6 +95,7 @@ class EmbeddedRedis(EmbeddedServer):
                 )
             time.sleep(POLL_INTERVAL_S)
         self._state_path.write_text(json.dumps({"pid": proc.pid, "port": self._port}))
+        write_owner(self.data_dir, proc.pid)
         logger.info("redis ready at %s", self.url)
 
     def stop(self) -> None:
@@ -102,10 +105,12 @@ class EmbeddedRedis(EmbeddedServer):
             self._proc.terminate(signal.SIGTERM, STOP_TIMEOUT_S)
         self._proc = None
         self._state_path.unlink(missing_ok=True)
+        clear_owner(self.data_dir)
 
     def kill(self) -> None:
         super().kill()
         self._state_path.unlink(missing_ok=True)
+        clear_owner(self.data_dir)
 
     def _server_pid(self, port: int | None = None) -> int | None:
         """The process_id a Redis on `port` reports, or None if nothing answers."""
@@ -133,6 +138,11 @@ class EmbeddedRedis(EmbeddedServer):
             return False
         # The pid must answer on the recorded port as itself: pids get reused.
         if not pid_alive(pid) or self._server_pid(port) != pid:
+            self._state_path.unlink(missing_ok=True)
+            return False
+        if not owner_alive(self.data_dir):
+            # Its owner died without taking it along (or predates owner files).
+            self._reclaim_orphan(pid, port, signal.SIGTERM)
             self._state_path.unlink(missing_ok=True)
             return False
         self._adopt(pid, port)

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
 import socket
+import sys
+import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import aiohttp
 import asyncpg
 import pytest
 from redis.asyncio import Redis
@@ -236,3 +245,184 @@ async def test_session_fixtures_serve_migrated_database(
     assert await redis_client.ping()
     await redis_client.set(b"k", b"v")
     assert await redis_client.get(b"k") == b"v"
+
+
+# A cold `dispatcher serve` runs initdb and starts PostgreSQL, Redis and a local Ray.
+SERVE_START_WITHIN_S = 180.0
+# PostgreSQL's fast shutdown checkpoints first; Redis stops at once.
+PORTS_CLOSE_WITHIN_S = 60.0
+# Readers of the servers' output, referenced until the test ends.
+_DRAINS: set[asyncio.Task[bytes]] = set()
+
+
+def _serve_env(data_dir: Path, ray_dir: Path) -> dict[str, str]:
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("DISPATCHER_", "RAY_"))
+    }
+    # Ray's files live under the test's directory, so its processes can be found and ended.
+    env.update({"DISPATCHER_DATA_DIR": str(data_dir), "RAY_TMPDIR": str(ray_dir)})
+    return env
+
+
+async def _start_serve(
+    data_dir: Path, ray_dir: Path
+) -> tuple[asyncio.subprocess.Process, dict[str, int]]:
+    """`dispatcher serve` on a free port; returns it once it listens, with its servers' ports."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "dispatcher.cli",
+        "serve",
+        "--port",
+        "0",
+        env=_serve_env(data_dir, ray_dir),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    printed: list[str] = []
+    ports: dict[str, int] = {}
+    async with asyncio.timeout(SERVE_START_WITHIN_S):
+        while not printed or not printed[-1].startswith("dispatcher listening on"):
+            line = await proc.stdout.readline()
+            assert line, "serve exited early:\n" + "".join(printed)
+            text = line.decode()
+            printed.append(text)
+            for label, name in (
+                ("embedded PostgreSQL: ", "pg"),
+                ("embedded Redis: ", "redis"),
+            ):
+                if text.startswith(label):
+                    port = urlsplit(text[len(label) :].strip()).port
+                    assert port is not None
+                    ports[name] = port
+    assert set(ports) == {"pg", "redis"}, "".join(printed)
+    ports["http"] = urlsplit(printed[-1].split(" on ", 1)[1].strip()).port or 0
+    # Keep reading so a full pipe never blocks the server.
+    _DRAINS.add(asyncio.get_running_loop().create_task(proc.stdout.read()))
+    return proc, ports
+
+
+def _port_open(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+        return True
+    return False
+
+
+async def _wait_closed(ports: dict[str, int]) -> list[str]:
+    """Names of the ports still open after PORTS_CLOSE_WITHIN_S."""
+    deadline = time.monotonic() + PORTS_CLOSE_WITHIN_S
+    while time.monotonic() < deadline:
+        if not any(_port_open(p) for p in ports.values()):
+            return []
+        await asyncio.sleep(0.2)
+    return [name for name, port in ports.items() if _port_open(port)]
+
+
+def _end_leftovers(*paths: Path) -> None:
+    """SIGKILL what this test started and left behind (Ray's workers, a surviving server)."""
+    for path in paths:
+        for pid in _processes_mentioning(path):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+async def test_killed_serve_takes_its_embedded_servers_along(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    # Short: Ray's socket paths under it must stay within AF_UNIX's 107 bytes.
+    ray_dir = Path(tempfile.mkdtemp(prefix="ray-", dir="/tmp"))
+    first: asyncio.subprocess.Process | None = None
+    second: asyncio.subprocess.Process | None = None
+    try:
+        first, ports = await _start_serve(data_dir, ray_dir)
+        assert _port_open(ports["pg"]) and _port_open(ports["redis"])
+        token = json.loads((data_dir / "secrets.json").read_text())["admin_token"]
+        async with aiohttp.ClientSession(
+            f"http://127.0.0.1:{ports.pop('http')}"
+        ) as http:
+            created = await http.post(
+                "/drivers",
+                json={"name": "Survivor"},
+                headers={"Authorization": f"Bearer {token}"},
+            )
+            assert created.status == 201
+        os.kill(first.pid, signal.SIGKILL)
+        await first.wait()
+
+        # The kernel signals PostgreSQL and Redis when their parent dies.
+        assert await _wait_closed(ports) == []
+        assert _processes_mentioning(data_dir / "postgres") == []
+        assert _processes_mentioning(data_dir / "redis") == []
+
+        # A second serve on the same data dir starts cleanly and has the same data.
+        second, again = await _start_serve(data_dir, ray_dir)
+        again.pop("http")
+        owner = json.loads((data_dir / "postgres" / "owner.json").read_text())
+        assert owner["pid"] == second.pid
+        dsn = f"postgresql://postgres@127.0.0.1:{again['pg']}/dispatcher"
+        assert await _fetchval(dsn, "SELECT name FROM drivers") == "Survivor"
+        os.kill(second.pid, signal.SIGINT)
+        async with asyncio.timeout(PORTS_CLOSE_WITHIN_S):
+            assert await second.wait() == 0
+        assert await _wait_closed(again) == []
+        assert not (data_dir / "postgres" / "owner.json").exists()
+    finally:
+        for proc in (first, second):
+            if proc is not None and proc.returncode is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                await proc.wait()
+        _end_leftovers(data_dir, ray_dir)
+        shutil.rmtree(ray_dir, ignore_errors=True)
+
+
+async def test_orphaned_servers_are_reclaimed_by_the_next_start(tmp_path: Path) -> None:
+    """Servers whose owner died without them (no parent-death signal) are stopped and replaced."""
+    pg = EmbeddedPostgres(tmp_path / "pg", fast=True)
+    redis_server = EmbeddedRedis(tmp_path / "redis")
+    await asyncio.to_thread(pg.start)
+    await asyncio.to_thread(redis_server.start)
+    orphans = {"pg": pg.pid, "redis": redis_server.pid}
+    try:
+        # Make their recorded owner a process that has exited.
+        gone = await asyncio.create_subprocess_exec("true")
+        await gone.wait()
+        for server in (pg, redis_server):
+            owner_file = server.data_dir / "owner.json"
+            owner = json.loads(owner_file.read_text())
+            owner_file.write_text(json.dumps({**owner, "pid": gone.pid}))
+
+        pg2 = EmbeddedPostgres(tmp_path / "pg", fast=True)
+        redis2 = EmbeddedRedis(tmp_path / "redis")
+        await asyncio.to_thread(pg2.start)
+        await asyncio.to_thread(redis2.start)
+        try:
+            assert pg2.pid is not None and pg2.pid != orphans["pg"]
+            assert redis2.pid is not None and redis2.pid != orphans["redis"]
+            assert not pg.is_running() and not redis_server.is_running()
+            assert (pg2.port, redis2.port) == (pg.port, redis_server.port)
+            assert await _fetchval(pg2.dsn, "SELECT 1") == 1
+            assert await _redis_ping(redis2.url)
+            for server in (pg2, redis2):
+                owner = json.loads((server.data_dir / "owner.json").read_text())
+                assert owner["pid"] == os.getpid()
+        finally:
+            await asyncio.to_thread(pg2.stop)
+            await asyncio.to_thread(redis2.stop)
+    finally:
+        await asyncio.to_thread(pg.stop)
+        await asyncio.to_thread(redis_server.stop)
+    assert _processes_mentioning(tmp_path) == []
+
+
+async def test_die_with_parent_refuses_a_start_from_a_worker_thread(
+    tmp_path: Path,
+) -> None:
+    # The kernel ties the parent-death signal to the forking thread: a server started
+    # from a short-lived thread would be killed as soon as that thread ended.
+    server = EmbeddedRedis(tmp_path / "redis", die_with_parent=True)
+    with pytest.raises(EmbeddedServerError, match="main thread"):
+        await asyncio.to_thread(server.start)
+    assert not server.is_running()
+    assert _processes_mentioning(server.data_dir) == []
