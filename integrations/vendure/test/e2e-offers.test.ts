@@ -1,43 +1,46 @@
-/** Offer mode (DISPATCHER_OFFER_MODE=cascade): the order waits, the driver accepts, the webhook books it. */
+/**
+ * Offer mode (DISPATCHER_OFFER_MODE=cascade): the order waits, the driver accepts, the webhook books it.
+ * This shop dispatches on payment (`dispatchState: 'PaymentSettled'`): checkout alone sends the order.
+ */
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 
 import { waitFor } from './support/ports';
 import { latLon, north, Stack, startStack, waitForOrder } from './support/stack';
-import { adminOrder, checkout, defaultSellerId, notes, setSellerPickup, transitionOrder } from './support/vendure';
+import { adminOrder, checkout, defaultSellerId, notes, setSellerPickup } from './support/vendure';
 
 const HANOVER = { lat: 52.375, lon: 9.732 };
 
-describe('Vendure (sql.js) + dispatcher in cascade offer mode', { timeout: 900_000 }, () => {
+describe('Vendure (sql.js) + dispatcher in cascade offer mode, dispatching on PaymentSettled', { timeout: 900_000 }, () => {
     let stack: Stack;
 
     before(async () => {
-        stack = await startStack({ db: 'sqljs', dispatcherEnv: { DISPATCHER_OFFER_MODE: 'cascade', DISPATCHER_OFFER_TIMEOUT_S: '60' } });
+        stack = await startStack({
+            db: 'sqljs',
+            dispatcherEnv: { DISPATCHER_OFFER_MODE: 'cascade', DISPATCHER_OFFER_TIMEOUT_S: '60' },
+            plugin: { dispatchState: 'PaymentSettled' },
+        });
     });
 
     after(async () => {
         await stack?.stop();
     });
 
-    it('waits for the driver to accept, then becomes DriverAssigned by webhook', async t => {
+    it('waits for the driver to accept, then becomes DriverAssigned by webhook', async () => {
         const driver = await stack.dispatcher.onlineDriver('Offered', ...latLon(north(HANOVER, 0.4)));
         await setSellerPickup(stack.admin, await defaultSellerId(stack.admin), HANOVER.lat, HANOVER.lon);
         const placed = await checkout(stack.shop, north(HANOVER, -1));
         assert.ok(placed.order);
         const { id, code } = placed.order;
-        await transitionOrder(stack.admin, id, 'ReadyForDispatch');
+        // No admin step: entering PaymentSettled (the configured state) sent the order.
+        assert.equal(placed.order.state, 'PaymentSettled');
         const sent = await waitFor('the ready answer', async () =>
             stack.proxy.requests.find(r => r.path === '/events/seller-order-ready' && JSON.parse(r.body).sellerOrderId === code && r.response),
         );
         const answer = JSON.parse(sent.response!);
-        if (answer.reason !== 'AWAITING_ACCEPTANCE') {
-            // This dispatcher books at once whatever DISPATCHER_OFFER_MODE says: offers are not built
-            // into it yet. The plugin's side is in place; this test runs for real once they are.
-            t.skip(`dispatcher answered ${JSON.stringify(answer)} in cascade mode: offers (DISPATCHER_OFFER_MODE) are not supported by this dispatcher yet`);
-            return;
-        }
+        assert.equal(answer.reason, 'AWAITING_ACCEPTANCE', JSON.stringify(answer));
         const waiting = await waitForOrder(stack.admin, id, 'AWAITING_ACCEPTANCE', o => o.customFields.dispatcherDeliveryStatus === 'AWAITING_ACCEPTANCE');
-        assert.equal(waiting.state, 'ReadyForDispatch');
+        assert.equal(waiting.state, 'PaymentSettled');
         assert.equal(waiting.customFields.dispatcherDriverId, null);
 
         const offer = await waitFor('an open offer', async () => {
@@ -52,5 +55,17 @@ describe('Vendure (sql.js) + dispatcher in cascade offer mode', { timeout: 900_0
         assert.equal(assigned.customFields.dispatcherAssignmentId, accepted.body.assignmentId);
         const n = notes(await adminOrder(stack.admin, id));
         assert.equal(n.filter(x => x.includes('from the delivery.assigned webhook')).length, 1, n.join('\n'));
+        assert.equal((await stack.dispatcher.delivery(code)).driverId, driver.driverId);
+
+        // The rest of the loop from a PaymentSettled dispatch: picked up, delivered.
+        await stack.dispatcher.step(driver, code, 'picked-up');
+        await waitForOrder(stack.admin, id, 'Shipped', o => o.state === 'Shipped');
+        await stack.dispatcher.step(driver, code, 'delivered');
+        const done = await waitForOrder(stack.admin, id, 'Delivered', o => o.state === 'Delivered');
+        assert.equal(done.customFields.dispatcherDeliveryStatus, 'DELIVERED');
+        const states = (done.history.items as any[]).filter(h => h.type === 'ORDER_STATE_TRANSITION').map(h => h.data.to as string);
+        assert.deepEqual(states.slice(-4), ['PaymentSettled', 'DriverAssigned', 'Shipped', 'Delivered']);
+        const sentForOrder = stack.proxy.requests.filter(r => r.path === '/events/seller-order-ready' && JSON.parse(r.body).sellerOrderId === code);
+        assert.equal(sentForOrder.length, 1, 'one event, sent on payment');
     });
 });

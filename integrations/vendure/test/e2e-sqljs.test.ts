@@ -4,7 +4,7 @@ import { after, before, describe, it } from 'node:test';
 
 import { waitFor } from './support/ports';
 import { latLon, mainLoop, north, Stack, startStack, waitForOrder } from './support/stack';
-import { adminOrder, cancelOrder, checkout, defaultSellerId, notes, setSellerPickup, transitionOrder } from './support/vendure';
+import { adminOrder, cancelOrder, checkout, defaultSellerId, gql, notes, setSellerPickup, transitionOrder } from './support/vendure';
 import { postWebhook, signedHeaders, webhookBody } from './support/webhooks';
 
 // Each test works in its own city (its own dispatcher zone), so drivers left AVAILABLE by one test
@@ -17,6 +17,7 @@ const FRANKFURT = { lat: 50.11, lon: 8.68 };
 const LEIPZIG = { lat: 51.34, lon: 12.37 };
 const DRESDEN = { lat: 51.05, lon: 13.74 };
 const STUTTGART = { lat: 48.775, lon: 9.182 };
+const BONN = { lat: 50.737, lon: 7.098 };
 
 describe('Vendure (sql.js) + dispatcher', { timeout: 900_000 }, () => {
     let stack: Stack;
@@ -191,5 +192,59 @@ describe('Vendure (sql.js) + dispatcher', { timeout: 900_000 }, () => {
         const final = await waitForOrder(stack.admin, order.id, 'delivery.cancelled applied', o => o.customFields.dispatcherDeliveryStatus === 'CANCELLED');
         assert.equal(final.state, 'Cancelled');
         assert.ok(notes(final).some(n => n.startsWith('Delivery cancelled')));
+    });
+
+    it('the Admin API shows the admin the delivery: read-only fields in a Delivery tab, and the history', async () => {
+        // What the admin UI renders comes from the server config: names, types, labels, tab, read-only.
+        const { globalSettings } = await gql(stack.admin, `{ globalSettings { serverConfig { entityCustomFields {
+            entityName customFields { ... on CustomField { name type readonly ui label { value } } } } } } }`);
+        const fields = (entity: string) =>
+            new Map<string, any>((globalSettings.serverConfig.entityCustomFields as any[])
+                .find(e => e.entityName === entity).customFields.map((f: any) => [f.name, f]));
+        const order = fields('Order');
+        for (const [name, type, label] of [
+            ['dispatcherDriverId', 'string', 'Driver'],
+            ['dispatcherAssignmentId', 'string', 'Assignment'],
+            ['dispatcherDeliveryStatus', 'string', 'Delivery status'],
+            ['dispatcherDistanceKm', 'float', 'Pickup distance (km)'],
+        ]) {
+            const field = order.get(name);
+            assert.ok(field, `Order.${name} is configured`);
+            assert.deepEqual([field.type, field.readonly, field.ui?.tab, field.label[0].value], [type, true, 'Delivery', label]);
+        }
+        for (const [entity, names] of [['Seller', ['pickupLatitude', 'pickupLongitude']], ['Address', ['dropLatitude', 'dropLongitude']]] as const) {
+            for (const name of names) {
+                const field = fields(entity).get(name);
+                assert.deepEqual([field?.type, Boolean(field?.readonly), field?.ui?.tab], ['float', false, 'Delivery'], `${entity}.${name} is editable`);
+            }
+        }
+
+        const driver = await stack.dispatcher.onlineDriver('Shown', ...latLon(north(BONN, 0.4)));
+        const placed = await readyOrder(BONN);
+        await waitForOrder(stack.admin, placed.id, 'DriverAssigned', o => o.state === 'DriverAssigned');
+        await waitFor('outbox drained', async () => ((await stack.dispatcher.outboxPending()) === 0 ? true : undefined));
+        // The order detail page's query: the fields as the dispatcher booked them, and the history.
+        const seen = await adminOrder(stack.admin, placed.id);
+        const booked = await stack.dispatcher.delivery(placed.code);
+        assert.equal(seen.customFields.dispatcherDriverId, driver.driverId);
+        assert.equal(seen.customFields.dispatcherDriverId, booked.driverId);
+        assert.equal(seen.customFields.dispatcherAssignmentId, booked.assignmentId);
+        assert.equal(seen.customFields.dispatcherDeliveryStatus, 'ASSIGNED');
+        assert.ok(Math.abs(seen.customFields.dispatcherDistanceKm - 0.4) < 0.05, String(seen.customFields.dispatcherDistanceKm));
+        const history = (seen.history.items as Array<{ type: string; data: any }>).map(h =>
+            h.type === 'ORDER_NOTE' ? `note: ${h.data.note}` : h.type === 'ORDER_STATE_TRANSITION' ? `state: ${h.data.to}` : h.type);
+        const fromReady = history.slice(history.indexOf('state: ReadyForDispatch'));
+        assert.deepEqual(fromReady, [
+            'state: ReadyForDispatch',
+            `note: Driver ${driver.driverId} assigned (${booked.assignmentId}, ${seen.customFields.dispatcherDistanceKm} km to pickup; from the dispatcher’s answer).`,
+            'state: DriverAssigned',
+        ]);
+
+        // Read-only means the admin cannot type over them: the input type has no such fields.
+        await assert.rejects(
+            gql(stack.admin, `mutation ($id: ID!) { setOrderCustomFields(input: { id: $id, customFields: { dispatcherDriverId: "drv_typed" } }) { id } }`, { id: placed.id }),
+            /dispatcherDriverId/,
+        );
+        assert.equal((await adminOrder(stack.admin, placed.id)).customFields.dispatcherDriverId, driver.driverId);
     });
 });
