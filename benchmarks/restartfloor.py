@@ -1,6 +1,6 @@
 """How fast Ray alone brings back the actors of a lost node: the floor under a zone's node-loss time.
 
-    python -m benchmarks.restartfloor [--actors 3]
+    python -m benchmarks.restartfloor [--actors 3] [--preload]
 
 Starts a local cluster (a head and 3 worker nodes, the health checks of FAST_NODE_LOSS),
 places detached actors with max_restarts=-1 on one worker, kills that node as a lost
@@ -9,6 +9,11 @@ actor's new process ran its constructor, and when each answered a call again. Tw
 of actor: `bare` (no import beyond Ray) and `dispatcher` (imports the zone actor's
 modules, as a zone's process does before its constructor). A zone then still has to
 take its epoch and rebuild its shard and mirror from PostgreSQL.
+
+With --preload, every node's Python workers import the zone actor's modules before they
+accept work (Ray's `preload_python_modules`), and a raylet keeps the workers it prestarts
+at start-up (`num_prestart_python_workers` = its CPUs) idle: an actor restarted onto an
+idle preloaded worker skips both the process start and the imports.
 """
 
 from __future__ import annotations
@@ -43,12 +48,15 @@ class Probe:
         )
 
 
-def run(actors: int) -> dict[str, Any]:
+def run(actors: int, *, preload: bool = False) -> dict[str, Any]:
     # Imported here: an actor's process imports this module, and `bare` must stay bare.
     from dispatcher.actors.options import ZONE_RESOURCE
     from tests.support.raycluster import FAST_NODE_LOSS, LocalRayCluster
 
-    cluster = LocalRayCluster(system_config=FAST_NODE_LOSS)
+    config: dict[str, Any] = dict(FAST_NODE_LOSS)
+    if preload:
+        config["preload_python_modules"] = ["dispatcher.actors.zone"]
+    cluster = LocalRayCluster(system_config=config)
     try:
         workers = [cluster.add_worker() for _ in range(3)]
         victim = workers[0]
@@ -111,8 +119,13 @@ def main() -> None:
     parser.add_argument(
         "--actors", type=int, default=3, help="actors of each kind on the lost node"
     )
+    parser.add_argument(
+        "--preload",
+        action="store_true",
+        help="workers import the zone actor's modules before accepting work",
+    )
     args = parser.parse_args()
-    result = run(args.actors)
+    result = run(args.actors, preload=args.preload)
     dead = result["dead_s"]
     print(
         f"GCS declared the node dead: {'?' if dead is None else f'{dead:.2f}'} s after the kill"

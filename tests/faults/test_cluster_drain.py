@@ -181,7 +181,8 @@ async def test_zones_restarted_and_recreated_during_a_drain_never_land_on_the_dr
             print(done["stderr"])
         print(
             f"drain with kills: {len(drains)} drain(s), {listings} listings, {kills} zone "
-            f"processes killed, ingress retried {await zone_call_retries(stack.apis)} calls"
+            f"processes killed, ingress retried {await zone_call_retries(stack.apis)} calls, "
+            f"{stack.cluster.refused_starts()} starts refused on the closed node"
         )
         assert not landed, (
             f"zones started on the drained node after it closed: {landed}"

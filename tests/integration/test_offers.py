@@ -446,6 +446,85 @@ async def test_operators_see_open_offers_per_zone_and_offer_metrics(
     assert [z["openOffers"] for z in zones] == [0]
 
 
+def metric(text: str, sample: str) -> float:
+    """One sample's value in a Prometheus text page (the whole name with labels)."""
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{sample} not in /metrics")
+
+
+async def test_metrics_count_every_outcome_acceptance_time_and_give_ups_per_zone(
+    start_api: StartApi,
+    make_settings: Callable[..., ResolvedSettings],
+    pg_pool: asyncpg.Pool,
+    receiver: WebhookReceiver,
+) -> None:
+    """Two zones with an offer each (GET /zones counts them apart); one order is
+    accepted after a wait, the other declined, then expired, then given up."""
+    api = await offer_api(
+        start_api,
+        make_settings,
+        offer_mode="cascade",
+        offer_timeout_s=0.5,
+        offer_max_rounds=2,
+        search_radius_km=1.0,
+    )
+    far = offset(*BERLIN, 0.0, 40.0)
+    a1, a2 = await drivers_at(api, 0.1, 0.2)
+    b1 = await api.online_driver(*offset(*far, 0.1, 0.0), name="b1")
+    assert (await (await api.order("SO-ma", *BERLIN)).json())["dispatchStatus"] == (
+        "OFFERED"
+    )
+    assert (await (await api.order("SO-mb", *far)).json())["dispatchStatus"] == (
+        "OFFERED"
+    )
+    zone_a, zone_b = [
+        await pg_pool.fetchval(
+            "SELECT zone_id FROM dispatches WHERE seller_order_id = $1", order
+        )
+        for order in ("SO-ma", "SO-mb")
+    ]
+    assert zone_a != zone_b
+    zones = (await (await api.client.get("/zones", headers=api.admin)).json())["zones"]
+    assert {z["zoneId"]: z["openOffers"] for z in zones} == {zone_a: 1, zone_b: 1}
+
+    # b1 takes his time, then accepts.
+    (offer,) = await open_offers(api, b1)
+    waited = 0.3
+    await asyncio.sleep(waited)
+    assert (await answer(api, b1, offer["offerId"], "accept")).status == 200
+    # a1 declines; a2, offered next, lets his offer expire; two rounds spent: give-up.
+    (offer,) = await open_offers(api, a1)
+    assert (await answer(api, a1, offer["offerId"], "decline")).status == 200
+    await wait_for(lambda: _has_open_offer(api, a2))
+    await wait_for(lambda: _dispatch_is(pg_pool, "SO-ma", "UNASSIGNED"))
+    await receiver.wait_until(lambda: bool(receiver.of_type("delivery.unassigned")))
+
+    text = await (await api.client.get("/metrics")).text()
+    for outcome, n in (("accepted", 1), ("declined", 1), ("expired", 1)):
+        assert metric(text, f'dispatcher_offers_total{{outcome="{outcome}"}}') == n
+    assert metric(text, 'dispatcher_offers_total{outcome="withdrawn"}') == 0
+    assert metric(text, "dispatcher_offers_open") == 0
+    assert metric(text, "dispatcher_dispatches_given_up_total") == 1
+    assert metric(text, "dispatcher_offer_accept_seconds_count") == 1
+    # Offer to accept, as PostgreSQL timed it: at least the driver's wait.
+    assert metric(text, "dispatcher_offer_accept_seconds_sum") >= waited
+    zones = (await (await api.client.get("/zones", headers=api.admin)).json())["zones"]
+    assert {z["zoneId"]: z["openOffers"] for z in zones} == {zone_a: 0, zone_b: 0}
+
+
+async def _has_open_offer(api: Api, driver: Driver) -> bool:
+    return bool(await open_offers(api, driver))
+
+
+async def _dispatch_is(pg_pool: asyncpg.Pool, order: str, status: str) -> bool:
+    found = await pg_pool.fetchval(
+        "SELECT status FROM dispatches WHERE seller_order_id = $1", order
+    )
+    return bool(found == status)
+
+
 async def test_a_driver_going_offline_gives_back_his_offer_at_once(
     start_api: StartApi,
     make_settings: Callable[..., ResolvedSettings],

@@ -10,6 +10,7 @@ offline simulator can drive the same world with the same decision code.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dispatcher.offers.policy import (
@@ -83,9 +84,14 @@ class World:
     offers: dict[str, WOffer] = field(default_factory=dict)
     timers: dict[str, float] = field(default_factory=dict)
     zone_up: bool = True
+    # Set while a test interleaves commits between a zone's read and its write.
+    hold_wakeups: bool = False
     # (order, driver, how): how = accept | auto | forced
     bookings: list[tuple[str, str, str]] = field(default_factory=list)
     webhooks: list[tuple[str, str]] = field(default_factory=list)
+    # Each give-up as the row stood when it was written: (order, round, open offers,
+    # now, deadline), so a test can check that the policy called for it.
+    give_ups: list[tuple[str, int, int, float, float]] = field(default_factory=list)
     # driver -> order of its active delivery
     active: dict[str, str] = field(default_factory=dict)
     _ids: itertools.count[int] = field(default_factory=itertools.count)
@@ -172,12 +178,49 @@ class World:
                 if driver.missed >= MISSED_OFFLINE and driver.status == "AVAILABLE":
                     driver.status = "OFFLINE"
 
-    def _give_up(self, order: str, reason: str) -> None:
+    def _give_up(self, order: str) -> None:
+        """OfferStore.give_up: decided again on the (locked) row, as it stands now."""
+        step = next_step(self.rules, self.view(order), self.now)
+        if not isinstance(step, GiveUp):
+            return
         d = self.dispatches[order]
+        self.give_ups.append(
+            (order, d.round, len(self._open_offers(order)), self.now, d.deadline_at)
+        )
         for o in self._open_offers(order):
             self._close(o, "WITHDRAWN", "DISPATCH_ENDED")
         d.status = "UNASSIGNED"
-        self.webhooks.append((order, f"delivery.unassigned:{reason}"))
+        self.webhooks.append((order, f"delivery.unassigned:{step.reason}"))
+
+    def stale_zone_write(
+        self,
+        order: str,
+        first: Callable[[], object],
+        meanwhile: Callable[[], object],
+    ) -> None:
+        """`first` commits (an answer) and wakes the zone, which reads the dispatch and
+        decides; `meanwhile` commits before the zone's write (an answer, a cancel, a
+        redispatch); then the zone's write runs as the store runs it: an expiry closes
+        only offers still open and late, a round and a give-up are decided again on
+        the locked row. Wake-ups of `first` and `meanwhile` run after it."""
+        self.hold_wakeups = True
+        try:
+            first()
+            step = next_step(self.rules, self.view(order), self.now)
+            meanwhile()
+            if isinstance(step, Expire):
+                self._expire(step.offer_ids)
+            elif isinstance(step, GiveUp):
+                self._give_up(order)
+            elif isinstance(step, MakeRound):
+                again = next_step(self.rules, self.view(order), self.now)
+                if isinstance(again, MakeRound):
+                    self._round(order, again)
+        finally:
+            self.hold_wakeups = False
+        for other, d in list(self.dispatches.items()):
+            if d.status in ("PENDING", "OFFERED"):
+                self._wake_after(other)
 
     # ---- the zone: orders and wake-ups ------------------------------------------------------
 
@@ -222,7 +265,7 @@ class World:
             if isinstance(step, Expire):
                 self._expire(step.offer_ids)
             elif isinstance(step, GiveUp):
-                self._give_up(order, step.reason)
+                self._give_up(order)
             else:
                 choice = self._round(order, step)
                 if isinstance(choice, Nobody):
@@ -231,7 +274,7 @@ class World:
         raise AssertionError(f"dispatch {order} did not settle in 8 steps")
 
     def _wake_after(self, order: str) -> None:
-        if self.zone_up:
+        if self.zone_up and not self.hold_wakeups:
             self.advance(order)
 
     def backstop(self) -> None:
@@ -246,7 +289,7 @@ class World:
                 if isinstance(step, Expire):
                     self._expire(step.offer_ids)
                 elif isinstance(step, GiveUp):
-                    self._give_up(order, step.reason)
+                    self._give_up(order)
                     break
                 else:
                     break

@@ -115,5 +115,18 @@ class LocalRayCluster:
                     ).timestamp()
         return None
 
+    def refused_starts(self) -> int:
+        """Zone incarnations that refused to start on a node closed to zones (each
+        worker logs its constructor's error; all nodes of this cluster log in one place)."""
+        head: Any = self._cluster.head_node
+        count = 0
+        for path in Path(head.get_logs_dir_path()).glob("worker-*.err"):
+            with contextlib.suppress(OSError):
+                count += sum(
+                    line.startswith("dispatcher.actors.zone.NodeClosedError")
+                    for line in path.open(errors="replace")
+                )
+        return count
+
     def shutdown(self) -> None:
         self._cluster.shutdown()  # type: ignore[no-untyped-call]

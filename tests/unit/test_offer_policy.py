@@ -37,6 +37,7 @@ from tests.support.offers_world import (
 )
 
 DRIVERS = [f"d{n}" for n in range(6)]
+OPEN = ("PENDING", "OFFERED")
 ORDERS = [f"o{n}" for n in range(5)]
 
 
@@ -128,6 +129,52 @@ class OfferMachine(RuleBasedStateMachine):
         orders = sorted(self.world.dispatches)
         self.world.redispatch(orders[pick % len(orders)])
 
+    @precondition(lambda self: self.world.zone_up and bool(self.world.dispatches))
+    @rule(
+        pick=st.integers(0, 100),
+        first=st.sampled_from(["decline", "accept", "nothing"]),
+        meanwhile=st.sampled_from(
+            ["redispatch", "accept", "decline", "cancel", "force", "retry", "clock"]
+        ),
+    )
+    def stale_zone_write(self, pick: int, first: str, meanwhile: str) -> None:
+        """An answer wakes the zone, which decides on its read; something else commits
+        before the zone's write (the give-up that ended a redispatched attempt)."""
+        w = self.world
+        # Mostly a dispatch still open: that is where a zone decides.
+        live = sorted(o for o, d in w.dispatches.items() if d.status in OPEN)
+        orders = live if live and pick % 4 else sorted(w.dispatches)
+        order = orders[pick % len(orders)]
+        driver = DRIVERS[pick % len(DRIVERS)]
+
+        def answer(verb: str) -> None:
+            offers = [
+                o for o in w.offers.values() if o.order == order and o.status == "OPEN"
+            ]
+            if offers:
+                offer = offers[pick % len(offers)]
+                if verb == "accept":
+                    w.accept(offer.driver_id, offer.offer_id)
+                elif verb == "decline":
+                    w.decline(offer.driver_id, offer.offer_id)
+
+        def interleaved() -> None:
+            if meanwhile == "redispatch":
+                w.redispatch(order)
+            elif meanwhile == "cancel":
+                w.cancel(order)
+            elif meanwhile == "force":
+                w.force_assign(order, driver)
+            elif meanwhile == "retry":
+                w.order(order, w.reach.get(order, {}))
+            elif meanwhile == "clock":
+                # Time passes between the read and the write (a slow transaction).
+                w.now += 3.0
+            else:
+                answer(meanwhile)
+
+        w.stale_zone_write(order, lambda: answer(first), interleaved)
+
     @precondition(lambda self: self.world.zone_up)
     @rule()
     def crash(self) -> None:
@@ -200,6 +247,14 @@ class OfferMachine(RuleBasedStateMachine):
                     + BACKSTOP_INTERVAL_S
                 )
             assert w.now <= bound, (d, w.now, bound)
+
+    @invariant()
+    def every_give_up_was_called_for(self) -> None:
+        """Nothing open, and the rounds or the time spent, on the row as it stood when
+        the give-up was written (not on an earlier read)."""
+        for order, round_, open_offers, now, deadline in self.world.give_ups:
+            assert open_offers == 0, order
+            assert round_ >= self.world.rules.max_rounds or now >= deadline, order
 
     @invariant()
     def rounds_and_offers_within_the_rules(self) -> None:
@@ -301,3 +356,23 @@ def test_mode_defaults(mode: str, timeout: float, rounds: int) -> None:
         2.0,
     )
     assert rules.offers_per_round == (1 if mode == "cascade" else 5)
+
+
+def test_a_give_up_read_before_a_redispatch_leaves_the_new_attempt_be() -> None:
+    """The interleaving the state machine reaches only now and then: the last offer is
+    declined, the zone reads "give up", an operator redispatches, the zone writes."""
+    world = World(
+        OfferRules.of("cascade", timeout_s=20, max_rounds=1, deadline_s=120),
+        {"d0": WDriver("d0")},
+    )
+    assert world.order("o0", {"d0": 1.0}) == "awaiting"
+    (offer,) = world.offers.values()
+    world.stale_zone_write(
+        "o0",
+        lambda: world.decline("d0", offer.offer_id),
+        lambda: world.redispatch("o0"),
+    )
+    d = world.dispatches["o0"]
+    assert (d.attempt, d.status) == (2, "OFFERED")
+    assert world.give_ups == []
+    assert [kind for _, kind in world.webhooks] == []
