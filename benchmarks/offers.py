@@ -47,7 +47,7 @@ HTTP = aiohttp.ClientTimeout(total=60)
 
 
 def plan_offers_steps() -> int:
-    return 2 + 2 * len(MODES)
+    return 3 + 2 * len(MODES)
 
 
 class _AcceptAfterDelay:

@@ -71,3 +71,48 @@ async def test_simulate_with_embedded_defaults_plays_and_summarises(
     assert (tmp_path / "simulator" / "secrets.json").exists()
     assert (tmp_path / "simulator" / "postgres").is_dir()
     assert "delivery.assigned" in text
+
+
+@pytest.mark.timeout(RUN_WITHIN_S + 60)
+async def test_simulate_starts_its_service_in_the_offer_mode_asked_for(
+    tmp_path: Path,
+) -> None:
+    # --offer-mode cascade sets the started service's DISPATCHER_OFFER_MODE: drivers are
+    # offered jobs on their event streams and accept them.
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "dispatcher.cli",
+        "simulate",
+        "--scenario",
+        "synthetic",
+        "--minutes",
+        "0.33",
+        "--speed",
+        "10",
+        "--drivers",
+        "12",
+        "--offer-mode",
+        "cascade",
+        env=clean_env(tmp_path),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), RUN_WITHIN_S)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    text, log = out.decode(), err.decode()
+    assert proc.returncode == 0, log[-3000:]
+    assert "synthetic (live, cascade mode, seed 1)" in text, text
+    events = next(
+        line for line in text.splitlines() if line.startswith("driver events received")
+    )
+    assert "offer.created" in events, text
+    answers = next(
+        line for line in text.splitlines() if line.startswith("offer answers")
+    )
+    assert "accepted" in answers, text
+    assert "unexpected answers" not in text, text

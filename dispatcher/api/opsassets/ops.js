@@ -111,7 +111,7 @@
         zones.set(zone.zoneId, polygon);
       }
       polygon.unbindTooltip();
-      polygon.bindTooltip(escapeText(zone.zoneId + ": " + zone.drivers + " drivers"), {
+      polygon.bindTooltip(escapeText(zone.zoneId + ": " + zone.drivers + (zone.drivers === 1 ? " driver" : " drivers")), {
         sticky: true,
       });
     }
@@ -177,17 +177,19 @@
     fitted = true;
   }
 
+  // One list row: the order id (and a countdown) on top, what the operator needs below.
   function item(id, meta, extra) {
     const li = document.createElement("li");
     const name = document.createElement("span");
     name.className = "id";
     name.textContent = id;
     name.title = id;
-    const right = document.createElement("span");
-    right.className = "meta";
-    right.textContent = meta;
-    li.append(name, right);
-    if (extra) right.append(" ", extra);
+    const below = document.createElement("span");
+    below.className = "meta";
+    below.textContent = meta;
+    li.append(name);
+    if (extra) li.append(extra);
+    li.append(below);
     return li;
   }
 
