@@ -20,7 +20,6 @@ API_SEED_MAX = 2000
 SEED_CONCURRENCY = 16
 # Batched location requests in flight at once while locating a fleet.
 LOCATE_CONCURRENCY = 4
-SEED_TIMEOUT = aiohttp.ClientTimeout(total=120)
 
 
 class SeedError(RuntimeError):

@@ -161,7 +161,7 @@ async def _run_ingress(settings: ResolvedSettings, owns_ray: bool) -> int:
         dispatcher = app[DISPATCHER]
         # Acknowledged pings are written while their zones are still up.
         await dispatcher.settle_pings()
-        await dispatcher.zones.shutdown_all(sorted(dispatcher.router.known))
+        await dispatcher.shutdown_zones()
     await runner.cleanup()
     return 0
 

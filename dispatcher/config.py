@@ -14,6 +14,9 @@ from dispatcher.offers.policy import (
     OfferRules,
 )
 
+# A stuck or unreachable PostgreSQL must fail a call, not hang it (nor hold the caller's
+# transaction and its row locks): the default of every statement's timeout.
+DEFAULT_PG_TIMEOUT_S = 5.0
 # Vendure's retry window is days, the Standard Webhooks example schedule spans about
 # three of them: immediately, 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 14 h, 20 h, 24 h.
 DEFAULT_WEBHOOK_SCHEDULE_S: tuple[float, ...] = (
@@ -71,7 +74,7 @@ class Settings(BaseSettings):
     ping_flush_interval_ms: float = Field(default=50.0, ge=0)
     ping_batch_max: int = Field(default=500, ge=1)
     redis_timeout_s: float = Field(default=0.25, gt=0)
-    pg_timeout_s: float = Field(default=5.0, gt=0)
+    pg_timeout_s: float = Field(default=DEFAULT_PG_TIMEOUT_S, gt=0)
     pg_pool_max: int = Field(default=8, ge=1)
     actor_call_timeout_s: float = Field(default=10.0, gt=0)
     webhook_timeout_s: float = Field(default=10.0, gt=0)

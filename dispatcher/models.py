@@ -17,6 +17,7 @@ from pydantic import (
 from pydantic.alias_generators import to_camel
 
 from dispatcher.geo import MAX_LATITUDE
+from dispatcher.rules import Assignment
 
 MAX_BATCH_PINGS = 1000
 
@@ -283,6 +284,22 @@ class UnassignedResponse(ResponseModel):
     assigned: Literal[False] = False
     seller_order_id: str
     reason: Literal["NO_DRIVER_AVAILABLE"] = "NO_DRIVER_AVAILABLE"
+
+
+def assigned_body(assignment: Assignment) -> str:
+    """The answer to an order that booked a driver; stored, so replays send these bytes."""
+    return AssignedResponse(
+        seller_order_id=assignment.seller_order_id,
+        driver_id=assignment.driver_id,
+        assignment_id=assignment.assignment_id,
+        distance_km=assignment.distance_km,
+        zone_id=assignment.zone_id,
+    ).model_dump_json()
+
+
+def unassigned_body(seller_order_id: str) -> str:
+    """The answer to an order no driver could take."""
+    return UnassignedResponse(seller_order_id=seller_order_id).model_dump_json()
 
 
 class Point(ResponseModel):

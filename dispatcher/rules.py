@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -73,6 +74,21 @@ def judge_fix(last: LastFix | None, ping: Ping, max_speed_kmh: float) -> PingVer
         if jump > max(SPEED_CHECK_MIN_KM, max_speed_kmh * hours):
             return PingVerdict.TOO_FAST
     return PingVerdict.ACCEPTED
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    """A driver booked for an order: what its first answer (and every replay) says."""
+
+    seller_order_id: str
+    driver_id: str
+    assignment_id: str
+    distance_km: float
+    zone_id: str
+
+
+def new_assignment_id() -> str:
+    return "asg_" + uuid.uuid4().hex[:20]
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 
 from dispatcher.embedded import EmbeddedPostgres, EmbeddedRedis
 from dispatcher.store.migrate import migrate_dsn
+from tests.support import ALL_TABLES
 
 # Ray, the ingress and the webhook receiver, shared by tests/integration and tests/faults.
 pytest_plugins = ["tests.support.fixtures"]
@@ -22,12 +23,8 @@ pytest_plugins = ["tests.support.fixtures"]
 PG_URL_ENV = "DISPATCHER_TEST_DATABASE_URL"
 REDIS_URL_ENV = "DISPATCHER_TEST_REDIS_URL"
 TEST_DATABASE = "dispatcher_test"
-TABLES = (
-    "zones, drivers, deliveries, delivery_history, webhook_outbox, webhook_endpoints, "
-    "driver_events, driver_event_seq, inbound_webhooks, dispatches, offers"
-)
 # RESTART IDENTITY keeps bigserial ids independent of which tests ran before.
-TRUNCATE_SQL = f"TRUNCATE {TABLES} RESTART IDENTITY CASCADE"
+TRUNCATE_SQL = f"TRUNCATE {', '.join(ALL_TABLES)} RESTART IDENTITY CASCADE"
 # A test that leaks a checked-out connection must not hang the whole session.
 TEARDOWN_TIMEOUT_S = 10.0
 CONNECT_TIMEOUT_S = 10.0

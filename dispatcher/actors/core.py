@@ -21,7 +21,7 @@ from dispatcher.messages import (
     PingVerdict,
     ZoneStats,
 )
-from dispatcher.models import UnassignedResponse
+from dispatcher.models import assigned_body, unassigned_body
 from dispatcher.rules import is_dispatchable, replay, search_steps
 from dispatcher.store.deliveries import (
     Booking,
@@ -268,6 +268,7 @@ class ZoneCore:
             epoch=self.epoch,
             radius_km=self.settings.search_radius_km,
             heartbeat_ttl_s=self.settings.heartbeat_ttl_s,
+            render=assigned_body,
         )
         results: list[AssignResult] = []
         for req, (booking, from_mirror) in zip(reqs, booked, strict=True):
@@ -328,8 +329,9 @@ class ZoneCore:
         # first attempt): that answer wins.
         if await self.deliveries.existing(req.seller_order_id) is not None:
             return await self._replay(req)
-        body = UnassignedResponse(seller_order_id=req.seller_order_id).model_dump_json()
-        return AssignResult("unassigned", body, "postgres")
+        return AssignResult(
+            "unassigned", unassigned_body(req.seller_order_id), "postgres"
+        )
 
     async def _replay(self, req: AssignRequest) -> AssignResult:
         existing = await self.deliveries.existing(req.seller_order_id)
@@ -381,6 +383,7 @@ class ZoneCore:
                     candidates=candidates,
                     radius_km=self.settings.search_radius_km,
                     heartbeat_ttl_s=self.settings.heartbeat_ttl_s,
+                    render=assigned_body,
                     exclude=taken,
                 )
             except DriverTakenError as exc:

@@ -74,11 +74,11 @@ async def authenticate(request: web.Request, *, check_active: bool = True) -> Pr
     token = _bearer(request)
     if _is_admin(request, token):
         return Principal(None)
-    drivers = request.app[DISPATCHER].drivers
-    driver_id = await drivers.token_owner(token)
+    dispatcher = request.app[DISPATCHER]
+    driver_id = await dispatcher.token_owner(token)
     if driver_id is None:
         raise UnauthorizedError("unknown token")
-    if check_active and not await drivers.is_active(driver_id):
+    if check_active and not await dispatcher.driver_is_active(driver_id):
         raise ForbiddenError(f"driver {driver_id} is deactivated")
     return Principal(driver_id)
 

@@ -103,7 +103,7 @@ async def _header_principal(request: web.Request, driver_id: str) -> Principal |
     principal = await require_driver(request, driver_id)
     if (
         principal.is_operator
-        and await request.app[DISPATCHER].drivers.get(driver_id) is None
+        and await request.app[DISPATCHER].get_driver(driver_id) is None
     ):
         raise NotFoundError(f"no driver {driver_id!r}")
     return principal
@@ -134,13 +134,17 @@ async def _message_auth(
     )
     if not isinstance(token, str) or not token:
         return CLOSE_UNAUTHENTICATED
-    settings, drivers = request.app[SETTINGS], request.app[DISPATCHER].drivers
+    settings, dispatcher = request.app[SETTINGS], request.app[DISPATCHER]
     if hmac.compare_digest(token.encode(), settings.admin_token.encode()):
-        return None if await drivers.get(driver_id) is not None else CLOSE_FORBIDDEN
-    owner = await drivers.token_owner(token)
+        return (
+            None
+            if await dispatcher.get_driver(driver_id) is not None
+            else CLOSE_FORBIDDEN
+        )
+    owner = await dispatcher.token_owner(token)
     if owner is None:
         return CLOSE_UNAUTHENTICATED
-    if owner != driver_id or not await drivers.is_active(owner):
+    if owner != driver_id or not await dispatcher.driver_is_active(owner):
         return CLOSE_FORBIDDEN
     return None
 

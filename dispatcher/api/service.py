@@ -7,6 +7,8 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import asyncpg
+
 from dispatcher.api.orderbatcher import OrderBatcher
 from dispatcher.api.pingbuffer import PingBuffer
 from dispatcher.api.pinggate import PingGate
@@ -14,13 +16,20 @@ from dispatcher.api.zoneclient import ZoneDirectory
 from dispatcher.api.zonerouter import ZoneRouter
 from dispatcher.config import ResolvedSettings
 from dispatcher.errors import DatabaseUnavailableError, DispatchError
-from dispatcher.messages import AssignRequest, AssignResult, Ping, PingVerdict
-from dispatcher.models import UnassignedResponse
+from dispatcher.messages import (
+    AssignRequest,
+    AssignResult,
+    Ping,
+    PingVerdict,
+    ZoneStats,
+)
+from dispatcher.models import unassigned_body
 from dispatcher.rules import replay
+from dispatcher.store import outbox
 from dispatcher.store.deliveries import DeliveryStore
 from dispatcher.store.drivers import DriverRecord, DriverStore
 from dispatcher.store.offers import OfferStore
-from dispatcher.store.pg import known_zones, outbox_pending, ping_database
+from dispatcher.store.pg import known_zones, ping_database
 
 log = logging.getLogger(__name__)
 
@@ -114,10 +123,46 @@ class Dispatcher:
         return await known_zones(self.deliveries.pool)
 
     async def outbox_pending(self) -> int:
-        return await outbox_pending(self.deliveries.pool)
+        return await outbox.pending(self.deliveries.pool)
 
     async def open_offer_counts(self) -> dict[str, int]:
         return await self.offer_store.open_offer_counts()
+
+    async def shutdown_zones(self) -> None:
+        """End the zone actors this ingress knows (a single-process `serve` owns them)."""
+        await self.zones.shutdown_all(sorted(self.router.known))
+
+    async def zone_stats(self, zone_id: str) -> ZoneStats:
+        return await self.zones.stats(zone_id)
+
+    # ---- reads and driver admin: the handlers' one way to the stores ------------------
+
+    async def get_delivery(
+        self, seller_order_id: str
+    ) -> tuple[asyncpg.Record, list[asyncpg.Record]] | None:
+        """The delivery row and its history, or None."""
+        return await self.deliveries.get(seller_order_id)
+
+    async def get_driver(self, driver_id: str) -> DriverRecord | None:
+        return await self.drivers.get(driver_id)
+
+    async def list_drivers(
+        self, status: str | None, zone_id: str | None, limit: int
+    ) -> list[DriverRecord]:
+        return await self.drivers.list_drivers(status, zone_id, limit)
+
+    async def create_driver(
+        self, name: str, phone: str | None, vehicle_type: str | None
+    ) -> tuple[DriverRecord, str]:
+        """The new driver (OFFLINE, active) and its token, shown this once."""
+        return await self.drivers.create(name, phone, vehicle_type)
+
+    async def token_owner(self, token: str) -> str | None:
+        """The driver a bearer token names, or None."""
+        return await self.drivers.token_owner(token)
+
+    async def driver_is_active(self, driver_id: str) -> bool:
+        return await self.drivers.is_active(driver_id)
 
     # ---- orders -----------------------------------------------------------------------
 
@@ -132,10 +177,9 @@ class Dispatcher:
             existing = await self.deliveries.existing(req.seller_order_id)
             if existing is not None:
                 return replay(req, existing)
-            body = UnassignedResponse(
-                seller_order_id=req.seller_order_id
-            ).model_dump_json()
-            return AssignResult("unassigned", body, "none")
+            return AssignResult(
+                "unassigned", unassigned_body(req.seller_order_id), "none"
+            )
         return await self.orders.assign(zone, req)
 
     async def step(

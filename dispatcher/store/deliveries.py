@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,8 +11,7 @@ import asyncpg
 from dispatcher.errors import ConflictError, NotFoundError, StaleEpochError
 from dispatcher.geo import bounding_box, round_km
 from dispatcher.messages import AssignRequest
-from dispatcher.models import AssignedResponse
-from dispatcher.rules import ExistingOrder
+from dispatcher.rules import Assignment, ExistingOrder, new_assignment_id
 from dispatcher.store.driver_events import append_driver_event
 from dispatcher.store.outbox import NOTIFY_CHANNEL, enqueue, insert_sql, new_row
 from dispatcher.store.pg import connection, haversine_sql
@@ -107,11 +105,21 @@ SELECT pg_notify($15, '') FROM outbox
 """
 
 
+# The caller's rendering of the first answer: stored with the booking, so every
+# replay sends the same bytes (the store itself knows no HTTP).
+RenderAnswer = Callable[[Assignment], str]
+
+
 @dataclass(frozen=True, slots=True)
 class Booking:
-    driver_id: str
+    assignment: Assignment
     driver_zone_id: str | None
+    # The first answer as `render` made it and the booking stored it.
     body: str
+
+    @property
+    def driver_id(self) -> str:
+        return self.assignment.driver_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +137,7 @@ class _PickRule:
     epoch: int
     radius_km: float
     heartbeat_ttl_s: float
+    render: RenderAnswer
 
 
 class OrderExistsError(Exception):
@@ -172,6 +181,7 @@ class DeliveryStore:
         candidates: Sequence[str] | None,
         radius_km: float,
         heartbeat_ttl_s: float,
+        render: RenderAnswer,
         exclude: Sequence[str] = (),
     ) -> Booking | None:
         """Book the nearest dispatchable driver, among `candidates` if given.
@@ -180,7 +190,7 @@ class DeliveryStore:
         mark it BUSY; insert the delivery, its history and the `delivery.assigned`
         outbox row. The unique indexes on deliveries are the final gate.
         """
-        rule = _PickRule(zone_id, epoch, radius_km, heartbeat_ttl_s)
+        rule = _PickRule(zone_id, epoch, radius_km, heartbeat_ttl_s, render)
         async with connection(self.pool) as conn, conn.transaction():
             return await self._book_on(conn, req, rule, candidates, exclude)
 
@@ -192,6 +202,7 @@ class DeliveryStore:
         epoch: int,
         radius_km: float,
         heartbeat_ttl_s: float,
+        render: RenderAnswer,
     ) -> list[tuple[Booking | None, bool]]:
         """Book several orders in ONE transaction: one commit (one WAL flush) for all.
 
@@ -201,7 +212,7 @@ class DeliveryStore:
         candidates. Raises OrderExistsError or DriverTakenError with everything rolled
         back: the caller then books the orders one by one, each with its own answer.
         """
-        rule = _PickRule(zone_id, epoch, radius_km, heartbeat_ttl_s)
+        rule = _PickRule(zone_id, epoch, radius_km, heartbeat_ttl_s, render)
         results: list[tuple[Booking | None, bool]] = []
         async with connection(self.pool) as conn, conn.transaction():
             for req, candidates in orders:
@@ -247,15 +258,12 @@ class DeliveryStore:
         if pick["id"] is None:
             return None
         driver_id: str = pick["id"]
-        assignment_id = "asg_" + uuid.uuid4().hex[:20]
+        assignment_id = new_assignment_id()
         distance_km = round_km(pick["distance_km"])
-        body = AssignedResponse(
-            seller_order_id=req.seller_order_id,
-            driver_id=driver_id,
-            assignment_id=assignment_id,
-            distance_km=distance_km,
-            zone_id=rule.zone_id,
-        ).model_dump_json()
+        assignment = Assignment(
+            req.seller_order_id, driver_id, assignment_id, distance_km, rule.zone_id
+        )
+        body = rule.render(assignment)
         event = new_row(
             "delivery.assigned",
             req.seller_order_id,
@@ -302,7 +310,7 @@ class DeliveryStore:
                 "distanceKm": distance_km,
             },
         )
-        return Booking(driver_id=driver_id, driver_zone_id=pick["zone_id"], body=body)
+        return Booking(assignment, driver_zone_id=pick["zone_id"], body=body)
 
     async def step(
         self, seller_order_id: str, step: str, *, reason: str | None = None

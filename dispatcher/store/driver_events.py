@@ -10,6 +10,7 @@ from typing import Final
 
 import asyncpg
 
+from dispatcher.config import DEFAULT_PG_TIMEOUT_S
 from dispatcher.store.outbox import Conn
 from dispatcher.store.pg import connection
 
@@ -33,7 +34,6 @@ EVENTS_CHANNEL: Final = "dispatcher_driver_events"
 # Payload "<driverId> <generation>": a socket for the driver opened somewhere; every
 # replica closes its older socket for that driver.
 SOCKETS_CHANNEL: Final = "dispatcher_driver_sockets"
-DEFAULT_PG_TIMEOUT_S: Final = 5.0
 
 # One round trip: take the next seq (the counter row's lock serialises the writers of
 # one driver, and a rollback gives the number back: no gaps), insert the row, and queue

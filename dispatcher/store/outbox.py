@@ -12,6 +12,9 @@ from typing import Final, TypeAlias
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
+from dispatcher.config import DEFAULT_PG_TIMEOUT_S
+from dispatcher.store.pg import connection
+
 # What callers hold inside a transaction: a bare connection or one acquired from a pool.
 Conn: TypeAlias = asyncpg.Connection | PoolConnectionProxy
 
@@ -26,9 +29,6 @@ EVENT_TYPES: Final[tuple[str, ...]] = (
 )
 # Senders LISTEN here; the notification is delivered only when the caller commits.
 NOTIFY_CHANNEL: Final = "dispatcher_outbox"
-# Same as Settings.pg_timeout_s's default: a stuck statement must not hold the caller's
-# transaction (and its row locks) forever.
-DEFAULT_PG_TIMEOUT_S: Final = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +54,11 @@ def insert_sql(first: int) -> str:
         f" VALUES ({values}) RETURNING id"
     )
 
+
+# Events still to send: neither delivered nor given up on.
+PENDING_SQL: Final = """
+SELECT count(*) FROM webhook_outbox WHERE delivered_at IS NULL AND failed_at IS NULL
+"""
 
 # One round trip: the insert and the wake-up ride the same statement.
 _ENQUEUE_SQL: Final = f"""
@@ -108,3 +113,10 @@ async def enqueue(
         _ENQUEUE_SQL, *row.params(), NOTIFY_CHANNEL, timeout=pg_timeout_s
     )
     return row.webhook_id
+
+
+async def pending(pool: asyncpg.Pool) -> int:
+    """How many events wait to be sent (`/ready`, the metrics)."""
+    async with connection(pool) as conn:
+        count: int = await conn.fetchval(PENDING_SQL)
+    return count

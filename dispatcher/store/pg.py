@@ -155,11 +155,3 @@ async def ping_database(pool: asyncpg.Pool) -> bool:
     except DOWN_ERRORS:
         return False
     return True
-
-
-async def outbox_pending(pool: asyncpg.Pool) -> int:
-    async with connection(pool) as conn:
-        count: int = await conn.fetchval(
-            "SELECT count(*) FROM webhook_outbox WHERE delivered_at IS NULL AND failed_at IS NULL"
-        )
-    return count

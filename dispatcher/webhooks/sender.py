@@ -21,14 +21,13 @@ from yarl import URL
 
 from dispatcher import __version__
 from dispatcher.backoff import Backoff
+from dispatcher.config import DEFAULT_PG_TIMEOUT_S
 from dispatcher.store.listen import Listener
-from dispatcher.store.outbox import NOTIFY_CHANNEL
+from dispatcher.store.outbox import NOTIFY_CHANNEL, PENDING_SQL
 from dispatcher.webhooks import signing
 
 logger = logging.getLogger(__name__)
 
-# Same as Settings.pg_timeout_s's default: an unreachable PostgreSQL must fail a call, not hang it.
-DEFAULT_PG_TIMEOUT_S: Final = 5.0
 # Slack on top of the sending time a lease covers: the claim's own round trip and the
 # scheduling delays around it, so a lease never runs out while its holder may still send.
 LEASE_MARGIN_S: Final = 5.0
@@ -97,9 +96,6 @@ WHERE id = $1 AND next_attempt_at = $2 AND delivered_at IS NULL AND failed_at IS
 _RELEASE_SQL: Final = """
 UPDATE webhook_outbox SET next_attempt_at = now()
 WHERE id = $1 AND next_attempt_at = $2 AND delivered_at IS NULL AND failed_at IS NULL
-"""
-_PENDING_SQL: Final = """
-SELECT count(*) FROM webhook_outbox WHERE delivered_at IS NULL AND failed_at IS NULL
 """
 _DISABLED_SQL: Final = """
 SELECT EXISTS (
@@ -219,7 +215,7 @@ class WebhookSender:
 
     async def pending_count(self) -> int:
         """Events neither delivered nor given up on."""
-        return int(await self._fetchval(_PENDING_SQL))
+        return int(await self._fetchval(PENDING_SQL))
 
     async def endpoint_disabled(self) -> bool:
         """Whether the configured URL answered 410 and is disabled."""

@@ -20,13 +20,12 @@ from dispatcher.config import ResolvedSettings
 from dispatcher.geo import haversine_km
 from dispatcher.store import keys
 from dispatcher.zoning import Zoning
-from tests.support import BERLIN, Api, Driver, as_text, offset
+from tests.support import BERLIN, PROBLEM_JSON, Api, Driver, as_text, offset
 from tests.support.faults import GEO_TOLERANCE_KM, background, read_answer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 Point = tuple[float, float]
-PROBLEM_JSON = "application/problem+json"
 
 
 async def registered(api: Api, n: int, prefix: str) -> list[Driver]:

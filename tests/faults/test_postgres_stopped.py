@@ -23,7 +23,15 @@ from dispatcher.api.service import SETTLE_TIMEOUT_S
 from dispatcher.config import ResolvedSettings
 from dispatcher.geo import haversine_km
 from tests.faults.conftest import OwnServers
-from tests.support import BERLIN, WAIT_CEILING_S, Api, Driver, WebhookReceiver, offset
+from tests.support import (
+    BERLIN,
+    PROBLEM_JSON,
+    WAIT_CEILING_S,
+    Api,
+    Driver,
+    WebhookReceiver,
+    offset,
+)
 from tests.support.faults import (
     GEO_TOLERANCE_KM,
     assert_booking_invariants,
@@ -42,7 +50,6 @@ NEW_ORDERS = 8
 OUTAGE_S = 3.0
 # What "bounded" means here: a careful client's own timeout is longer than this.
 BOUND_S = 10.0
-PROBLEM_JSON = "application/problem+json"
 
 
 @dataclass(frozen=True)

@@ -13,17 +13,7 @@ import asyncpg
 from aiohttp import ClientResponse
 from redis.asyncio import Redis
 
-from tests.support import WebhookReceiver
-
-TABLES = (
-    "zones",
-    "drivers",
-    "deliveries",
-    "delivery_history",
-    "webhook_outbox",
-    "webhook_endpoints",
-)
-PROBLEM_JSON = "application/problem+json"
+from tests.support import CORE_TABLES, PROBLEM_JSON, WebhookReceiver
 
 
 @dataclass(frozen=True)
@@ -36,7 +26,7 @@ class State:
     def diff(self, other: State) -> list[str]:
         changed = [
             f"table {t}: {self.rows[t]!r:.300} -> {other.rows[t]!r:.300}"
-            for t in TABLES
+            for t in CORE_TABLES
             if self.rows[t] != other.rows[t]
         ]
         keys = set(self.redis) | set(other.redis)
@@ -65,7 +55,7 @@ async def _redis_value(redis: Redis, key: bytes) -> Any:
 async def snapshot(pool: asyncpg.Pool, redis: Redis) -> State:
     rows: dict[str, list[tuple[Any, ...]]] = {}
     async with pool.acquire() as conn:
-        for table in TABLES:
+        for table in CORE_TABLES:
             records = await conn.fetch(f"SELECT * FROM {table}")
             rows[table] = sorted((tuple(r.values()) for r in records), key=repr)
     content: dict[str, Any] = {}

@@ -30,6 +30,7 @@ from dispatcher.models import (
     UpdateDriver,
 )
 from dispatcher.zoning import Zoning
+from tests.support import destination
 
 # About two minutes of generated examples in all: with the fault suite, behind `slow`.
 pytestmark = pytest.mark.slow
@@ -274,23 +275,6 @@ def test_operator_bodies_round_trip_or_refuse_control_characters(
 
 
 # ---- geo maths ---------------------------------------------------------------------------------
-
-
-def destination(
-    lat: float, lon: float, bearing_deg: float, km: float
-) -> tuple[float, float]:
-    """The point `km` away on a great circle; the longitude is not wrapped."""
-    phi1, lmb1, theta = math.radians(lat), math.radians(lon), math.radians(bearing_deg)
-    delta = km / EARTH_RADIUS_KM
-    phi2 = math.asin(
-        math.sin(phi1) * math.cos(delta)
-        + math.cos(phi1) * math.sin(delta) * math.cos(theta)
-    )
-    lmb2 = lmb1 + math.atan2(
-        math.sin(theta) * math.sin(delta) * math.cos(phi1),
-        math.cos(delta) - math.sin(phi1) * math.sin(phi2),
-    )
-    return math.degrees(phi2), math.degrees(lmb2)
 
 
 any_lat = st.floats(min_value=-90.0, max_value=90.0)

@@ -15,6 +15,7 @@ from dispatcher.api.driver_stream import AUTH_TIMEOUT_S
 from dispatcher.api.keys import EVENT_HUB
 from dispatcher.config import ResolvedSettings
 from dispatcher.messages import AssignRequest
+from dispatcher.models import assigned_body
 from dispatcher.store.deliveries import DeliveryStore, OrderExistsError
 from dispatcher.store.driver_events import append_driver_event
 from tests.support import BERLIN, Api, offset, problem, validation_problem
@@ -263,6 +264,7 @@ async def test_a_rolled_back_booking_writes_no_event(
             zone_id=zone,
             epoch=epoch,
             radius_km=5.0,
+            render=assigned_body,
             heartbeat_ttl_s=600.0,
         )
     assert (

@@ -26,17 +26,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from dispatcher.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedServerError
 from dispatcher.store.migrate import load_migrations, migrate, migrate_dsn
+from tests.support import CORE_TABLES
 
 pytestmark = pytest.mark.integration
-
-TABLES = (
-    "zones",
-    "drivers",
-    "deliveries",
-    "delivery_history",
-    "webhook_outbox",
-    "webhook_endpoints",
-)
 
 
 async def _fetchval(dsn: str, sql: str) -> Any:
@@ -226,7 +218,7 @@ async def test_concurrent_migrations_apply_each_file_once(fresh_dsn: str) -> Non
             "SELECT name, count(*) AS n FROM schema_migrations GROUP BY name ORDER BY name"
         )
         assert [(row["name"], row["n"]) for row in rows] == [(n, 1) for n in names]
-        for table in TABLES:
+        for table in CORE_TABLES:
             assert (
                 await conns[0].fetchval("SELECT to_regclass($1)::text", table) == table
             )

@@ -20,11 +20,10 @@ from dispatcher.api.body import MAX_BATCH_BODY_BYTES, MAX_BODY_BYTES
 from dispatcher.config import ResolvedSettings
 from dispatcher.models import MAX_BATCH_PINGS
 from tests.rawhttp import RawAnswer, exchange
-from tests.support import BERLIN, Api, Driver, offset
+from tests.support import BERLIN, PROBLEM_JSON, Api, Driver, offset
 
 pytestmark = pytest.mark.integration
 
-PROBLEM_JSON = "application/problem+json"
 # Short on purpose, so the slow-client tests end quickly; the ceilings below are 10x.
 SLOW = {
     "http_head_timeout_s": 1.0,

@@ -15,7 +15,7 @@ from yarl import URL
 
 from dispatcher.api.app import ROUTES
 from tests.fuzz.state import assert_unchanged, problem, settled, snapshot
-from tests.support import BERLIN, Api, Driver, WebhookReceiver, offset
+from tests.support import BERLIN, VALID_BODIES, Api, Driver, WebhookReceiver, offset
 
 pytestmark = pytest.mark.integration
 
@@ -23,23 +23,7 @@ MAX_BODY = 64 * 1024
 READY = "/events/seller-order-ready"
 CANCELLED = "/events/seller-order-cancelled"
 # A valid body for each route with a path id, so that only the id is hostile.
-BODY_FOR: dict[tuple[str, str], dict[str, Any] | None] = {
-    ("GET", "/drivers/{driverId}"): None,
-    ("GET", "/drivers/{driverId}/events"): None,
-    ("PATCH", "/drivers/{driverId}"): {"isActive": False},
-    ("PATCH", "/drivers/{driverId}/location"): {"lat": BERLIN[0], "lon": BERLIN[1]},
-    ("PATCH", "/drivers/{driverId}/status"): {"status": "OFFLINE"},
-    ("GET", "/deliveries/{sellerOrderId}"): None,
-    ("POST", "/deliveries/{sellerOrderId}/picked-up"): None,
-    ("POST", "/deliveries/{sellerOrderId}/delivered"): None,
-    ("POST", "/deliveries/{sellerOrderId}/failed"): {"reason": "shop closed"},
-    ("GET", "/drivers/{driverId}/offers"): None,
-    ("POST", "/drivers/{driverId}/offers/{offerId}/accept"): None,
-    ("POST", "/drivers/{driverId}/offers/{offerId}/decline"): {},
-    ("GET", "/dispatches/{sellerOrderId}"): None,
-    ("POST", "/dispatches/{sellerOrderId}/assign"): {"driverId": "drv_nobody"},
-    ("POST", "/dispatches/{sellerOrderId}/redispatch"): None,
-}
+BODY_FOR = {route: body for route, body in VALID_BODIES.items() if "{" in route[1]}
 # Ids that name nothing: each must be a plain 404, whatever it holds.
 UNKNOWN_IDS = [
     "ü-𝄞-東京",

@@ -23,40 +23,15 @@ from dispatcher.api.app import ROUTES
 from dispatcher.config import ResolvedSettings
 from dispatcher.embedded import free_port
 from tests.fuzz.state import assert_unchanged, problem, settled, snapshot
-from tests.support import BERLIN, Api, Driver, WebhookReceiver, offset
+from tests.support import BERLIN, VALID_BODIES, Api, Driver, WebhookReceiver, offset
 from tests.support.faults import ServeProcess, serve_env
 from tests.support.fixtures import kill_zone_actors
 
 pytestmark = pytest.mark.integration
 
 # A valid body per route, so that only the credentials decide the answer.
-BODIES: dict[tuple[str, str], Any] = {
-    ("POST", "/drivers"): {"name": "intruder"},
-    ("GET", "/drivers"): None,
-    ("POST", "/drivers/locations"): {"pings": []},
-    ("GET", "/drivers/{driverId}"): None,
-    # Not a WebSocket upgrade: credentials are judged first, then 426.
-    ("GET", "/drivers/{driverId}/events"): None,
-    ("PATCH", "/drivers/{driverId}"): {"isActive": False},
-    ("PATCH", "/drivers/{driverId}/location"): {"lat": BERLIN[0], "lon": BERLIN[1]},
-    ("PATCH", "/drivers/{driverId}/status"): {"status": "OFFLINE"},
-    ("GET", "/deliveries/{sellerOrderId}"): None,
-    ("POST", "/deliveries/{sellerOrderId}/picked-up"): None,
-    ("POST", "/deliveries/{sellerOrderId}/delivered"): None,
-    ("POST", "/deliveries/{sellerOrderId}/failed"): {"reason": "x"},
-    ("GET", "/zones"): None,
-    ("GET", "/ops/snapshot"): None,
-    ("GET", "/drivers/{driverId}/offers"): None,
-    ("POST", "/drivers/{driverId}/offers/{offerId}/accept"): None,
-    ("POST", "/drivers/{driverId}/offers/{offerId}/decline"): {},
-    ("GET", "/dispatches/{sellerOrderId}"): None,
-    ("POST", "/dispatches/{sellerOrderId}/assign"): {"driverId": "drv_x"},
-    ("POST", "/dispatches/{sellerOrderId}/redispatch"): None,
-    ("POST", "/events/seller-order-ready"): {
-        "sellerOrderId": "SO-x",
-        "pickupLat": 52.52,
-        "pickupLon": 13.405,
-    },
+BODIES = {
+    **VALID_BODIES,
     ("POST", "/events/seller-order-cancelled"): {"sellerOrderId": "SO-owned"},
 }
 

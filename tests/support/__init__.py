@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 import uuid
@@ -18,6 +19,7 @@ from redis.asyncio import Redis
 from dispatcher.actors.core import ZoneCore
 from dispatcher.api.keys import DISPATCHER
 from dispatcher.config import ResolvedSettings
+from dispatcher.geo import EARTH_RADIUS_KM
 from dispatcher.messages import Ping, PingVerdict
 from dispatcher.store import keys
 from dispatcher.webhooks.signing import sign
@@ -30,6 +32,24 @@ from tests.support.webhooks import WebhookReceiver as WebhookReceiver
 BERLIN = (52.52, 13.405)
 Point = tuple[float, float]
 PROBLEM_JSON = "application/problem+json"
+# The tables of the core dispatch state (the first migration creates them).
+CORE_TABLES = (
+    "zones",
+    "drivers",
+    "deliveries",
+    "delivery_history",
+    "webhook_outbox",
+    "webhook_endpoints",
+)
+# Every table: each test starts with all of them empty.
+ALL_TABLES = (
+    *CORE_TABLES,
+    "driver_events",
+    "driver_event_seq",
+    "inbound_webhooks",
+    "dispatches",
+    "offers",
+)
 
 # Every route of docs/API.md#routes: (method, path).
 API_ROUTES: list[tuple[str, str]] = [
@@ -61,6 +81,57 @@ API_ROUTES: list[tuple[str, str]] = [
     ("get", "/openapi.json"),
     ("get", "/ops/snapshot"),
 ]
+
+
+# A valid body for each guarded route (None: no body), so that only what a test makes
+# hostile (the credentials, a path id) decides the answer.
+VALID_BODIES: dict[tuple[str, str], dict[str, Any] | None] = {
+    ("POST", "/drivers"): {"name": "intruder"},
+    ("GET", "/drivers"): None,
+    ("POST", "/drivers/locations"): {"pings": []},
+    ("GET", "/drivers/{driverId}"): None,
+    # Not a WebSocket upgrade: credentials are judged first, then 426.
+    ("GET", "/drivers/{driverId}/events"): None,
+    ("PATCH", "/drivers/{driverId}"): {"isActive": False},
+    ("PATCH", "/drivers/{driverId}/location"): {"lat": BERLIN[0], "lon": BERLIN[1]},
+    ("PATCH", "/drivers/{driverId}/status"): {"status": "OFFLINE"},
+    ("GET", "/deliveries/{sellerOrderId}"): None,
+    ("POST", "/deliveries/{sellerOrderId}/picked-up"): None,
+    ("POST", "/deliveries/{sellerOrderId}/delivered"): None,
+    ("POST", "/deliveries/{sellerOrderId}/failed"): {"reason": "shop closed"},
+    ("GET", "/zones"): None,
+    ("GET", "/ops/snapshot"): None,
+    ("GET", "/drivers/{driverId}/offers"): None,
+    ("POST", "/drivers/{driverId}/offers/{offerId}/accept"): None,
+    ("POST", "/drivers/{driverId}/offers/{offerId}/decline"): {},
+    ("GET", "/dispatches/{sellerOrderId}"): None,
+    ("POST", "/dispatches/{sellerOrderId}/assign"): {"driverId": "drv_nobody"},
+    ("POST", "/dispatches/{sellerOrderId}/redispatch"): None,
+    ("POST", "/events/seller-order-ready"): {
+        "sellerOrderId": "SO-x",
+        "pickupLat": 52.52,
+        "pickupLon": 13.405,
+    },
+    ("POST", "/events/seller-order-cancelled"): {"sellerOrderId": "SO-x"},
+}
+
+
+def destination(
+    lat: float, lon: float, bearing_deg: float, km: float
+) -> tuple[float, float]:
+    """The point `km` away from (lat, lon) on a great circle (exact spherical formula);
+    the longitude is not wrapped."""
+    phi1, lmb1, theta = math.radians(lat), math.radians(lon), math.radians(bearing_deg)
+    delta = km / EARTH_RADIUS_KM
+    phi2 = math.asin(
+        math.sin(phi1) * math.cos(delta)
+        + math.cos(phi1) * math.sin(delta) * math.cos(theta)
+    )
+    lmb2 = lmb1 + math.atan2(
+        math.sin(theta) * math.sin(delta) * math.cos(phi1),
+        math.cos(delta) - math.sin(phi1) * math.sin(phi2),
+    )
+    return math.degrees(phi2), math.degrees(lmb2)
 
 
 @dataclass

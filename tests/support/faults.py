@@ -29,8 +29,6 @@ from tests.support.webhooks import WebhookReceiver
 # The fault suites' name for the one receiver (it can go down and come back on its port).
 ScriptedReceiver = WebhookReceiver
 
-# Retryable answers a careful client (Vendure, a driver app) retries on.
-RETRYABLE = (503,)
 # GEO positions are 52-bit geohashes: well under a metre off.
 GEO_TOLERANCE_KM = 0.002
 

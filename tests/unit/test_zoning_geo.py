@@ -8,25 +8,9 @@ import random
 import h3
 import pytest
 
-from dispatcher.geo import EARTH_RADIUS_KM, bounding_box, haversine_km, round_km
+from dispatcher.geo import bounding_box, haversine_km, round_km
 from dispatcher.zoning import Zoning
-
-
-def destination(
-    lat: float, lon: float, bearing_deg: float, km: float
-) -> tuple[float, float]:
-    """The point `km` away from (lat, lon) on a great circle (exact spherical formula)."""
-    phi1, lmb1, theta = math.radians(lat), math.radians(lon), math.radians(bearing_deg)
-    delta = km / EARTH_RADIUS_KM
-    phi2 = math.asin(
-        math.sin(phi1) * math.cos(delta)
-        + math.cos(phi1) * math.sin(delta) * math.cos(theta)
-    )
-    lmb2 = lmb1 + math.atan2(
-        math.sin(theta) * math.sin(delta) * math.cos(phi1),
-        math.cos(delta) - math.sin(phi1) * math.sin(phi2),
-    )
-    return math.degrees(phi2), math.degrees(lmb2)
+from tests.support import destination
 
 
 def test_haversine_known_distance_and_symmetry() -> None:

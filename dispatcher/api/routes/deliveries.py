@@ -17,7 +17,7 @@ async def _authorized_delivery(request: web.Request) -> web.Response:
     """The delivery view, for the operator or the assigned driver only."""
     seller_order_id = path_id(request, "sellerOrderId")
     principal = await authenticate(request)
-    found = await request.app[DISPATCHER].deliveries.get(seller_order_id)
+    found = await request.app[DISPATCHER].get_delivery(seller_order_id)
     if found is None:
         raise NotFoundError(f"no delivery for sellerOrderId {seller_order_id!r}")
     row, history = found

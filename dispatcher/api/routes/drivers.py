@@ -108,7 +108,7 @@ VERDICT_DETAILS = {
 async def create_driver(request: web.Request) -> web.StreamResponse:
     await require_operator(request)
     body = await parse_body(request, CreateDriver)
-    record, token = await request.app[DISPATCHER].drivers.create(
+    record, token = await request.app[DISPATCHER].create_driver(
         body.name, body.phone, body.vehicle_type
     )
     created = DriverCreated(
@@ -130,7 +130,7 @@ async def list_drivers(request: web.Request) -> web.StreamResponse:
             "invalid query", errors=validation_errors(exc, "query")
         ) from None
     await request.app[DISPATCHER].settle_pings()
-    records = await request.app[DISPATCHER].drivers.list_drivers(
+    records = await request.app[DISPATCHER].list_drivers(
         query.status, query.zone_id, query.limit
     )
     return json_model(DriverList(drivers=[driver_view(r) for r in records]))
@@ -140,7 +140,7 @@ async def get_driver(request: web.Request) -> web.StreamResponse:
     driver_id = path_id(request, "driverId")
     await require_driver(request, driver_id)
     await request.app[DISPATCHER].settle_pings()
-    record = await request.app[DISPATCHER].drivers.get(driver_id)
+    record = await request.app[DISPATCHER].get_driver(driver_id)
     if record is None:
         raise NotFoundError(f"driver {driver_id} not found")
     return json_model(driver_view(record))

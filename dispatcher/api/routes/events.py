@@ -52,7 +52,7 @@ async def seller_order_cancelled(request: web.Request) -> web.StreamResponse:
         return json_model(waiting)
     dispatcher = request.app[DISPATCHER]
     await dispatcher.step(event.seller_order_id, "cancelled", reason=event.reason)
-    found = await dispatcher.deliveries.get(event.seller_order_id)
+    found = await dispatcher.get_delivery(event.seller_order_id)
     if found is None:
         raise NotFoundError(f"no delivery for sellerOrderId {event.seller_order_id!r}")
     return json_model(delivery_view(*found))

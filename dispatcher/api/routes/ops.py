@@ -86,7 +86,7 @@ async def zones(request: web.Request) -> web.StreamResponse:
     async def view(zone_id: str) -> ZoneView:
         try:
             async with asyncio.timeout(ZONE_STATS_TIMEOUT_S):
-                stats = await dispatcher.zones.stats(zone_id)
+                stats = await dispatcher.zone_stats(zone_id)
         except (DispatchError, TimeoutError):
             return ZoneView(
                 zone_id=zone_id,
