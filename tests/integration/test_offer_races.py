@@ -214,15 +214,20 @@ async def test_accept_at_the_expiry_edge_is_never_both_accepted_and_expired(
                 assert row["answered_at"] > row["accept_by"]
             outcomes[row["status"]] += 1
         await assert_offer_invariants(pg_pool)
-        for n, order in enumerate(orders):
-            await apis[n % 2].cancel(order)
-        for n, driver in enumerate(drivers):
-            # Finished deliveries free the winners; the timers' expiries count as missed.
-            await pg_pool.execute(
-                "UPDATE drivers SET status = 'AVAILABLE', missed_offers = 0 WHERE id = $1",
-                driver.driver_id,
+        await asyncio.gather(
+            *(apis[n % 2].cancel(order) for n, order in enumerate(orders))
+        )
+        # Finished deliveries free the winners; the timers' expiries count as missed.
+        await pg_pool.execute(
+            "UPDATE drivers SET status = 'AVAILABLE', missed_offers = 0 WHERE id = ANY($1::text[])",
+            [d.driver_id for d in drivers],
+        )
+        await asyncio.gather(
+            *(
+                apis[0].ping(driver, *offset(*spots[n], 0.05, 0.001 * (batch + 1)))
+                for n, driver in enumerate(drivers)
             )
-            await apis[0].ping(driver, *offset(*spots[n], 0.05, 0.001 * (batch + 1)))
+        )
     delivered = await pg_pool.fetchval("SELECT count(*) FROM deliveries")
     assert delivered == outcomes["ACCEPTED"]
     assert outcomes["ACCEPTED"] + outcomes["EXPIRED"] == n_rounds
