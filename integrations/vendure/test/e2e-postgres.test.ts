@@ -2,7 +2,7 @@
 import assert from 'node:assert/strict';
 import { after, before, describe, it } from 'node:test';
 
-import { DeliveryUpdater, DispatcherDeliveryState, DispatchService } from '../src';
+import { DeliveryUpdater, DispatcherDeliveryState, DispatchService, NoDriverRetries, RETRY_LEASE_MS } from '../src';
 import { TransactionalConnection } from '@vendure/core';
 import { Client } from 'pg';
 import { latLon, mainLoop, north, Stack, startStack, waitForOrder } from './support/stack';
@@ -13,6 +13,7 @@ const BERLIN = { lat: 52.52, lon: 13.405 };
 const BREMEN = { lat: 53.079, lon: 8.801 };
 const ESSEN = { lat: 51.456, lon: 7.012 };
 const DORTMUND = { lat: 51.514, lon: 7.468 };
+const KASSEL = { lat: 51.312, lon: 9.479 };
 
 // One more dispatch round after "no driver", 5 s later; pollers check every half second.
 const NO_DRIVER_RETRY = { rounds: 1, delayMs: 5_000, pollMs: 500 };
@@ -140,6 +141,27 @@ describe('Vendure (PostgreSQL) + dispatcher', { timeout: 900_000 }, () => {
         assert.deepEqual((await service.pollRetries(new Date(Date.now() + 86_400_000))).filter(c => c === order.code), []);
         assert.equal(readyEvents(order.code).length, 2);
         assert.equal((await stack.dispatcher.delivery(order.code)).driverId, driver.driverId);
+    });
+
+    it('a poller that took a retry and died before queuing its job delays the retry, never loses it', async () => {
+        const service = stack.env.server.app.get(DispatchService);
+        const order = await noDriverOrder(KASSEL);
+        const due = new Date(Date.now() + NO_DRIVER_RETRY.delayMs + 1_000);
+        // The first half of a poll: the retry is taken (lease + job id written), then "the crash".
+        const taken = await stack.env.server.app.get(NoDriverRetries).take(order.code, due);
+        assert.ok(taken);
+        assert.equal((await retryRow(order.code)).retryJob, taken.webhookId);
+        // Within the lease nobody takes it again; after the lease the next poller does.
+        assert.deepEqual((await service.pollRetries(new Date(due.getTime() + 1_000))).filter(c => c === order.code), []);
+        const driver = await stack.dispatcher.onlineDriver('Kassel', ...latLon(north(KASSEL, 0.4)));
+        const later = await service.pollRetries(new Date(due.getTime() + RETRY_LEASE_MS + 1_000));
+        assert.deepEqual(later.filter(c => c === order.code), [order.code]);
+        const assigned = await waitForOrder(stack.admin, order.id, 'DriverAssigned', o => o.state === 'DriverAssigned');
+        assert.equal(assigned.customFields.dispatcherDriverId, driver.driverId);
+        const sent = readyEvents(order.code);
+        assert.equal(sent.length, 2);
+        assert.notEqual(sent[1].headers['webhook-id'], taken.webhookId, 'the retaken round runs under a new id');
+        assert.equal((await retryRow(order.code)).retryAt, null);
     });
 
     it('a no-driver retry survives a restart of Vendure and books the driver who came online meanwhile', async () => {

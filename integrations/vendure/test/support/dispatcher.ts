@@ -5,6 +5,8 @@ import { appendFileSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSyn
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 
+import { waitFor } from './ports';
+
 export const INBOUND_SECRET = 'whsec_' + randomBytes(24).toString('base64');
 export const WEBHOOK_SECRET = 'whsec_' + randomBytes(24).toString('base64');
 const ADMIN_TOKEN = 'adm_test_' + randomBytes(12).toString('hex');
@@ -137,6 +139,10 @@ export class Dispatcher {
         const driver = { driverId: created.driverId as string, token: created.token as string };
         await this.ok('PATCH', `/drivers/${driver.driverId}/status`, { status: 'AVAILABLE' }, driver.token);
         await this.ping(driver, lat, lon);
+        // Pings are acknowledged before their zone applies them (write-behind), and a new zone
+        // can take long to start on a busy machine: the driver is dispatchable once its
+        // location is stored.
+        await waitFor(`driver ${name} located`, async () => ((await this.driver(driver.driverId)).location ? true : undefined), STARTUP_TIMEOUT_MS);
         return driver;
     }
 
