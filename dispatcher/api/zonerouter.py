@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncpg
 
 from dispatcher.errors import ForbiddenError, NotFoundError, RequestValidationError
-from dispatcher.store.pg import connection, known_zones, reserve_zone
+from dispatcher.store.drivers import driver_active
+from dispatcher.store.pg import existing_zones, known_zones, reserve_zone
 from dispatcher.zoning import Zoning
 
 
@@ -47,10 +48,7 @@ class ZoneRouter:
 
     async def _check_may_open_zone(self, driver_id: str) -> None:
         """Same answers as a rejected ping: unknown 404, deactivated 403."""
-        async with connection(self.pool) as conn:
-            active: bool | None = await conn.fetchval(
-                "SELECT is_active FROM drivers WHERE id = $1", driver_id
-            )
+        active = await driver_active(self.pool, driver_id)
         if active is None:
             raise NotFoundError("unknown driver")
         if not active:
@@ -63,9 +61,5 @@ class ZoneRouter:
         if not any(z in self.known for z in near):
             # Another replica may have opened a zone here a moment ago: "no zone in
             # reach" is only ever concluded from PostgreSQL, never from this cache.
-            async with connection(self.pool) as conn:
-                rows = await conn.fetch(
-                    "SELECT zone_id FROM zones WHERE zone_id = ANY($1::text[])", near
-                )
-            self.known.update(r["zone_id"] for r in rows)
+            self.known.update(await existing_zones(self.pool, near))
         return next((z for z in near if z in self.known), None)

@@ -158,11 +158,7 @@ class DriverStore:
         return {r["id"]: _last_fix(r) for r in rows}
 
     async def is_active(self, driver_id: str) -> bool:
-        async with connection(self.pool) as conn:
-            active: bool | None = await conn.fetchval(
-                "SELECT is_active FROM drivers WHERE id = $1", driver_id
-            )
-        return bool(active)
+        return bool(await driver_active(self.pool, driver_id))
 
     async def update(
         self,
@@ -345,3 +341,12 @@ def _last_fix(row: asyncpg.Record) -> LastFix:
     return LastFix(
         row["is_active"], row["lat"], row["lon"], row["location_recorded_at"]
     )
+
+
+async def driver_active(pool: asyncpg.Pool, driver_id: str) -> bool | None:
+    """Whether the driver is active; None when there is no such driver."""
+    async with connection(pool) as conn:
+        active: bool | None = await conn.fetchval(
+            "SELECT is_active FROM drivers WHERE id = $1", driver_id
+        )
+    return active

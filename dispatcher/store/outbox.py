@@ -60,6 +60,65 @@ PENDING_SQL: Final = """
 SELECT count(*) FROM webhook_outbox WHERE delivered_at IS NULL AND failed_at IS NULL
 """
 
+# The sender's statements (webhooks/sender.py).
+# Claim and lease in one statement: SKIP LOCKED keeps concurrent senders apart while the
+# statement runs, the pushed next_attempt_at keeps them apart until the lease ends, and a
+# sender that dies mid-send just leaves rows that come due again when it runs out.
+CLAIM_SQL: Final = """
+WITH due AS (
+    SELECT id FROM webhook_outbox
+    WHERE delivered_at IS NULL AND failed_at IS NULL AND next_attempt_at <= now()
+      AND NOT EXISTS (
+          SELECT 1 FROM webhook_endpoints WHERE url = $1 AND disabled_at IS NOT NULL
+      )
+    ORDER BY next_attempt_at, id
+    LIMIT $2
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE webhook_outbox AS o
+SET next_attempt_at = now() + make_interval(secs => $3)
+FROM due
+WHERE o.id = due.id
+RETURNING o.id, o.webhook_id, o.body, o.attempts, o.next_attempt_at
+"""
+# Success is recorded even if our lease ran out meanwhile: the event did arrive.
+DELIVERED_SQL: Final = """
+UPDATE webhook_outbox
+SET delivered_at = now(), failed_at = NULL, attempts = attempts + 1,
+    last_status = $2, last_error = NULL
+WHERE id = $1 AND delivered_at IS NULL
+"""
+# The other writes are fenced by the lease value: if it changed, another sender owns the row.
+RETRY_SQL: Final = """
+UPDATE webhook_outbox
+SET attempts = attempts + 1, last_status = $3, last_error = $4,
+    next_attempt_at = now() + make_interval(secs => $5),
+    failed_at = CASE WHEN $6::boolean THEN now() END
+WHERE id = $1 AND next_attempt_at = $2 AND delivered_at IS NULL AND failed_at IS NULL
+"""
+# 410: disable the endpoint and hand the row back at once for a sender with another URL.
+GONE_SQL: Final = """
+WITH endpoint AS (
+    INSERT INTO webhook_endpoints (url, disabled_at, disabled_reason)
+    VALUES ($3, now(), $4)
+    ON CONFLICT (url) DO UPDATE
+    SET disabled_at = excluded.disabled_at, disabled_reason = excluded.disabled_reason
+    WHERE webhook_endpoints.disabled_at IS NULL
+)
+UPDATE webhook_outbox
+SET attempts = attempts + 1, last_status = 410, last_error = $4, next_attempt_at = now()
+WHERE id = $1 AND next_attempt_at = $2 AND delivered_at IS NULL AND failed_at IS NULL
+"""
+RELEASE_SQL: Final = """
+UPDATE webhook_outbox SET next_attempt_at = now()
+WHERE id = $1 AND next_attempt_at = $2 AND delivered_at IS NULL AND failed_at IS NULL
+"""
+DISABLED_SQL: Final = """
+SELECT EXISTS (
+    SELECT 1 FROM webhook_endpoints WHERE url = $1 AND disabled_at IS NOT NULL
+)
+"""
+
 # One round trip: the insert and the wake-up ride the same statement.
 _ENQUEUE_SQL: Final = f"""
 WITH inserted AS ({insert_sql(1)})

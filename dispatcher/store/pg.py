@@ -148,6 +148,15 @@ async def known_zones(pool: asyncpg.Pool) -> list[str]:
     return [r["zone_id"] for r in rows]
 
 
+async def existing_zones(pool: asyncpg.Pool, zone_ids: list[str]) -> list[str]:
+    """Those of `zone_ids` that exist."""
+    async with connection(pool) as conn:
+        rows = await conn.fetch(
+            "SELECT zone_id FROM zones WHERE zone_id = ANY($1::text[])", zone_ids
+        )
+    return [r["zone_id"] for r in rows]
+
+
 async def ping_database(pool: asyncpg.Pool) -> bool:
     try:
         async with connection(pool) as conn:

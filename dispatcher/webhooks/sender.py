@@ -23,7 +23,16 @@ from dispatcher import __version__
 from dispatcher.backoff import Backoff
 from dispatcher.config import DEFAULT_PG_TIMEOUT_S
 from dispatcher.store.listen import Listener
-from dispatcher.store.outbox import NOTIFY_CHANNEL, PENDING_SQL
+from dispatcher.store.outbox import (
+    CLAIM_SQL,
+    DELIVERED_SQL,
+    DISABLED_SQL,
+    GONE_SQL,
+    NOTIFY_CHANNEL,
+    PENDING_SQL,
+    RELEASE_SQL,
+    RETRY_SQL,
+)
 from dispatcher.webhooks import signing
 
 logger = logging.getLogger(__name__)
@@ -44,64 +53,6 @@ _OUTAGE_ERRORS: Final = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
 )
-
-# Claim and lease in one statement: SKIP LOCKED keeps concurrent senders apart while the
-# statement runs, the pushed next_attempt_at keeps them apart until the lease ends, and a
-# sender that dies mid-send just leaves rows that come due again when it runs out.
-_CLAIM_SQL: Final = """
-WITH due AS (
-    SELECT id FROM webhook_outbox
-    WHERE delivered_at IS NULL AND failed_at IS NULL AND next_attempt_at <= now()
-      AND NOT EXISTS (
-          SELECT 1 FROM webhook_endpoints WHERE url = $1 AND disabled_at IS NOT NULL
-      )
-    ORDER BY next_attempt_at, id
-    LIMIT $2
-    FOR UPDATE SKIP LOCKED
-)
-UPDATE webhook_outbox AS o
-SET next_attempt_at = now() + make_interval(secs => $3)
-FROM due
-WHERE o.id = due.id
-RETURNING o.id, o.webhook_id, o.body, o.attempts, o.next_attempt_at
-"""
-# Success is recorded even if our lease ran out meanwhile: the event did arrive.
-_DELIVERED_SQL: Final = """
-UPDATE webhook_outbox
-SET delivered_at = now(), failed_at = NULL, attempts = attempts + 1,
-    last_status = $2, last_error = NULL
-WHERE id = $1 AND delivered_at IS NULL
-"""
-# The other writes are fenced by the lease value: if it changed, another sender owns the row.
-_RETRY_SQL: Final = """
-UPDATE webhook_outbox
-SET attempts = attempts + 1, last_status = $3, last_error = $4,
-    next_attempt_at = now() + make_interval(secs => $5),
-    failed_at = CASE WHEN $6::boolean THEN now() END
-WHERE id = $1 AND next_attempt_at = $2 AND delivered_at IS NULL AND failed_at IS NULL
-"""
-# 410: disable the endpoint and hand the row back at once for a sender with another URL.
-_GONE_SQL: Final = """
-WITH endpoint AS (
-    INSERT INTO webhook_endpoints (url, disabled_at, disabled_reason)
-    VALUES ($3, now(), $4)
-    ON CONFLICT (url) DO UPDATE
-    SET disabled_at = excluded.disabled_at, disabled_reason = excluded.disabled_reason
-    WHERE webhook_endpoints.disabled_at IS NULL
-)
-UPDATE webhook_outbox
-SET attempts = attempts + 1, last_status = 410, last_error = $4, next_attempt_at = now()
-WHERE id = $1 AND next_attempt_at = $2 AND delivered_at IS NULL AND failed_at IS NULL
-"""
-_RELEASE_SQL: Final = """
-UPDATE webhook_outbox SET next_attempt_at = now()
-WHERE id = $1 AND next_attempt_at = $2 AND delivered_at IS NULL AND failed_at IS NULL
-"""
-_DISABLED_SQL: Final = """
-SELECT EXISTS (
-    SELECT 1 FROM webhook_endpoints WHERE url = $1 AND disabled_at IS NOT NULL
-)
-"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,7 +172,7 @@ class WebhookSender:
         """Whether the configured URL answered 410 and is disabled."""
         if self._url is None:
             return False
-        return bool(await self._fetchval(_DISABLED_SQL, self._url))
+        return bool(await self._fetchval(DISABLED_SQL, self._url))
 
     async def run(self) -> None:
         """Deliver due rows until cancelled; PostgreSQL or endpoint outages never end it."""
@@ -294,7 +245,7 @@ class WebhookSender:
     async def _claim(self, url: str) -> list[_Row]:
         async with self._pool.acquire(timeout=self._pg_timeout_s) as conn:
             records = await conn.fetch(
-                _CLAIM_SQL,
+                CLAIM_SQL,
                 url,
                 self._batch_size,
                 self._lease_s,
@@ -326,7 +277,7 @@ class WebhookSender:
             )
         try:
             if outcome is None:
-                await self._execute(_RELEASE_SQL, row.id, row.lease)
+                await self._execute(RELEASE_SQL, row.id, row.lease)
             else:
                 await self._record(url, row, outcome)
         except Exception as exc:
@@ -371,12 +322,12 @@ class WebhookSender:
     async def _record(self, url: str, row: _Row, outcome: _Outcome) -> None:
         status = outcome.status
         if status is not None and 200 <= status < 300:
-            await self._execute(_DELIVERED_SQL, row.id, status)
+            await self._execute(DELIVERED_SQL, row.id, status)
             logger.debug("webhook %s delivered (HTTP %d)", row.webhook_id, status)
             return
         if status == 410:
             self._gone = True
-            await self._execute(_GONE_SQL, row.id, row.lease, url, "410 Gone")
+            await self._execute(GONE_SQL, row.id, row.lease, url, "410 Gone")
             logger.warning(
                 "webhook endpoint %s answered 410 Gone: disabled, events stay in the outbox",
                 _display_url(url),
@@ -386,7 +337,7 @@ class WebhookSender:
         exhausted = attempts >= len(self._schedule_s)
         delay = 0.0 if exhausted else self._retry_delay(attempts, outcome.retry_after_s)
         await self._execute(
-            _RETRY_SQL, row.id, row.lease, status, outcome.error, delay, exhausted
+            RETRY_SQL, row.id, row.lease, status, outcome.error, delay, exhausted
         )
         if exhausted:
             logger.error(

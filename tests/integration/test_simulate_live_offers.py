@@ -3,10 +3,14 @@ every order ends final and the offer invariants hold, as PostgreSQL records them
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
+import re
 from collections.abc import Callable
 from typing import Any
 
+import aiohttp
 import asyncpg
 import pytest
 
@@ -126,3 +130,60 @@ async def test_a_short_cascade_run_ends_final_with_the_offer_invariants(
         "SELECT status, count(*) AS n FROM drivers GROUP BY status"
     )
     assert {r["status"]: r["n"] for r in statuses} == {"OFFLINE": run.drivers}
+
+
+SOCKETS = re.compile(r"^dispatcher_driver_sockets ([0-9.eE+]+)$", re.MULTILINE)
+
+
+@pytest.mark.timeout(400)
+async def test_more_drivers_than_aiohttps_default_connection_cap_all_hear_offers(
+    start_api: Callable[[ResolvedSettings], Any],
+    make_settings: Callable[..., ResolvedSettings],
+) -> None:
+    # aiohttp's connector holds at most 100 connections by default: with every driver's
+    # stream open, the 101st stream and every request would wait for one forever.
+    speed = 5.0
+    settings = make_settings(
+        max_ping_speed_kmh=speed * 250.0,
+        offer_mode="wave",
+        offer_timeout_s=25.0 / speed,
+        dispatch_deadline_s=120.0 / speed,
+    )
+    api: Api = await start_api(settings)
+    url = str(api.client.make_url("")).rstrip("/")
+    target = LiveTarget(url, settings.admin_token, settings.inbound_secret)
+    drivers = 110
+    runner = LiveRunner(
+        SyntheticCity(SyntheticSpec(size_km=4.0, orders_per_hour=600.0)),
+        RunSettings(seed=2, start_hour=12.0, drivers=drivers),
+        target,
+        minutes=0.3,
+        speed=speed,
+        offer_mode="wave",
+    )
+    held = 0
+
+    async def watch() -> None:
+        nonlocal held
+        async with aiohttp.ClientSession() as session:
+            while True:
+                async with session.get(f"{url}/metrics") as resp:
+                    found = SOCKETS.search(await resp.text())
+                if found:
+                    held = max(held, int(float(found.group(1))))
+                await asyncio.sleep(0.5)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        result = await runner.run()
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+    print(format_table(result))
+    # Every driver's stream was open at once, and requests still went through.
+    assert held == drivers, held
+    assert "unexpected answers" not in result.notes, result.notes
+    summary = summarize(result)
+    assert summary["orders"] >= 5 and summary["assigned"] >= 3, summary
+    assert result.notes["pings sent / refused"].endswith("/ 0"), result.notes

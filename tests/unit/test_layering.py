@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -196,6 +197,38 @@ def test_handlers_go_through_the_dispatcher() -> None:
         and (found := reaches_around(path.read_text()))
     }
     assert wrong == {}
+
+
+SQL = re.compile(r"^\s*(SELECT|INSERT|UPDATE|DELETE|WITH)\s")
+
+
+def sql_in(source: str) -> list[str]:
+    """The string constants of `source` that are SQL statements."""
+    return [
+        f"line {node.lineno}: {node.value.strip()[:60]}"
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and SQL.match(node.value)
+    ]
+
+
+def test_sql_lives_in_the_store() -> None:
+    """Statements are written in dispatcher/store/ only (and the embedded server's own
+    setup); the rest call the store's functions."""
+    wrong = {
+        module_name(path): found
+        for path in SOURCES
+        if not module_name(path).startswith(("dispatcher.store", "dispatcher.embedded"))
+        and module_name(path) not in EXEMPT | {"dispatcher.simulate.service"}
+        and (found := sql_in(path.read_text()))
+    }
+    assert wrong == {}
+
+
+def test_sql_is_recognised() -> None:
+    assert sql_in('conn.fetch("SELECT zone_id FROM zones")') != []
+    assert sql_in('log.info("select a zone")') == []
 
 
 @pytest.mark.parametrize(
