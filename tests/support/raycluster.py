@@ -121,10 +121,10 @@ class LocalRayCluster:
         head: Any = self._cluster.head_node
         count = 0
         for path in Path(head.get_logs_dir_path()).glob("worker-*.err"):
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError), path.open(errors="replace") as log:
                 count += sum(
                     line.startswith("dispatcher.actors.zone.NodeClosedError")
-                    for line in path.open(errors="replace")
+                    for line in log
                 )
         return count
 
