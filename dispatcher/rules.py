@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -85,6 +86,11 @@ class Assignment:
     assignment_id: str
     distance_km: float
     zone_id: str
+
+
+# The caller's rendering of an assignment's first answer: stored with the booking so every
+# replay sends the same bytes (the store itself knows no HTTP; models.assigned_body).
+RenderAnswer = Callable[[Assignment], str]
 
 
 def new_assignment_id() -> str:

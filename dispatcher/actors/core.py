@@ -91,7 +91,7 @@ class ZoneCore:
         if settings.offer_mode != "auto":
             self.desk = OfferDesk(
                 settings.offer_rules(),
-                offers or OfferStore(deliveries.pool),
+                offers or OfferStore(deliveries.pool, render=assigned_body),
                 PickRule(settings.search_radius_km, settings.heartbeat_ttl_s),
                 fence=lambda: Fence(self.zone_id, self.epoch),
                 follow=self._follow,

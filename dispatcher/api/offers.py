@@ -22,7 +22,7 @@ from dispatcher.errors import (
     PROBLEM_BASE,
     DispatchError,
 )
-from dispatcher.models import Point
+from dispatcher.models import Point, assigned_body
 from dispatcher.offers.policy import (
     OFFER_GRACE_S,
     PENDING_RETRY_S,
@@ -38,7 +38,12 @@ from dispatcher.offers.wire import (
     OfferItem,
     OfferList,
 )
-from dispatcher.store.offers import Changes, OfferRefusedError, OfferStore
+from dispatcher.store.offers import (
+    Changes,
+    OfferRefusedError,
+    OfferStore,
+    offer_counts,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +75,8 @@ class OfferOps:
 
     async def follow(self, changes: Changes) -> None:
         for driver_id in sorted(changes.drivers):
-            await self.dispatcher._refresh_driver(driver_id)
-        for order, zone_id in changes.wake.items():
-            try:
-                await self.dispatcher.zones.advance_dispatch(zone_id, order)
-            except DispatchError as exc:
-                # The zone's own timer, its restart, or the backstop will get to it.
-                log.info("dispatch %s: zone %s not woken: %s", order, zone_id, exc)
+            await self.dispatcher.refresh_driver(driver_id)
+        await self.dispatcher.wake_dispatches(changes.wake)
 
     # ---- answers and operator actions (the offer routes) -------------------------------
 
@@ -199,14 +199,7 @@ class OfferCollector(Collector):
         self.gave_up: int = 0
 
     async def refresh(self, pool: asyncpg.Pool) -> None:
-        async with pool.acquire(timeout=2.0) as conn:
-            rows = await conn.fetch(
-                "SELECT status, count(*) AS n FROM offers GROUP BY status"
-            )
-            self.offers = {r["status"]: r["n"] for r in rows}
-            self.gave_up = await conn.fetchval(
-                "SELECT count(*) FROM webhook_outbox WHERE event_type = 'delivery.unassigned'"
-            )
+        self.offers, self.gave_up = await offer_counts(pool)
 
     def collect(self) -> Any:
         total = CounterMetricFamily(
@@ -240,7 +233,11 @@ async def refresh_offer_metrics(app: web.Application) -> None:
 async def offer_context(app: web.Application) -> AsyncIterator[None]:
     """The ingress's offer side and its backstop task (after the dispatcher exists)."""
     settings = app[SETTINGS]
-    ops = OfferOps(OfferStore(app[PG_POOL]), app[DISPATCHER], settings.offer_rules())
+    ops = OfferOps(
+        OfferStore(app[PG_POOL], render=assigned_body),
+        app[DISPATCHER],
+        settings.offer_rules(),
+    )
     app[OFFER_OPS] = ops
     collector = OfferCollector()
     app[OFFER_COLLECTOR] = collector

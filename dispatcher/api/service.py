@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import asyncpg
@@ -23,7 +23,7 @@ from dispatcher.messages import (
     PingVerdict,
     ZoneStats,
 )
-from dispatcher.models import unassigned_body
+from dispatcher.models import assigned_body, unassigned_body
 from dispatcher.rules import replay
 from dispatcher.store import outbox
 from dispatcher.store.deliveries import DeliveryStore
@@ -77,7 +77,7 @@ class Dispatcher:
         )
         self.orders = OrderBatcher(zones.assign_many, max_batch=ORDER_BATCH_MAX)
         # A driver going OFFLINE or deactivated gives back his open offer at once.
-        self.offer_store = OfferStore(drivers.pool)
+        self.offer_store = OfferStore(drivers.pool, render=assigned_body)
         # Fixes written to PostgreSQL, and those it refused after this ingress had
         # acknowledged them (metrics).
         self.pings_written = 0
@@ -187,7 +187,7 @@ class Dispatcher:
     ) -> None:
         result = await self.deliveries.step(seller_order_id, step, reason=reason)
         if result.changed:
-            await self._refresh_driver(result.driver_id)
+            await self.refresh_driver(result.driver_id)
 
     # ---- drivers ----------------------------------------------------------------------
 
@@ -247,7 +247,7 @@ class Dispatcher:
         record = await self.drivers.set_status(driver_id, status)
         if status == "OFFLINE":
             await self._release_offer(driver_id)
-        await self._refresh_driver(driver_id, record.zone_id)
+        await self.refresh_driver(driver_id, record.zone_id)
         return record
 
     async def update_driver(
@@ -265,19 +265,23 @@ class Dispatcher:
         self.gate.forget(driver_id)
         if is_active is False:
             await self._release_offer(driver_id)
-        await self._refresh_driver(driver_id, record.zone_id)
+        await self.refresh_driver(driver_id, record.zone_id)
         return record
 
     async def _release_offer(self, driver_id: str) -> None:
         changes = await self.offer_store.release_driver(driver_id)
-        for order, zone_id in changes.wake.items():
+        await self.wake_dispatches(changes.wake)
+
+    async def wake_dispatches(self, wake: Mapping[str, str]) -> None:
+        """Ask each dispatch's zone (order -> zone) to look at it now."""
+        for order, zone_id in wake.items():
             try:
                 await self.zones.advance_dispatch(zone_id, order)
             except DispatchError as exc:
                 # The dispatch's timer, its zone's restart or the backstop moves it on.
                 log.info("dispatch %s: zone %s not woken: %s", order, zone_id, exc)
 
-    async def _refresh_driver(self, driver_id: str, zone_id: str | None = None) -> None:
+    async def refresh_driver(self, driver_id: str, zone_id: str | None = None) -> None:
         """Let the driver's zone actor bring its shard and mirror up to PostgreSQL."""
         if zone_id is None:
             record = await self.drivers.get(driver_id)

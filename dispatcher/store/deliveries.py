@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +11,7 @@ import asyncpg
 from dispatcher.errors import ConflictError, NotFoundError, StaleEpochError
 from dispatcher.geo import bounding_box, round_km
 from dispatcher.messages import AssignRequest
-from dispatcher.rules import Assignment, ExistingOrder, new_assignment_id
+from dispatcher.rules import Assignment, ExistingOrder, RenderAnswer, new_assignment_id
 from dispatcher.store.driver_events import append_driver_event
 from dispatcher.store.outbox import NOTIFY_CHANNEL, enqueue, insert_sql, new_row
 from dispatcher.store.pg import connection, haversine_sql
@@ -103,11 +103,6 @@ WITH delivery AS (
 )
 SELECT pg_notify($15, '') FROM outbox
 """
-
-
-# The caller's rendering of the first answer: stored with the booking, so every
-# replay sends the same bytes (the store itself knows no HTTP).
-RenderAnswer = Callable[[Assignment], str]
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,7 +20,6 @@ import asyncpg
 from dispatcher.errors import NotFoundError, StaleEpochError
 from dispatcher.geo import bounding_box, round_km
 from dispatcher.messages import AssignRequest
-from dispatcher.models import AssignedResponse
 from dispatcher.offers.policy import (
     MISSED_OFFERS_OFFLINE,
     OFFER_GRACE_S,
@@ -37,6 +36,7 @@ from dispatcher.offers.policy import (
     choose,
     next_step,
 )
+from dispatcher.rules import Assignment, RenderAnswer, new_assignment_id
 from dispatcher.store.offer_events import tell_driver
 from dispatcher.store.outbox import enqueue
 from dispatcher.store.pg import connection, haversine_sql
@@ -261,8 +261,10 @@ def _view(row: asyncpg.Record, offers: Sequence[asyncpg.Record]) -> DispatchView
 class OfferStore:
     """Every SQL statement about dispatches and offers."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, *, render: RenderAnswer) -> None:
         self.pool = pool
+        # Renders the first answer a booking stores (models.assigned_body).
+        self.render = render
 
     # ---- reads ----------------------------------------------------------------------
 
@@ -466,7 +468,12 @@ class OfferStore:
         distances = {c.driver_id: c.distance_km for c in candidates}
         if isinstance(choice, Book):
             changes.booked_body = await _book(
-                conn, row, choice.driver_id, distances[choice.driver_id], changes
+                conn,
+                row,
+                choice.driver_id,
+                distances[choice.driver_id],
+                changes,
+                self.render,
             )
             changes.booked_driver = choice.driver_id
         elif isinstance(choice, OfferTo):
@@ -636,7 +643,12 @@ class OfferStore:
                 await _close(conn, [offer_id], "ACCEPTED", None)
                 await _withdraw_open(conn, order, "SUPERSEDED", changes)
                 changes.booked_body = await _book(
-                    conn, dispatch, driver_id, offer["distance_km"], changes
+                    conn,
+                    dispatch,
+                    driver_id,
+                    offer["distance_km"],
+                    changes,
+                    self.render,
                 )
                 changes.booked_driver = driver_id
                 changes.accept_age_s = offer["age"]
@@ -791,7 +803,7 @@ class OfferStore:
                     driver["lon"],
                 )
             changes.booked_body = await _book(
-                conn, dispatch, driver_id, distance, changes
+                conn, dispatch, driver_id, distance, changes, self.render
             )
             changes.booked_driver = driver_id
         return changes
@@ -962,19 +974,16 @@ async def _book(
     driver_id: str,
     distance: float,
     changes: Changes,
+    render: RenderAnswer,
 ) -> str:
     """Book `driver_id` for the dispatch's order (driver row locked by the caller)."""
     order = dispatch["seller_order_id"]
-    assignment_id = "asg_" + uuid.uuid4().hex[:20]
+    assignment_id = new_assignment_id()
     distance_km = round_km(distance)
     sequence = dispatch["sequence"] + 1
-    body = AssignedResponse(
-        seller_order_id=order,
-        driver_id=driver_id,
-        assignment_id=assignment_id,
-        distance_km=distance_km,
-        zone_id=dispatch["zone_id"],
-    ).model_dump_json()
+    body = render(
+        Assignment(order, driver_id, assignment_id, distance_km, dispatch["zone_id"])
+    )
     await conn.execute(
         BOOK_SQL,
         order,
@@ -1025,3 +1034,15 @@ async def _book(
 
 def _z(value: datetime) -> str:
     return value.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+async def offer_counts(pool: asyncpg.Pool) -> tuple[dict[str, int], int]:
+    """Offers by status, and the dispatches that ended unassigned (the metrics)."""
+    async with pool.acquire(timeout=2.0) as conn:
+        rows = await conn.fetch(
+            "SELECT status, count(*) AS n FROM offers GROUP BY status"
+        )
+        gave_up: int = await conn.fetchval(
+            "SELECT count(*) FROM webhook_outbox WHERE event_type = 'delivery.unassigned'"
+        )
+    return {r["status"]: r["n"] for r in rows}, gave_up

@@ -19,6 +19,7 @@ import pytest
 from dispatcher.config import ResolvedSettings
 from dispatcher.errors import StaleEpochError
 from dispatcher.messages import AssignRequest
+from dispatcher.models import assigned_body
 from dispatcher.offers.policy import GiveUp, next_step
 from dispatcher.store.offers import (
     Fence,
@@ -51,7 +52,7 @@ class Scene:
         self.pool = pool
         self.order = order
         self.drivers = drivers
-        self.store = OfferStore(pool)
+        self.store = OfferStore(pool, render=assigned_body)
         self.rules = api.settings.offer_rules()
         self.pick = PickRule(
             api.settings.search_radius_km, api.settings.heartbeat_ttl_s

@@ -25,7 +25,7 @@ from dispatcher.offers.wire import (
 
 
 async def _delivery(request: web.Request, seller_order_id: str) -> web.Response:
-    found = await request.app[DISPATCHER].deliveries.get(seller_order_id)
+    found = await request.app[DISPATCHER].get_delivery(seller_order_id)
     if found is None:
         raise NotFoundError(f"no delivery for sellerOrderId {seller_order_id!r}")
     return json_model(delivery_view(*found))
@@ -40,7 +40,7 @@ async def list_offers(request: web.Request) -> web.StreamResponse:
         raise RequestValidationError(
             "invalid query", errors=validation_errors(exc, "query")
         ) from None
-    if await request.app[DISPATCHER].drivers.get(driver_id) is None:
+    if await request.app[DISPATCHER].get_driver(driver_id) is None:
         raise NotFoundError(f"driver {driver_id} not found")
     return json_model(
         await request.app[OFFER_OPS].driver_offers(driver_id, query.status)
