@@ -65,6 +65,10 @@ class Settings(BaseSettings):
     # >0: each zone actor asks for this much of the custom resource `dispatcher_zone`,
     # so a cluster's autoscaler places zones on the worker group that offers it.
     zone_resource_units: float = Field(default=0.0, ge=0)
+    # A standby incarnation per zone, running on another node, takes the zone when the
+    # live one's process or node dies (no new process to wait for) and makes handoffs
+    # start the successor before the zone stops. Doubles the zone processes.
+    zone_standby: bool = False
     # Each zone is a process: bound how many pings can conjure up.
     max_zones: int = Field(default=64, ge=1)
     sweep_interval_s: float = Field(default=5.0, gt=0)

@@ -93,14 +93,15 @@ class ZoneStats:
     available: int
 
 
-ZoneState = Literal["idle", "active", "draining", "unreachable"]
+ZoneState = Literal["idle", "active", "fenced", "draining", "unreachable"]
 
 
 @dataclass(frozen=True, slots=True)
 class ZonePlacement:
     """Where a zone's actor runs and what it holds (operators, rebalancing).
 
-    `idle`: the process exists but has not taken the zone yet (no call arrived);
+    `idle`: the process exists but has not taken the zone yet (no call arrived, or it
+    is the zone's standby); `fenced`: a newer incarnation took the zone from it;
     `draining`: it handed the zone over and refuses calls; `unreachable`: it did not
     answer (its node may be lost; Ray restarts it elsewhere once the loss is detected).
     `started_at` / `active_at`: Unix times this incarnation's constructor began and it
@@ -115,3 +116,5 @@ class ZonePlacement:
     drivers: int
     started_at: float = 0.0
     active_at: float = 0.0
+    # Which of the zone's two incarnations this is (`b` exists with standbys only).
+    slot: str = "a"

@@ -12,7 +12,12 @@ import ray
 from ray._private.state import state as ray_state
 from ray.experimental import internal_kv
 
-from dispatcher.actors.options import zone_actor_options
+from dispatcher.actors.options import (
+    ZONE_RESOURCE,
+    ZoneSlot,
+    other_slot,
+    zone_actor_options,
+)
 
 # Ray's internal KV lives in the GCS (and in its Redis with GCS fault tolerance), so a
 # closure outlives every ingress and CLI process but not the cluster, whose node ids it
@@ -36,6 +41,10 @@ def _closed_key(namespace: str, node_id: str = "") -> bytes:
 
 def _target_key(namespace: str, zone_id: str) -> bytes:
     return f"{namespace}/zone-target/{zone_id}".encode()
+
+
+def _live_key(namespace: str, zone_id: str) -> bytes:
+    return f"{namespace}/zone-live/{zone_id}".encode()
 
 
 def close_node(namespace: str, node_id: str, reason: str) -> None:
@@ -125,24 +134,84 @@ def zone_placement(
     *,
     resource_units: float,
     target: str | None = None,
+    slot: ZoneSlot = "a",
+    away_from: str | None = None,
+    standby: bool = False,
 ) -> dict[str, Any]:
     """Ray options for creating (or finding) a zone's actor: the ONE way every zone is
     placed, by an ingress (first call, or a retry that re-creates it by name), by a
     handoff or by a rebalance. Read from Ray's KV at each creation, so it sees a node
     closed a moment ago by any process. `target`: the handoff's chosen node; without
-    one, a target published for the zone by a handoff in progress is used."""
+    one, a target published for the zone by a handoff in progress is used.
+    `away_from`: the node of the zone's live incarnation, which its standby avoids
+    whenever another node can host it. `standby`: the zone has standbys (settings)."""
     if target is None:
         target = zone_target(namespace, zone_id)
     rule = placement_rule(
         closed=closed_nodes(namespace), dying=dying_nodes(), target=target
     )
+    excluded = rule.excluded
+    if away_from is not None:
+        excluded = standby_exclusions(
+            excluded, away_from, zone_hosts(resource_units, excluded)
+        )
     return zone_actor_options(
         zone_id,
         namespace,
         resource_units=resource_units,
         node_id=rule.target,
-        excluded=rule.excluded,
+        excluded=excluded,
+        slot=slot,
+        standby=standby,
     )
+
+
+def standby_exclusions(
+    excluded: frozenset[str], live_node: str, hosts: Collection[str]
+) -> frozenset[str]:
+    """A standby shares no node with its live incarnation, so one lost node never takes
+    both; on a single host (a laptop) it shares it, and still covers a crashed process."""
+    if any(node != live_node for node in hosts):
+        return excluded | {live_node}
+    return excluded
+
+
+def zone_hosts(resource_units: float, excluded: Collection[str]) -> list[str]:
+    """Alive nodes that can host a zone actor and are not excluded."""
+    nodes: list[dict[str, Any]] = ray.nodes()  # type: ignore[no-untyped-call]
+    return sorted(
+        str(n["NodeID"])
+        for n in nodes
+        if n["Alive"]
+        and n["NodeID"] not in excluded
+        and (
+            resource_units <= 0
+            or n["Resources"].get(ZONE_RESOURCE, 0) >= resource_units
+        )
+    )
+
+
+def live_slot(namespace: str, zone_id: str) -> ZoneSlot:
+    """The slot whose incarnation holds the zone (`a` until a standby took over)."""
+    raw: bytes | None = internal_kv._internal_kv_get(
+        _live_key(namespace, zone_id), namespace=KV_NAMESPACE
+    )
+    return "b" if raw == b"b" else "a"
+
+
+def set_live_slot(namespace: str, zone_id: str, slot: ZoneSlot) -> None:
+    """Hand the zone to `slot`'s incarnation: from now on only it may take the zone
+    (a new epoch fences the other's writes once it does)."""
+    internal_kv._internal_kv_put(
+        _live_key(namespace, zone_id),
+        slot.encode(),
+        overwrite=True,
+        namespace=KV_NAMESPACE,
+    )
+
+
+def standby_slot(namespace: str, zone_id: str) -> ZoneSlot:
+    return other_slot(live_slot(namespace, zone_id))
 
 
 def set_zone_target(namespace: str, zone_id: str, node_id: str) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Collection
-from typing import Any
+from typing import Any, Literal
 
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -20,8 +20,18 @@ NODE_ID_LABEL = "ray.io/node-id"
 ZONE_MAX_CONCURRENCY = 8
 
 
-def zone_actor_name(zone_id: str) -> str:
-    return f"zone:{zone_id}"
+# With standbys on (settings.zone_standby), each zone has two incarnations, one per slot:
+# `a` is the zone's first and only one without standbys; `b` its standby. Which slot
+# holds the zone is kept in Ray's KV (actors/hosting.py, `live_slot`); the other waits.
+ZoneSlot = Literal["a", "b"]
+
+
+def zone_actor_name(zone_id: str, slot: ZoneSlot = "a") -> str:
+    return f"zone:{zone_id}" if slot == "a" else f"zone-b:{zone_id}"
+
+
+def other_slot(slot: ZoneSlot) -> ZoneSlot:
+    return "b" if slot == "a" else "a"
 
 
 def zone_actor_options(
@@ -31,18 +41,23 @@ def zone_actor_options(
     resource_units: float = 0.0,
     node_id: str | None = None,
     excluded: Collection[str] = (),
+    slot: ZoneSlot = "a",
+    standby: bool = False,
 ) -> dict[str, Any]:
     """Options for creating (or finding) a zone's actor; `node_id` pins a new
     incarnation to that node when it still has room (rebalancing); `excluded` nodes
     (closed to zones, or dying) never host it, not even when Ray restarts it."""
     options: dict[str, Any] = {
-        "name": zone_actor_name(zone_id),
+        "name": zone_actor_name(zone_id, slot),
         "namespace": namespace,
         "get_if_exists": True,
         # Detached: zones outlive any one ingress replica and are shared by all.
         "lifetime": "detached",
-        # A dead zone restarts forever; its constructor rebuilds from PostgreSQL.
-        "max_restarts": -1,
+        # A dead zone restarts forever; its constructor rebuilds from PostgreSQL. With
+        # standbys it is not restarted: its standby takes the zone, and the ingress
+        # keepers start a new standby once the zone serves again, so that no process
+        # start competes for the CPU with the takeover (api/standby.py).
+        "max_restarts": 0 if standby else -1,
         # Calls are not retried by Ray: the ingress retries with its own bounded
         # policy, and every method is idempotent (sellerOrderId, ping recordedAt).
         "max_task_retries": 0,

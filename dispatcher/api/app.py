@@ -28,6 +28,7 @@ from dispatcher.api.problems import problem_middleware
 from dispatcher.api.routes import deliveries, drivers, events, offers, ops, opspage
 from dispatcher.api.service import Dispatcher
 from dispatcher.api.spec import RouteSpec
+from dispatcher.api.standby import StandbyKeeper
 from dispatcher.api.zoneclient import ZoneDirectory
 from dispatcher.api.zonerouter import ZoneRouter
 from dispatcher.config import ResolvedSettings
@@ -81,7 +82,7 @@ def create_app(
     opspage.add_page_routes(app)
 
     directory = zones or ZoneDirectory(settings)
-    metrics.count_zone_retries(lambda: directory.retries)
+    metrics.count_zone_retries(lambda: directory.retries, lambda: directory.failovers)
     app.cleanup_ctx.extend(
         [
             _postgres,
@@ -156,11 +157,17 @@ def _dispatcher(
             # Pings are refused until it is back: try again every second at most.
             max_backoff_s=1.0,
         )
-        listener = asyncio.create_task(changes.run_forever(), name="driver-changes")
+        tasks = [asyncio.create_task(changes.run_forever(), name="driver-changes")]
+        if s.zone_standby:
+            keeper = StandbyKeeper(
+                s, directory.settings_json, lambda: directory.zone_ids
+            )
+            tasks.append(asyncio.create_task(keeper.run_forever(), name="standbys"))
         yield
-        listener.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await listener
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         await dispatcher.close()
 
     return context

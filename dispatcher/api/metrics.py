@@ -34,6 +34,9 @@ LATENCY_BUCKETS = (
 )
 
 
+FAILOVERS_HELP = (
+    "zones this ingress handed to their standby after the live incarnation died"
+)
 RETRIES_HELP = (
     "zone actor calls retried because the zone restarted, moved or was fenced"
 )
@@ -105,11 +108,16 @@ class Metrics:
             child = self._ping_children[verdict] = self.pings.labels(verdict)
         child.inc(n)
 
-    def count_zone_retries(self, read: Callable[[], int]) -> None:
-        """Expose the ingress's retried zone calls (a zone restarted, moved or was fenced),
-        read when scraped."""
+    def count_zone_retries(
+        self, read: Callable[[], int], failovers: Callable[[], int]
+    ) -> None:
+        """Expose the ingress's retried zone calls (a zone restarted, moved or was fenced)
+        and the zones it handed to their standby, read when scraped."""
         self.registry.register(
             _ReadOnScrape("dispatcher_zone_call_retries", RETRIES_HELP, read)
+        )
+        self.registry.register(
+            _ReadOnScrape("dispatcher_zone_failovers", FAILOVERS_HELP, failovers)
         )
 
     def count_ping_writes(

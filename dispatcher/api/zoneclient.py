@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
@@ -13,8 +14,13 @@ import ray
 from ray.actor import ActorProxy
 from ray.exceptions import RayActorError, RayTaskError
 
-from dispatcher.actors.hosting import zone_placement, zone_target
-from dispatcher.actors.options import zone_actor_name
+from dispatcher.actors.hosting import (
+    live_slot,
+    set_live_slot,
+    zone_placement,
+    zone_target,
+)
+from dispatcher.actors.options import ZoneSlot, other_slot, zone_actor_name
 from dispatcher.actors.zone import ZoneActor, ZoneActorRemote
 from dispatcher.config import ResolvedSettings
 from dispatcher.errors import DispatchError, StaleEpochError, ZoneUnavailableError
@@ -44,6 +50,17 @@ HANDOFF_WAIT_S = 30.0
 
 ACTOR_REDACTED = ("admin_token", "inbound_secret", "vendure_webhook_secret")
 
+# Ray holds a call that failed on a vanished process for up to 1 s (its default), waiting
+# for the GCS to say why, before failing it; 0 fails it at once, so a zone's standby takes
+# over that much sooner (KubeRay sets the same for its RayService). Read by this process's
+# Ray core worker when Ray is initialised; an operator's own value wins.
+FAIL_FAST_ENV = ("RAY_timeout_ms_task_wait_for_death_info", "0")
+
+
+def fail_fast_on_dead_zones() -> None:
+    """Call before ray.init() in a process that calls zones (the ingress)."""
+    os.environ.setdefault(*FAIL_FAST_ENV)
+
 
 class ZoneDirectory:
     """Get-or-create zone actors by name and call them.
@@ -59,29 +76,51 @@ class ZoneDirectory:
         redacted = settings.model_copy(update=dict.fromkeys(ACTOR_REDACTED, "redacted"))
         self._settings_json = redacted.model_dump_json()
         self._handles: dict[str, ActorProxy[ZoneActor]] = {}
+        # Which slot each cached handle is (always `a` without standbys).
+        self._slots: dict[str, ZoneSlot] = {}
         # Calls retried after a zone died, moved or was fenced (tests, metrics).
         self.retries = 0
-        self._creating: dict[str, asyncio.Task[ActorProxy[ZoneActor]]] = {}
+        # Zones this ingress handed to their standby after the live incarnation died.
+        self.failovers = 0
+        self._creating: dict[
+            str, asyncio.Task[tuple[ActorProxy[ZoneActor], ZoneSlot]]
+        ] = {}
+        self._failing_over: dict[str, asyncio.Task[bool]] = {}
+
+    @property
+    def settings_json(self) -> str:
+        """What a zone actor is created with (secrets it does not use redacted)."""
+        return self._settings_json
 
     @property
     def zone_ids(self) -> list[str]:
         return sorted(self._handles)
 
-    def _get_or_create(self, zone_id: str) -> ActorProxy[ZoneActor]:
+    def _get_or_create(self, zone_id: str) -> tuple[ActorProxy[ZoneActor], ZoneSlot]:
+        namespace = self.settings.ray_namespace
+        if self.settings.zone_standby and live_slot(namespace, zone_id) == "b":
+            # The standby took the zone; slot `a` is the standby now (the keepers start it).
+            try:
+                return ray.get_actor(zone_actor_name(zone_id, "b"), namespace), "b"
+            except ValueError:
+                # Gone for good (killed by an operator): slot `a` takes the zone again.
+                set_live_slot(namespace, zone_id, "a")
         # Read at every creation (rare: the handle is cached until a call fails), so a
         # zone re-created while its node is drained neither lands there nor on any node
         # closed before, and one re-created during a handoff starts where it is handed to.
         options = zone_placement(
             zone_id,
-            self.settings.ray_namespace,
+            namespace,
             resource_units=self.settings.zone_resource_units,
+            standby=self.settings.zone_standby,
         )
-        return ZoneActorRemote.options(**options).remote(zone_id, self._settings_json)
+        handle = ZoneActorRemote.options(**options).remote(zone_id, self._settings_json)
+        return handle, "a"
 
     async def _handle(self, zone_id: str) -> ActorProxy[ZoneActor]:
-        handle = self._handles.get(zone_id)
-        if handle is not None:
-            return handle
+        cached = self._handles.get(zone_id)
+        if cached is not None:
+            return cached
         # Creating or looking up a named actor is a blocking GCS round trip; concurrent
         # first requests for one zone share a single one instead of racing for the name.
         task = self._creating.get(zone_id)
@@ -89,9 +128,65 @@ class ZoneDirectory:
             task = asyncio.create_task(asyncio.to_thread(self._get_or_create, zone_id))
             self._creating[zone_id] = task
             task.add_done_callback(lambda _: self._creating.pop(zone_id, None))
-        handle = await asyncio.shield(task)
+        handle, slot = await asyncio.shield(task)
         self._handles[zone_id] = handle
+        self._slots[zone_id] = slot
         return handle
+
+    def _forget(self, zone_id: str) -> ZoneSlot:
+        """Drop the cached handle; returns the slot it was."""
+        self._handles.pop(zone_id, None)
+        return self._slots.pop(zone_id, "a")
+
+    async def _fail_over(self, zone_id: str, dead: ZoneSlot, since: float) -> bool:
+        """The incarnation in slot `dead` died: hand the zone to its standby, which is
+        already running and takes it with a new epoch (about the time to rebuild the
+        shard), instead of waiting for Ray to start a new process. False if there is
+        no standby to take it (then the call waits for Ray's restart, as without).
+        The calls that met the death together share one takeover."""
+        if not self.settings.zone_standby:
+            return False
+        task = self._failing_over.get(zone_id)
+        if task is None:
+            task = asyncio.create_task(self._take_over(zone_id, dead, since))
+            self._failing_over[zone_id] = task
+            task.add_done_callback(lambda _: self._failing_over.pop(zone_id, None))
+        return await asyncio.shield(task)
+
+    async def _take_over(self, zone_id: str, dead: ZoneSlot, since: float) -> bool:
+        if await self._in_handoff(zone_id, since):
+            # A handoff moves the zone on purpose; its successor is on its way.
+            return False
+        namespace, standby = self.settings.ray_namespace, other_slot(dead)
+        try:
+            handle: ActorProxy[ZoneActor] = await asyncio.to_thread(
+                ray.get_actor, zone_actor_name(zone_id, standby), namespace
+            )
+        except ValueError:
+            return False
+        # Unless another replica already did: only the slot the KV names may take it.
+        live = await asyncio.to_thread(live_slot, namespace, zone_id)
+        if live == dead:
+            await asyncio.to_thread(set_live_slot, namespace, zone_id, standby)
+        try:
+            async with asyncio.timeout(self.settings.actor_call_timeout_s):
+                await handle.warm.remote()
+        except (RayActorError, RayTaskError, TimeoutError) as exc:
+            # The standby is down too, restarting, or on a closed node: the zone goes
+            # back to the slot Ray restarts.
+            log.warning(
+                "zone %s: standby %s could not take over: %s", zone_id, standby, exc
+            )
+            if await asyncio.to_thread(live_slot, namespace, zone_id) == standby:
+                await asyncio.to_thread(set_live_slot, namespace, zone_id, dead)
+            return False
+        log.warning(
+            "zone %s: slot %s died, standby %s took over", zone_id, dead, standby
+        )
+        self.failovers += 1
+        self._handles[zone_id] = handle
+        self._slots[zone_id] = standby
+        return True
 
     async def _call(
         self, zone_id: str, invoke: Callable[[ActorProxy[ZoneActor]], Awaitable[T]]
@@ -116,17 +211,16 @@ class ZoneDirectory:
                 async with asyncio.timeout(self.settings.actor_call_timeout_s):
                     return await invoke(handle)
             except RayTaskError as exc:
-                cause = exc.cause
-                if isinstance(cause, DispatchError):
-                    raise cause from None
-                if not isinstance(cause, StaleEpochError):
-                    raise
-                last = cause
-                self._handles.pop(zone_id, None)
-            except (RayActorError, ValueError) as exc:
-                # The actor died or is restarting (ValueError: a name not found yet).
+                last = _stale_epoch_or_raise(exc)
+                self._forget(zone_id)
+            except RayActorError as exc:
+                # The actor died or is restarting: its standby, if any, takes the zone.
                 last = exc
-                self._handles.pop(zone_id, None)
+                await self._fail_over(zone_id, self._forget(zone_id), started)
+            except ValueError as exc:
+                # A name not found yet (the actor is being created).
+                last = exc
+                self._forget(zone_id)
             except TimeoutError as exc:
                 # A successor still starting queues calls; only a zone not in handoff is hung.
                 if not await self._in_handoff(zone_id, started):
@@ -172,12 +266,29 @@ class ZoneDirectory:
 
     async def shutdown_all(self, zone_ids: Sequence[str]) -> None:
         """Close every zone's connections; used when this process owns the Ray instance."""
+        slots: tuple[ZoneSlot, ...] = (
+            ("a", "b") if self.settings.zone_standby else ("a",)
+        )
         for zone_id in zone_ids:
-            try:
-                handle = await asyncio.to_thread(
-                    ray.get_actor, zone_actor_name(zone_id), self.settings.ray_namespace
-                )
-                async with asyncio.timeout(5):
-                    await handle.shutdown.remote()
-            except Exception as exc:
-                log.info("zone %s shutdown skipped: %s", zone_id, exc)
+            for slot in slots:
+                try:
+                    handle = await asyncio.to_thread(
+                        ray.get_actor,
+                        zone_actor_name(zone_id, slot),
+                        self.settings.ray_namespace,
+                    )
+                    async with asyncio.timeout(5):
+                        await handle.shutdown.remote()
+                except Exception as exc:
+                    log.info("zone %s/%s shutdown skipped: %s", zone_id, slot, exc)
+
+
+def _stale_epoch_or_raise(exc: RayTaskError) -> StaleEpochError:
+    """A call that met a fenced or standing-by incarnation is retried on the live one;
+    the zone's own refusals (DispatchError) reach the caller as they are."""
+    cause = exc.cause
+    if isinstance(cause, DispatchError):
+        raise cause from None
+    if not isinstance(cause, StaleEpochError):
+        raise exc
+    return cause

@@ -129,6 +129,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 
 def _list(namespace: str, resource_units: float, *, as_json: bool, out: TextIO) -> int:
     found = placements(namespace)
+    standbys = {p.zone_id: p for p in placements(namespace, standbys=True)}
     nodes = node_states(namespace, resource_units)
     if as_json:
         _print(
@@ -136,6 +137,7 @@ def _list(namespace: str, resource_units: float, *, as_json: bool, out: TextIO) 
             json.dumps(
                 {
                     "zones": [dataclasses.asdict(p) for p in found],
+                    "standbys": [dataclasses.asdict(p) for p in standbys.values()],
                     "nodes": [dataclasses.asdict(n) for n in nodes],
                 },
                 indent=2,
@@ -144,12 +146,14 @@ def _list(namespace: str, resource_units: float, *, as_json: bool, out: TextIO) 
         return 0
     _print(
         out,
-        f"{'zone':<17} {'node':<10} {'pid':>7} {'state':<11} {'epoch':>5} {'drivers':>7}",
+        f"{'zone':<17} {'node':<10} {'pid':>7} {'state':<11} {'epoch':>5} {'drivers':>7} {'standby':<10}",
     )
     for p in found:
+        standby = standbys.get(p.zone_id)
+        standby_node = _short(standby.node_id) if standby is not None else "-"
         _print(
             out,
-            f"{p.zone_id:<17} {_short(p.node_id):<10} {p.pid:>7} {p.state:<11} {p.epoch:>5} {p.drivers:>7}",
+            f"{p.zone_id:<17} {_short(p.node_id):<10} {p.pid:>7} {p.state:<11} {p.epoch:>5} {p.drivers:>7} {standby_node:<10}",
         )
     _print(
         out,

@@ -17,10 +17,18 @@ from dispatcher.actors.hosting import (
     closed_nodes,
     dying_nodes,
     excluded_nodes,
+    live_slot,
+    set_live_slot,
     set_zone_target,
+    zone_hosts,
     zone_placement,
 )
-from dispatcher.actors.options import ZONE_RESOURCE, zone_actor_name
+from dispatcher.actors.options import (
+    ZONE_RESOURCE,
+    ZoneSlot,
+    other_slot,
+    zone_actor_name,
+)
 from dispatcher.actors.zone import ZoneActorRemote
 from dispatcher.config import ResolvedSettings
 from dispatcher.errors import StaleEpochError
@@ -58,21 +66,6 @@ class MoveResult:
 def alive_nodes() -> list[dict[str, Any]]:
     nodes: list[dict[str, Any]] = ray.nodes()  # type: ignore[no-untyped-call]
     return [n for n in nodes if n["Alive"]]
-
-
-def zone_nodes(
-    resource_units: float, excluded: frozenset[str] = frozenset()
-) -> list[str]:
-    """Alive nodes able to host a zone actor and not closed to zones."""
-    return sorted(
-        n["NodeID"]
-        for n in alive_nodes()
-        if n["NodeID"] not in excluded
-        and (
-            resource_units <= 0
-            or n["Resources"].get(ZONE_RESOURCE, 0) >= resource_units
-        )
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,32 +109,45 @@ def resolve_node(prefix: str) -> str:
 
 
 def zone_ids(namespace: str) -> list[str]:
-    """Every zone with a named actor in the namespace."""
-    return sorted(
-        entry["name"][len(ZONE_PREFIX) :]
-        for entry in ray.util.list_named_actors(all_namespaces=True)
-        if entry["namespace"] == namespace and entry["name"].startswith(ZONE_PREFIX)
-    )
+    """Every zone with a named actor in the namespace (in either slot)."""
+    prefixes = (zone_actor_name("", "a"), zone_actor_name("", "b"))
+    found = set()
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry["namespace"] != namespace:
+            continue
+        for prefix in prefixes:
+            if entry["name"].startswith(prefix):
+                found.add(entry["name"][len(prefix) :])
+    return sorted(found)
 
 
-def _handle(zone_id: str, namespace: str) -> Any:
-    return ray.get_actor(zone_actor_name(zone_id), namespace=namespace)
+def _handle(zone_id: str, namespace: str, slot: ZoneSlot | None = None) -> Any:
+    """The zone's actor in `slot` (default: the live one)."""
+    if slot is None:
+        slot = live_slot(namespace, zone_id)
+    return ray.get_actor(zone_actor_name(zone_id, slot), namespace=namespace)
 
 
-def placements(namespace: str) -> list[ZonePlacement]:
-    """Where each zone actor runs; asked of all of them at once."""
+def placements(namespace: str, *, standbys: bool = False) -> list[ZonePlacement]:
+    """Where each zone's live actor runs (with `standbys`: each zone's standby, for
+    the zones that have one); asked of all of them at once."""
     asked = []
     for zone_id in zone_ids(namespace):
+        slot = live_slot(namespace, zone_id)
+        if standbys:
+            slot = other_slot(slot)
         try:
-            asked.append((zone_id, _handle(zone_id, namespace).where.remote()))
-        except ValueError:  # it went away between the listing and now
+            asked.append(
+                (zone_id, slot, _handle(zone_id, namespace, slot).where.remote())
+            )
+        except ValueError:  # it went away between the listing and now (or no standby)
             continue
     out = []
-    for zone_id, ref in asked:
+    for zone_id, slot, ref in asked:
         try:
             out.append(ray.get(ref, timeout=WHERE_TIMEOUT_S))
         except (GetTimeoutError, RayActorError):
-            out.append(ZonePlacement(zone_id, "", 0, "unreachable", 0, 0))
+            out.append(ZonePlacement(zone_id, "", 0, "unreachable", 0, 0, slot=slot))
     return out
 
 
@@ -162,7 +168,7 @@ def plan(
     excluded = excluded_nodes(namespace)
     nodes = [
         n
-        for n in zone_nodes(resource_units, excluded)
+        for n in zone_hosts(resource_units, excluded)
         if not any(n.startswith(d) for d in draining)
     ]
     moves = plan_rebalance(where, nodes)
@@ -181,24 +187,36 @@ def move_zone(
 
     The old incarnation finishes its in-flight calls and then refuses calls (the ingress
     retries them); it is killed; the new one takes the zone with a higher epoch and
-    rebuilds its shard and mirror from PostgreSQL before this returns.
+    rebuilds its shard and mirror from PostgreSQL before this returns. With standbys,
+    the new incarnation is the zone's standby, started on the target (if it is not
+    there already) while the old one still serves: the zone stops only to drain and
+    be taken, not to start a process.
     """
     started = time.monotonic()
     deadline = started + timeout_s
-    old = _handle(move.zone_id, namespace)
-    epoch_before = ray.get(old.where.remote(), timeout=WHERE_TIMEOUT_S).epoch
+    slot = live_slot(namespace, move.zone_id)
+    old = _handle(move.zone_id, namespace, slot)
+    before: ZonePlacement = ray.get(old.where.remote(), timeout=WHERE_TIMEOUT_S)
+    settings_json: str = ray.get(old.created_with.remote(), timeout=WHERE_TIMEOUT_S)
+    settings = ResolvedSettings.model_validate_json(settings_json)
     # An ingress that re-creates the zone in between (its call met the drained
-    # incarnation) starts it on the target too, never back on the source.
+    # incarnation) starts it on the target too, never back on the source; ingress
+    # keepers leave its standby alone until the move is over.
     set_zone_target(namespace, move.zone_id, move.target)
     try:
-        # The successor must run with the settings the ingress gave this zone.
-        settings_json: str = ray.get(old.drain.remote(), timeout=timeout_s)
-        ray.kill(old, no_restart=True)
-        units = ResolvedSettings.model_validate_json(settings_json).zone_resource_units
-        options = zone_placement(
-            move.zone_id, namespace, resource_units=units, target=move.target
-        )
-        after = _start_successor(move.zone_id, options, settings_json, deadline)
+        if settings.zone_standby:
+            successor = _standby_on_target(
+                move, namespace, other_slot(slot), settings_json, before, deadline
+            )
+            ray.get(old.drain.remote(), timeout=max(0.1, deadline - time.monotonic()))
+            set_live_slot(namespace, move.zone_id, other_slot(slot))
+            after = _take(move.zone_id, successor, deadline)
+            # The keepers start a new standby away from the zone's new node.
+            ray.kill(old, no_restart=True)
+        else:
+            ray.get(old.drain.remote(), timeout=timeout_s)
+            ray.kill(old, no_restart=True)
+            after = _start_successor(move, namespace, slot, settings_json, deadline)
     finally:
         clear_zone_target(namespace, move.zone_id)
     return MoveResult(
@@ -206,14 +224,27 @@ def move_zone(
         move.source,
         move.target,
         after.node_id,
-        epoch_before,
+        before.epoch,
         after.epoch,
         time.monotonic() - started,
     )
 
 
+def _create(move: Move, namespace: str, slot: ZoneSlot, settings_json: str) -> Any:
+    settings = ResolvedSettings.model_validate_json(settings_json)
+    options = zone_placement(
+        move.zone_id,
+        namespace,
+        resource_units=settings.zone_resource_units,
+        target=move.target,
+        slot=slot,
+        standby=settings.zone_standby,
+    )
+    return ZoneActorRemote.options(**options).remote(move.zone_id, settings_json, slot)
+
+
 def _start_successor(
-    zone_id: str, options: dict[str, Any], settings_json: str, deadline: float
+    move: Move, namespace: str, slot: ZoneSlot, settings_json: str, deadline: float
 ) -> ZonePlacement:
     # Until the GCS has seen the old process die, its name still resolves to it and the
     # "successor" we get is the drained one: ask again until a live one takes the zone.
@@ -221,7 +252,23 @@ def _start_successor(
     # on the zone's target as well (set_zone_target), or elsewhere if the target filled
     # up or died meanwhile, and the result says where.
     while True:
-        handle = ZoneActorRemote.options(**options).remote(zone_id, settings_json)
+        handle = _create(move, namespace, slot, settings_json)
+        try:
+            return _take(move.zone_id, handle, deadline, once=True)
+        except (RayActorError, RayTaskError) as exc:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"zone {move.zone_id}: no successor started in time"
+                ) from exc
+            time.sleep(0.02)
+
+
+def _take(
+    zone_id: str, handle: Any, deadline: float, *, once: bool = False
+) -> ZonePlacement:
+    """Have `handle` take the zone (epoch, shard, mirror); a call that meets a drained
+    or still-dying incarnation (StaleEpochError, RayActorError) is asked again."""
+    while True:
         try:
             placement: ZonePlacement = ray.get(
                 handle.warm.remote(), timeout=max(0.1, deadline - time.monotonic())
@@ -232,11 +279,49 @@ def _start_successor(
                 exc.cause, StaleEpochError
             ):
                 raise
+            if once:
+                raise
             if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"zone {zone_id}: no successor started in time"
-                ) from exc
+                raise RuntimeError(f"zone {zone_id}: not taken in time") from exc
             time.sleep(0.02)
+
+
+def _standby_on_target(
+    move: Move,
+    namespace: str,
+    slot: ZoneSlot,
+    settings_json: str,
+    live: ZonePlacement,
+    deadline: float,
+) -> Any:
+    """The zone's standby, running on the move's target: the one there is kept, one
+    elsewhere is replaced. One this creates may land on another open node if the target
+    filled up or died meanwhile (never on the live one's node or a closed one)."""
+    created = False
+    while time.monotonic() < deadline:
+        try:
+            handle = _handle(move.zone_id, namespace, slot)
+            where: ZonePlacement = ray.get(
+                handle.where.remote(), timeout=WHERE_TIMEOUT_S
+            )
+        except ValueError:
+            _create(move, namespace, slot, settings_json)
+            created = True
+            continue
+        except (GetTimeoutError, RayActorError):
+            # Starting, or a killed one whose name still resolves: ask again.
+            time.sleep(0.05)
+            continue
+        landed_well = where.node_id == move.target or (
+            created
+            and where.node_id != live.node_id
+            and where.node_id not in excluded_nodes(namespace)
+        )
+        if landed_well and where.state in ("idle", "fenced"):
+            return handle
+        ray.kill(handle, no_restart=True)
+        time.sleep(0.05)
+    raise RuntimeError(f"zone {move.zone_id}: no standby started on the target in time")
 
 
 def rebalance(

@@ -14,9 +14,12 @@ import pytest
 
 from dispatcher.config import ResolvedSettings
 from tests.support.cluster import (
+    ClusterStack,
     assert_webhooks_exactly_once,
     cluster_stack,
+    counter_total,
     placements,
+    standbys,
     zone_call_retries,
     zones_command,
 )
@@ -184,6 +187,95 @@ async def test_rebalance_onto_added_nodes_then_draining_one_hands_zones_over_cle
         assert retries > 0, "no call met a handoff: the load did not overlap the moves"
         # A clean handoff: the ingress retried the calls it held back, no client saw an error.
         assert not load.retried, load.retried
+        await load.assert_nothing_lost(own_pool)
+        await assert_booking_invariants(own_pool)
+        await assert_webhooks_exactly_once(own_pool, scripted_receiver, load)
+
+
+async def standing_by(stack: ClusterStack) -> dict[str, dict[str, Any]]:
+    """Each zone's standby, once every zone has one idle on another node than its live
+    incarnation (the ingresses' keepers place them within a few passes)."""
+    found: dict[str, dict[str, Any]] = {}
+
+    async def all_apart() -> bool:
+        live, spare = await placements(stack.env), await standbys(stack.env)
+        found.clear()
+        found.update(spare)
+        return set(spare) == set(live) and all(
+            spare[z]["state"] == "idle" and spare[z]["node_id"] != live[z]["node_id"]
+            for z in live
+        )
+
+    await wait_until(all_apart, within_s=600, interval_s=1.0, what="standbys placed")
+    return found
+
+
+async def test_node_lost_with_standbys_its_zones_are_taken_by_their_running_standbys(
+    fault_settings: Callable[..., ResolvedSettings],
+    own_pool: asyncpg.Pool,
+    scripted_receiver: ScriptedReceiver,
+    tmp_path: Path,
+    recovery: Callable[[str, float], None],
+) -> None:
+    async with cluster_stack(3, fault_settings, tmp_path, zone_standby=True) as stack:
+        load = stack.load
+        async with load.running():
+            await asyncio.sleep(1)
+            spare = await standing_by(stack)
+            before = await placements(stack.env)
+            hosts = Counter(p["node_id"] for p in before.values())
+            victim, _ = hosts.most_common(1)[0]
+            lost = sorted(z for z, p in before.items() if p["node_id"] == victim)
+            await asyncio.sleep(2)
+            lost_at, lost_at_unix = time.monotonic(), time.time()
+            await asyncio.to_thread(stack.cluster.lose_worker, victim)
+            gone_s = time.monotonic() - lost_at
+            # One probe per lost zone, sent as the node goes and retried every 50 ms: when
+            # each zone answers an order again (the load's own orders sample too coarsely).
+            probes = await asyncio.gather(
+                *(load.order(zone, retry_s=0.05) for zone in lost)
+            )
+            assert all(p.status == 200 for p in probes), [p.body for p in probes]
+            await asyncio.sleep(2)
+
+        recovery(
+            f"standby: node lost ({len(lost)} of {len(before)} zones) -> all answer",
+            max(p.done_at for p in probes) - lost_at,
+        )
+        recovery("standby: node lost: its processes killed after", gone_s)
+        after = await placements(stack.env)
+        dead_at = stack.cluster.node_dead_at(victim)
+        assert dead_at is not None, "the GCS never logged the node dead"
+        recovery("standby: node lost -> GCS declares it dead", dead_at - lost_at_unix)
+        recovery(
+            "standby: node lost -> last standby active",
+            max(after[z]["active_at"] for z in lost) - lost_at_unix,
+        )
+        for zone_id in lost:
+            # The standby's own process took the zone: no process was started for it.
+            assert after[zone_id]["pid"] == spare[zone_id]["pid"], zone_id
+            assert (
+                after[zone_id]["slot"]
+                == spare[zone_id]["slot"]
+                != before[zone_id]["slot"]
+            )
+            assert after[zone_id]["node_id"] in stack.cluster.workers
+            assert after[zone_id]["state"] == "active"
+            assert after[zone_id]["epoch"] == before[zone_id]["epoch"] + 1
+        epochs = {
+            r["zone_id"]: r["epoch"]
+            for r in await own_pool.fetch("SELECT zone_id, epoch FROM zones")
+        }
+        assert all(epochs[z] == after[z]["epoch"] for z in after), (
+            "PostgreSQL's epoch is the live one's"
+        )
+        failovers = await counter_total(stack.apis, "dispatcher_zone_failovers_total")
+        print(
+            f"node loss with standbys: {len(load.orders)} orders, {len(load.pings)} pings, "
+            f"{failovers} failovers, clients retried {dict(load.retried)}"
+        )
+        assert failovers >= len(lost)
+        assert len(load.orders) > 20 and len(load.pings) > 100, "the load did not flow"
         await load.assert_nothing_lost(own_pool)
         await assert_booking_invariants(own_pool)
         await assert_webhooks_exactly_once(own_pool, scripted_receiver, load)

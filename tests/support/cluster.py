@@ -93,14 +93,25 @@ async def placements(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
         await asyncio.sleep(0.5)
 
 
+async def standbys(env: Mapping[str, str]) -> dict[str, dict[str, Any]]:
+    """zone id -> its standby's `dispatcher zones list` entry (zones that have one)."""
+    listing = await zones_command(env, "list")
+    return {z["zone_id"]: z for z in listing["standbys"]}
+
+
 async def zone_call_retries(apis: Sequence[Api]) -> int:
     """Zone calls the ingress replicas retried (a zone restarted, moved or was fenced)."""
+    return await counter_total(apis, "dispatcher_zone_call_retries_total")
+
+
+async def counter_total(apis: Sequence[Api], name: str) -> int:
+    """A counter of /metrics summed over the ingress replicas."""
     total = 0.0
     for api in apis:
         resp = await api.client.get("/metrics", headers=api.admin)
         assert resp.status == 200
         for line in (await resp.text()).splitlines():
-            if line.startswith("dispatcher_zone_call_retries_total "):
+            if line.startswith(f"{name} "):
                 total += float(line.split()[1])
     return int(total)
 
@@ -157,7 +168,9 @@ class SteadyLoad:
         for start in range(0, len(jobs), 20):
             await asyncio.gather(*jobs[start : start + 20])
 
-    async def _until_answered(self, sent: Sent, request: Any) -> None:
+    async def _until_answered(
+        self, sent: Sent, request: Any, retry_s: float = 0.2
+    ) -> None:
         """Retry one request (same body, same id) until it gets a final answer."""
         while True:
             try:
@@ -167,12 +180,12 @@ class SteadyLoad:
             except (aiohttp.ClientError, TimeoutError) as exc:
                 self.retried[type(exc).__name__] += 1
                 sent.retries += 1
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(retry_s)
                 continue
             if status in RETRYABLE_STATUS:
                 self.retried[str(status)] += 1
                 sent.retries += 1
-                await asyncio.sleep(0.2)
+                await asyncio.sleep(retry_s)
                 continue
             sent.status, sent.done_at = status, time.monotonic()
             sent.body = json.loads(raw) if raw else {}
@@ -180,21 +193,26 @@ class SteadyLoad:
 
     async def order_worker(self, interval_s: float) -> None:
         while not self.stop.is_set():
-            cell = self.rng.choice(self.cells)
-            pickup = point_in(self.rng, self.zoning, cell)
-            seller_order_id = "SO-" + uuid.uuid4().hex[:12]
-            sent = Sent(cell, time.monotonic())
-            self.orders[seller_order_id] = sent
-            await self._until_answered(
-                sent,
-                functools.partial(
-                    Api.order,
-                    seller_order_id=seller_order_id,
-                    lat=pickup[0],
-                    lon=pickup[1],
-                ),
-            )
+            await self.order(self.rng.choice(self.cells))
             await asyncio.sleep(interval_s)
+
+    async def order(self, cell: str, retry_s: float = 0.2) -> Sent:
+        """One order picked up in `cell`, retried until it gets its final answer."""
+        pickup = point_in(self.rng, self.zoning, cell)
+        seller_order_id = "SO-" + uuid.uuid4().hex[:12]
+        sent = Sent(cell, time.monotonic())
+        self.orders[seller_order_id] = sent
+        await self._until_answered(
+            sent,
+            functools.partial(
+                Api.order,
+                seller_order_id=seller_order_id,
+                lat=pickup[0],
+                lon=pickup[1],
+            ),
+            retry_s,
+        )
+        return sent
 
     async def ping_worker(self, interval_s: float) -> None:
         ids = sorted(self.drivers)
@@ -306,7 +324,10 @@ class ClusterStack:
 
 @contextlib.asynccontextmanager
 async def cluster_stack(
-    workers: int, make_settings: Callable[..., ResolvedSettings], tmp_path: Path
+    workers: int,
+    make_settings: Callable[..., ResolvedSettings],
+    tmp_path: Path,
+    **overrides: Any,
 ) -> AsyncIterator[ClusterStack]:
     """`workers` worker nodes, REPLICAS `dispatcher serve` processes sharing the zones,
     and drivers online in the seven zones around Berlin."""
@@ -320,6 +341,7 @@ async def cluster_stack(
             zone_resource_units=1,
             heartbeat_ttl_s=600,
             search_radius_km=8.0,
+            **overrides,
         )
         env = serve_env(settings, port=0)
         for n in range(REPLICAS):

@@ -178,6 +178,7 @@ def serve_env(settings: ResolvedSettings, *, port: int) -> dict[str, str]:
         "SEARCH_RADIUS_KM": settings.search_radius_km,
         "ZONE_RESOLUTION": settings.zone_resolution,
         "ZONE_RESOURCE_UNITS": settings.zone_resource_units,
+        "ZONE_STANDBY": str(settings.zone_standby).lower(),
         "SWEEP_INTERVAL_S": settings.sweep_interval_s,
         "RECONCILE_INTERVAL_S": settings.reconcile_interval_s,
         "WEBHOOK_TIMEOUT_S": settings.webhook_timeout_s,

@@ -15,9 +15,10 @@ from aiohttp.test_utils import TestClient, TestServer
 from redis.asyncio import Redis
 
 from dispatcher.actors.core import ZoneCore
+from dispatcher.actors.options import zone_actor_name
 from dispatcher.api.app import create_app
 from dispatcher.api.http_server import IngressRunner
-from dispatcher.api.zoneclient import ZoneDirectory
+from dispatcher.api.zoneclient import ZoneDirectory, fail_fast_on_dead_zones
 from dispatcher.config import ResolvedSettings
 from dispatcher.store.deliveries import DeliveryStore
 from dispatcher.store.drivers import DriverStore
@@ -52,6 +53,7 @@ class IngressTestServer(TestServer):
 def ray_session() -> Iterator[None]:
     """Ray starts once per session (about 5 s and 1.7 GB): never per test."""
     if not ray.is_initialized():
+        fail_fast_on_dead_zones()  # as `dispatcher serve` does
         ray.init(
             # Never attach to another session's cluster that ray.init() would autodetect.
             address="local",
@@ -68,7 +70,9 @@ def ray_session() -> Iterator[None]:
 def kill_zone_actors() -> None:
     """Zone actors are detached: end them so the next test starts from PostgreSQL."""
     for entry in ray.util.list_named_actors(all_namespaces=True):
-        if entry["name"].startswith("zone:"):
+        if entry["name"].startswith(
+            (zone_actor_name("", "a"), zone_actor_name("", "b"))
+        ):
             with contextlib.suppress(ValueError):
                 ray.kill(
                     ray.get_actor(entry["name"], namespace=entry["namespace"]),

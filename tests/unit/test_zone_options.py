@@ -97,3 +97,31 @@ def test_a_handoff_onto_a_node_closed_meanwhile_goes_to_any_open_node(
     options = hosting.zone_placement("z", "ns", resource_units=1, target=NODE_C)
     assert options["scheduling_strategy"] == "SPREAD"
     assert options["label_selector"] == {NODE_ID_LABEL: f"!in({NODE_C})"}
+
+
+def test_a_standby_avoids_its_live_incarnations_node_when_another_can_host_it() -> None:
+    excluded = frozenset({NODE_C})
+    assert hosting.standby_exclusions(excluded, NODE_A, [NODE_A, NODE_B]) == {
+        NODE_A,
+        NODE_C,
+    }
+
+
+def test_on_a_single_host_the_standby_shares_the_live_ones_node() -> None:
+    # A laptop: still a second process, which covers a crashed zone process.
+    assert hosting.standby_exclusions(frozenset(), NODE_A, [NODE_A]) == frozenset()
+
+
+def test_a_standby_is_named_for_its_slot_and_placed_by_the_same_rule(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fake_cluster(monkeypatch, closed={NODE_C}, dying=set(), published=None)
+    monkeypatch.setattr(
+        hosting, "zone_hosts", lambda _units, _excluded: [NODE_A, NODE_B]
+    )
+    options = hosting.zone_placement(
+        "z", "ns", resource_units=1, slot="b", away_from=NODE_A
+    )
+    assert options["name"] == "zone-b:z"
+    assert options["label_selector"] == {NODE_ID_LABEL: f"!in({NODE_A},{NODE_C})"}
+    assert options["get_if_exists"] and options["max_restarts"] == -1
