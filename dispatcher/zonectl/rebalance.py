@@ -230,7 +230,13 @@ def move_zone(
     )
 
 
-def _create(move: Move, namespace: str, slot: ZoneSlot, settings_json: str) -> Any:
+def _create(
+    move: Move,
+    namespace: str,
+    slot: ZoneSlot,
+    settings_json: str,
+    away_from: str | None = None,
+) -> Any:
     settings = ResolvedSettings.model_validate_json(settings_json)
     options = zone_placement(
         move.zone_id,
@@ -238,6 +244,7 @@ def _create(move: Move, namespace: str, slot: ZoneSlot, settings_json: str) -> A
         resource_units=settings.zone_resource_units,
         target=move.target,
         slot=slot,
+        away_from=away_from,
         standby=settings.zone_standby,
     )
     return ZoneActorRemote.options(**options).remote(move.zone_id, settings_json, slot)
@@ -305,7 +312,9 @@ def _standby_on_target(
                 handle.where.remote(), timeout=WHERE_TIMEOUT_S
             )
         except ValueError:
-            _create(move, namespace, slot, settings_json)
+            # Off the live one's node, unless the move restarts the zone in place (--all).
+            away = None if move.target == live.node_id else live.node_id
+            _create(move, namespace, slot, settings_json, away_from=away)
             created = True
             continue
         except (GetTimeoutError, RayActorError):
