@@ -24,6 +24,7 @@ from tests.support.cluster import (
     standbys,
     zone_call_retries,
     zones_command,
+    zones_table,
 )
 from tests.support.faults import ScriptedReceiver, assert_booking_invariants, wait_until
 
@@ -228,6 +229,11 @@ async def test_node_lost_with_standbys_its_zones_are_taken_by_their_running_stan
             await asyncio.sleep(1)
             spare = await standing_by(stack)
             before = await placements(stack.env)
+            # The operator's table names each zone's standby node beside its own.
+            table = await zones_table(stack.env)
+            for zone_id, standby in spare.items():
+                row = next(r for r in table.splitlines() if r.startswith(zone_id))
+                assert row.split()[-1] == standby["node_id"][:8], row
             hosts = Counter(p["node_id"] for p in before.values())
             victim, _ = hosts.most_common(1)[0]
             lost = sorted(z for z, p in before.items() if p["node_id"] == victim)

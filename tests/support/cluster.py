@@ -50,6 +50,25 @@ REPLICAS = 2
 DRIVERS_PER_ZONE = 30
 
 
+async def zones_table(env: Mapping[str, str]) -> str:
+    """`dispatcher zones list` as an operator reads it (the table, not --json)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "dispatcher.cli",
+        "zones",
+        "list",
+        env=dict(env),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    async with asyncio.timeout(WAIT_CEILING_S):
+        out, err = await proc.communicate()
+    assert proc.returncode == 0, err.decode()[-3000:]
+    return out.decode()
+
+
 async def zones_command(
     env: Mapping[str, str], *args: str, timeout_s: float = 900.0, check: bool = True
 ) -> dict[str, Any]:
