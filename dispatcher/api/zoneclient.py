@@ -117,10 +117,11 @@ class ZoneDirectory:
         handle = ZoneActorRemote.options(**options).remote(zone_id, self._settings_json)
         return handle, "a"
 
-    async def _handle(self, zone_id: str) -> ActorProxy[ZoneActor]:
+    async def _handle(self, zone_id: str) -> tuple[ActorProxy[ZoneActor], ZoneSlot]:
+        """The zone's live actor as this ingress knows it, and its slot."""
         cached = self._handles.get(zone_id)
         if cached is not None:
-            return cached
+            return cached, self._slots.get(zone_id, "a")
         # Creating or looking up a named actor is a blocking GCS round trip; concurrent
         # first requests for one zone share a single one instead of racing for the name.
         task = self._creating.get(zone_id)
@@ -131,12 +132,14 @@ class ZoneDirectory:
         handle, slot = await asyncio.shield(task)
         self._handles[zone_id] = handle
         self._slots[zone_id] = slot
-        return handle
+        return handle, slot
 
-    def _forget(self, zone_id: str) -> ZoneSlot:
-        """Drop the cached handle; returns the slot it was."""
-        self._handles.pop(zone_id, None)
-        return self._slots.pop(zone_id, "a")
+    def _forget(self, zone_id: str, handle: ActorProxy[ZoneActor] | None) -> None:
+        """Drop the cached handle if it is still `handle`: a call that began before a
+        takeover must not discard the standby's handle when it fails late."""
+        if handle is not None and self._handles.get(zone_id) is handle:
+            del self._handles[zone_id]
+            self._slots.pop(zone_id, None)
 
     async def _fail_over(self, zone_id: str, dead: ZoneSlot, since: float) -> bool:
         """The incarnation in slot `dead` died: hand the zone to its standby, which is
@@ -206,21 +209,25 @@ class ZoneDirectory:
                 await asyncio.sleep(delay)
             if attempt:
                 self.retries += 1
+            handle: ActorProxy[ZoneActor] | None = None
+            slot: ZoneSlot = "a"
             try:
-                handle = await self._handle(zone_id)
+                handle, slot = await self._handle(zone_id)
                 async with asyncio.timeout(self.settings.actor_call_timeout_s):
                     return await invoke(handle)
             except RayTaskError as exc:
                 last = _stale_epoch_or_raise(exc)
-                self._forget(zone_id)
+                self._forget(zone_id, handle)
             except RayActorError as exc:
-                # The actor died or is restarting: its standby, if any, takes the zone.
+                # The actor died or is restarting: its standby, if any, takes the zone
+                # (the slot is the one this call used, whatever is cached by now).
                 last = exc
-                await self._fail_over(zone_id, self._forget(zone_id), started)
+                self._forget(zone_id, handle)
+                await self._fail_over(zone_id, slot, started)
             except ValueError as exc:
                 # A name not found yet (the actor is being created).
                 last = exc
-                self._forget(zone_id)
+                self._forget(zone_id, handle)
             except TimeoutError as exc:
                 # A successor still starting queues calls; only a zone not in handoff is hung.
                 if not await self._in_handoff(zone_id, started):
