@@ -53,9 +53,6 @@ class StandbyKeeper:
         self.settings = settings
         self._settings_json = settings_json
         self._zones = zones
-        # Standbys this replica created or replaced (tests, logs).
-        self.created = 0
-        self.replaced = 0
 
     async def run_forever(self) -> None:
         while True:
@@ -108,7 +105,6 @@ class StandbyKeeper:
                 where.node_id,
             )
             ray.kill(handle, no_restart=True)
-            self.replaced += 1
         elif where.state == "idle":
             # Its connections open and warm, so that a takeover does not wait for them.
             try:
@@ -126,7 +122,9 @@ class StandbyKeeper:
             standby=True,
         )
         ZoneActorRemote.options(**options).remote(zone_id, self._settings_json, slot)
-        self.created += 1
+        log.info(
+            "zone %s: standby %s started away from node %s", zone_id, slot, live_node
+        )
 
 
 def _where(zone_id: str, slot: ZoneSlot, namespace: str) -> ZonePlacement | None:
