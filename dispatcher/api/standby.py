@@ -123,7 +123,7 @@ class StandbyKeeper:
         )
         ZoneActorRemote.options(**options).remote(zone_id, self._settings_json, slot)
         log.info(
-            "zone %s: standby %s started away from node %s", zone_id, slot, live_node
+            "zone %s: standby %s started (live on node %s)", zone_id, slot, live_node
         )
 
 
