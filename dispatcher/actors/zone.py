@@ -299,7 +299,7 @@ class _Stores:
     async def close(self) -> None:
         await self.pool.close()
         await self.ping_pool.close()
-        await self.mirror.client.aclose()
+        await self.mirror.aclose()
 
 
 class NodeClosedError(RuntimeError):

@@ -115,7 +115,7 @@ async def _redis(app: web.Application) -> AsyncIterator[None]:
         connect_redis(s.redis_url, s.redis_timeout_s), s.redis_timeout_s
     )
     yield
-    await app[MIRROR].client.aclose()
+    await app[MIRROR].aclose()
 
 
 def _dispatcher(

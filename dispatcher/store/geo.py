@@ -196,6 +196,15 @@ class GeoMirror:
             raise MirrorUnavailableError(str(exc) or type(exc).__name__) from exc
         return result
 
+    async def aclose(self) -> None:
+        """Close the client. redis-py bounds closing a socket by the connect timeout and
+        raises TimeoutError past it, which a process starved of CPU can hit: the sockets
+        are dropped all the same, and a zone handing over must not fail on it."""
+        try:
+            await self.client.aclose()
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.warning("Redis client closed uncleanly: %s", exc)
+
     async def ping(self) -> bool:
         try:
             async with asyncio.timeout(self.timeout_s):
