@@ -50,37 +50,16 @@ REPLICAS = 2
 DRIVERS_PER_ZONE = 30
 
 
-async def zones_table(env: Mapping[str, str]) -> str:
-    """`dispatcher zones list` as an operator reads it (the table, not --json)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "dispatcher.cli",
-        "zones",
-        "list",
-        env=dict(env),
-        stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    async with asyncio.timeout(WAIT_CEILING_S):
-        out, err = await proc.communicate()
-    assert proc.returncode == 0, err.decode()[-3000:]
-    return out.decode()
-
-
-async def zones_command(
-    env: Mapping[str, str], *args: str, timeout_s: float = 900.0, check: bool = True
-) -> dict[str, Any]:
-    """Run `dispatcher zones <args> --json` as an operator would; its parsed output
-    (with `check`, only if it exited 0; "returncode" is in the result)."""
+async def run_zones(
+    env: Mapping[str, str], *args: str, timeout_s: float
+) -> tuple[int, str, str]:
+    """Run `dispatcher zones <args>` as an operator would: exit status, stdout, stderr."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "dispatcher.cli",
         "zones",
         *args,
-        "--json",
         env=dict(env),
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
@@ -88,12 +67,29 @@ async def zones_command(
     )
     async with asyncio.timeout(timeout_s):
         out, err = await proc.communicate()
-    assert proc.returncode == 0 or not check, (
-        f"dispatcher zones {' '.join(args)}: {proc.returncode}\n{err.decode()[-3000:]}"
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+async def zones_table(env: Mapping[str, str]) -> str:
+    """`dispatcher zones list` as an operator reads it (the table, not --json)."""
+    returncode, out, err = await run_zones(env, "list", timeout_s=WAIT_CEILING_S)
+    assert returncode == 0, err[-3000:]
+    return out
+
+
+async def zones_command(
+    env: Mapping[str, str], *args: str, timeout_s: float = 900.0, check: bool = True
+) -> dict[str, Any]:
+    """Run `dispatcher zones <args> --json` as an operator would; its parsed output
+    (with `check`, only if it exited 0; "returncode" is in the result)."""
+    returncode, out, err = await run_zones(env, *args, "--json", timeout_s=timeout_s)
+    assert returncode == 0 or not check, (
+        f"dispatcher zones {' '.join(args)}: {returncode}\n{err[-3000:]}"
     )
     result: dict[str, Any] = json.loads(out)
-    result["stderr"] = err.decode()
-    result["returncode"] = proc.returncode
+    result["stderr"] = err
+    result["returncode"] = returncode
     return result
 
 
