@@ -114,9 +114,9 @@ def _announce(runtime: Runtime, s: ResolvedSettings) -> None:
 def _serve(settings: ResolvedSettings) -> int:
     import ray
 
-    from dispatcher.api.zoneclient import fail_fast_on_dead_zones
+    from dispatcher.rayenv import apply_ray_env
 
-    fail_fast_on_dead_zones()
+    apply_ray_env()
     owns_ray = settings.ray_address is None
     # Blocking, so before the event loop starts.
     ray.init(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TypeVar
@@ -49,17 +48,6 @@ RETRY_DELAYS_S = (0.05, 0.1, 0.2, *(0.25,) * 19)
 HANDOFF_WAIT_S = 30.0
 
 ACTOR_REDACTED = ("admin_token", "inbound_secret", "vendure_webhook_secret")
-
-# Ray holds a call that failed on a vanished process for up to 1 s (its default), waiting
-# for the GCS to say why, before failing it; 0 fails it at once, so a zone's standby takes
-# over that much sooner (KubeRay sets the same for its RayService). Read by this process's
-# Ray core worker when Ray is initialised; an operator's own value wins.
-FAIL_FAST_ENV = ("RAY_timeout_ms_task_wait_for_death_info", "0")
-
-
-def fail_fast_on_dead_zones() -> None:
-    """Call before ray.init() in a process that calls zones (the ingress)."""
-    os.environ.setdefault(*FAIL_FAST_ENV)
 
 
 class ZoneDirectory:

@@ -38,13 +38,13 @@ def resolved_service(settings: Settings) -> Iterator[ResolvedSettings]:
 
     import ray
 
-    from dispatcher.api.zoneclient import fail_fast_on_dead_zones
+    from dispatcher.rayenv import apply_ray_env
 
     runtime = Runtime(settings)
     try:
         resolved = runtime.resolve()
         asyncio.run(migrate_dsn(resolved.database_url))
-        fail_fast_on_dead_zones()
+        apply_ray_env()
         # "local": a new Ray of our own, never another user's instance on this machine.
         ray.init(
             address=resolved.ray_address or "local",

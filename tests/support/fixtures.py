@@ -18,8 +18,9 @@ from dispatcher.actors.core import ZoneCore
 from dispatcher.actors.options import zone_actor_name
 from dispatcher.api.app import create_app
 from dispatcher.api.http_server import IngressRunner
-from dispatcher.api.zoneclient import ZoneDirectory, fail_fast_on_dead_zones
+from dispatcher.api.zoneclient import ZoneDirectory
 from dispatcher.config import ResolvedSettings
+from dispatcher.rayenv import apply_ray_env
 from dispatcher.store.deliveries import DeliveryStore
 from dispatcher.store.drivers import DriverStore
 from dispatcher.store.geo import GeoMirror, connect_redis
@@ -53,7 +54,7 @@ class IngressTestServer(TestServer):
 def ray_session() -> Iterator[None]:
     """Ray starts once per session (about 5 s and 1.7 GB): never per test."""
     if not ray.is_initialized():
-        fail_fast_on_dead_zones()  # as `dispatcher serve` does
+        apply_ray_env()  # as `dispatcher serve` does
         ray.init(
             # Never attach to another session's cluster that ray.init() would autodetect.
             address="local",

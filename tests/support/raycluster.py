@@ -16,6 +16,7 @@ from ray.cluster_utils import Cluster
 from ray.experimental import internal_kv
 
 from dispatcher.actors.options import ZONE_RESOURCE
+from dispatcher.rayenv import apply_ray_env
 
 # Zone actors one worker node offers room for (the custom resource's capacity).
 ZONE_SLOTS_PER_NODE = 16
@@ -76,6 +77,7 @@ class LocalRayCluster:
         system_config: Mapping[str, Any] | None = None,
         temp_dir: Path | None = None,
     ) -> None:
+        apply_ray_env()  # the raylets started here read it, as the worker pods do
         head: dict[str, Any] = {"num_cpus": 0, "include_dashboard": False}
         if system_config:
             head["_system_config"] = dict(system_config)

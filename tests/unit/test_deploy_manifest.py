@@ -15,6 +15,7 @@ import yaml
 
 from dispatcher.actors.options import ZONE_RESOURCE, zone_actor_options
 from dispatcher.config import Settings
+from dispatcher.rayenv import ZONE_WORKER_NICENESS
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFEST = ROOT / "deploy" / "ray-cluster.yaml"
@@ -237,6 +238,14 @@ def test_head_detects_a_lost_node_in_seconds() -> None:
     assert period > 0 and timeout > 0 and threshold >= 3
     # Checks run one after another, each waiting up to its timeout.
     assert (period + timeout) * threshold <= MAX_DETECTION_MS
+
+
+def test_zone_workers_start_zones_at_the_niceness_serve_uses() -> None:
+    """The raylet of each zone pod reads it; `dispatcher serve` sets the same for its own
+    local Ray, from one place (dispatcher/rayenv.py)."""
+    name, value = ZONE_WORKER_NICENESS
+    for container in zone_group()["template"]["spec"]["containers"]:
+        assert literal(container, name) == value
 
 
 def test_every_dispatcher_env_var_is_a_setting() -> None:

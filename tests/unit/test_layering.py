@@ -37,16 +37,20 @@ ALLOWED: dict[str, set[str]] = {
     "dispatcher.api": {"dispatcher.store", "dispatcher.webhooks", "dispatcher.actors"},
     "dispatcher.zonectl": {"dispatcher.actors"},
     "dispatcher.runtime": {"dispatcher.embedded", "dispatcher.webhooks"},
+    # The Ray settings a process sets in its environment before it starts Ray.
+    "dispatcher.rayenv": set(),
     # The simulator is a client of the public API; without --url it hosts an ingress itself.
     "dispatcher.simulate": {
         "dispatcher.api",
         "dispatcher.embedded",
+        "dispatcher.rayenv",
         "dispatcher.runtime",
         "dispatcher.store",
         "dispatcher.webhooks",
     },
     "dispatcher.cli": {
         "dispatcher.api",
+        "dispatcher.rayenv",
         "dispatcher.runtime",
         "dispatcher.simulate",
         "dispatcher.store",
