@@ -31,7 +31,7 @@ from dispatcher.messages import (
 from dispatcher.store.deliveries import DeliveryStore
 from dispatcher.store.drivers import DriverStore
 from dispatcher.store.geo import GeoMirror, connect_redis
-from dispatcher.store.pg import create_pool, ping_database
+from dispatcher.store.pg import close_pool, create_pool, ping_database
 from dispatcher.zoning import Zoning
 
 log = logging.getLogger(__name__)
@@ -273,7 +273,7 @@ class _Stores:
         if isinstance(pool, BaseException) or isinstance(ping_pool, BaseException):
             for opened in pools:
                 if not isinstance(opened, BaseException):
-                    await opened.close()
+                    await close_pool(opened)
             raise (
                 pool
                 if isinstance(pool, BaseException)
@@ -297,8 +297,8 @@ class _Stores:
         await self.mirror.client.ping()
 
     async def close(self) -> None:
-        await self.pool.close()
-        await self.ping_pool.close()
+        await close_pool(self.pool)
+        await close_pool(self.ping_pool)
         await self.mirror.aclose()
 
 

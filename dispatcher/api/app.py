@@ -37,7 +37,7 @@ from dispatcher.store.drivers import DRIVER_CHANGED_CHANNEL, DriverStore
 from dispatcher.store.geo import GeoMirror, connect_redis
 from dispatcher.store.inbound_ids import InboundIdStore
 from dispatcher.store.listen import Listener
-from dispatcher.store.pg import create_pool
+from dispatcher.store.pg import close_pool, create_pool
 from dispatcher.webhooks.sender import WebhookSender
 from dispatcher.webhooks.signing import DEFAULT_TOLERANCE_S
 from dispatcher.zoning import Zoning
@@ -106,7 +106,7 @@ async def _postgres(app: web.Application) -> AsyncIterator[None]:
     )
     app[INBOUND_IDS] = InboundIdStore(app[PG_POOL], tolerance_s=DEFAULT_TOLERANCE_S)
     yield
-    await app[PG_POOL].close()
+    await close_pool(app[PG_POOL])
 
 
 async def _redis(app: web.Application) -> AsyncIterator[None]:

@@ -82,6 +82,19 @@ async def create_pool(
     return pool
 
 
+async def close_pool(pool: asyncpg.Pool) -> None:
+    """Close a pool; a slow or broken close is logged, not raised.
+
+    asyncpg bounds closing each connection by the pool's command timeout and raises
+    TimeoutError past it, which a process starved of CPU can hit (a zone handing over
+    under load did). The pool terminates its connections all the same, and its owner
+    (a zone handing over, an ingress shutting down) must not fail on it."""
+    try:
+        await pool.close()
+    except UNAVAILABLE_ERRORS as exc:
+        log.warning("PostgreSQL pool closed uncleanly: %r", exc)
+
+
 @asynccontextmanager
 async def connection(
     pool: asyncpg.Pool,
