@@ -46,6 +46,12 @@ RETRY_DELAYS_S = (0.05, 0.1, 0.2, *(0.25,) * 19)
 # the handoff runs, up to this long: about 1-2 s on an idle machine, ten times that on a
 # starved one, and a clean handoff should not cost the caller an error either way.
 HANDOFF_WAIT_S = 30.0
+# A zone process that has not answered yet (just created, or restarted by Ray) holds the
+# calls sent to it until its constructor ends: about a second on an idle machine, more
+# than the call timeout on one starved of CPU. A call that times out on a handle that never
+# answered is retried for up to this long from its start, as for a handoff; only a zone
+# that answered before and stops answering is hung at once.
+STARTING_WAIT_S = HANDOFF_WAIT_S
 
 ACTOR_REDACTED = ("admin_token", "inbound_secret", "vendure_webhook_secret")
 
@@ -74,6 +80,8 @@ class ZoneDirectory:
             str, asyncio.Task[tuple[ActorProxy[ZoneActor], ZoneSlot]]
         ] = {}
         self._failing_over: dict[str, asyncio.Task[bool]] = {}
+        # The handle of each zone that has answered this ingress at least once.
+        self._answered: dict[str, ActorProxy[ZoneActor]] = {}
 
     @property
     def settings_json(self) -> str:
@@ -202,7 +210,9 @@ class ZoneDirectory:
             try:
                 handle, slot = await self._handle(zone_id)
                 async with asyncio.timeout(self.settings.actor_call_timeout_s):
-                    return await invoke(handle)
+                    result = await invoke(handle)
+                self._answered[zone_id] = handle
+                return result
             except RayTaskError as exc:
                 last = _stale_epoch_or_raise(exc)
                 self._forget(zone_id, handle)
@@ -217,14 +227,28 @@ class ZoneDirectory:
                 last = exc
                 self._forget(zone_id, handle)
             except TimeoutError as exc:
-                # A successor still starting queues calls; only a zone not in handoff is hung.
-                if not await self._in_handoff(zone_id, started):
+                # A successor or a new process still starting queues calls; only a zone
+                # that is neither is hung.
+                if not self._starting(
+                    zone_id, handle, started
+                ) and not await self._in_handoff(zone_id, started):
                     raise ZoneUnavailableError(
                         f"zone {zone_id} did not answer in time"
                     ) from exc
                 last = exc
         log.warning("zone %s unavailable: %s", zone_id, last)
         raise ZoneUnavailableError(f"zone {zone_id} is restarting; retry shortly")
+
+    def _starting(
+        self, zone_id: str, handle: ActorProxy[ZoneActor] | None, since: float
+    ) -> bool:
+        """Whether `handle` has never answered, so that its process may still be
+        starting, and a call that began at `since` may still wait for it."""
+        return (
+            handle is not None
+            and self._answered.get(zone_id) is not handle
+            and time.monotonic() - since <= STARTING_WAIT_S
+        )
 
     async def _in_handoff(self, zone_id: str, since: float) -> bool:
         """Whether the zone is being handed over (its target is published until the
