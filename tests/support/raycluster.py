@@ -24,6 +24,9 @@ ZONE_SLOTS_PER_NODE = 16
 # concurrency to the node's CPU count): after a node loss, the zones restarting on one
 # node start that many at a time. Zone actors ask for no CPU, so this changes nothing else.
 WORKER_NODE_CPUS = 2
+# A raylet joins in a second or two on an idle machine; under the CPU hog beside another
+# test session one took over Ray's default 30 s. A ceiling, not a budget.
+NODE_JOIN_CEILING_S = 600.0
 # Ray's token authentication settings: a process joining the cluster needs the ones the
 # cluster was started with (a local ray.init() turns token mode on in its environment).
 RAY_AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
@@ -99,7 +102,7 @@ class LocalRayCluster:
             node = self._cluster.add_node(
                 num_cpus=WORKER_NODE_CPUS, resources={ZONE_RESOURCE: zone_slots}
             )
-        self._cluster.wait_for_nodes()
+        self._cluster.wait_for_nodes(timeout=NODE_JOIN_CEILING_S)
         node_id = str(node.node_id)
         self.workers[node_id] = node
         return node_id
