@@ -82,6 +82,7 @@ async def test_node_lost_under_load_restarts_its_zones_elsewhere_and_loses_nothi
             # (docs/RELIABILITY.md, "Node loss"): the probes wait for as long as it takes.
             probes = await probe_lost_zones(load, lost)
             await asyncio.sleep(2)
+            await load.until_it_has_flowed()
 
         recovery(
             f"node lost ({len(lost)} of {len(before)} zones) -> all answer",
@@ -113,7 +114,6 @@ async def test_node_lost_under_load_restarts_its_zones_elsewhere_and_loses_nothi
             f"ingress retried {retries} zone calls, clients retried {dict(load.retried)}"
         )
         assert retries > 0, "the load never reached a lost zone"
-        assert len(load.orders) > 20 and len(load.pings) > 100, "the load did not flow"
         await load.assert_nothing_lost(own_pool)
         await assert_booking_invariants(own_pool)
         await assert_webhooks_exactly_once(own_pool, scripted_receiver, load)
@@ -242,6 +242,7 @@ async def test_node_lost_with_standbys_its_zones_are_taken_by_their_running_stan
             gone_s = await asyncio.to_thread(stack.cluster.lose_worker, victim)
             probes = await probe_lost_zones(load, lost)
             await asyncio.sleep(2)
+            await load.until_it_has_flowed()
 
         recovery(
             f"standby: node lost ({len(lost)} of {len(before)} zones) -> all answer",
@@ -280,7 +281,6 @@ async def test_node_lost_with_standbys_its_zones_are_taken_by_their_running_stan
             f"{failovers} failovers, clients retried {dict(load.retried)}"
         )
         assert failovers >= len(lost)
-        assert len(load.orders) > 20 and len(load.pings) > 100, "the load did not flow"
         await load.assert_nothing_lost(own_pool)
         await assert_booking_invariants(own_pool)
         await assert_webhooks_exactly_once(own_pool, scripted_receiver, load)

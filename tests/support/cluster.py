@@ -260,6 +260,20 @@ class SteadyLoad:
                 self.acked_fix[driver.driver_id] = (at, lat, lon)
             await asyncio.sleep(interval_s)
 
+    async def until_it_has_flowed(self, *, orders: int = 20, pings: int = 100) -> None:
+        """Keep the load going until more than `orders` orders and `pings` pings were sent.
+
+        A fault test's verdict needs traffic around the fault, and a slow machine sends
+        less in the same seconds: wait for the traffic, not for a number of seconds.
+        """
+
+        async def flowed() -> bool:
+            return len(self.orders) > orders and len(self.pings) > pings
+
+        await wait_until(
+            flowed, interval_s=0.2, what=f"{orders} orders and {pings} pings sent"
+        )
+
     @contextlib.asynccontextmanager
     async def running(
         self, *, order_workers: int = 3, ping_workers: int = 4
