@@ -143,6 +143,17 @@ class Sent:
     retries: int = 0
 
 
+def problem_code(raw: bytes) -> str:
+    """The code of an RFC 9457 problem body (its type's last segment), to tell a zone
+    that could not answer from a database that could not: "?" for any other body."""
+    try:
+        problem = json.loads(raw)
+    except ValueError:
+        return "?"
+    kind = problem.get("type") if isinstance(problem, dict) else None
+    return kind.rsplit("/", 1)[-1] if isinstance(kind, str) else "?"
+
+
 @dataclass
 class SteadyLoad:
     """Orders and pings through every ingress replica, each retried until answered.
@@ -198,7 +209,7 @@ class SteadyLoad:
                 await asyncio.sleep(retry_s)
                 continue
             if status in RETRYABLE_STATUS:
-                self.retried[str(status)] += 1
+                self.retried[f"{status} {problem_code(raw)}"] += 1
                 sent.retries += 1
                 await asyncio.sleep(retry_s)
                 continue
