@@ -13,6 +13,7 @@ import asyncpg
 import pytest
 
 from dispatcher.config import ResolvedSettings
+from dispatcher.errors import DatabaseUnavailableError
 from tests.support.cluster import (
     ClusterStack,
     Sent,
@@ -190,7 +191,7 @@ async def test_rebalance_onto_added_nodes_then_draining_one_hands_zones_over_cle
         handoff_errors = {
             kind: n
             for kind, n in load.retried.items()
-            if kind != "503 database-unavailable"
+            if kind != f"503 {DatabaseUnavailableError.code}"
         }
         assert not handoff_errors, load.retried
         await load.assert_nothing_lost(own_pool)

@@ -23,6 +23,7 @@ import asyncpg
 
 from dispatcher.config import ResolvedSettings
 from dispatcher.embedded import free_port
+from dispatcher.errors import PROBLEM_BASE
 from dispatcher.zoning import Zoning
 from tests.support import (
     BERLIN,
@@ -144,14 +145,16 @@ class Sent:
 
 
 def problem_code(raw: bytes) -> str:
-    """The code of an RFC 9457 problem body (its type's last segment), to tell a zone
-    that could not answer from a database that could not: "?" for any other body."""
+    """The code of one of our RFC 9457 problem bodies (its type after PROBLEM_BASE), to
+    tell a zone that could not answer from a database that could not; "?" otherwise."""
     try:
         problem = json.loads(raw)
     except ValueError:
         return "?"
     kind = problem.get("type") if isinstance(problem, dict) else None
-    return kind.rsplit("/", 1)[-1] if isinstance(kind, str) else "?"
+    if isinstance(kind, str) and kind.startswith(PROBLEM_BASE):
+        return kind.removeprefix(PROBLEM_BASE)
+    return "?"
 
 
 @dataclass
