@@ -17,8 +17,9 @@ from dispatcher.embedded import EmbeddedPostgres, EmbeddedRedis
 from dispatcher.store.migrate import migrate_dsn
 from tests.support import ALL_TABLES
 
-# Ray, the ingress and the webhook receiver, shared by tests/integration and tests/faults.
-pytest_plugins = ["tests.support.fixtures"]
+# Ray, the ingress and the webhook receiver, shared by tests/integration and tests/faults;
+# the run's order (quick tests first) and CI's time budget for the long ones.
+pytest_plugins = ["tests.support.fixtures", "tests.support.time_budget"]
 
 PG_URL_ENV = "DISPATCHER_TEST_DATABASE_URL"
 REDIS_URL_ENV = "DISPATCHER_TEST_REDIS_URL"
