@@ -34,11 +34,11 @@ RAY_AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 # A lost node's raylet refuses the check, so each fails at once and detection takes
 # period x threshold (0.5 s; Ray's default is 3 s x 5). A node that is alive but starved
 # of CPU answers late, not never: it is declared dead only after `threshold` checks in a
-# row each went unanswered for the whole timeout (5 x 1.5 s).
+# row each went unanswered for the whole timeout (5 x 4 s).
 FAST_NODE_LOSS = {
     "health_check_initial_delay_ms": 0,
     "health_check_period_ms": 100,
-    "health_check_timeout_ms": 1500,
+    "health_check_timeout_ms": 4000,
     "health_check_failure_threshold": 5,
 }
 # The GCS logs this, with a local timestamp, when it declares a node dead (Ray 2.60).
