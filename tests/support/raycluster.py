@@ -47,6 +47,18 @@ NODE_DEAD_LINE = re.compile(
 )
 
 
+def node_processes(node: Any) -> list[psutil.Process]:
+    """Every process of a Ray node (raylet, object store, agents) and their children, the
+    zone actors' worker processes among them."""
+    procs: list[psutil.Process] = []
+    for infos in node.all_processes.values():
+        for info in infos:
+            with contextlib.suppress(psutil.Error):
+                proc = psutil.Process(info.process.pid)
+                procs += [proc, *proc.children(recursive=True)]
+    return procs
+
+
 def ray_auth_env() -> dict[str, str]:
     """This process's Ray authentication settings, to hand to a process joining a cluster."""
     return {k: os.environ[k] for k in RAY_AUTH_ENV if k in os.environ}
@@ -116,12 +128,7 @@ class LocalRayCluster:
         Returns how long after the call the last process was killed."""
         called = time.monotonic()
         node = self.workers.pop(node_id)
-        procs: list[psutil.Process] = []
-        for infos in node.all_processes.values():
-            for info in infos:
-                with contextlib.suppress(psutil.Error):
-                    proc = psutil.Process(info.process.pid)
-                    procs += [proc, *proc.children(recursive=True)]
+        procs = node_processes(node)
         for proc in procs:
             with contextlib.suppress(psutil.Error):
                 proc.kill()
